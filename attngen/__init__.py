@@ -1,0 +1,12 @@
+"""attngen: an attention-kernel compiler (spec -> plan -> CUDA C -> NVRTC -> launch)."""
+
+__version__ = "0.1.0"
+
+from .device import Device  # noqa: E402
+from .errors import CompileError, PlanError, SpecError  # noqa: E402
+from .spec import Spec  # noqa: E402
+from .render import render  # noqa: E402
+from .api import attention, build, plan  # noqa: E402
+
+__all__ = ["Spec", "Device", "plan", "render", "build", "attention", "SpecError", "PlanError", "CompileError",
+           "__version__"]

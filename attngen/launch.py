@@ -1,0 +1,166 @@
+"""Kernel: a compiled forward kernel as a callable on torch CUDA tensors or CuPy arrays.
+
+Arguments are checked before anything is launched; pointers and strides are read from the inputs
+themselves (zero copy), and the launch goes to the caller's current stream (torch's for torch tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .compile import Binary
+from .plan import Plan
+from .spec import Spec
+
+ELEMENT_ALIGN = 8   # cp.async moves 16 bytes = 8 elements: row starts must be 16-byte aligned
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """What the launcher needs of one tensor, whatever library it came from."""
+
+    kind: str             # "torch" | "cupy"
+    ptr: int
+    shape: tuple
+    strides: tuple        # in elements
+    dtype: str            # "fp16" | "bf16" | other names for error messages
+    device: int
+    obj: object
+
+
+def _view(name: str, x) -> TensorView:
+    module = type(x).__module__.split(".")[0]
+    if module == "torch":
+        if not x.is_cuda:
+            raise ValueError(f"{name}: expected a CUDA tensor, got one on {x.device}")
+        dtype = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(x.dtype), str(x.dtype))
+        return TensorView("torch", x.data_ptr(), tuple(x.shape), tuple(x.stride()), dtype, x.device.index, x)
+    if module == "cupy":
+        itemsize = x.dtype.itemsize
+        dtype = {"float16": "fp16"}.get(x.dtype.name, x.dtype.name)
+        strides = tuple(s // itemsize for s in x.strides)
+        return TensorView("cupy", x.data.ptr, tuple(x.shape), strides, dtype, x.device.id, x)
+    raise TypeError(f"{name}: expected a torch CUDA tensor or a CuPy array, got {type(x).__name__}")
+
+
+def check_inputs(spec: Spec, q, k, v):
+    """Validate q, k, v against the spec and each other; return their views and the problem sizes."""
+    views = {name: _view(name, x) for name, x in (("q", q), ("k", k), ("v", v))}
+    kinds = {vw.kind for vw in views.values()}
+    if len(kinds) > 1:
+        raise TypeError(f"q, k, v: expected one array library, got {sorted(kinds)}")
+    for name, vw in views.items():
+        if len(vw.shape) != 4:
+            raise ValueError(f"{name}: expected 4 dims [batch, seqlen, heads, head_dim], got shape {vw.shape}")
+        if vw.dtype != spec.dtype:
+            raise TypeError(f"{name}: expected dtype {spec.dtype} (the built kernel's), got {vw.dtype}")
+        if vw.strides[-1] != 1:
+            raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {vw.strides}")
+        if any(s % ELEMENT_ALIGN for s in vw.strides[:-1]) or vw.ptr % 16:
+            raise ValueError(f"{name}: row starts must be 16-byte aligned (strides multiples of {ELEMENT_ALIGN} "
+                             f"elements), got strides {vw.strides} at address 0x{vw.ptr:x}")
+    devices = {vw.device for vw in views.values()}
+    if len(devices) > 1:
+        raise ValueError(f"q, k, v: expected one device, got devices {sorted(devices)}")
+    qv, kv, vv = views["q"], views["k"], views["v"]
+    batch, seqlen_q, heads_q, d = qv.shape
+    if d != spec.head_dim:
+        raise ValueError(f"q: head_dim {d} differs from the built kernel's head_dim={spec.head_dim}")
+    if kv.shape[0] != batch or kv.shape[3] != spec.head_dim:
+        raise ValueError(f"k: expected shape [{batch}, seqlen_k, heads_kv, {spec.head_dim}], got {kv.shape}")
+    seqlen_k, heads_kv = kv.shape[1], kv.shape[2]
+    if vv.shape[:3] != (batch, seqlen_k, heads_kv) or vv.shape[3] != spec.dv:
+        raise ValueError(f"v: expected shape [{batch}, {seqlen_k}, {heads_kv}, {spec.dv}], got {vv.shape}")
+    if heads_q % heads_kv:
+        raise ValueError(f"q/k: heads_q={heads_q} must be a multiple of heads_kv={heads_kv} (GQA/MQA)")
+    if spec.num_heads is not None and heads_q != spec.num_heads:
+        raise ValueError(f"q: expected num_heads={spec.num_heads} heads (the spec's), got {heads_q}")
+    if spec.num_kv_heads is not None and heads_kv != spec.num_kv_heads:
+        raise ValueError(f"k: expected num_kv_heads={spec.num_kv_heads} heads (the spec's), got {heads_kv}")
+    for name, n in (("q", seqlen_q), ("k", seqlen_k), ("batch", batch)):
+        if n < 1 or n >= 2**31 // 2:
+            raise ValueError(f"{name}: size {n} out of range 1..2^30")
+    return qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv)
+
+
+def _empty_like(ref: TensorView, shape, dtype: str):
+    if ref.kind == "torch":
+        import torch
+
+        tdtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        return torch.empty(shape, dtype=tdtype, device=ref.obj.device)
+    import cupy
+
+    with cupy.cuda.Device(ref.device):
+        return cupy.empty(shape, dtype={"fp16": cupy.float16, "fp32": cupy.float32}[dtype])
+
+
+def _current_stream(ref: TensorView):
+    import cupy
+
+    if ref.kind == "torch":
+        import torch
+
+        stream = torch.cuda.current_stream(ref.obj.device)
+        try:                                                             # CuPy >= 14, torch with __cuda_stream__
+            return cupy.cuda.Stream.from_external(stream)
+        except (AttributeError, TypeError):
+            return cupy.cuda.ExternalStream(stream.cuda_stream, ref.device)
+    return cupy.cuda.get_current_stream(ref.device)
+
+
+class Kernel:
+    """A compiled forward kernel. Call it as kernel(q, k, v) -> (out, lse)."""
+
+    def __init__(self, spec: Spec, plan: Plan, source: str, binary: Binary, cubin_path, kernel_name: str):
+        import cupy
+
+        self.spec, self.plan, self.source, self.binary, self.kernel_name = spec, plan, source, binary, kernel_name
+        self._module = cupy.RawModule(path=str(cubin_path))
+        self._function = self._module.get_function(kernel_name)
+        self._function.max_dynamic_shared_size_bytes = plan.smem_bytes
+
+    @property
+    def resources(self):
+        return self.binary.resources
+
+    def __repr__(self):
+        p = self.plan
+        return (f"<attngen.Kernel {self.kernel_name}: {p.block_m}x{p.block_n} tiles, {p.warps} warps, "
+                f"{p.stages} stages, {p.smem_bytes} B smem, {self.resources.registers} regs>")
+
+    def __call__(self, q, k, v, *, scale: float | None = None, out=None, lse=None):
+        """Return (out, lse). `out` [b, sq, hq, dv] and `lse` [b, hq, sq] fp32 may be given to write into."""
+        qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv) = check_inputs(self.spec, q, k, v)
+        scale = self.spec.softmax_scale if scale is None else scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
+        out_shape, lse_shape = (batch, seqlen_q, heads_q, self.spec.dv), (batch, heads_q, seqlen_q)
+        out = _empty_like(qv, out_shape, self.spec.dtype) if out is None else out
+        lse = _empty_like(qv, lse_shape, "fp32") if lse is None else lse
+        ov, lv = _view("out", out), _view("lse", lse)
+        if ov.kind != qv.kind or ov.shape != out_shape or ov.dtype != self.spec.dtype or ov.strides[-1] != 1 \
+                or any(s % ELEMENT_ALIGN for s in ov.strides[:-1]) or ov.ptr % 16 or ov.device != qv.device:
+            raise ValueError(f"out: expected a {qv.kind} {self.spec.dtype} array of shape {out_shape} on device "
+                             f"{qv.device}, last dim contiguous, rows 16-byte aligned")
+        lse_strides = (heads_q * seqlen_q, seqlen_q, 1)
+        if lv.kind != qv.kind or lv.shape != lse_shape or lv.dtype not in ("float32", "torch.float32") \
+                or lv.strides != lse_strides or lv.device != qv.device:
+            raise ValueError(f"lse: expected a contiguous {qv.kind} float32 array of shape {lse_shape} on device {qv.device}")
+        p = self.plan
+        grid = (math.ceil(seqlen_q / p.block_m), heads_q, batch)
+        args = (
+            np.uint64(qv.ptr), np.uint64(kv.ptr), np.uint64(vv.ptr), np.uint64(ov.ptr), np.uint64(lv.ptr),
+            *(np.int64(s) for s in qv.strides[:3]), *(np.int64(s) for s in kv.strides[:3]),
+            *(np.int64(s) for s in vv.strides[:3]), *(np.int64(s) for s in ov.strides[:3]),
+            np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
+            np.float32(scale * math.log2(math.e)),
+        )
+        import cupy
+
+        with cupy.cuda.Device(qv.device), _current_stream(qv):
+            self._function(grid, (p.threads,), args, shared_mem=p.smem_bytes)
+        return out, lse

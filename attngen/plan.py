@@ -1,0 +1,227 @@
+"""Plan: tile sizes chosen from an explicit shared-memory / register budget, with a cost model.
+
+The model (DESIGN.md): FlashAttention's bound Bc = ceil(M / 4d), Br = min(Bc, d) is the starting
+point; the real kernel keeps a Q tile of block_m rows and `stages` K/V tiles of block_n rows in shared
+memory, each warp owns 16 * m_tiles rows of the Q tile and holds its fp32 O accumulator and S tile in
+registers. Every candidate is checked against the device's opt-in shared memory and 255 registers per
+thread; the survivors are ranked by predicted time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .device import Device
+from .errors import PlanError
+from .spec import Spec
+
+SMEM_ROW_PAD = 8             # bf16/fp16 elements of padding per smem row: rows shift by 16 B, so ldmatrix
+                             # phases hit 8 distinct bank groups (no conflicts) for any head dim.
+SMEM_RESERVED_PER_CTA = 1024  # the driver reserves 1 KB of shared memory per CTA
+REG_OVERHEAD = 48             # addresses, loop counters, row statistics' temporaries, ldmatrix fragments
+REG_ALLOC_GRANULE = 8         # registers are allocated per thread in units of 8
+SMEM_BYTES_PER_CLOCK = 128    # per SM
+
+# The problem the predicted time refers to (FlashAttention's benchmark shape at seqlen 4096).
+REFERENCE_PROBLEM = dict(batch=4, seqlen_q=4096, seqlen_k=4096, heads=16)
+
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+@dataclass(frozen=True)
+class Plan:
+    arch: str
+    block_m: int
+    block_n: int
+    warps: int
+    m_tiles: int              # 16-row mma tiles per warp: block_m = 16 * m_tiles * warps
+    stages: int               # K/V tiles resident in shared memory (>= 2: double buffering)
+    head_dim_padded: int      # head_dim rounded up to the mma k-step (16)
+    head_dim_v_padded: int
+    smem_row_pad: int
+    smem_bytes: int
+    regs_estimate: int
+    ctas_per_sm: int
+    predicted_flops: float    # for REFERENCE_PROBLEM
+    predicted_hbm_bytes: float
+    predicted_smem_bytes: float
+    predicted_time_us: float
+    bound: str                # which term of the cost model dominates: "mma", "hbm" or "smem"
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"threads": self.threads}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    plan: Plan | None
+    reject: str               # empty when the candidate fits
+
+
+def smem_bytes(spec: Spec, block_m: int, block_n: int, stages: int) -> int:
+    d, dv = round_up(spec.head_dim, 16), round_up(spec.dv, 16)
+    q_rows = block_m * (max(d, dv) + SMEM_ROW_PAD)   # the Q tile; the O tile is staged in its place
+    kv_rows = stages * block_n * ((d + SMEM_ROW_PAD) + (dv + SMEM_ROW_PAD))
+    return (q_rows + kv_rows) * spec.elem_bytes
+
+
+def regs_estimate(spec: Spec, block_n: int, m_tiles: int) -> int:
+    """fp32 O accumulator and S/P tile per thread (16 rows x cols over 32 lanes each) plus overhead."""
+    dv = round_up(spec.dv, 16)
+    per_m_tile = dv // 2 + block_n // 2 + 4     # O acc + S (P is packed into S's registers) + m, l
+    return per_m_tile * m_tiles + REG_OVERHEAD
+
+
+def occupancy(device: Device, smem: int, regs: int, threads: int) -> int:
+    by_smem = device.smem_per_sm // (smem + SMEM_RESERVED_PER_CTA)
+    by_regs = device.regs_per_sm // (round_up(regs, REG_ALLOC_GRANULE) * threads)
+    by_threads = device.max_threads_per_sm // threads
+    return min(by_smem, by_regs, by_threads, device.max_ctas_per_sm)
+
+
+def problem_cost(spec: Spec, block_m: int, block_n: int, warps: int, m_tiles: int, device: Device,
+                 ctas_per_sm: int, batch: int, seqlen_q: int, seqlen_k: int, heads: int):
+    """Predicted FLOPs, HBM bytes, shared-memory bytes read and time (us) for one problem."""
+    d, dv = spec.head_dim, spec.dv
+    causal_fraction = 0.5 if spec.causal and seqlen_q == seqlen_k else 1.0
+    flops = 2.0 * batch * heads * seqlen_q * seqlen_k * (d + dv) * causal_fraction
+    q_bytes = batch * heads * seqlen_q * d * spec.elem_bytes
+    o_bytes = batch * heads * seqlen_q * dv * spec.elem_bytes
+    kv_bytes = batch * heads * seqlen_k * (d + dv) * spec.elem_bytes   # heads: K/V re-read per query head
+    m_blocks = math.ceil(seqlen_q / block_m)
+    hbm = q_bytes + o_bytes + m_blocks * kv_bytes * causal_fraction
+    # Query tiles of one head run side by side, so K/V re-reads after the first mostly hit L2.
+    l2_rereads = (m_blocks - 1) * kv_bytes * causal_fraction
+    # Every warp reads the whole K and V tile (ldmatrix) once per tile and its Q fragments once per tile.
+    n_tiles = math.ceil(seqlen_k / block_n) * causal_fraction
+    dp, dvp = round_up(d, 16), round_up(dv, 16)
+    per_tile = warps * (block_n * (dp + dvp) + 16 * m_tiles * dp) * spec.elem_bytes
+    smem = batch * heads * m_blocks * n_tiles * per_tile
+    ctas = batch * heads * m_blocks
+    waves = ctas / (device.sm_count * ctas_per_sm)
+    wave_efficiency = waves / math.ceil(waves)
+    # Fewer than 8 warps per SM cannot hide the latency of ldmatrix -> mma chains.
+    latency_efficiency = min(1.0, ctas_per_sm * warps / 8)
+    t_mma = flops / (device.mma_tflops * 1e12 * latency_efficiency)
+    t_hbm = (hbm - l2_rereads) / (device.hbm_gbps * 1e9) + l2_rereads / (device.l2_gbps * 1e9)
+    t_smem = smem / (SMEM_BYTES_PER_CLOCK * device.clock_ghz * 1e9 * device.sm_count)
+    terms = {"mma": t_mma, "hbm": t_hbm, "smem": t_smem}
+    bound = max(terms, key=terms.get)
+    return flops, hbm, smem, terms[bound] / wave_efficiency * 1e6, bound
+
+
+def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int, stages: int) -> Candidate:
+    """Build the plan for one tile configuration, or say why it does not fit."""
+    def reject(why):
+        return Candidate(block_m, block_n, warps, stages, None, why)
+
+    if block_m % (16 * warps):
+        return reject(f"block_m={block_m} is not a multiple of 16 rows x warps={warps}")
+    m_tiles = block_m // (16 * warps)
+    if m_tiles > 2:
+        return reject(f"{m_tiles} mma row tiles per warp (at most 2)")
+    if block_n % 16:
+        return reject(f"block_n={block_n} is not a multiple of 16")
+    smem = smem_bytes(spec, block_m, block_n, stages)
+    if smem > device.smem_per_block:
+        return reject(f"shared memory {smem} B exceeds the {device.arch} budget of {device.smem_per_block} B "
+                      f"by {smem - device.smem_per_block} B")
+    regs = regs_estimate(spec, block_n, m_tiles)
+    if regs > device.max_regs_per_thread:
+        return reject(f"~{regs} registers/thread exceed {device.max_regs_per_thread}")
+    threads = 32 * warps
+    ctas = occupancy(device, smem, regs, threads)
+    if ctas < 1:
+        return reject("no CTA fits on an SM")
+    ref = REFERENCE_PROBLEM | {"heads": spec.num_heads or REFERENCE_PROBLEM["heads"]}
+    flops, hbm, smem_read, t_us, bound = problem_cost(spec, block_m, block_n, warps, m_tiles, device, ctas, **ref)
+    plan = Plan(device.arch, block_m, block_n, warps, m_tiles, stages, round_up(spec.head_dim, 16),
+                round_up(spec.dv, 16), SMEM_ROW_PAD, smem, regs, ctas, flops, hbm, smem_read, t_us, bound)
+    return Candidate(block_m, block_n, warps, stages, plan, "")
+
+
+def candidate_grid(spec: Spec):
+    for warps in (4, 8):
+        for m_tiles in (1, 2):
+            for block_n in (32, 64, 128):
+                for stages in (2, 3):
+                    yield 16 * warps * m_tiles, block_n, warps, stages
+
+
+def rank_key(c: Candidate):
+    p = c.plan
+    # Fastest predicted first; among near-ties prefer fewer registers, then less shared memory.
+    return (round(p.predicted_time_us, 1), p.regs_estimate, p.smem_bytes)
+
+
+def candidates(spec: Spec, device: Device) -> list[Candidate]:
+    """Every candidate, the fitting ones ranked first (best first), then the rejected ones."""
+    evaluated = [evaluate(spec, device, *cfg) for cfg in candidate_grid(spec)]
+    fits = sorted((c for c in evaluated if c.plan), key=rank_key)
+    return fits + [c for c in evaluated if not c.plan]
+
+
+def make_plan(spec: Spec, device: Device) -> Plan:
+    if spec.tile is not None:
+        t = spec.tile
+        c = evaluate(spec, device, t.block_m, t.block_n, t.warps, t.stages)
+        if c.plan is None:
+            raise PlanError(f"tile override {t.block_m}x{t.block_n}, {t.warps} warps, {t.stages} stages "
+                            f"does not fit {device.arch}: {c.reject}")
+        return c.plan
+    ranked = candidates(spec, device)
+    if not ranked or ranked[0].plan is None:
+        raise PlanError(f"no tile configuration fits {device.arch} for head_dim={spec.head_dim}")
+    return ranked[0].plan
+
+
+def explain(spec: Spec, device: Device) -> str:
+    """The budget arithmetic and the candidate table, the chosen row marked."""
+    d, dv, eb = spec.head_dim, spec.dv, spec.elem_bytes
+    m_elems = device.smem_per_block // eb
+    bc = math.ceil(m_elems / (4 * d))
+    br = min(bc, d)
+    chosen = make_plan(spec, device)
+    lines = [
+        f"spec   {spec.name}: head_dim={d} head_dim_v={dv} {spec.dtype} causal={spec.causal}",
+        f"device {device.arch} ({device.name}): {device.smem_per_block} B smem/block (opt-in), "
+        f"{device.smem_per_sm} B/SM, {device.regs_per_sm} regs/SM, {device.sm_count} SMs",
+        f"paper  M = {m_elems} elements -> Bc = ceil(M/4d) = {bc}, Br = min(Bc, d) = {br}",
+        f"smem   = (block_m*(max(d,dv)+{SMEM_ROW_PAD}) + stages*block_n*((d+{SMEM_ROW_PAD})+(dv+{SMEM_ROW_PAD}))) * {eb} B"
+        f"   (d, dv padded to {round_up(d, 16)}, {round_up(dv, 16)})",
+        f"regs   ~ m_tiles*(dv/2 + block_n/2 + 4) + {REG_OVERHEAD} per thread (fp32 O and S in registers)",
+        f"time   = max(FLOPs/{device.mma_tflops:g} TFLOP/s, HBM/{device.hbm_gbps:g} GB/s, smem reads/"
+        f"(128 B/clk x {device.clock_ghz:g} GHz x {device.sm_count} SMs)) / wave efficiency, for batch="
+        f"{REFERENCE_PROBLEM['batch']} seqlen={REFERENCE_PROBLEM['seqlen_q']} heads="
+        f"{spec.num_heads or REFERENCE_PROBLEM['heads']}",
+        "",
+        f"  {'bm':>4} {'bn':>4} {'warps':>5} {'stg':>3} {'smem B':>8} {'regs':>4} {'cta/SM':>6} "
+        f"{'GFLOP':>7} {'HBM MB':>7} {'t us':>8} {'bound':>5}  note",
+    ]
+    if spec.tile is None:
+        table = candidates(spec, device)
+    else:
+        table = [Candidate(chosen.block_m, chosen.block_n, chosen.warps, chosen.stages, chosen, "")]
+        lines.insert(-1, "tile   fixed by the spec's tile override")
+    for c in table:
+        p = c.plan
+        if p is None:
+            lines.append(f"  {c.block_m:>4} {c.block_n:>4} {c.warps:>5} {c.stages:>3} {'':>8} {'':>4} {'':>6} "
+                         f"{'':>7} {'':>7} {'':>8} {'':>5}  rejected: {c.reject}")
+            continue
+        mark = "<- chosen" if p == chosen else ""
+        lines.append(f"  {p.block_m:>4} {p.block_n:>4} {p.warps:>5} {p.stages:>3} {p.smem_bytes:>8} "
+                     f"{p.regs_estimate:>4} {p.ctas_per_sm:>6} {p.predicted_flops / 1e9:>7.1f} "
+                     f"{p.predicted_hbm_bytes / 1e6:>7.1f} {p.predicted_time_us:>8.1f} {p.bound:>5}  {mark}")
+    return "\n".join(lines)

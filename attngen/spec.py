@@ -1,0 +1,173 @@
+"""Spec: the validated, frozen description of the attention kernel to generate."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SpecError
+
+DTYPES = ("fp16", "bf16")
+HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_STEP = 8, 256, 8
+TILE_KEYS = ("block_m", "block_n", "warps", "stages")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+@dataclass(frozen=True)
+class TileOverride:
+    """A tile configuration forced by the spec; the planner still checks it against the budget."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int = 2
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to generate. Keyword-only; every field is validated on construction."""
+
+    head_dim: int
+    dtype: str = "bf16"
+    causal: bool = False
+    head_dim_v: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    scale: float | None = None
+    tile: TileOverride | None = None
+    name: str | None = None
+
+    def __init__(self, *, head_dim, dtype="bf16", causal=False, head_dim_v=None, num_heads=None,
+                 num_kv_heads=None, scale=None, tile=None, name=None):
+        values = dict(head_dim=head_dim, dtype=dtype, causal=causal, head_dim_v=head_dim_v,
+                      num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, tile=tile, name=name)
+        for field, value in _validated(values).items():
+            object.__setattr__(self, field, value)
+
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def dv(self) -> int:
+        """head_dim_v, never None."""
+        return self.head_dim_v
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def elem_bytes(self) -> int:
+        return 2
+
+    @property
+    def kernel_name(self) -> str:
+        return self.name
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return d
+
+    # ---- construction from data ------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data) -> "Spec":
+        if not isinstance(data, dict):
+            raise SpecError("<spec>", type(data).__name__, "a mapping of spec keys")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in allowed:
+                raise SpecError(str(key), data[key], "a known key: " + ", ".join(allowed))
+        if "head_dim" not in data:
+            raise SpecError("head_dim", None, "required: an int in 8..256, a multiple of 8")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path) -> "Spec":
+        import yaml  # PyYAML; imported here so the package imports without it
+
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError("<yaml>", str(path), f"valid YAML ({exc})".replace("\n", " ")) from None
+        return cls.from_dict(data)
+
+
+# ---- validation -----------------------------------------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _head_dim(field, value):
+    if not _is_int(value) or not HEAD_DIM_MIN <= value <= HEAD_DIM_MAX or value % HEAD_DIM_STEP:
+        raise SpecError(field, value, f"an int in {HEAD_DIM_MIN}..{HEAD_DIM_MAX}, a multiple of {HEAD_DIM_STEP}")
+    return value
+
+
+def _positive_int_or_none(field, value):
+    if value is not None and (not _is_int(value) or value < 1):
+        raise SpecError(field, value, "a positive int or null")
+    return value
+
+
+def _tile(value):
+    if value is None or isinstance(value, TileOverride):
+        return value
+    if not isinstance(value, dict):
+        raise SpecError("tile", value, "a mapping with keys " + ", ".join(TILE_KEYS))
+    for key in value:
+        if key not in TILE_KEYS:
+            raise SpecError(f"tile.{key}", value[key], "one of the keys " + ", ".join(TILE_KEYS))
+    for key in ("block_m", "block_n", "warps"):
+        if key not in value:
+            raise SpecError(f"tile.{key}", None, "required when 'tile' is given")
+    checks = {"block_m": (16, 256, 16), "block_n": (16, 256, 16), "warps": (1, 16, 1), "stages": (2, 4, 1)}
+    for key, (low, high, step) in checks.items():
+        v = value.get(key, 2 if key == "stages" else None)
+        if not _is_int(v) or not low <= v <= high or v % step:
+            raise SpecError(f"tile.{key}", v, f"an int in {low}..{high}" + (f", a multiple of {step}" if step > 1 else ""))
+    return TileOverride(value["block_m"], value["block_n"], value["warps"], value.get("stages", 2))
+
+
+def _validated(values: dict) -> dict:
+    out = dict(values)
+    out["head_dim"] = _head_dim("head_dim", values["head_dim"])
+    hv = values["head_dim_v"]
+    out["head_dim_v"] = out["head_dim"] if hv is None else _head_dim("head_dim_v", hv)
+    if values["dtype"] not in DTYPES:
+        raise SpecError("dtype", values["dtype"], " | ".join(DTYPES))
+    if not isinstance(values["causal"], bool):
+        raise SpecError("causal", values["causal"], "true or false")
+    nh = _positive_int_or_none("num_heads", values["num_heads"])
+    nkv = _positive_int_or_none("num_kv_heads", values["num_kv_heads"])
+    if nh is not None and nkv is not None and nh % nkv:
+        raise SpecError("num_kv_heads", nkv, f"a divisor of num_heads={nh} (GQA groups must be equal)")
+    if nkv is not None and nh is None:
+        raise SpecError("num_heads", None, "an int when num_kv_heads is given")
+    scale = values["scale"]
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise SpecError("scale", scale, "a positive finite number or null (default 1/sqrt(head_dim))")
+        out["scale"] = float(scale)
+    out["tile"] = _tile(values["tile"])
+    name = values["name"]
+    if name is None:
+        name = _default_name(out)
+    elif not isinstance(name, str) or not _NAME_RE.match(name):
+        raise SpecError("name", name, "an identifier: letters, digits and '_', at most 64 characters")
+    out["name"] = name
+    return out
+
+
+def _default_name(v: dict) -> str:
+    parts = [f"d{v['head_dim']}"]
+    if v["head_dim_v"] != v["head_dim"]:
+        parts.append(f"dv{v['head_dim_v']}")
+    parts.append(v["dtype"])
+    if v["causal"]:
+        parts.append("causal")
+    if v["num_heads"] is not None:
+        parts.append(f"h{v['num_heads']}" + (f"kv{v['num_kv_heads']}" if v["num_kv_heads"] else ""))
+    return "attn_" + "_".join(parts)

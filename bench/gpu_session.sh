@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One device call: GPU facts, the GPU tests, then the forward benchmark. Logs under $OUT.
+# Usage: bash bench/gpu_session.sh [pytest args...]; BENCH_ARGS overrides the benchmark's arguments.
+set -o pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1 ATTNGEN_CACHE_DIR=${ATTNGEN_CACHE_DIR:-/tmp/attngen-cache}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'nvrtc', cupy.cuda.nvrtc.getVersion(), 'torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_gpu_forward.py -q -x "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+timeout ${BENCH_TIMEOUT:-240} python3 bench/bench_forward.py ${BENCH_ARGS:---seqlens 2048,8192 --dims 64,128 --dtypes bf16} \
+  --json "$OUT/bench.json" 2> "$OUT/bench.log"
+tail -5 "$OUT/bench.log"
