@@ -19,7 +19,7 @@ from .spec import Spec
 SMEM_ROW_PAD = 8             # bf16/fp16 elements of padding per smem row: rows shift by 16 B, so ldmatrix
                              # phases hit 8 distinct bank groups (no conflicts) for any head dim.
 SMEM_RESERVED_PER_CTA = 1024  # the driver reserves 1 KB of shared memory per CTA
-REG_OVERHEAD = 48             # addresses, loop counters, row statistics' temporaries, ldmatrix fragments
+REG_OVERHEAD = 64             # addresses, loop counters, ldmatrix fragments in flight; fitted to ptxas (sm_80/90)
 REG_ALLOC_GRANULE = 8         # registers are allocated per thread in units of 8
 SMEM_BYTES_PER_CLOCK = 128    # per SM
 
@@ -77,9 +77,9 @@ def smem_bytes(spec: Spec, block_m: int, block_n: int, stages: int) -> int:
 
 
 def regs_estimate(spec: Spec, block_n: int, m_tiles: int) -> int:
-    """fp32 O accumulator and S/P tile per thread (16 rows x cols over 32 lanes each) plus overhead."""
+    """fp32 O accumulator, S tile and packed P per thread (16 rows x cols over 32 lanes each) plus overhead."""
     dv = round_up(spec.dv, 16)
-    per_m_tile = dv // 2 + block_n // 2 + 4     # O acc + S (P is packed into S's registers) + m, l
+    per_m_tile = dv // 2 + block_n // 2 + block_n // 4     # O acc + S + P (two 16-bit values per register)
     return per_m_tile * m_tiles + REG_OVERHEAD
 
 
@@ -111,14 +111,20 @@ def problem_cost(spec: Spec, block_m: int, block_n: int, warps: int, m_tiles: in
     ctas = batch * heads * m_blocks
     waves = ctas / (device.sm_count * ctas_per_sm)
     wave_efficiency = waves / math.ceil(waves)
-    # Fewer than 8 warps per SM cannot hide the latency of ldmatrix -> mma chains.
-    latency_efficiency = min(1.0, ctas_per_sm * warps / 8)
+    # Resident warps hide the latency of ldmatrix -> mma -> exp2 chains; about 12 per SM suffice.
+    latency_efficiency = min(1.0, 0.7 + 0.3 * ctas_per_sm * warps / 12)
     t_mma = flops / (device.mma_tflops * 1e12 * latency_efficiency)
     t_hbm = (hbm - l2_rereads) / (device.hbm_gbps * 1e9) + l2_rereads / (device.l2_gbps * 1e9)
     t_smem = smem / (SMEM_BYTES_PER_CLOCK * device.clock_ghz * 1e9 * device.sm_count)
     terms = {"mma": t_mma, "hbm": t_hbm, "smem": t_smem}
     bound = max(terms, key=terms.get)
     return flops, hbm, smem, terms[bound] / wave_efficiency * 1e6, bound
+
+
+def predict_us(spec: Spec, plan: Plan, device: Device, batch: int, seqlen_q: int, seqlen_k: int, heads: int) -> float:
+    """The cost model's time for `plan` on one problem (the autotuner and the bench compare it with measurements)."""
+    return problem_cost(spec, plan.block_m, plan.block_n, plan.warps, plan.m_tiles, device, plan.ctas_per_sm,
+                        batch, seqlen_q, seqlen_k, heads)[3]
 
 
 def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int, stages: int) -> Candidate:
@@ -200,7 +206,7 @@ def explain(spec: Spec, device: Device) -> str:
         f"paper  M = {m_elems} elements -> Bc = ceil(M/4d) = {bc}, Br = min(Bc, d) = {br}",
         f"smem   = (block_m*(max(d,dv)+{SMEM_ROW_PAD}) + stages*block_n*((d+{SMEM_ROW_PAD})+(dv+{SMEM_ROW_PAD}))) * {eb} B"
         f"   (d, dv padded to {round_up(d, 16)}, {round_up(dv, 16)})",
-        f"regs   ~ m_tiles*(dv/2 + block_n/2 + 4) + {REG_OVERHEAD} per thread (fp32 O and S in registers)",
+        f"regs   ~ m_tiles*(dv/2 + block_n/2 + block_n/4) + {REG_OVERHEAD} per thread (fp32 O and S, packed P)",
         f"time   = max(FLOPs/{device.mma_tflops:g} TFLOP/s, HBM/{device.hbm_gbps:g} GB/s, smem reads/"
         f"(128 B/clk x {device.clock_ghz:g} GHz x {device.sm_count} SMs)) / wave efficiency, for batch="
         f"{REFERENCE_PROBLEM['batch']} seqlen={REFERENCE_PROBLEM['seqlen_q']} heads="
