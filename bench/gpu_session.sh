@@ -9,6 +9,9 @@ python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'nvrtc', cupy.cu
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_gpu_forward.py -q -x "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
-timeout ${BENCH_TIMEOUT:-240} python3 bench/bench_forward.py ${BENCH_ARGS:---seqlens 2048,8192 --dims 64,128 --dtypes bf16} \
+for spec in examples/*.yaml; do
+  timeout 120 python3 -m attngen check "$spec" 2>&1 | tee -a "$OUT/check.log" | tail -2
+done
+timeout ${BENCH_TIMEOUT:-400} python3 bench/bench_forward.py ${BENCH_ARGS:-} \
   --json "$OUT/bench.json" 2> "$OUT/bench.log"
 tail -5 "$OUT/bench.log"
