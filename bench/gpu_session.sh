@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'nvrtc', cupy.cuda.nvrtc.getVersion(), 'torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_gpu_forward.py -q -x "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_gpu_forward.py -q "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 for spec in examples/*.yaml; do
   timeout 120 python3 -m attngen check "$spec" 2>&1 | tee -a "$OUT/check.log" | tail -2
