@@ -61,13 +61,8 @@ class Spec:
     def elem_bytes(self) -> int:
         return 2
 
-    @property
-    def kernel_name(self) -> str:
-        return self.name
-
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        return d
+        return dataclasses.asdict(self)
 
     # ---- construction from data ------------------------------------------------------------------
     @classmethod
@@ -113,8 +108,10 @@ def _positive_int_or_none(field, value):
 
 
 def _tile(value):
-    if value is None or isinstance(value, TileOverride):
+    if value is None:
         return value
+    if isinstance(value, TileOverride):
+        value = dataclasses.asdict(value)    # an instance gets the same checks as a mapping
     if not isinstance(value, dict):
         raise SpecError("tile", value, "a mapping with keys " + ", ".join(TILE_KEYS))
     for key in value:
@@ -148,9 +145,16 @@ def _validated(values: dict) -> dict:
         raise SpecError("num_heads", None, "an int when num_kv_heads is given")
     scale = values["scale"]
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise SpecError("scale", scale, "a positive finite number or null (default 1/sqrt(head_dim))")
-        out["scale"] = float(scale)
+        allowed = "a positive finite number or null (default 1/sqrt(head_dim))"
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise SpecError("scale", scale, allowed)
+        try:
+            as_float = float(scale)
+        except OverflowError:
+            raise SpecError("scale", scale, allowed) from None
+        if not math.isfinite(as_float) or as_float <= 0:
+            raise SpecError("scale", scale, allowed)
+        out["scale"] = as_float
     out["tile"] = _tile(values["tile"])
     name = values["name"]
     if name is None:
