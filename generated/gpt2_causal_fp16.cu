@@ -45,7 +45,6 @@ constexpr int WARPS      = 4;
 constexpr int M_TILES    = 2;   // 16-row mma tiles per warp
 constexpr int STAGES     = 2;   // K/V tiles in flight
 constexpr int THREADS    = WARPS * 32;
-constexpr int MIN_CTAS_PER_SM = 2;   // the plan's occupancy: caps registers for ptxas
 constexpr int WARP_ROWS  = 16 * M_TILES;
 constexpr bool CAUSAL    = true;
 #define NEG_INF __int_as_float(0xff800000u)   // -inf without the math headers
@@ -199,7 +198,6 @@ __device__ __forceinline__ void online_softmax(float (&s)[M_TILES][BLOCK_N / 8][
                                                RowStats& stats, unsigned (&p_frag)[M_TILES][BLOCK_N / 16][4], float scale_log2) {
 #pragma unroll
     for (int mi = 0; mi < M_TILES; ++mi) {
-        float corrections[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float tile_max = NEG_INF;
@@ -218,15 +216,10 @@ __device__ __forceinline__ void online_softmax(float (&s)[M_TILES][BLOCK_N / 8][
                 row_sum += s[mi][nt][2 * r] + s[mi][nt][2 * r + 1];
             }
             stats.sum[mi][r] = stats.sum[mi][r] * correction + row_sum;
-            corrections[r] = correction;
-        }
-        // Once the row maxima settle, every correction is exactly 1: skip the rescale of O then (the
-        // result is bit-identical), which saves DV/4 multiplies per row pair on most tiles.
-        if (__any_sync(0xffffffffu, corrections[0] != 1.f || corrections[1] != 1.f)) {
 #pragma unroll
             for (int nt = 0; nt < DV / 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc_o[mi][nt][e] *= corrections[e / 2];
+                acc_o[mi][nt][2 * r] *= correction;
+                acc_o[mi][nt][2 * r + 1] *= correction;
             }
         }
         // The S accumulator layout of n-tiles 2kk and 2kk+1 is exactly the A layout of k-step kk.
@@ -331,7 +324,7 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][DV / 8][4],
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_CTAS_PER_SM)
+extern "C" __global__ void __launch_bounds__(THREADS)
 gpt2_causal_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     elem_t* __restrict__ o, float* __restrict__ lse,
     long long q_stride_b, long long q_stride_s, long long q_stride_h,
