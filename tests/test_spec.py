@@ -335,7 +335,7 @@ def test_from_dict_not_mapping(bad):
 # ---- from_yaml ------------------------------------------------------------------------------------
 
 def test_from_yaml_valid(tmp_path):
-    p = tmp_path / "spec.yaml"
+    p = tmp_path / "good.yaml"
     p.write_text(
         "name: gpt2_causal\n"
         "head_dim: 64\n"
@@ -362,29 +362,29 @@ def test_from_yaml_roundtrip(tmp_path):
     assert Spec.from_yaml(p) == s
 
 
-def test_from_yaml_unknown_key(tmp_path):
-    p = tmp_path / "bad.yaml"
-    p.write_text("head_dim: 64\nblock_size: 128\n")
+def yaml_spec_error(tmp_path, text):
+    """Spec.from_yaml on a file holding `text` must raise SpecError; returns pytest's ExceptionInfo."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
     with pytest.raises(SpecError) as info:
-        Spec.from_yaml(p)
+        Spec.from_yaml(path)
+    return info
+
+
+def test_from_yaml_unknown_key(tmp_path):
+    info = yaml_spec_error(tmp_path, "head_dim: 64\nblock_size: 128\n")
     assert info.value.field == "block_size"
 
 
 def test_from_yaml_bad_value(tmp_path):
-    p = tmp_path / "bad.yaml"
-    p.write_text("head_dim: 60\n")
-    with pytest.raises(SpecError) as info:
-        Spec.from_yaml(p)
+    info = yaml_spec_error(tmp_path, "head_dim: 60\n")
     assert info.value.field == "head_dim"
     assert "60" in str(info.value)
 
 
 @pytest.mark.parametrize("text", ["head_dim: [64\n", "head_dim: 64\n  dtype: : bf16\n", "{a: 1\n", "a: 'x\n"])
 def test_from_yaml_invalid_yaml(tmp_path, text):
-    p = tmp_path / "broken.yaml"
-    p.write_text(text)
-    with pytest.raises(SpecError) as info:
-        Spec.from_yaml(p)
+    info = yaml_spec_error(tmp_path, text)
     assert info.value.field == "<yaml>"
     assert "valid YAML" in str(info.value)
     assert "\n" not in str(info.value)
@@ -392,37 +392,25 @@ def test_from_yaml_invalid_yaml(tmp_path, text):
 
 def test_from_yaml_python_tag_not_executed(tmp_path):
     marker = tmp_path / "pwned"
-    p = tmp_path / "evil.yaml"
-    p.write_text(f'head_dim: !!python/object/apply:os.system ["touch {marker}"]\n')
-    with pytest.raises(SpecError) as info:
-        Spec.from_yaml(p)
+    info = yaml_spec_error(tmp_path, f'head_dim: !!python/object/apply:os.system ["touch {marker}"]\n')
     assert info.value.field == "<yaml>"
     assert not marker.exists()
 
 
 def test_from_yaml_python_tag_top_level(tmp_path):
-    p = tmp_path / "evil.yaml"
-    p.write_text('!!python/object/apply:os.system ["echo hi"]\n')
-    with pytest.raises(SpecError) as info:
-        Spec.from_yaml(p)
+    info = yaml_spec_error(tmp_path, '!!python/object/apply:os.system ["echo hi"]\n')
     assert info.value.field == "<yaml>"
 
 
 def test_from_yaml_top_level_list(tmp_path):
-    p = tmp_path / "list.yaml"
-    p.write_text("- head_dim: 64\n- head_dim: 128\n")
-    with pytest.raises(SpecError) as info:
-        Spec.from_yaml(p)
+    info = yaml_spec_error(tmp_path, "- head_dim: 64\n- head_dim: 128\n")
     assert info.value.field == "<spec>"
     assert "list" in str(info.value)
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "64\n", "hello\n"])
 def test_from_yaml_not_a_mapping(tmp_path, text):
-    p = tmp_path / "empty.yaml"
-    p.write_text(text)
-    with pytest.raises(SpecError) as info:
-        Spec.from_yaml(p)
+    info = yaml_spec_error(tmp_path, text)
     assert info.value.field == "<spec>"
 
 
