@@ -408,7 +408,11 @@ d256_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const 
         __syncthreads();
         gemm_p_v(acc_o, p_frag, v_smem + slot * V_TILE_BYTES, lane);
     }
+    // Every thread's copies have landed before any warp reuses the Q tile for O: with no key tile at all
+    // (causal rows that see no key) the loop's barriers never ran, and another thread's cp.async of
+    // these Q rows could otherwise land on top of the staged O.
     cp_async_wait<0>();
+    __syncthreads();
 
     write_output(acc_o, stats, reinterpret_cast<elem_t*>(smem_raw), o + batch * o_stride_b + head * o_stride_h + m_start * o_stride_s, o_stride_s,
                  lse + ((long long)batch * heads_q + head) * seqlen_q + m_start, seqlen_q - m_start,
