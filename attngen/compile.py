@@ -7,6 +7,7 @@ given an explicit -arch, so attngen compiles through it everywhere and loads the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -111,6 +112,22 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+@contextlib.contextmanager
+def ptxas_always_runs():
+    """Where a driver is present, NVRTC serves repeated programs from the CUDA compute cache and then
+    skips ptxas, so the log lacks the resource report. CUDA_CACHE_DISABLE=1 turns that off; it is set
+    only around our own compile so the caller's JIT caching is left alone."""
+    previous = os.environ.get("CUDA_CACHE_DISABLE")
+    os.environ["CUDA_CACHE_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["CUDA_CACHE_DISABLE"]
+        else:
+            os.environ["CUDA_CACHE_DISABLE"] = previous
+
+
 def nvrtc_compile(source: str, name: str, arch: str, kernel_name: str,
                   options: tuple[str, ...] = COMPILE_OPTIONS) -> Binary:
     """Compile with NVRTC for an explicit arch (no GPU or driver needed). No cache."""
@@ -121,7 +138,8 @@ def nvrtc_compile(source: str, name: str, arch: str, kernel_name: str,
     prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, [f"-arch={arch}", *options])
+            with ptxas_always_runs():
+                nvrtc.compileProgram(prog, [f"-arch={arch}", *options])
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(prog)
             src_path = _dump_failed_source(source, name, key)

@@ -168,3 +168,15 @@ def test_bad_arguments_raise_before_launch():
                             for _ in range(3)))
     with pytest.raises(ValueError, match="head_dim"):
         attngen.attention(*(torch.randn(1, 8, 2, 12, device="cuda", dtype=torch.float16) for _ in range(3)))
+
+
+def test_resource_report_survives_the_cuda_compute_cache():
+    # With a driver present NVRTC may serve a repeated program from the compute cache and skip ptxas;
+    # the report (registers, spills) must still be there on the second compile.
+    from attngen.compile import nvrtc_compile
+    from attngen.render import kernel_name
+
+    spec = attngen.Spec(head_dim=72, dtype="fp16", causal=True)
+    source = attngen.render(spec, attngen.plan(spec, arch="sm_90"))
+    reports = [nvrtc_compile(source, spec.name, "sm_90", kernel_name(spec)).resources for _ in range(2)]
+    assert reports[0] == reports[1] and reports[0].registers > 0
