@@ -97,9 +97,11 @@ def build(spec_path, out_dir, arch):
         atomic_write(out / f"{spec.name}{suffix}", data)
     r = json.loads(artifacts[".json"])["resources"]
     p = json.loads(artifacts[".json"])["plan"]
+    spills = (f"{r['spill_bytes']} spill bytes" if r["spill_bytes"] is not None
+              else f"{r['stack_frame']} B stack frame (spills unknown: ptxas skipped by the CUDA cache)")
     click.echo(f"{spec.name}: {device.arch}, tiles {p['block_m']}x{p['block_n']}, {p['warps']} warps, "
                f"{p['stages']} stages, {p['smem_bytes']} B smem, {r['registers']} registers, "
-               f"{r['spill_bytes']} spill bytes -> {out}/{spec.name}.{{cu,cubin,ptx,json}}")
+               f"{spills} -> {out}/{spec.name}.{{cu,cubin,ptx,json}}")
 
 
 @main.command("plan")

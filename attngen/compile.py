@@ -7,7 +7,6 @@ given an explicit -arch, so attngen compiles through it everywhere and loads the
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -27,13 +26,15 @@ class Resources:
     """What ptxas reported for one kernel."""
 
     registers: int
-    spill_stores: int
-    spill_loads: int
+    spill_stores: int | None      # None: not known (the report came from the cubin, not from ptxas)
+    spill_loads: int | None
     stack_frame: int
     static_smem: int
 
     @property
-    def spill_bytes(self) -> int:
+    def spill_bytes(self) -> int | None:
+        if self.spill_stores is None or self.spill_loads is None:
+            return None
         return self.spill_stores + self.spill_loads
 
 
@@ -112,22 +113,6 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-@contextlib.contextmanager
-def ptxas_always_runs():
-    """Where a driver is present, NVRTC serves repeated programs from the CUDA compute cache and then
-    skips ptxas, so the log lacks the resource report. CUDA_CACHE_DISABLE=1 turns that off; it is set
-    only around our own compile so the caller's JIT caching is left alone."""
-    previous = os.environ.get("CUDA_CACHE_DISABLE")
-    os.environ["CUDA_CACHE_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["CUDA_CACHE_DISABLE"]
-        else:
-            os.environ["CUDA_CACHE_DISABLE"] = previous
-
-
 def nvrtc_compile(source: str, name: str, arch: str, kernel_name: str,
                   options: tuple[str, ...] = COMPILE_OPTIONS) -> Binary:
     """Compile with NVRTC for an explicit arch (no GPU or driver needed). No cache."""
@@ -138,8 +123,7 @@ def nvrtc_compile(source: str, name: str, arch: str, kernel_name: str,
     prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
     try:
         try:
-            with ptxas_always_runs():
-                nvrtc.compileProgram(prog, [f"-arch={arch}", *options])
+            nvrtc.compileProgram(prog, [f"-arch={arch}", *options])
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(prog)
             src_path = _dump_failed_source(source, name, key)
@@ -150,7 +134,51 @@ def nvrtc_compile(source: str, name: str, arch: str, kernel_name: str,
     finally:
         nvrtc.destroyProgram(prog)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    return Binary(arch, _complete_elf(bytes(cubin)), ptx.rstrip("\0"), log, parse_ptxas_report(log, kernel_name), version, key)
+    cubin = _complete_elf(bytes(cubin))
+    # Where a driver is present NVRTC may take the program from the CUDA compute cache and skip ptxas
+    # (the log is then empty); the cubin's own attributes still say registers and stack frame.
+    resources = parse_ptxas_report(log, kernel_name) if "ptxas" in log else parse_cubin_resources(cubin, kernel_name)
+    return Binary(arch, cubin, ptx.rstrip("\0"), log, resources, version, key)
+
+
+EIATTR_REGCOUNT, EIATTR_FRAME_SIZE = 0x2F, 0x11   # .nv.info attributes holding (symbol index, value)
+
+
+def _elf_sections(cubin: bytes) -> dict:
+    e_shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, e_shoff + i * e_shentsize) for i in range(e_shnum)]
+    names = headers[e_shstrndx][4]
+
+    def c_string(at):
+        return cubin[at:cubin.index(b"\0", at)].decode()
+
+    return {c_string(names + h[0]): cubin[h[4]:h[4] + h[5]] for h in headers}
+
+
+def parse_cubin_resources(cubin: bytes, kernel_name: str) -> Resources:
+    """Registers and stack frame from the cubin's .nv.info attributes. Spill counts are not recorded
+    there and come back as None (the kernels have no local arrays, so a stack frame means spills)."""
+    sections = _elf_sections(cubin)
+    symtab, strtab = sections[".symtab"], sections[".strtab"]
+    wanted = kernel_name.encode() + b"\0"
+    symbol = next(i for i in range(len(symtab) // 24)
+                  if strtab[struct.unpack_from("<I", symtab, 24 * i)[0]:].startswith(wanted))
+    info, values, i = sections.get(".nv.info", b""), {}, 0
+    while i + 2 <= len(info):
+        fmt, attr = info[i], info[i + 1]
+        if fmt == 4:                                   # EIFMT_SVAL: a 16-bit size, then the payload
+            size, = struct.unpack_from("<H", info, i + 2)
+            if attr in (EIATTR_REGCOUNT, EIATTR_FRAME_SIZE) and size == 8:
+                owner, value = struct.unpack_from("<II", info, i + 4)
+                if owner == symbol:
+                    values[attr] = value
+            i += 4 + size
+        else:                                          # EIFMT_NVAL: no value; BVAL, HVAL: 2 bytes
+            i += 4 if fmt in (2, 3) else 2
+    if EIATTR_REGCOUNT not in values:
+        raise CompileError(f"no ptxas report and no register count in the cubin for kernel '{kernel_name}'")
+    return Resources(values[EIATTR_REGCOUNT], None, None, values.get(EIATTR_FRAME_SIZE, 0), 0)
 
 
 def _complete_elf(cubin: bytes) -> bytes:

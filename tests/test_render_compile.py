@@ -12,7 +12,7 @@ import pytest
 import attngen
 from attngen.render import environment, templates_dir
 from attngen.compile import (Resources, atomic_write, cache_key, compile_cached, nvrtc_compile,
-                             parse_ptxas_report)
+                             parse_cubin_resources, parse_ptxas_report)
 from attngen.errors import CompileError
 from attngen.render import kernel_name
 
@@ -92,6 +92,17 @@ ptxas info    : Used 168 registers, used 1 barriers, 64 bytes smem
     assert parse_ptxas_report(log, "other").spill_bytes == 12
     with pytest.raises(CompileError, match="no ptxas report for kernel 'absent'"):
         parse_ptxas_report(log, "absent")
+
+
+def test_cubin_attributes_agree_with_the_ptxas_report():
+    # the fallback used when NVRTC served the program from the CUDA compute cache and ptxas was skipped
+    for d, arch in ((64, "sm_80"), (128, "sm_90"), (256, "sm_90")):
+        spec = attngen.Spec(head_dim=d, causal=True)
+        _, _, binary = compiled(spec, arch)
+        from_cubin = parse_cubin_resources(binary.cubin, kernel_name(spec))
+        assert from_cubin.registers == binary.resources.registers
+        assert from_cubin.stack_frame == binary.resources.stack_frame
+        assert from_cubin.spill_bytes is None
 
 
 def test_cubin_is_a_complete_elf_image():
