@@ -30,7 +30,7 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
-    tiles_list = [t for t in args.tiles.split(",") if t] or [""]
+    tiles_list = args.tiles.split(",") if args.tiles else [""]   # an empty entry is the planner's choice
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, attngen {attngen.__version__}, "
           f"{time.strftime('%Y-%m-%d')}", file=sys.stderr)
     rows = []
