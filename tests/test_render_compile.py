@@ -147,3 +147,21 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(TypeError):
         atomic_write(target, "not bytes")              # the write fails half-way
     assert target.read_bytes() == b"abc" and not list(target.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])
+def test_every_example_compiles_without_spills(arch):
+    from pathlib import Path
+
+    from attngen.cli import build_artifacts
+    from attngen.device import preset
+
+    examples = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
+    for example in examples:
+        spec = attngen.Spec.from_yaml(example)
+        try:
+            manifest = build_artifacts(spec, preset(arch))[".json"]
+        except Exception as exc:   # a tile override may not fit a small-smem arch: that must be a clear error
+            assert "does not fit" in str(exc) and spec.tile is not None, exc
+            continue
+        assert b'"spill_bytes": 0' in manifest, example.name
