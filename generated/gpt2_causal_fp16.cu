@@ -361,22 +361,27 @@ gpt2_causal_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     n_tiles = max(0, min(n_tiles, (last_key + BLOCK_N) / BLOCK_N));
     n_unmasked = max(0, min(n_unmasked, (m_start + causal_offset + 1) / BLOCK_N));
 
-    // Prologue: Q, then the first STAGES-1 K/V tiles, one commit group each.
+    // Tile `tile` of K and of V into ring slot tile % STAGES: one commit group each (empty past the end,
+    // so the wait counts below stay uniform).
+    auto load_kv_tile = [&](int tile) {
+        const int slot = tile % STAGES, rows_left = seqlen_k - tile * BLOCK_N;
+        if (tile < n_tiles) {
+            load_tile<BLOCK_N, D, K_STRIDE, HEAD_DIM>(k_smem + slot * K_TILE_BYTES,
+                k_head + (long long)tile * BLOCK_N * k_stride_s, k_stride_s, rows_left, tid);
+        }
+        cp_async_commit();
+        if (tile < n_tiles) {
+            load_tile<BLOCK_N, DV, V_STRIDE, HEAD_DIM_V>(v_smem + slot * V_TILE_BYTES,
+                v_head + (long long)tile * BLOCK_N * v_stride_s, v_stride_s, rows_left, tid);
+        }
+        cp_async_commit();
+    };
+
+    // Prologue: Q, then the first STAGES-1 K/V tiles.
     load_tile<BLOCK_M, D, Q_STRIDE, HEAD_DIM>(q_smem, q_tile, q_stride_s, seqlen_q - m_start, tid);
     cp_async_commit();
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < n_tiles) {
-            load_tile<BLOCK_N, D, K_STRIDE, HEAD_DIM>(k_smem + s * K_TILE_BYTES, k_head + (long long)s * BLOCK_N * k_stride_s,
-                                                       k_stride_s, seqlen_k - s * BLOCK_N, tid);
-        }
-        cp_async_commit();
-        if (s < n_tiles) {
-            load_tile<BLOCK_N, DV, V_STRIDE, HEAD_DIM_V>(v_smem + s * V_TILE_BYTES, v_head + (long long)s * BLOCK_N * v_stride_s,
-                                                          v_stride_s, seqlen_k - s * BLOCK_N, tid);
-        }
-        cp_async_commit();
-    }
+    for (int s = 0; s < STAGES - 1; ++s) load_kv_tile(s);
 
     float acc_o[M_TILES][DV / 8][4];
     RowStats stats;
@@ -385,18 +390,7 @@ gpt2_causal_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     for (int j = 0; j < n_tiles; ++j) {
         // Refill the slot tile j-1 used (everyone has finished reading it) with tile j+STAGES-1.
         __syncthreads();
-        const int next = j + STAGES - 1;
-        const int next_slot = next % STAGES;
-        if (next < n_tiles) {
-            load_tile<BLOCK_N, D, K_STRIDE, HEAD_DIM>(k_smem + next_slot * K_TILE_BYTES,
-                k_head + (long long)next * BLOCK_N * k_stride_s, k_stride_s, seqlen_k - next * BLOCK_N, tid);
-        }
-        cp_async_commit();
-        if (next < n_tiles) {
-            load_tile<BLOCK_N, DV, V_STRIDE, HEAD_DIM_V>(v_smem + next_slot * V_TILE_BYTES,
-                v_head + (long long)next * BLOCK_N * v_stride_s, v_stride_s, seqlen_k - next * BLOCK_N, tid);
-        }
-        cp_async_commit();
+        load_kv_tile(j + STAGES - 1);
 
         const int slot = j % STAGES;
         cp_async_wait<2 * STAGES - 1>();                                 // Q and K_j have landed
