@@ -5,8 +5,9 @@ __version__ = "0.1.0"
 from .device import Device  # noqa: E402
 from .errors import CompileError, PlanError, SpecError  # noqa: E402
 from .spec import Spec  # noqa: E402
+from .masks import BlockMask  # noqa: E402
 from .render import render  # noqa: E402
 from .api import attention, build, plan  # noqa: E402
 
-__all__ = ["Spec", "Device", "plan", "render", "build", "attention", "SpecError", "PlanError", "CompileError",
+__all__ = ["Spec", "BlockMask", "Device", "plan", "render", "build", "attention", "SpecError", "PlanError", "CompileError",
            "__version__"]

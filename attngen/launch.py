@@ -122,6 +122,45 @@ class Kernel:
         self._module = cupy.RawModule(path=str(cubin_path))
         self._function = self._module.get_function(kernel_name)
         self._function.max_dynamic_shared_size_bytes = plan.smem_bytes
+        self._pattern_masks, self._mask_arrays = {}, {}
+
+    def _mask_args(self, block_mask, seqlen_q, seqlen_k, heads_q, device):
+        """The block-CSR arguments of a block-sparse kernel (device copies cached per mask), or ()."""
+        if self.spec.mask is None:
+            if block_mask is not None:
+                raise ValueError("block_mask: this kernel was built without a mask (spec.mask is None)")
+            return ()
+        from .masks import BlockMask
+
+        if block_mask is None and self.spec.mask_pattern is None:
+            raise ValueError("block_mask: this kernel's mask is a runtime block layout; pass an attngen.BlockMask")
+        if block_mask is None:
+            key = ("pattern", seqlen_q, seqlen_k)
+            if key not in self._pattern_masks:
+                self._pattern_masks[key] = BlockMask.from_pattern(
+                    self.spec.mask_pattern, seqlen_q, seqlen_k, block_size=self.spec.mask_block_size)
+            block_mask = self._pattern_masks[key]
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask: expected an attngen.BlockMask, got {type(block_mask).__name__}")
+        if tuple(block_mask.block_size) != tuple(self.spec.mask_block_size):
+            raise ValueError(f"block_mask: block size {tuple(block_mask.block_size)} differs from the built "
+                             f"kernel's {tuple(self.spec.mask_block_size)}")
+        if (block_mask.seqlen_q, block_mask.seqlen_k) != (seqlen_q, seqlen_k):
+            raise ValueError(f"block_mask: built for seqlens ({block_mask.seqlen_q}, {block_mask.seqlen_k}), "
+                             f"the inputs have ({seqlen_q}, {seqlen_k})")
+        if block_mask.num_heads not in (1, heads_q):
+            raise ValueError(f"block_mask: {block_mask.num_heads} heads; expected 1 or heads_q={heads_q}")
+        import cupy
+
+        cache_key = (id(block_mask), device)
+        cached = self._mask_arrays.get(cache_key)
+        if cached is None or cached[0] is not block_mask:
+            with cupy.cuda.Device(device):
+                arrays = [cupy.asarray(np.ascontiguousarray(a, dtype=np.int32)) for a in (
+                    block_mask.full_row_ptr, block_mask.full_cols, block_mask.partial_row_ptr, block_mask.partial_cols)]
+            cached = self._mask_arrays[cache_key] = (block_mask, arrays)
+        n_q_blocks = -(-seqlen_q // block_mask.block_size[0])
+        return (*(np.uint64(a.data.ptr) for a in cached[1]), np.int32(block_mask.num_heads), np.int32(n_q_blocks))
 
     @property
     def resources(self):
@@ -132,9 +171,11 @@ class Kernel:
         return (f"<attngen.Kernel {self.kernel_name}: {p.block_m}x{p.block_n} tiles, {p.warps} warps, "
                 f"{p.stages} stages, {p.smem_bytes} B smem, {self.resources.registers} regs>")
 
-    def __call__(self, q, k, v, *, scale: float | None = None, out=None, lse=None):
-        """Return (out, lse). `out` [b, sq, hq, dv] and `lse` [b, hq, sq] fp32 may be given to write into."""
+    def __call__(self, q, k, v, *, scale: float | None = None, out=None, lse=None, block_mask=None):
+        """Return (out, lse). `out` [b, sq, hq, dv] and `lse` [b, hq, sq] fp32 may be given to write into.
+        A block-sparse spec takes a BlockMask (built from the spec's pattern when none is given)."""
         qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv) = check_inputs(self.spec, q, k, v)
+        mask_args = self._mask_args(block_mask, seqlen_q, seqlen_k, heads_q, qv.device)
         scale = self.spec.softmax_scale if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
@@ -158,6 +199,7 @@ class Kernel:
             *(np.int64(s) for s in vv.strides[:3]), *(np.int64(s) for s in ov.strides[:3]),
             np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
             np.float32(scale * math.log2(math.e)),
+            *mask_args,
         )
         import cupy
 

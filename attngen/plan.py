@@ -20,6 +20,7 @@ SMEM_ROW_PAD = 8             # bf16/fp16 elements of padding per smem row: rows 
                              # phases hit 8 distinct bank groups (no conflicts) for any head dim.
 SMEM_RESERVED_PER_CTA = 1024  # the driver reserves 1 KB of shared memory per CTA
 REG_OVERHEAD = 64             # addresses, loop counters, ldmatrix fragments in flight; fitted to ptxas (sm_80/90)
+REG_OVERHEAD_BLOCK_SPARSE = 16  # CSR row bounds, the step -> key-tile map, the mask predicate's temporaries
 REG_ALLOC_GRANULE = 8         # registers are allocated per thread in units of 8
 SMEM_BYTES_PER_CLOCK = 128    # per SM
 
@@ -80,7 +81,8 @@ def regs_estimate(spec: Spec, block_n: int, m_tiles: int) -> int:
     """fp32 O accumulator, S tile and packed P per thread (16 rows x cols over 32 lanes each) plus overhead."""
     dv = round_up(spec.dv, 16)
     per_m_tile = dv // 2 + block_n // 2 + block_n // 4     # O acc + S + P (two 16-bit values per register)
-    return per_m_tile * m_tiles + REG_OVERHEAD
+    sparse = REG_OVERHEAD_BLOCK_SPARSE if spec.mask is not None else 0
+    return per_m_tile * m_tiles + REG_OVERHEAD + sparse
 
 
 def occupancy(device: Device, smem: int, regs: int, threads: int) -> int:
@@ -139,6 +141,10 @@ def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int,
         return reject(f"{m_tiles} mma row tiles per warp (at most 2)")
     if block_n % 16:
         return reject(f"block_n={block_n} is not a multiple of 16")
+    if spec.mask is not None:
+        rows, cols = spec.mask_block_size
+        if rows % block_m or cols % block_n:
+            return reject(f"tiles {block_m}x{block_n} do not divide the mask blocks {rows}x{cols}")
     smem = smem_bytes(spec, block_m, block_n, stages)
     if smem > device.smem_per_block:
         return reject(f"shared memory {smem} B exceeds the {device.arch} budget of {device.smem_per_block} B "

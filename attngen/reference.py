@@ -6,6 +6,8 @@ Semantics (DESIGN.md, "Public contract"):
   v [batch, seqlen_k, heads_kv, head_dim_v]; query head h reads kv head h // (heads_q // heads_kv).
 - Default scale 1/sqrt(head_dim).
 - Causal is aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+- An optional ``mask=`` (bool, broadcastable to [heads_q, seqlen_q, seqlen_k], or an
+  attngen.masks.BlockMask) hides the pairs where it is False; it is ANDed with causal.
 - Returns (out [batch, seqlen_q, heads_q, head_dim_v], lse [batch, heads_q, seqlen_q]) as float64;
   lse is the natural log of the softmax denominator. A row that sees no key gives out 0 and lse -inf.
 
@@ -142,6 +144,41 @@ def _visible_key_stop(q_stop: int, *, seqlen_q: int, seqlen_k: int, causal: bool
     return int(min(max(_last_visible_key(q_stop - 1, seqlen_q, seqlen_k) + 1, 0), seqlen_k))
 
 
+def _mask_regions(mask, dims: _Dims):
+    """The user mask as regions(r0, r1, c0, c1) -> bool [heads_kv or 1, group or 1, r, c]; None if no mask.
+
+    A BlockMask is evaluated one region at a time (never its whole [H, Sq, Sk] element mask).
+    """
+    if mask is None:
+        return None
+    from .masks import BlockMask  # masks imports nothing from here; local to keep the module light
+
+    target = (dims.heads_q, dims.seqlen_q, dims.seqlen_k)
+    if isinstance(mask, BlockMask):
+        if (mask.seqlen_q, mask.seqlen_k) != target[1:] or mask.num_heads not in (1, dims.heads_q):
+            raise ValueError(f"mask (BlockMask) must have num_heads 1 or {dims.heads_q}, seqlen_q="
+                             f"{dims.seqlen_q}, seqlen_k={dims.seqlen_k}, got {mask!r}")
+        heads = mask.num_heads
+        region = lambda r0, r1, c0, c1: mask.element_mask((r0, r1), (c0, c1))  # noqa: E731
+    else:
+        arr = np.asarray(mask)
+        if arr.dtype != bool:
+            raise TypeError(f"mask must be a bool array or a BlockMask, got dtype {arr.dtype}")
+        if arr.ndim > 3 or any(n not in (1, t) for n, t in zip(arr.shape[::-1], target[::-1])):
+            raise ValueError(f"mask must be broadcastable to [heads_q, seqlen_q, seqlen_k] = "
+                             f"{list(target)}, got shape {arr.shape}")
+        arr = arr.reshape((1,) * (3 - arr.ndim) + arr.shape)
+        heads = arr.shape[0]
+        arr = np.broadcast_to(arr, (heads,) + target[1:])
+        region = lambda r0, r1, c0, c1: arr[:, r0:r1, c0:c1]  # noqa: E731
+
+    def grouped(r0, r1, c0, c1):
+        shape = (dims.heads_kv, dims.group) if heads > 1 else (1, 1)
+        return region(r0, r1, c0, c1).reshape(shape + (r1 - r0, c1 - c0))
+
+    return grouped
+
+
 def _tile_fully_visible(q_start: int, k_stop: int, *, seqlen_q: int, seqlen_k: int,
                         causal: bool) -> bool:
     """True when every row from q_start on sees every key before k_stop (no mask needed)."""
@@ -206,7 +243,7 @@ def _rows_per_chunk(dims: _Dims) -> int:
     return max(1, MAX_SCORE_ELEMENTS // (dims.heads_q * dims.seqlen_k))
 
 
-def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None):
+def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None, mask=None):
     """Naive attention in compute_dtype, per batch and per chunk of query rows.
 
     Normalises P before P @ V so ``round_probs`` (if given) sees the softmax output, as a
@@ -214,6 +251,7 @@ def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None)
     """
     q, k, v, dims = _check_inputs(q, k, v)
     scale = np.asarray(_resolve_scale(scale, dims.head_dim), dtype=compute_dtype)
+    regions = _mask_regions(mask, dims)
     qg = _group_heads(q.astype(compute_dtype), dims.heads_kv)
     k = k.astype(compute_dtype)
     v = v.astype(compute_dtype)
@@ -224,9 +262,11 @@ def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None)
     for b in range(dims.batch):
         for r0 in range(0, dims.seqlen_q, step):
             r1 = min(r0 + step, dims.seqlen_q)
-            mask = visibility_mask(r0, r1, 0, dims.seqlen_k, seqlen_q=dims.seqlen_q,
-                                   seqlen_k=dims.seqlen_k, causal=causal)
-            s = _masked(_scores(qg[b, r0:r1], k[b]) * scale, mask)
+            visible = visibility_mask(r0, r1, 0, dims.seqlen_k, seqlen_q=dims.seqlen_q,
+                                      seqlen_k=dims.seqlen_k, causal=causal)
+            if regions is not None:
+                visible = visible & regions(r0, r1, 0, dims.seqlen_k)
+            s = _masked(_scores(qg[b, r0:r1], k[b]) * scale, visible)
             row_max = _finite_shift(s.max(axis=-1))
             p = np.exp(s - row_max[..., None])
             row_sum = p.sum(axis=-1)
@@ -239,10 +279,10 @@ def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None)
 
 
 def attention_reference(q, k, v, *, causal: bool = False, scale: float | None = None,
-                        compute_dtype=np.float64):
+                        compute_dtype=np.float64, mask=None):
     """Naive attention (full score rows) computed in compute_dtype; returns float64 (out, lse)."""
     out, lse = _naive_attention(q, k, v, causal=causal, scale=scale,
-                                compute_dtype=np.dtype(compute_dtype))
+                                compute_dtype=np.dtype(compute_dtype), mask=mask)
     return out.astype(np.float64), lse.astype(np.float64)
 
 
@@ -280,7 +320,7 @@ def round_to_dtype(x, dtype: str) -> np.ndarray:
 
 
 def attention_same_dtype_reference(q, k, v, *, causal: bool = False, scale: float | None = None,
-                                   dtype: str):
+                                   dtype: str, mask=None):
     """Naive attention as a bf16/fp16 framework computes it (the acceptance criterion's baseline).
 
     Inputs rounded to dtype; scores and softmax in float32; P rounded to dtype before P @ V
@@ -291,7 +331,7 @@ def attention_same_dtype_reference(q, k, v, *, causal: bool = False, scale: floa
     out, lse = _naive_attention(
         round_to_dtype(q, dtype), round_to_dtype(k, dtype), round_to_dtype(v, dtype),
         causal=causal, scale=scale, compute_dtype=np.dtype(np.float32),
-        round_probs=lambda p: round_to_dtype(p, dtype),
+        round_probs=lambda p: round_to_dtype(p, dtype), mask=mask,
     )
     return round_to_dtype(out, dtype).astype(np.float64), lse.astype(np.float64)
 
@@ -320,7 +360,7 @@ def _online_softmax_step(state: _TileState, s: np.ndarray, v_tile: np.ndarray,
     state.row_max = new_max
 
 
-def _attend_query_tile(q_tile, k, v, q_start, dims: _Dims, *, causal, block_n, scale_log2):
+def _attend_query_tile(q_tile, k, v, q_start, dims: _Dims, *, causal, block_n, scale_log2, regions):
     """Stream key tiles past one query tile; return (out [b, hkv, g, rows, dv], lse [b, hkv, g, rows])."""
     rows = q_tile.shape[1]
     q_stop = q_start + rows
@@ -332,9 +372,17 @@ def _attend_query_tile(q_tile, k, v, q_start, dims: _Dims, *, causal, block_n, s
     geometry = dict(seqlen_q=dims.seqlen_q, seqlen_k=dims.seqlen_k, causal=causal)
     for k_start in range(0, _visible_key_stop(q_stop, **geometry), block_n):
         k_stop = min(k_start + block_n, dims.seqlen_k)
-        s = _scores(q_tile, k[:, k_start:k_stop])
+        visible = None
         if not _tile_fully_visible(q_start, k_stop, **geometry):
-            s = _masked(s, visibility_mask(q_start, q_stop, k_start, k_stop, **geometry))
+            visible = visibility_mask(q_start, q_stop, k_start, k_stop, **geometry)
+        if regions is not None:
+            region = regions(q_start, q_stop, k_start, k_stop)
+            visible = region if visible is None else visible & region
+            if not visible.any():
+                continue  # no visible element: the kernel skips this key tile too
+        s = _scores(q_tile, k[:, k_start:k_stop])
+        if visible is not None:
+            s = _masked(s, visible)
         _online_softmax_step(state, s, v[:, k_start:k_stop], scale_log2)
     shift = _finite_shift(state.row_max) * scale_log2
     lse = _log_sum_exp(shift, state.row_sum, np.log2, math.log(2.0))
@@ -342,16 +390,18 @@ def _attend_query_tile(q_tile, k, v, q_start, dims: _Dims, *, causal, block_n, s
 
 
 def attention_tiled(q, k, v, *, causal: bool = False, scale: float | None = None,
-                    block_m: int, block_n: int):
+                    block_m: int, block_n: int, mask=None):
     """FlashAttention (FA2 loop order) in float64: query tiles outer, key tiles streamed inner.
 
     Online softmax in base 2 with scale*log2(e) folded in; key tiles wholly above the causal
-    diagonal are skipped and only tiles crossing it are masked. Returns float64 (out, lse).
+    diagonal, or with no element visible under ``mask``, are skipped; only tiles that need it
+    are masked. Returns float64 (out, lse).
     """
     q, k, v, dims = _check_inputs(q, k, v)
     scale_log2 = _resolve_scale(scale, dims.head_dim) * math.log2(math.e)
     block_m = _check_block(block_m, "block_m")
     block_n = _check_block(block_n, "block_n")
+    regions = _mask_regions(mask, dims)
     qg = _group_heads(q.astype(np.float64), dims.heads_kv)
     k = k.astype(np.float64)
     v = v.astype(np.float64)
@@ -361,7 +411,7 @@ def attention_tiled(q, k, v, *, causal: bool = False, scale: float | None = None
         q_stop = min(q_start + block_m, dims.seqlen_q)
         out[..., q_start:q_stop, :], lse[..., q_start:q_stop] = _attend_query_tile(
             qg[:, q_start:q_stop], k, v, q_start, dims,
-            causal=causal, block_n=block_n, scale_log2=scale_log2,
+            causal=causal, block_n=block_n, scale_log2=scale_log2, regions=regions,
         )
     return _ungroup_out(out), lse.reshape(dims.batch, dims.heads_q, dims.seqlen_q)
 

@@ -46,5 +46,15 @@ def render(spec: Spec, plan: Plan, kind: str = "forward") -> str:
     spec_items = [(k, v) for k, v in spec.to_dict().items() if v is not None]
     plan_items = list(plan.to_dict().items())
     plan_items = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in plan_items]
+    sparse = getattr(spec, "mask", None) is not None
+    mask_expr = "true"
+    mask_block = (0, 0)
+    if sparse:
+        pattern = spec.mask_pattern
+        # A runtime layout (or a pattern with no closed form) has no element predicate: kept blocks are
+        # visible inside, apart from the sequence tails.
+        mask_expr = (pattern.cuda_expr() if pattern is not None else None) or "true"
+        mask_block = spec.mask_block_size
     return template.render(spec=spec, plan=plan, version=__version__, kernel_name=kernel_name(spec, kind),
-                           mma_type=MMA_TYPES[spec.dtype], spec_items=spec_items, plan_items=plan_items)
+                           mma_type=MMA_TYPES[spec.dtype], spec_items=spec_items, plan_items=plan_items,
+                           sparse=sparse, mask_expr=mask_expr, mask_block=mask_block)

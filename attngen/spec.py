@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ from .errors import SpecError
 DTYPES = ("fp16", "bf16")
 HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_STEP = 8, 256, 8
 TILE_KEYS = ("block_m", "block_n", "warps", "stages")
+MASK_BLOCK_DEFAULT = 128
+MASK_BLOCK_SIZES = (16, 32, 64, 128, 256)
+RUNTIME_MASK_KIND = "runtime"     # a block layout given at call time (a BlockMask), no element predicate
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
@@ -39,15 +43,35 @@ class Spec:
     scale: float | None = None
     tile: TileOverride | None = None
     name: str | None = None
+    mask: dict | None = None     # the spec's `mask:` section (attngen.masks.pattern_from_dict), validated
 
     def __init__(self, *, head_dim, dtype="bf16", causal=False, head_dim_v=None, num_heads=None,
-                 num_kv_heads=None, scale=None, tile=None, name=None):
+                 num_kv_heads=None, scale=None, tile=None, name=None, mask=None):
         values = dict(head_dim=head_dim, dtype=dtype, causal=causal, head_dim_v=head_dim_v,
-                      num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, tile=tile, name=name)
+                      num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, tile=tile, name=name,
+                      mask=mask)
         for field, value in _validated(values).items():
             object.__setattr__(self, field, value)
 
+    def __hash__(self):
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
     # ---- derived values -------------------------------------------------------------------------
+    @property
+    def mask_pattern(self):
+        """The mask pattern object (attngen.masks) the `mask:` section describes, or None."""
+        if self.mask is None or self.mask.get("kind") == RUNTIME_MASK_KIND:
+            return None
+        from .masks import pattern_from_dict
+
+        return pattern_from_dict(pattern_fields(self.mask))
+
+    @property
+    def mask_block_size(self) -> tuple[int, int]:
+        """(rows, cols) of the block-sparse layout; 128 x 128 unless the mask says otherwise."""
+        size = (self.mask or {}).get("block_size", MASK_BLOCK_DEFAULT)
+        return (size, size) if isinstance(size, int) else tuple(size)
+
     @property
     def dv(self) -> int:
         """head_dim_v, never None."""
@@ -128,6 +152,37 @@ def _tile(value):
     return TileOverride(value["block_m"], value["block_n"], value["warps"], value.get("stages", 2))
 
 
+def _mask(value):
+    """Validate the mask section by building its pattern once; keep the plain mapping."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SpecError("mask", value, "a mapping with a 'kind' key (see attngen.masks)")
+    value = dict(value)
+    size = value.get("block_size", MASK_BLOCK_DEFAULT)
+    sizes = [size] if isinstance(size, int) and not isinstance(size, bool) else size
+    if not isinstance(sizes, (list, tuple)) or len(sizes) not in (1, 2) or any(
+            isinstance(x, bool) or x not in MASK_BLOCK_SIZES for x in sizes):
+        raise SpecError("mask.block_size", size, f"one of {MASK_BLOCK_SIZES} or a [rows, cols] pair of them")
+    if value.get("kind") == RUNTIME_MASK_KIND:
+        unknown = set(value) - {"kind", "block_size"}
+        if unknown:
+            raise SpecError(f"mask.{sorted(unknown)[0]}", value[sorted(unknown)[0]],
+                            "only 'kind' and 'block_size' for a runtime block layout")
+        return value
+    from .masks import pattern_from_dict
+
+    pattern_from_dict(pattern_fields(value))   # raises SpecError naming the mask field
+    return value
+
+
+def pattern_fields(mask: dict) -> dict:
+    """The mask section less the layout's block size (patterns that need one name it themselves)."""
+    if mask.get("kind") in ("bigbird", "layout"):
+        return dict(mask)
+    return {k: v for k, v in mask.items() if k != "block_size"}
+
+
 def _validated(values: dict) -> dict:
     out = dict(values)
     out["head_dim"] = _head_dim("head_dim", values["head_dim"])
@@ -156,6 +211,10 @@ def _validated(values: dict) -> dict:
             raise SpecError("scale", scale, allowed)
         out["scale"] = as_float
     out["tile"] = _tile(values["tile"])
+    out["mask"] = _mask(values["mask"])
+    if out["mask"] is not None and out["causal"]:
+        raise SpecError("causal", True, "false when a mask is given: make causality part of the mask "
+                        "({kind: causal}, or {kind: and, of: [{kind: causal}, ...]})")
     name = values["name"]
     if name is None:
         name = _default_name(out)
@@ -172,6 +231,8 @@ def _default_name(v: dict) -> str:
     parts.append(v["dtype"])
     if v["causal"]:
         parts.append("causal")
+    if v["mask"] is not None:
+        parts.append(str(v["mask"].get("kind", "mask")))
     if v["num_heads"] is not None:
         parts.append(f"h{v['num_heads']}" + (f"kv{v['num_kv_heads']}" if v["num_kv_heads"] else ""))
     return "attn_" + "_".join(parts)

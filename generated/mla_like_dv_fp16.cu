@@ -141,8 +141,13 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long 
 // ---- element-wise masking of one S tile (only the tiles that need it) -----------------------------
 // Accumulator element e of n-tile nt in m-tile mi sits at row g (+8 for e >= 2), column 2t + (e & 1),
 // where g = lane / 4 and t = lane % 4 (the mma.sync m16n8 fp32 layout).
-__device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], int row0, int col0, int seqlen_k,
-                                           int causal_offset, int lane) {
+// MASK_EXPR is the spec's mask pattern as code over (h, q_idx, kv_idx, seqlen_q, seqlen_k); true if none.
+__device__ __forceinline__ bool mask_visible(int h, int q_idx, int kv_idx, int seqlen_q, int seqlen_k) {
+    return true;
+}
+
+__device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], int h, int row0, int col0,
+                                           int seqlen_q, int seqlen_k, int causal_offset, int lane) {
 #pragma unroll
     for (int mi = 0; mi < M_TILES; ++mi) {
 #pragma unroll
@@ -151,7 +156,8 @@ __device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], 
             for (int e = 0; e < 4; ++e) {
                 const int row = row0 + mi * 16 + lane / 4 + (e >= 2 ? 8 : 0);
                 const int col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-                const bool hidden = col >= seqlen_k || (CAUSAL && col > row + causal_offset);
+                const bool hidden = col >= seqlen_k || (CAUSAL && col > row + causal_offset)
+                                    || !mask_visible(h, row, col, seqlen_q, seqlen_k);
                 if (hidden) s[mi][nt][e] = NEG_INF;
             }
         }
@@ -360,18 +366,24 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     n_tiles = max(0, min(n_tiles, (last_key + BLOCK_N) / BLOCK_N));
     n_unmasked = max(0, min(n_unmasked, (m_start + causal_offset + 1) / BLOCK_N));
 
-    // Tile `tile` of K and of V into ring slot tile % STAGES: one commit group each (empty past the end,
-    // so the wait counts below stay uniform).
-    auto load_kv_tile = [&](int tile) {
-        const int slot = tile % STAGES, rows_left = seqlen_k - tile * BLOCK_N;
-        if (tile < n_tiles) {
+    // Dense schedule: key tiles 0 .. n_tiles-1 in order; only the tail and diagonal ones need a mask.
+    auto kv_tile_of = [](int j) { return j; };
+    auto needs_mask = [&](int j) { return j >= n_unmasked; };
+
+    // Step j of the schedule: its K tile and V tile into ring slot j % STAGES, one commit group each
+    // (empty past the end, so the wait counts below stay uniform).
+    auto load_kv_tile = [&](int j) {
+        const int slot = j % STAGES;
+        if (j < n_tiles) {
+            const int tile = kv_tile_of(j);
             load_tile<BLOCK_N, D, K_STRIDE, HEAD_DIM>(k_smem + slot * K_TILE_BYTES,
-                k_head + (long long)tile * BLOCK_N * k_stride_s, k_stride_s, rows_left, tid);
+                k_head + (long long)tile * BLOCK_N * k_stride_s, k_stride_s, seqlen_k - tile * BLOCK_N, tid);
         }
         cp_async_commit();
-        if (tile < n_tiles) {
+        if (j < n_tiles) {
+            const int tile = kv_tile_of(j);
             load_tile<BLOCK_N, DV, V_STRIDE, HEAD_DIM_V>(v_smem + slot * V_TILE_BYTES,
-                v_head + (long long)tile * BLOCK_N * v_stride_s, v_stride_s, rows_left, tid);
+                v_head + (long long)tile * BLOCK_N * v_stride_s, v_stride_s, seqlen_k - tile * BLOCK_N, tid);
         }
         cp_async_commit();
     };
@@ -396,8 +408,8 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         __syncthreads();
         float acc_s[M_TILES][BLOCK_N / 8][4];
         gemm_q_kt(acc_s, q_smem, k_smem + slot * K_TILE_BYTES, warp_row0, lane);
-        if (j >= n_unmasked) {
-            apply_mask(acc_s, m_start + warp_row0, j * BLOCK_N, seqlen_k, causal_offset, lane);
+        if (needs_mask(j)) {
+            apply_mask(acc_s, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N, seqlen_q, seqlen_k, causal_offset, lane);
         }
         unsigned p_frag[M_TILES][BLOCK_N / 16][4];
         online_softmax(acc_s, acc_o, stats, p_frag, scale_log2);

@@ -165,3 +165,37 @@ def test_every_example_compiles_without_spills(arch):
             assert "does not fit" in str(exc) and spec.tile is not None, exc
             continue
         assert b'"spill_bytes": 0' in manifest, example.name
+
+
+MASK_SECTIONS = [
+    {"kind": "runtime"},
+    {"kind": "runtime", "block_size": 64},
+    {"kind": "causal"},
+    {"kind": "sliding_window", "left": 1024, "right": 0},
+    {"kind": "longformer", "window": 256, "global_tokens": [0, 1]},
+    {"kind": "bigbird", "window": 3, "global_tokens": [0], "random_blocks": 2, "block_size": 128, "seed": 0},
+    {"kind": "strided", "stride": 128},
+    {"kind": "fixed", "stride": 128, "summary": 8},
+    {"kind": "dilated", "window": 64, "dilation": 2},
+    {"kind": "document", "seq_lens": [100, 300]},
+    {"kind": "and", "of": [{"kind": "causal"}, {"kind": "sliding_window", "left": 512, "right": 0}]},
+]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("mask", MASK_SECTIONS, ids=lambda m: m["kind"] + str(m.get("block_size", "")))
+def test_block_sparse_variants_compile_without_spills(mask, arch):
+    spec = attngen.Spec(head_dim=128, dtype="bf16", mask=mask)
+    plan, source, binary = compiled(spec, arch)
+    rows, cols = spec.mask_block_size
+    assert rows % plan.block_m == 0 and cols % plan.block_n == 0
+    assert "full_row_ptr" in source and "TILES_PER_MASK_BLOCK" in source
+    pattern = spec.mask_pattern
+    expr = pattern.cuda_expr() if pattern is not None else None
+    assert ("return " + expr + ";" if expr else "return true;") in source
+    assert binary.resources.spill_bytes == 0
+
+
+def test_causal_flag_with_a_mask_is_refused():
+    with pytest.raises(attngen.SpecError, match="causal"):
+        attngen.Spec(head_dim=64, causal=True, mask={"kind": "sliding_window", "left": 8})

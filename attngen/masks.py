@@ -1,0 +1,806 @@
+"""Attention masks: element patterns and the block-sparse ``BlockMask`` built from them.
+
+Semantics (as the kernel and FlexAttention): a mask says which (h, q_idx, kv_idx) pairs are
+visible; invisible scores become -inf, and a query row that sees no key gives out 0 and lse -inf.
+Positions are aligned bottom-right like attngen's causal: query row q_idx sits at key position
+``q_idx + seqlen_k - seqlen_q`` (its *aligned position*, negative for the first rows when
+seqlen_q > seqlen_k), and causal means kv_idx <= aligned position.
+
+A ``Pattern`` gives ``element(h, q_idx, kv_idx, seqlen_q, seqlen_k)`` (vectorised numpy) and
+``cuda_expr()``, the same predicate as a C++ boolean expression over the ints h, q_idx, kv_idx,
+seqlen_q, seqlen_k (None when it has no closed form). ``BlockMask`` reduces a pattern, or any
+vectorised predicate, to R x C blocks stored as block-CSR, with partial blocks (element masking
+needed) apart from full blocks (every in-range element visible).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SpecError
+
+__all__ = [
+    "Pattern", "Causal", "SlidingWindow", "Longformer", "BigBird", "Strided", "Fixed", "Dilated",
+    "Document", "Layout", "And", "Or", "pattern_from_dict",
+    "BlockMask", "KVMajorCSR", "aligned_position", "ALIGNED_EXPR", "DEFAULT_BLOCK_SIZE",
+]
+
+DEFAULT_BLOCK_SIZE = (128, 128)
+# Elements of one predicate evaluation in BlockMask.from_predicate: bounds its memory (never Sq x Sk).
+CHUNK_ELEMENTS = 1 << 18
+
+
+# ----------------------------------------------------------------------------- causal alignment
+
+ALIGNED_EXPR = "(q_idx + seqlen_k - seqlen_q)"
+_DISTANCE_EXPR = f"({ALIGNED_EXPR} - kv_idx)"
+
+
+def aligned_position(q_idx, seqlen_q: int, seqlen_k: int):
+    """The key position query row q_idx sits at under bottom-right alignment (may be negative)."""
+    return q_idx + (seqlen_k - seqlen_q)
+
+
+def _in_window(q_idx, kv_idx, seqlen_q, seqlen_k, left: int, right: int):
+    """kv_idx within [aligned - left, aligned + right] (full-size work: two compares)."""
+    a = aligned_position(q_idx, seqlen_q, seqlen_k)
+    return (kv_idx >= a - left) & (kv_idx <= a + right)
+
+
+def _in_window_expr(left: int, right: int) -> str:
+    """C form of _in_window (no division, no negative literal)."""
+    return f"(kv_idx >= {ALIGNED_EXPR} - {left} && kv_idx <= {ALIGNED_EXPR} + {right})"
+
+
+def _on_grid(q_idx, kv_idx, seqlen_q, seqlen_k, step: int):
+    """aligned - kv_idx is a multiple of step (residues of the small operands, then one compare)."""
+    return kv_idx % step == aligned_position(q_idx, seqlen_q, seqlen_k) % step
+
+
+def _on_grid_expr(step: int) -> str:
+    """C form of _on_grid; valid only where kv_idx <= aligned (C's % on a non-negative operand)."""
+    return f"{_DISTANCE_EXPR} % {step} == 0"
+
+
+def _membership_expr(var: str, values: tuple[int, ...]) -> str:
+    """C: var is one of the sorted distinct values (runs become ranges)."""
+    runs, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            runs.append(f"{var} == {v}" if start == v else f"({var} >= {start} && {var} <= {v})")
+            start = None
+    return "(" + " || ".join(runs) + ")" if runs else "false"
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _int_at_least(field: str, value, minimum: int) -> int:
+    if not _is_int(value) or value < minimum:
+        raise SpecError(field, value, f"an int >= {minimum}")
+    return int(value)
+
+
+def _ints_at_least(field: str, value, minimum: int) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= minimum for v in value):
+        raise SpecError(field, value, f"a list of ints >= {minimum}")
+    return tuple(int(v) for v in value)
+
+
+def _block_size(value, field: str = "block_size") -> tuple[int, int]:
+    """An int R (square blocks) or a pair (R, C) of positive ints -> (R, C)."""
+    pair = (value, value) if _is_int(value) else value
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(_is_int(v) and v >= 1 for v in pair):
+        raise SpecError(field, value, "a positive int or a pair [rows, cols] of positive ints")
+    return int(pair[0]), int(pair[1])
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------- patterns
+
+
+class Pattern:
+    """Base of the mask patterns (frozen dataclasses). Subclasses define ``kind`` and ``_visible``.
+
+    Int fields are checked against ``_MIN`` (default 0); ``tuple[int, ...]`` fields become tuples.
+    """
+
+    kind = "pattern"
+    _MIN: dict = {}
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, minimum = getattr(self, f.name), self._MIN.get(f.name, 0)
+            if f.type == "int":
+                object.__setattr__(self, f.name, _int_at_least(f.name, value, minimum))
+            elif f.type == "tuple[int, ...]":
+                object.__setattr__(self, f.name, _ints_at_least(f.name, value, minimum))
+        self._check()
+
+    def _check(self) -> None:
+        """Checks that involve more than one field."""
+
+    def element(self, h, q_idx, kv_idx, seqlen_q: int, seqlen_k: int) -> np.ndarray:
+        """Bool array (broadcast shape of h, q_idx, kv_idx): True where the pair is visible."""
+        h, q_idx, kv_idx = (np.asarray(x, dtype=np.int64) for x in (h, q_idx, kv_idx))
+        shape = np.broadcast_shapes(h.shape, q_idx.shape, kv_idx.shape)
+        return np.broadcast_to(self._visible(h, q_idx, kv_idx, int(seqlen_q), int(seqlen_k)), shape)
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k) -> np.ndarray:
+        raise NotImplementedError
+
+    def cuda_expr(self) -> str | None:
+        """C++ boolean expression over ints h, q_idx, kv_idx, seqlen_q, seqlen_k; None if not closed form."""
+        return None
+
+    @property
+    def heads(self) -> int:
+        """Heads the pattern distinguishes: 1 when it is the same for every head."""
+        return 1
+
+    def to_dict(self) -> dict:
+        """The spec's ``mask:`` mapping; ``pattern_from_dict(p.to_dict()) == p``."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+
+    @property
+    def name(self) -> str:
+        """An identifier: the kind and the scalar parameters (lists give their length)."""
+        parts = [self.kind]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            parts.append(f"n{len(value)}" if isinstance(value, tuple) else str(value))
+        return "_".join(parts)
+
+    def __and__(self, other: Pattern) -> Pattern:
+        return And(_operands(And, self) + _operands(And, other))
+
+    def __or__(self, other: Pattern) -> Pattern:
+        return Or(_operands(Or, self) + _operands(Or, other))
+
+
+class _Composite(Pattern):
+    """A pattern defined as a combination of simpler ones (``_equivalent``)."""
+
+    def _equivalent(self) -> Pattern:
+        raise NotImplementedError
+
+    def _visible(self, *args):
+        return self._equivalent()._visible(*args)
+
+    def cuda_expr(self):
+        return self._equivalent().cuda_expr()
+
+
+@dataclass(frozen=True)
+class Causal(Pattern):
+    """Bottom-right causal: kv_idx <= q_idx + seqlen_k - seqlen_q."""
+
+    kind = "causal"
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+        return kv_idx <= aligned_position(q_idx, seqlen_q, seqlen_k)
+
+    def cuda_expr(self):
+        return f"(kv_idx <= {ALIGNED_EXPR})"
+
+
+@dataclass(frozen=True)
+class SlidingWindow(Pattern):
+    """kv_idx - aligned position in [-left, right]; right=0 is a causal window of left+1 keys."""
+
+    left: int
+    right: int = 0
+    kind = "sliding_window"
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+        return _in_window(q_idx, kv_idx, seqlen_q, seqlen_k, self.left, self.right)
+
+    def cuda_expr(self):
+        return _in_window_expr(self.left, self.right)
+
+
+@dataclass(frozen=True)
+class _GlobalTokens(Pattern):
+    """Positions that see every key (query at that aligned position) and that every query sees."""
+
+    tokens: tuple[int, ...]
+    kind = "global_tokens"
+
+    def _check(self):
+        object.__setattr__(self, "tokens", tuple(sorted(set(self.tokens))))
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+        tokens = np.asarray(self.tokens, dtype=np.int64)
+        return np.isin(aligned_position(q_idx, seqlen_q, seqlen_k), tokens) | np.isin(kv_idx, tokens)
+
+    def cuda_expr(self):
+        a, kv = _membership_expr(ALIGNED_EXPR, self.tokens), _membership_expr("kv_idx", self.tokens)
+        return f"({a} || {kv})"
+
+
+@dataclass(frozen=True)
+class Longformer(_Composite):
+    """Sliding window of +-(window // 2) around the aligned position, plus global tokens.
+
+    A global token position p: key p is seen by every query, and the query whose aligned position
+    is p sees every key.
+    """
+
+    window: int
+    global_tokens: tuple[int, ...] = ()
+    kind = "longformer"
+
+    def _check(self):
+        object.__setattr__(self, "global_tokens", _GlobalTokens(self.global_tokens).tokens)
+
+    def _equivalent(self):
+        half = self.window // 2
+        return SlidingWindow(half, half) | _GlobalTokens(self.global_tokens)
+
+
+@dataclass(frozen=True)
+class _BlockBand(Pattern):
+    """|aligned // block_size - kv_idx // block_size| <= half (floor division)."""
+
+    half: int
+    block_size: int
+    kind = "block_band"
+    _MIN = {"block_size": 1}
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+        q_block = aligned_position(q_idx, seqlen_q, seqlen_k) // self.block_size
+        kv_block = kv_idx // self.block_size
+        return (kv_block >= q_block - self.half) & (kv_block <= q_block + self.half)
+
+
+@functools.lru_cache(maxsize=32)
+def _random_block_table(seed: int, count: int, n_q_blocks: int, n_kv_blocks: int) -> np.ndarray:
+    """Bool [n_q_blocks, n_kv_blocks]: rng = default_rng(seed); query block i, in order, keeps
+    rng.choice(n_kv_blocks, min(count, n_kv_blocks), replace=False)."""
+    rng = np.random.default_rng(seed)
+    table = np.zeros((n_q_blocks, n_kv_blocks), dtype=bool)
+    for i in range(n_q_blocks):
+        table[i, rng.choice(n_kv_blocks, size=min(count, n_kv_blocks), replace=False)] = True
+    table.setflags(write=False)
+    return table
+
+
+@dataclass(frozen=True)
+class _RandomBlocks(Pattern):
+    """Query block q_idx // block_size sees ``count`` seeded random kv blocks (same for all heads)."""
+
+    count: int
+    block_size: int
+    seed: int
+    kind = "random_blocks"
+    _MIN = {"block_size": 1}
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+        bs = self.block_size
+        table = _random_block_table(self.seed, self.count, _cdiv(seqlen_q, bs), _cdiv(seqlen_k, bs))
+        return table[q_idx // bs, kv_idx // bs]
+
+
+@dataclass(frozen=True)
+class BigBird(_Composite):
+    """BigBird: a band of ``window`` blocks, global tokens, and seeded random blocks; no cuda_expr.
+
+    With blocks of block_size positions: the band keeps kv block kb for a query whose aligned
+    position lies in block qb iff |qb - kb| <= window // 2 (window=3: the block and one each side);
+    global tokens as in Longformer; query block q_idx // block_size also sees ``random_blocks``
+    distinct kv blocks drawn as in ``_random_block_table`` (numpy default_rng(seed)).
+    """
+
+    window: int
+    global_tokens: tuple[int, ...] = ()
+    random_blocks: int = 0
+    block_size: int = 128
+    seed: int = 0
+    kind = "bigbird"
+    _MIN = {"window": 1, "block_size": 1}
+
+    def _check(self):
+        object.__setattr__(self, "global_tokens", _GlobalTokens(self.global_tokens).tokens)
+
+    def _equivalent(self):
+        return (_BlockBand(self.window // 2, self.block_size) | _GlobalTokens(self.global_tokens)
+                | _RandomBlocks(self.random_blocks, self.block_size, self.seed))
+
+
+@dataclass(frozen=True)
+class Strided(Pattern):
+    """Sparse Transformer 'strided' (Child et al. 2019), causal-aligned.
+
+    With d = aligned position - kv_idx: visible iff d >= 0 and (d < stride or d % stride == 0).
+    """
+
+    stride: int
+    kind = "strided"
+    _MIN = {"stride": 1}
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+        args = (q_idx, kv_idx, seqlen_q, seqlen_k)
+        local = _in_window(*args, self.stride - 1, 0)
+        return local | (Causal()._visible(h, *args) & _on_grid(*args, self.stride))
+
+    def cuda_expr(self):
+        local = _in_window_expr(self.stride - 1, 0)
+        return f"({local} || ({Causal().cuda_expr()} && {_on_grid_expr(self.stride)}))"
+
+
+@dataclass(frozen=True)
+class Fixed(Pattern):
+    """Sparse Transformer 'fixed' (Child et al. 2019), causal-aligned.
+
+    With a = aligned position: visible iff kv_idx <= a and (kv_idx // stride == a // stride, the
+    same stride-long chunk, or kv_idx % stride >= stride - summary, the chunk's last ``summary``
+    keys). 1 <= summary <= stride.
+    """
+
+    stride: int
+    summary: int = 1
+    kind = "fixed"
+    _MIN = {"stride": 1, "summary": 1}
+
+    def _check(self):
+        if self.summary > self.stride:
+            raise SpecError("summary", self.summary, f"an int in 1..stride={self.stride}")
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+        a, s = aligned_position(q_idx, seqlen_q, seqlen_k), self.stride
+        same_chunk = np.floor_divide(kv_idx, s) == np.floor_divide(a, s)
+        return (kv_idx <= a) & (same_chunk | (kv_idx % s >= s - self.summary))
+
+    def cuda_expr(self):
+        a, s = ALIGNED_EXPR, self.stride   # a >= kv_idx >= 0 whenever a / s is evaluated
+        return f"(kv_idx <= {a} && (kv_idx / {s} == {a} / {s} || kv_idx % {s} >= {s - self.summary}))"
+
+
+@dataclass(frozen=True)
+class Dilated(Pattern):
+    """Causal-aligned dilated window: keys at distances 0, d, 2d, ..., window*d behind the
+    aligned position (window + 1 keys; d = dilation)."""
+
+    window: int
+    dilation: int = 1
+    kind = "dilated"
+    _MIN = {"dilation": 1}
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+        args = (q_idx, kv_idx, seqlen_q, seqlen_k)
+        return _in_window(*args, self.window * self.dilation, 0) & _on_grid(*args, self.dilation)
+
+    def cuda_expr(self):
+        return f"({_in_window_expr(self.window * self.dilation, 0)} && {_on_grid_expr(self.dilation)})"
+
+
+@dataclass(frozen=True)
+class Document(Pattern):
+    """Block-diagonal masking of packed sequences: visible iff q_idx and kv_idx lie in the same
+    document. Evaluation requires seqlen_q == seqlen_k == sum(seq_lens) (else ValueError)."""
+
+    seq_lens: tuple[int, ...]
+    kind = "document"
+    _MIN = {"seq_lens": 1}
+
+    def _check(self):
+        if not self.seq_lens:
+            raise SpecError("seq_lens", list(self.seq_lens), "a non-empty list of ints >= 1")
+
+    @property
+    def _starts(self) -> tuple[int, ...]:
+        """First position of every document but the first."""
+        return tuple(int(s) for s in np.cumsum(self.seq_lens)[:-1])
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+        total = sum(self.seq_lens)
+        if not seqlen_q == seqlen_k == total:
+            raise ValueError(f"Document mask needs seqlen_q == seqlen_k == sum(seq_lens) = {total}, "
+                             f"got seqlen_q={seqlen_q}, seqlen_k={seqlen_k}")
+        starts = np.asarray(self._starts, dtype=np.int64)
+        return np.searchsorted(starts, q_idx, side="right") == np.searchsorted(starts, kv_idx, side="right")
+
+    def cuda_expr(self):
+        if not self._starts:
+            return "true"
+        doc_of = lambda var: "(" + " + ".join(f"({var} >= {s})" for s in self._starts) + ")"  # noqa: E731
+        return f"({doc_of('q_idx')} == {doc_of('kv_idx')})"
+
+
+def _load_layout(source, field: str) -> np.ndarray:
+    """A read-only bool [H or 1, nQb, nKb] array from an array or an .npy path."""
+    if isinstance(source, (str, Path)):
+        try:
+            source = np.load(source, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise SpecError(field, str(source), f"a readable .npy file ({exc})") from None
+    blocks = np.asarray(source)
+    zero_one = np.issubdtype(blocks.dtype, np.integer) and np.isin(blocks, (0, 1)).all()
+    if blocks.dtype != bool and not zero_one:
+        raise SpecError(field, f"array of dtype {blocks.dtype}", "a bool (or 0/1) array")
+    if blocks.ndim == 2:
+        blocks = blocks[None]
+    if blocks.ndim != 3 or 0 in blocks.shape:
+        raise SpecError(field, f"array of shape {blocks.shape}", "a non-empty array [H or 1, nQb, nKb]")
+    blocks = blocks.astype(bool)
+    blocks.setflags(write=False)
+    return blocks
+
+
+@dataclass(frozen=True, eq=False, repr=False, init=False)
+class Layout(Pattern):
+    """Explicit block layout [H or 1, nQb, nKb] (an array or an .npy path): element visible iff
+    its block blocks[h, q_idx // R, kv_idx // C] is kept. Needs nQb = ceil(seqlen_q / R) and
+    nKb = ceil(seqlen_k / C). No cuda_expr (the layout is data)."""
+
+    blocks: np.ndarray
+    block_size: tuple[int, int]
+    path: str | None
+    kind = "layout"
+
+    def __init__(self, source, block_size=DEFAULT_BLOCK_SIZE):
+        is_path = isinstance(source, (str, Path))
+        object.__setattr__(self, "blocks", _load_layout(source, "path" if is_path else "blocks"))
+        object.__setattr__(self, "block_size", _block_size(block_size))
+        object.__setattr__(self, "path", str(source) if is_path else None)
+
+    @property
+    def heads(self):
+        return self.blocks.shape[0]
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+        (rows, cols), (heads, n_q, n_kv) = self.block_size, self.blocks.shape
+        if (n_q, n_kv) != (_cdiv(seqlen_q, rows), _cdiv(seqlen_k, cols)):
+            raise ValueError(f"layout of {n_q}x{n_kv} blocks of {rows}x{cols} does not cover "
+                             f"seqlen_q={seqlen_q}, seqlen_k={seqlen_k}")
+        return self.blocks[h if heads > 1 else 0, q_idx // rows, kv_idx // cols]
+
+    def to_dict(self):
+        rows, cols = self.block_size
+        source = {"path": self.path} if self.path else {"blocks": self.blocks.tolist()}
+        return {"kind": self.kind, **source, "block_size": rows if rows == cols else [rows, cols]}
+
+    @property
+    def name(self):
+        return f"layout_{self.blocks.shape[0]}x{self.blocks.shape[1]}x{self.blocks.shape[2]}"
+
+    def __repr__(self):
+        return f"Layout({self.path or 'array'}, shape={self.blocks.shape}, block_size={self.block_size})"
+
+
+@dataclass(frozen=True)
+class And(Pattern):
+    """Visible where every part is visible."""
+
+    parts: tuple[Pattern, ...]
+    kind = "and"
+    _reduce = staticmethod(np.logical_and)
+    _c_op = " && "
+
+    def _check(self):
+        object.__setattr__(self, "parts", tuple(self.parts))
+        if not self.parts or not all(isinstance(p, Pattern) for p in self.parts):
+            raise SpecError("of", self.parts, "a non-empty list of patterns")
+        if len({p.heads for p in self.parts} - {1}) > 1:
+            raise SpecError("of", [p.heads for p in self.parts], "parts with the same number of heads (or 1)")
+
+    @property
+    def heads(self):
+        return max(p.heads for p in self.parts)
+
+    def _visible(self, *args):
+        return functools.reduce(self._reduce, (p._visible(*args) for p in self.parts))
+
+    def cuda_expr(self):
+        exprs = [p.cuda_expr() for p in self.parts]
+        return None if None in exprs else "(" + self._c_op.join(exprs) + ")"
+
+    def to_dict(self):
+        return {"kind": self.kind, "of": [p.to_dict() for p in self.parts]}
+
+    @property
+    def name(self):
+        return f"_{self.kind}_".join(p.name for p in self.parts)
+
+
+@dataclass(frozen=True)
+class Or(And):
+    """Visible where any part is visible."""
+
+    kind = "or"
+    _reduce = staticmethod(np.logical_or)
+    _c_op = " || "
+
+
+def _operands(cls, pattern) -> tuple[Pattern, ...]:
+    """The parts to join: a pattern of the same combinator is flattened."""
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"cannot combine a Pattern with {type(pattern).__name__}")
+    return pattern.parts if type(pattern) is cls else (pattern,)
+
+
+PATTERNS = {cls.kind: cls for cls in
+            (Causal, SlidingWindow, Longformer, BigBird, Strided, Fixed, Dilated, Document, Layout, And, Or)}
+
+
+def pattern_from_dict(data, field: str = "mask") -> Pattern:
+    """Build a pattern from the spec's ``mask:`` mapping; SpecError names e.g. 'mask.left'."""
+    if not isinstance(data, dict):
+        raise SpecError(field, data, "a mapping with a 'kind' key")
+    kind = data.get("kind")
+    if kind not in PATTERNS:
+        raise SpecError(f"{field}.kind", kind, " | ".join(PATTERNS))
+    cls, params = PATTERNS[kind], {k: v for k, v in data.items() if k != "kind"}
+    if cls in (And, Or):
+        keys, required = {"of"}, {"of"}
+    elif cls is Layout:
+        keys, required = {"path", "block_size"}, {"path"}
+    else:
+        fields = dataclasses.fields(cls)
+        keys = {f.name for f in fields}
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+    for key in params:
+        if key not in keys:
+            allowed = f"a key of kind {kind}: " + ", ".join(sorted(keys))
+            raise SpecError(f"{field}.{key}", params[key], allowed)
+    for key in sorted(required - set(params)):
+        raise SpecError(f"{field}.{key}", None, f"required for kind {kind}")
+    if cls in (And, Or):
+        parts = params["of"]
+        if not isinstance(parts, list) or not parts:
+            raise SpecError(f"{field}.of", parts, "a non-empty list of mask mappings")
+        return cls(tuple(pattern_from_dict(p, f"{field}.of[{i}]") for i, p in enumerate(parts)))
+    if cls is Layout:
+        params["source"] = params.pop("path")
+        if not isinstance(params["source"], str):
+            raise SpecError(f"{field}.path", params["source"], "a path to an .npy file")
+    try:
+        return cls(**params)
+    except SpecError as exc:
+        raise SpecError(f"{field}.{exc.field}", exc.value, exc.allowed) from None
+
+
+# ----------------------------------------------------------------------------- block masks
+
+
+def _csr(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int32 (row_ptr [H*rows + 1], cols ascending within a row) of a bool [H, rows, cols] grid."""
+    flat = blocks.reshape(-1, blocks.shape[-1])
+    row_ptr = np.concatenate([[0], np.cumsum(flat.sum(axis=1))]).astype(np.int32)
+    cols = np.nonzero(flat)[1].astype(np.int32)
+    for arr in (row_ptr, cols):
+        arr.setflags(write=False)
+    return row_ptr, cols
+
+
+def _reduce_blocks(fn, num_heads, seqlen_q, seqlen_k, block_size):
+    """Bool (kept, full) [H, nQb, nKb] of a predicate fn(h, q_idx, kv_idx): kept where any element
+    is visible, full where every in-range element is. Evaluates CHUNK_ELEMENTS at a time."""
+    rows, cols = block_size
+    shape = (num_heads, _cdiv(seqlen_q, rows), _cdiv(seqlen_k, cols))
+    kept, full = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    span = max(1, CHUNK_ELEMENTS // (rows * cols)) * cols   # kv columns per evaluation: whole blocks
+    for h in range(num_heads):
+        for i in range(shape[1]):
+            q_idx = np.arange(i * rows, min((i + 1) * rows, seqlen_q))[:, None]
+            for k0 in range(0, seqlen_k, span):
+                kv_idx = np.arange(k0, min(k0 + span, seqlen_k))[None, :]
+                visible = np.broadcast_to(fn(h, q_idx, kv_idx), (q_idx.size, kv_idx.size))
+                starts = np.arange(0, kv_idx.size, cols)
+                blocks = slice(k0 // cols, k0 // cols + starts.size)
+                kept[h, i, blocks] = np.logical_or.reduceat(visible.any(axis=0), starts)
+                full[h, i, blocks] = np.logical_and.reduceat(visible.all(axis=0), starts)
+    return kept, full
+
+
+@dataclass(frozen=True)
+class KVMajorCSR:
+    """Block-CSR by kv block (for the backward): entry h * n_kv_blocks + j of the col_ptr arrays
+    bounds the query blocks (ascending) of kv block j of head h."""
+
+    partial_col_ptr: np.ndarray
+    partial_rows: np.ndarray
+    full_col_ptr: np.ndarray
+    full_rows: np.ndarray
+
+
+class BlockMask:
+    """A mask at R x C block granularity, as block-CSR with partial and full blocks apart.
+
+    Read-only attributes: block_size (R, C); seqlen_q, seqlen_k; num_heads (H, or 1 shared across
+    heads); pattern (the Pattern it came from, or None); int32 partial_row_ptr [H*nQb + 1] and
+    partial_cols, full_row_ptr and full_cols: row h*nQb + i lists the kv blocks of query block i of
+    head h, ascending. Full blocks have every in-range element visible (no element masking);
+    partial blocks need the element predicate, which the mask remembers (see element_mask()).
+    Build with from_dense, from_predicate or from_pattern; combine with & and |.
+    """
+
+    def __init__(self, kept, full, *, seqlen_q, seqlen_k, block_size=DEFAULT_BLOCK_SIZE,
+                 element=None, pattern=None):
+        """kept, full: bool [H, nQb, nKb] with full implying kept; element(h, q_idx, kv_idx) -> bool
+        (default: every element of a kept block is visible)."""
+        self.block_size = _block_size(block_size)
+        self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
+        self.num_heads = kept.shape[0]
+        self.pattern = pattern
+        self._kept, self._full = np.array(kept, dtype=bool), np.array(full, dtype=bool)
+        for arr in (self._kept, self._full):
+            arr.setflags(write=False)
+        self.partial_row_ptr, self.partial_cols = _csr(self._kept & ~self._full)
+        self.full_row_ptr, self.full_cols = _csr(self._full)
+        self._element = element or self._block_lookup
+        self._frozen = True
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"BlockMask is read-only; cannot set {name!r}")
+        super().__setattr__(name, value)
+
+    # ---- constructors -------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, blocks, seqlen_q: int, seqlen_k: int, block_size=DEFAULT_BLOCK_SIZE,
+                   full=None) -> BlockMask:
+        """Kept blocks from bool [H or 1, nQb, nKb] (or [nQb, nKb]); partial unless ``full`` marks them.
+        A partial block of a dense mask is visible everywhere inside (the kernel masks only tails)."""
+        seqlen_q, seqlen_k = _seqlens(seqlen_q, seqlen_k)
+        block_size = _block_size(block_size)
+        kept = _dense_blocks(blocks, "blocks", seqlen_q, seqlen_k, block_size)
+        if full is None:
+            full = np.zeros_like(kept)
+        full = _dense_blocks(full, "full", seqlen_q, seqlen_k, block_size)
+        try:
+            full = np.broadcast_to(full, kept.shape)
+        except ValueError:
+            raise ValueError(f"full must have the shape of blocks {kept.shape}, got {full.shape}") from None
+        if (full & ~kept).any():
+            raise ValueError("full marks blocks that blocks does not keep")
+        return cls(kept, full, seqlen_q=seqlen_q, seqlen_k=seqlen_k, block_size=block_size)
+
+    @classmethod
+    def from_predicate(cls, fn, seqlen_q: int, seqlen_k: int, num_heads: int = 1,
+                       block_size=DEFAULT_BLOCK_SIZE) -> BlockMask:
+        """Reduce a vectorised predicate fn(h, q_idx, kv_idx) -> bool to blocks: kept where any
+        element is visible, full where every in-range element is. Evaluated on at most one block row
+        and a few thousand keys at a time, never Sq x Sk."""
+        seqlen_q, seqlen_k = _seqlens(seqlen_q, seqlen_k)
+        num_heads = _int_at_least("num_heads", num_heads, 1)
+        block_size = _block_size(block_size)
+        kept, full = _reduce_blocks(fn, num_heads, seqlen_q, seqlen_k, block_size)
+        element = lambda h, q_idx, kv_idx: np.broadcast_to(  # noqa: E731
+            fn(h, q_idx, kv_idx), np.broadcast_shapes(np.shape(q_idx), np.shape(kv_idx)))
+        return cls(kept, full, seqlen_q=seqlen_q, seqlen_k=seqlen_k, block_size=block_size, element=element)
+
+    @classmethod
+    def from_pattern(cls, pattern: Pattern, seqlen_q: int, seqlen_k: int, num_heads: int | None = None,
+                     block_size=DEFAULT_BLOCK_SIZE) -> BlockMask:
+        """A pattern's block mask; num_heads defaults to pattern.heads. A head-independent pattern is
+        evaluated once and shared by every head."""
+        num_heads = pattern.heads if num_heads is None else num_heads
+        if pattern.heads not in (1, num_heads):
+            raise ValueError(f"pattern {pattern.name} has {pattern.heads} heads, num_heads={num_heads}")
+        fn = lambda h, q_idx, kv_idx: pattern.element(h, q_idx, kv_idx, seqlen_q, seqlen_k)  # noqa: E731
+        mask = cls.from_predicate(fn, seqlen_q, seqlen_k, pattern.heads, block_size)
+        kept, full = (np.broadcast_to(a, (num_heads,) + a.shape[1:]) for a in (mask._kept, mask._full))
+        return cls(kept, full, seqlen_q=mask.seqlen_q, seqlen_k=mask.seqlen_k, block_size=mask.block_size,
+                   element=mask._element, pattern=pattern)
+
+    # ---- combination --------------------------------------------------------------------------------
+    def _combine(self, other: BlockMask, op) -> BlockMask:
+        if not isinstance(other, BlockMask):
+            return NotImplemented
+        mine = (self.seqlen_q, self.seqlen_k, self.block_size)
+        theirs = (other.seqlen_q, other.seqlen_k, other.block_size)
+        if mine != theirs or len({self.num_heads, other.num_heads} - {1}) > 1:
+            raise ValueError(f"cannot combine masks of (seqlen_q, seqlen_k, block_size, heads) "
+                             f"{mine + (self.num_heads,)} and {theirs + (other.num_heads,)}")
+        # and: kept if both kept, full if both full; or: kept if either kept, full if either full.
+        element = lambda h, q_idx, kv_idx: op(self._head_element(h, q_idx, kv_idx),  # noqa: E731
+                                              other._head_element(h, q_idx, kv_idx))
+        pattern = op(self.pattern, other.pattern) if self.pattern and other.pattern else None
+        return BlockMask(op(self._kept, other._kept), op(self._full, other._full), seqlen_q=self.seqlen_q,
+                         seqlen_k=self.seqlen_k, block_size=self.block_size, element=element, pattern=pattern)
+
+    def __and__(self, other):
+        return self._combine(other, operator.and_)
+
+    def __or__(self, other):
+        return self._combine(other, operator.or_)
+
+    # ---- queries ------------------------------------------------------------------------------------
+    @property
+    def n_q_blocks(self) -> int:
+        return self._kept.shape[1]
+
+    @property
+    def n_kv_blocks(self) -> int:
+        return self._kept.shape[2]
+
+    def kept_blocks(self) -> np.ndarray:
+        """Bool [H, nQb, nKb]: blocks with any visible element (partial or full)."""
+        return self._kept.copy()
+
+    def full_blocks(self) -> np.ndarray:
+        """Bool [H, nQb, nKb]: blocks whose in-range elements are all visible."""
+        return self._full.copy()
+
+    def counts(self) -> dict:
+        kept, full = int(self._kept.sum()), int(self._full.sum())
+        return dict(kept=kept, partial=kept - full, full=full, total=self._kept.size)
+
+    @property
+    def density(self) -> float:
+        """Kept blocks over all blocks of the grid (H * nQb * nKb)."""
+        return float(self._kept.mean())
+
+    def element_mask(self, q_range=None, kv_range=None) -> np.ndarray:
+        """Bool [H, Sq, Sk] of visible elements, or the [H, q_stop - q_start, kv_stop - kv_start]
+        region given by q_range=(q_start, q_stop) and kv_range."""
+        q0, q1 = q_range or (0, self.seqlen_q)
+        k0, k1 = kv_range or (0, self.seqlen_k)
+        q_idx, kv_idx = np.arange(q0, q1)[:, None], np.arange(k0, k1)[None, :]
+        return np.stack([np.broadcast_to(self._element(h, q_idx, kv_idx), (q1 - q0, k1 - k0))
+                         for h in range(self.num_heads)])
+
+    def transposed(self) -> KVMajorCSR:
+        """The same blocks as kv-major CSR (per head, per kv block: query blocks ascending)."""
+        partial_ptr, partial_rows = _csr((self._kept & ~self._full).transpose(0, 2, 1))
+        full_ptr, full_rows = _csr(self._full.transpose(0, 2, 1))
+        return KVMajorCSR(partial_ptr, partial_rows, full_ptr, full_rows)
+
+    def _head_element(self, h, q_idx, kv_idx):
+        return self._element(h if self.num_heads > 1 else 0, q_idx, kv_idx)
+
+    def _block_lookup(self, h, q_idx, kv_idx):
+        rows, cols = self.block_size
+        return self._kept[h, q_idx // rows, kv_idx // cols]
+
+    def block_map(self, head: int = 0, size: int = 16) -> str:
+        """The first size x size blocks of a head: '#' full, '+' partial, '.' empty."""
+        kept, full = self._kept[head, :size, :size], self._full[head, :size, :size]
+        chars = np.where(full, "#", np.where(kept, "+", "."))
+        return "\n".join("".join(row) for row in chars)
+
+    def __str__(self):
+        c, (rows, cols) = self.counts(), self.block_size
+        source = self.pattern.name if self.pattern else "explicit"
+        return (f"BlockMask {source}: {self.num_heads} head(s), seqlen_q={self.seqlen_q}, "
+                f"seqlen_k={self.seqlen_k}, blocks {rows}x{cols} ({self.n_q_blocks}x{self.n_kv_blocks})\n"
+                f"density {self.density:.4f}: kept {c['kept']} of {c['total']} blocks "
+                f"(partial {c['partial']}, full {c['full']})\n"
+                f"head 0, first blocks ('#' full, '+' partial, '.' empty):\n{self.block_map()}")
+
+    def __repr__(self):
+        return (f"BlockMask(num_heads={self.num_heads}, seqlen_q={self.seqlen_q}, seqlen_k={self.seqlen_k}, "
+                f"block_size={self.block_size}, density={self.density:.4f})")
+
+
+def _seqlens(seqlen_q, seqlen_k) -> tuple[int, int]:
+    return _int_at_least("seqlen_q", seqlen_q, 1), _int_at_least("seqlen_k", seqlen_k, 1)
+
+
+def _dense_blocks(blocks, name, seqlen_q, seqlen_k, block_size) -> np.ndarray:
+    """Validate a bool block grid [H or 1, nQb, nKb] (a 2-D grid gets H = 1)."""
+    arr = np.asarray(blocks)
+    if arr.dtype != bool:
+        raise TypeError(f"{name} must be a bool array, got dtype {arr.dtype}")
+    arr = arr[None] if arr.ndim == 2 else arr
+    expected = (_cdiv(seqlen_q, block_size[0]), _cdiv(seqlen_k, block_size[1]))
+    if arr.ndim != 3 or arr.shape[1:] != expected or arr.shape[0] < 1:
+        raise ValueError(f"{name} must have shape [H or 1, {expected[0]}, {expected[1]}] for seqlen_q="
+                         f"{seqlen_q}, seqlen_k={seqlen_k}, block_size={block_size}, got {arr.shape}")
+    return arr
