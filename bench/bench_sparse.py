@@ -1,0 +1,97 @@
+"""Block-sparse forward benchmark: attngen on kept blocks beside its own dense kernel and FlexAttention
+with the same block mask, one run, same inputs.
+
+    PYTHONPATH=. python3 bench/bench_sparse.py [--seqlens 4096,16384] [--json FILE] [--no-flex]
+
+TFLOP/s count only the kept blocks' work, 4 * heads * (kept block area) * head_dim per batch element,
+as FlexAttention's benchmarks do; bf16, head_dim 128, batch x seqlen = 16384, 16 heads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+
+import attngen
+from attngen.benchmark import make_inputs, time_ms
+from attngen.masks import BlockMask, Causal, SlidingWindow
+
+BLOCK = 128
+
+
+def kept_flops(mask: BlockMask, batch, heads, d):
+    rows = np.minimum(BLOCK, mask.seqlen_q - np.arange(mask.n_q_blocks) * BLOCK)
+    cols = np.minimum(BLOCK, mask.seqlen_k - np.arange(mask.n_kv_blocks) * BLOCK)
+    area = (mask.kept_blocks().astype(np.float64) * rows[:, None] * cols[None, :]).sum(axis=(1, 2))
+    per_head = area.mean() if mask.num_heads > 1 else area[0]
+    return 4.0 * batch * heads * per_head * d
+
+
+def flex_fn(mask: BlockMask, seqlen, heads):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    kept = torch.from_numpy(mask.element_mask()[0]).cuda()   # [Sq, Sk] shared across heads
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kept[q_idx, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, None, None, seqlen, seqlen, BLOCK_SIZE=BLOCK)
+    compiled = torch.compile(flex_attention)
+
+    def run(q, k, v):
+        return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    return run
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlens", default="4096,16384")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--no-flex", action="store_true")
+    args = ap.parse_args(argv)
+    d, heads, rows = 128, 16, []
+    dense = attngen.build(attngen.Spec(head_dim=d, dtype="bf16"))
+    runtime = attngen.build(attngen.Spec(head_dim=d, dtype="bf16", mask={"kind": "runtime"}))
+    for seqlen in (int(s) for s in args.seqlens.split(",")):
+        batch = max(1, 16384 // seqlen)
+        inputs = make_inputs(batch, seqlen, heads, heads, d, "bf16")
+        n = -(-seqlen // BLOCK)
+        rng = np.random.default_rng(0)
+        masks = {
+            "random 25%": BlockMask.from_dense(rng.random((1, n, n)) < 0.25, seqlen, seqlen),
+            "sliding window 1024": BlockMask.from_pattern(SlidingWindow(1024, 0), seqlen, seqlen),
+            "causal": BlockMask.from_pattern(Causal(), seqlen, seqlen),
+        }
+        dense_tflops = 4.0 * batch * heads * seqlen * seqlen * d / time_ms(lambda q, k, v: dense(q, k, v), inputs) / 1e9
+        for name, mask in masks.items():
+            work = kept_flops(mask, batch, heads, d)
+            kernel = runtime
+            if mask.pattern is not None:   # the pattern compiled into the kernel as code
+                kernel = attngen.build(attngen.Spec(head_dim=d, dtype="bf16", mask=mask.pattern.to_dict()))
+            ours = work / time_ms(lambda q, k, v: kernel(q, k, v, block_mask=mask), inputs) / 1e9
+            row = dict(seqlen=seqlen, mask=name, density=mask.density, attngen=ours, attngen_dense=dense_tflops,
+                       plan=f"{kernel.plan.block_m}x{kernel.plan.block_n}x{kernel.plan.warps}x{kernel.plan.stages}")
+            if not args.no_flex:
+                try:
+                    row["flex"] = work / time_ms(flex_fn(mask, seqlen, heads), inputs) / 1e9
+                except Exception as exc:   # report and go on: the peer is optional
+                    row["flex"] = None
+                    print(f"# flex unavailable: {str(exc).splitlines()[0]}", file=sys.stderr)
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(f"{'seqlen':>6} {'mask':>20} {'density':>7} {'attngen':>8} {'dense':>7} {'kept/dense':>10} {'flex':>7} {'/flex':>6}  plan")
+    for r in rows:
+        flex = r.get("flex") or float("nan")
+        print(f"{r['seqlen']:>6} {r['mask']:>20} {r['density']:>7.3f} {r['attngen']:>8.1f} {r['attngen_dense']:>7.1f} "
+              f"{r['attngen'] / r['attngen_dense']:>10.2f} {flex:>7.1f} {r['attngen'] / flex:>6.2f}  {r['plan']}")
+
+
+if __name__ == "__main__":
+    main()
