@@ -20,7 +20,8 @@ SMEM_ROW_PAD = 8             # bf16/fp16 elements of padding per smem row: rows 
                              # phases hit 8 distinct bank groups (no conflicts) for any head dim.
 SMEM_RESERVED_PER_CTA = 1024  # the driver reserves 1 KB of shared memory per CTA
 REG_OVERHEAD = 64             # addresses, loop counters, ldmatrix fragments in flight; fitted to ptxas (sm_80/90)
-REG_OVERHEAD_BLOCK_SPARSE = 16  # CSR row bounds, the step -> key-tile map, the mask predicate's temporaries
+REG_OVERHEAD_BLOCK_SPARSE = 8    # CSR row bounds and the step -> key-tile map (fitted to ptxas, sm_80/90)
+REG_PER_MASK_DIVISION = 4        # per integer division or remainder in the mask predicate
 REG_ALLOC_GRANULE = 8         # registers are allocated per thread in units of 8
 SMEM_BYTES_PER_CLOCK = 128    # per SM
 
@@ -81,8 +82,17 @@ def regs_estimate(spec: Spec, block_n: int, m_tiles: int) -> int:
     """fp32 O accumulator, S tile and packed P per thread (16 rows x cols over 32 lanes each) plus overhead."""
     dv = round_up(spec.dv, 16)
     per_m_tile = dv // 2 + block_n // 2 + block_n // 4     # O acc + S + P (two 16-bit values per register)
-    sparse = REG_OVERHEAD_BLOCK_SPARSE if spec.mask is not None else 0
-    return per_m_tile * m_tiles + REG_OVERHEAD + sparse
+    return per_m_tile * m_tiles + REG_OVERHEAD + mask_registers(spec)
+
+
+def mask_registers(spec: Spec) -> int:
+    """Registers the block-sparse schedule and the mask predicate add (integer divisions and remainders
+    by constants hold their magic-number temporaries live through the masked tiles)."""
+    if spec.mask is None:
+        return 0
+    pattern = spec.mask_pattern
+    expr = (pattern.cuda_expr() if pattern is not None else None) or ""
+    return REG_OVERHEAD_BLOCK_SPARSE + REG_PER_MASK_DIVISION * (expr.count("/") + expr.count("%"))
 
 
 def occupancy(device: Device, smem: int, regs: int, threads: int) -> int:
