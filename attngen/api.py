@@ -8,7 +8,8 @@ from . import device as device_mod
 from .compile import compile_cached
 from .errors import SpecError
 from .launch import Kernel, _view
-from .plan import Plan, make_plan
+from .errors import PlanError
+from .plan import Plan, candidates, make_plan
 from .render import kernel_name, render
 from .spec import Spec
 
@@ -19,6 +20,31 @@ _kernels_lock = threading.Lock()
 def plan(spec: Spec, arch: str | None = None) -> Plan:
     """Choose tiles for `spec` on `arch` (a preset; no GPU needed) or, with arch=None, the current GPU."""
     return make_plan(spec, device_mod.resolve(arch))
+
+
+MAX_COMPILE_TRIES = 4
+
+
+def plan_and_compile(spec: Spec, device, compile_source):
+    """The planner's best candidate that ptxas compiles without spilling.
+
+    The register model is an estimate fitted to ptxas; near 255 registers ptxas may still spill, so the
+    ranked candidates are compiled in order (at most MAX_COMPILE_TRIES) and the first clean one wins.
+    `compile_source(source, plan)` returns (Binary, anything); returns (plan, source, that pair)."""
+    if spec.tile is not None:
+        ranked = [make_plan(spec, device)]
+    else:
+        ranked = [c.plan for c in candidates(spec, device) if c.plan is not None][:MAX_COMPILE_TRIES]
+    rejected = []
+    for chosen in ranked:
+        source = render(spec, chosen)
+        result = compile_source(source, chosen)
+        r = result[0].resources
+        if r.stack_frame == 0 and not r.spill_bytes:
+            return chosen, source, result
+        rejected.append(f"{chosen.block_m}x{chosen.block_n}x{chosen.warps}x{chosen.stages}: "
+                        f"{r.spill_bytes} spill bytes, {r.stack_frame} B stack frame")
+    raise PlanError(f"no candidate for {spec.name} on {device.arch} compiles without spills: " + "; ".join(rejected))
 
 
 def build(spec: Spec, device: int | None = None) -> Kernel:
@@ -33,10 +59,9 @@ def build(spec: Spec, device: int | None = None) -> Kernel:
             return _kernels[key]
     with cupy.cuda.Device(index):
         dev = device_mod.live_device(index)
-        chosen = make_plan(spec, dev)
-        source = render(spec, chosen)
         name = kernel_name(spec)
-        binary, cubin_path = compile_cached(source, spec.name, dev.arch, name)
+        chosen, source, (binary, cubin_path) = plan_and_compile(
+            spec, dev, lambda src, _plan: compile_cached(src, spec.name, dev.arch, name))
         kernel = Kernel(spec, chosen, source, binary, cubin_path, name)
     with _kernels_lock:
         return _kernels.setdefault(key, kernel)

@@ -14,8 +14,8 @@ from . import __version__
 from .compile import atomic_write, nvrtc_compile, nvrtc_version
 from .device import PRESETS, live_device, preset
 from .errors import PlanError, SpecError
-from .plan import explain, make_plan
-from .render import kernel_name, render
+from .plan import REFERENCE_PROBLEM, explain, make_plan
+from .render import kernel_name
 from .spec import Spec
 
 
@@ -64,10 +64,14 @@ def main():
 
 def build_artifacts(spec: Spec, device) -> dict:
     """Plan, render and compile offline; returns the files to write, by suffix."""
-    chosen = plan_or_fail(spec, device, spec.name)
-    source = render(spec, chosen)
+    from .api import plan_and_compile
+
     name = kernel_name(spec)
-    binary = nvrtc_compile(source, spec.name, device.arch, name)
+    try:
+        chosen, source, (binary, _) = plan_and_compile(
+            spec, device, lambda src, _plan: (nvrtc_compile(src, spec.name, device.arch, name), None))
+    except PlanError as exc:
+        raise UsageFailure(f"{spec.name}: {exc}") from None
     manifest = {
         "attngen_version": __version__,
         "kernel": name,
@@ -107,12 +111,33 @@ def build(spec_path, out_dir, arch):
 @main.command("plan")
 @click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False))
 @arch_option
-def plan_command(spec_path, arch):
+@click.option("--seqlen", default=4096, show_default=True, help="sequence length for the mask report")
+def plan_command(spec_path, arch, seqlen):
     """Show the budget arithmetic and the candidate table, the chosen row marked."""
     spec = load_spec(spec_path)
     device = resolve_device(arch)
-    plan_or_fail(spec, device, spec_path)
+    chosen = plan_or_fail(spec, device, spec_path)
     click.echo(explain(spec, device))
+    if spec.mask is not None:
+        click.echo("\n" + mask_report(spec, chosen, seqlen))
+
+
+def mask_report(spec: Spec, chosen, seqlen: int) -> str:
+    """Density, kept/partial/full block counts and the predicted time of the mask at one seqlen."""
+    from .masks import BlockMask
+
+    if spec.mask_pattern is None:
+        return f"mask   {spec.mask['kind']}: a block layout passed at run time ({spec.mask_block_size} blocks)"
+    try:
+        mask = BlockMask.from_pattern(spec.mask_pattern, seqlen, seqlen, block_size=spec.mask_block_size)
+    except ValueError as exc:
+        return f"mask   {spec.mask['kind']}: no report at seqlen {seqlen} ({exc})"
+    c = mask.counts()
+    dense_us = chosen.predicted_time_us * (seqlen / REFERENCE_PROBLEM["seqlen_q"]) ** 2
+    return (f"mask   {spec.mask['kind']} at seqlen {seqlen}: density {mask.density:.3f}, {c['kept']} of {c['total']} "
+            f"blocks kept ({c['full']} full, {c['partial']} partial)\n"
+            f"time   ~{dense_us * mask.density:.1f} us predicted for the reference batch and heads "
+            f"(dense {dense_us:.1f} us x density)\n{mask}")
 
 
 @main.command()

@@ -199,3 +199,22 @@ def test_block_sparse_variants_compile_without_spills(mask, arch):
 def test_causal_flag_with_a_mask_is_refused():
     with pytest.raises(attngen.SpecError, match="causal"):
         attngen.Spec(head_dim=64, causal=True, mask={"kind": "sliding_window", "left": 8})
+
+
+def test_build_falls_back_when_ptxas_spills():
+    from attngen.api import plan_and_compile
+    from attngen.device import preset
+
+    spec = attngen.Spec(head_dim=64, dtype="bf16")
+    seen = []
+
+    def fake_compile(source, plan):
+        seen.append((plan.block_m, plan.block_n, plan.warps, plan.stages))
+        spills = 16 if len(seen) == 1 else 0
+        return (type("B", (), {"resources": Resources(100, spills // 2, spills // 2, spills, 0)})(), None)
+
+    chosen, source, _ = plan_and_compile(spec, preset("sm_90"), fake_compile)
+    assert len(seen) == 2 and (chosen.block_m, chosen.block_n, chosen.warps, chosen.stages) == seen[1]
+    with pytest.raises(attngen.PlanError, match="without spills"):
+        plan_and_compile(spec, preset("sm_90"), lambda s, p: (type("B", (), {
+            "resources": Resources(255, 4, 4, 8, 0)})(), None))
