@@ -1,4 +1,8 @@
 import functools
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
 
 import pytest
 
@@ -24,3 +28,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@contextmanager
+def no_float_warnings():
+    """Any RuntimeWarning or floating-point error (other than underflow) becomes an exception."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(divide="raise", invalid="raise", over="raise"):
+            yield

@@ -8,11 +8,10 @@ import math
 import re
 import time
 import tracemalloc
-import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from conftest import no_float_warnings
 
 import attngen.masks as masks
 import attngen.reference as reference
@@ -614,12 +613,6 @@ def loop_attention(q, k, v, visible):
     return out, lse
 
 
-@contextmanager
-def no_float_warnings():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with np.errstate(divide="raise", invalid="raise", over="raise"):
-            yield
 
 
 def assert_same_attention(a, b, atol=1e-12):

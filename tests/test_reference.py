@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from conftest import no_float_warnings
 
 from attngen.reference import (
     acceptance_check,
@@ -36,13 +35,6 @@ def random_qkv(seed, *, batch=2, seqlen_q=17, seqlen_k=17, heads_q=2, heads_kv=2
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
-@contextmanager
-def no_float_warnings():
-    """Any RuntimeWarning or floating-point error (other than underflow) becomes an exception."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with np.errstate(divide="raise", invalid="raise", over="raise"):
-            yield
 
 
 def loop_attention(q, k, v, *, causal, scale=None):
