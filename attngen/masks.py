@@ -804,3 +804,18 @@ def _dense_blocks(blocks, name, seqlen_q, seqlen_k, block_size) -> np.ndarray:
         raise ValueError(f"{name} must have shape [H or 1, {expected[0]}, {expected[1]}] for seqlen_q="
                          f"{seqlen_q}, seqlen_k={seqlen_k}, block_size={block_size}, got {arr.shape}")
     return arr
+
+
+def kernel_expr(pattern: Pattern, block_size) -> str | None:
+    """The element predicate the kernel evaluates inside partial blocks, or None if it has none.
+
+    A closed-form pattern gives its cuda_expr. A Layout on the kernel's own block grid has no partial
+    blocks (apart from sequence tails, which the kernel masks anyway), so "true" is exact there.
+    Anything else (BigBird's random blocks, a layout on another grid, combinations with them) has no
+    predicate: build a BlockMask in Python and run a `kind: runtime` kernel instead."""
+    expr = pattern.cuda_expr()
+    if expr is not None:
+        return expr
+    if isinstance(pattern, Layout) and tuple(pattern.block_size) == tuple(_block_size(block_size)):
+        return "true"
+    return None

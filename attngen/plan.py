@@ -90,8 +90,10 @@ def mask_registers(spec: Spec) -> int:
     by constants hold their magic-number temporaries live through the masked tiles)."""
     if spec.mask is None:
         return 0
+    from .masks import kernel_expr
+
     pattern = spec.mask_pattern
-    expr = (pattern.cuda_expr() if pattern is not None else None) or ""
+    expr = kernel_expr(pattern, spec.mask_block_size) if pattern is not None else ""
     return REG_OVERHEAD_BLOCK_SPARSE + REG_PER_MASK_DIVISION * (expr.count("/") + expr.count("%"))
 
 

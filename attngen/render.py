@@ -50,10 +50,12 @@ def render(spec: Spec, plan: Plan, kind: str = "forward") -> str:
     mask_expr = "true"
     mask_block = (0, 0)
     if sparse:
+        from .masks import kernel_expr
+
         pattern = spec.mask_pattern
-        # A runtime layout (or a pattern with no closed form) has no element predicate: kept blocks are
-        # visible inside, apart from the sequence tails.
-        mask_expr = (pattern.cuda_expr() if pattern is not None else None) or "true"
+        # A runtime layout has no element predicate: kept blocks are visible inside, apart from the
+        # sequence tails, which the kernel masks anyway.
+        mask_expr = "true" if pattern is None else kernel_expr(pattern, spec.mask_block_size)
         mask_block = spec.mask_block_size
     return template.render(spec=spec, plan=plan, version=__version__, kernel_name=kernel_name(spec, kind),
                            mma_type=MMA_TYPES[spec.dtype], spec_items=spec_items, plan_items=plan_items,

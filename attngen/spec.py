@@ -170,9 +170,14 @@ def _mask(value):
             raise SpecError(f"mask.{sorted(unknown)[0]}", value[sorted(unknown)[0]],
                             "only 'kind' and 'block_size' for a runtime block layout")
         return value
-    from .masks import pattern_from_dict
+    from .masks import kernel_expr, pattern_from_dict
 
-    pattern_from_dict(pattern_fields(value))   # raises SpecError naming the mask field
+    pattern = pattern_from_dict(pattern_fields(value))   # raises SpecError naming the mask field
+    rows_cols = tuple(sizes) * (2 if len(sizes) == 1 else 1)
+    if kernel_expr(pattern, rows_cols) is None:
+        raise SpecError("mask.kind", value.get("kind"), "a pattern the kernel can evaluate in code (BigBird's "
+                        "random blocks and layouts on another block grid cannot be: build an attngen.BlockMask "
+                        "in Python and use {kind: runtime})")
     return value
 
 

@@ -173,7 +173,6 @@ MASK_SECTIONS = [
     {"kind": "causal"},
     {"kind": "sliding_window", "left": 1024, "right": 0},
     {"kind": "longformer", "window": 256, "global_tokens": [0, 1]},
-    {"kind": "bigbird", "window": 3, "global_tokens": [0], "random_blocks": 2, "block_size": 128, "seed": 0},
     {"kind": "strided", "stride": 128},
     {"kind": "fixed", "stride": 128, "summary": 8},
     {"kind": "dilated", "window": 64, "dilation": 2},
@@ -194,6 +193,12 @@ def test_block_sparse_variants_compile_without_spills(mask, arch):
     expr = pattern.cuda_expr() if pattern is not None else None
     assert ("return " + expr + ";" if expr else "return true;") in source
     assert binary.resources.spill_bytes == 0
+
+
+def test_patterns_without_a_kernel_predicate_are_refused():
+    bigbird = {"kind": "bigbird", "window": 3, "global_tokens": [0], "random_blocks": 2, "block_size": 128, "seed": 0}
+    with pytest.raises(attngen.SpecError, match="kind: runtime"):
+        attngen.Spec(head_dim=64, mask=bigbird)
 
 
 def test_causal_flag_with_a_mask_is_refused():
