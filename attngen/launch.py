@@ -148,6 +148,11 @@ class Kernel:
         if (block_mask.seqlen_q, block_mask.seqlen_k) != (seqlen_q, seqlen_k):
             raise ValueError(f"block_mask: built for seqlens ({block_mask.seqlen_q}, {block_mask.seqlen_k}), "
                              f"the inputs have ({seqlen_q}, {seqlen_k})")
+        if (self.spec.mask_pattern is None and block_mask.pattern is not None
+                and block_mask.counts()["partial"] and block_mask.pattern.cuda_expr() != "true"):
+            raise ValueError("block_mask: its partial blocks need the element predicate of "
+                             f"{block_mask.pattern.name}, which a runtime-layout kernel cannot evaluate (it treats "
+                             "kept blocks as visible inside); build the kernel with the pattern as its mask")
         if block_mask.num_heads not in (1, heads_q):
             raise ValueError(f"block_mask: {block_mask.num_heads} heads; expected 1 or heads_q={heads_q}")
         import cupy

@@ -105,3 +105,11 @@ def test_pattern_mask_and_runtime_mask_give_the_same_output():
     out_csr, _ = coded(q, k, v, block_mask=block_mask)
     torch.cuda.synchronize()
     assert torch.equal(out_code, out_csr)
+
+
+def test_runtime_kernel_refuses_pattern_masks_with_partial_blocks():
+    kernel = attngen.build(attngen.Spec(head_dim=64, dtype="bf16", mask={"kind": "runtime"}))
+    q, k, v = inputs(1, 1, 256, 256, 2, 2, 64)
+    window = BlockMask.from_pattern(masks.SlidingWindow(100, 0), 256, 256)
+    with pytest.raises(ValueError, match="element predicate"):
+        kernel(q, k, v, block_mask=window)
