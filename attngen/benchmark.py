@@ -66,6 +66,23 @@ def sdpa(backend, causal):
     return run
 
 
+def flex(causal, seqlen):
+    """torch.compile'd FlexAttention with a closed-form causal mask_mod (bottom-right = top-left here,
+    seqlen_q == seqlen_k), as a user would write it."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    block_mask = None
+    if causal:
+        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, seqlen, seqlen)
+    compiled = torch.compile(flex_attention)
+
+    def run(q, k, v):
+        return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                        enable_gqa=q.shape[2] != k.shape[2])
+    return run
+
+
 def peers():
     from torch.nn.attention import SDPBackend
 
@@ -82,7 +99,8 @@ def attngen_kernel(q, causal, tiles="", spec=None):
     return attngen.build(spec)
 
 
-def measure(dtype, d, causal, seqlen, batch, heads, heads_kv=None, tiles_list=("",), spec=None, log=sys.stderr):
+def measure(dtype, d, causal, seqlen, batch, heads, heads_kv=None, tiles_list=("",), spec=None, log=sys.stderr,
+            with_flex=False):
     """One row: TFLOP/s of every peer and of attngen (for each tile override) on one shape."""
     heads_kv = heads_kv or heads
     inputs = make_inputs(batch, seqlen, heads, heads_kv, d, dtype)
@@ -97,6 +115,12 @@ def measure(dtype, d, causal, seqlen, batch, heads, heads_kv=None, tiles_list=("
         except RuntimeError as exc:
             row[name] = None
             print(f"# {name} unavailable: {str(exc).splitlines()[0]}", file=log)
+    if with_flex:
+        try:
+            row["flex"] = work / time_ms(flex(causal, seqlen), inputs) / 1e9
+        except Exception as exc:   # an optional peer: report it and go on
+            row["flex"] = None
+            print(f"# flex unavailable: {str(exc).splitlines()[0]}", file=log)
     for tiles in tiles_list:
         label = "attngen" + (f"[{tiles}]" if tiles else "")
         try:
@@ -120,7 +144,7 @@ def measure(dtype, d, causal, seqlen, batch, heads, heads_kv=None, tiles_list=("
 def format_table(rows, tiles_list=("",)) -> str:
     labels = ["attngen" + (f"[{t}]" if t else "") for t in tiles_list]
     nan = float("nan")
-    head = f"{'dtype':>5} {'d':>4} {'causal':>6} {'seqlen':>6} {'flash':>7} {'cudnn':>7} " + " ".join(
+    head = f"{'dtype':>5} {'d':>4} {'causal':>6} {'seqlen':>6} {'flash':>7} {'cudnn':>7} {'flex':>7} " + " ".join(
         f"{lab[-18:]:>18} {'/flash':>6} {'/cudnn':>6}" for lab in labels)
     lines = ["TFLOP/s (median of CUDA-event timings)", head]
     for r in rows:
@@ -130,5 +154,5 @@ def format_table(rows, tiles_list=("",)) -> str:
             ours = r.get(lab) or nan
             cells.append(f"{ours:>18.1f} {ours / fl if fl else nan:>6.2f} {ours / cu if cu else nan:>6.2f}")
         lines.append(f"{r['dtype']:>5} {r['head_dim']:>4} {str(r['causal']):>6} {r['seqlen']:>6} "
-                     f"{fl or nan:>7.1f} {cu or nan:>7.1f} " + " ".join(cells))
+                     f"{fl or nan:>7.1f} {cu or nan:>7.1f} {r.get('flex') or nan:>7.1f} " + " ".join(cells))
     return "\n".join(lines)

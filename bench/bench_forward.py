@@ -29,6 +29,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--json", default="")
+    ap.add_argument("--flex", action="store_true", help="also time torch.compile'd FlexAttention")
     args = ap.parse_args(argv)
     tiles_list = args.tiles.split(",") if args.tiles else [""]   # an empty entry is the planner's choice
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, attngen {attngen.__version__}, "
@@ -39,7 +40,8 @@ def main(argv=None):
             for causal in (c == "true" for c in args.causal.split(",")):
                 for seqlen in (int(x) for x in args.seqlens.split(",")):
                     batch, heads = max(1, args.tokens // seqlen), args.hidden // d
-                    rows.append(measure(dtype, d, causal, seqlen, batch, heads, tiles_list=tiles_list))
+                    rows.append(measure(dtype, d, causal, seqlen, batch, heads, tiles_list=tiles_list,
+                                        with_flex=args.flex))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -31,13 +31,17 @@ def kept_flops(mask: BlockMask, batch, heads, d):
     return 4.0 * batch * heads * per_head * d
 
 
-def flex_fn(mask: BlockMask, seqlen, heads):
+def flex_fn(mask: BlockMask, seqlen, heads, name):
+    """FlexAttention with the same mask: closed-form mask_mods for the window and causal (as a user
+    writes them), a block-table lookup for the random layout."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    kept = torch.from_numpy(mask.element_mask()[0]).cuda()   # [Sq, Sk] shared across heads
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return kept[q_idx, kv_idx]
+    kept_blocks = torch.from_numpy(mask.kept_blocks()[0]).cuda()
+    mask_mods = {
+        "sliding window 1024": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx - kv_idx <= 1024),
+        "causal": lambda b, h, q_idx, kv_idx: kv_idx <= q_idx,
+    }
+    mask_mod = mask_mods.get(name, lambda b, h, q_idx, kv_idx: kept_blocks[q_idx // BLOCK, kv_idx // BLOCK])
 
     block_mask = create_block_mask(mask_mod, None, None, seqlen, seqlen, BLOCK_SIZE=BLOCK)
     compiled = torch.compile(flex_attention)
@@ -77,7 +81,7 @@ def main(argv=None):
                        plan=f"{kernel.plan.block_m}x{kernel.plan.block_n}x{kernel.plan.warps}x{kernel.plan.stages}")
             if not args.no_flex:
                 try:
-                    row["flex"] = work / time_ms(flex_fn(mask, seqlen, heads), inputs) / 1e9
+                    row["flex"] = work / time_ms(flex_fn(mask, seqlen, heads, name), inputs) / 1e9
                 except Exception as exc:   # report and go on: the peer is optional
                     row["flex"] = None
                     print(f"# flex unavailable: {str(exc).splitlines()[0]}", file=sys.stderr)
