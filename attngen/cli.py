@@ -99,8 +99,8 @@ def build(spec_path, out_dir, arch):
     out = Path(out_dir)
     for suffix, data in artifacts.items():
         atomic_write(out / f"{spec.name}{suffix}", data)
-    r = json.loads(artifacts[".json"])["resources"]
-    p = json.loads(artifacts[".json"])["plan"]
+    manifest = json.loads(artifacts[".json"])
+    r, p = manifest["resources"], manifest["plan"]
     spills = (f"{r['spill_bytes']} spill bytes" if r["spill_bytes"] is not None
               else f"{r['stack_frame']} B stack frame (spills unknown: ptxas skipped by the CUDA cache)")
     click.echo(f"{spec.name}: {device.arch}, tiles {p['block_m']}x{p['block_n']}, {p['warps']} warps, "

@@ -216,7 +216,8 @@ def explain(spec: Spec, device: Device) -> str:
     m_elems = device.smem_per_block // eb
     bc = math.ceil(m_elems / (4 * d))
     br = min(bc, d)
-    chosen = make_plan(spec, device)
+    table = candidates(spec, device) if spec.tile is None else None
+    chosen = table[0].plan if table and table[0].plan is not None else make_plan(spec, device)
     lines = [
         f"spec   {spec.name}: head_dim={d} head_dim_v={dv} {spec.dtype} causal={spec.causal}",
         f"device {device.arch} ({device.name}): {device.smem_per_block} B smem/block (opt-in), "
@@ -233,9 +234,7 @@ def explain(spec: Spec, device: Device) -> str:
         f"  {'bm':>4} {'bn':>4} {'warps':>5} {'stg':>3} {'smem B':>8} {'regs':>4} {'cta/SM':>6} "
         f"{'GFLOP':>7} {'HBM MB':>7} {'t us':>8} {'bound':>5}  note",
     ]
-    if spec.tile is None:
-        table = candidates(spec, device)
-    else:
+    if table is None:
         table = [Candidate(chosen.block_m, chosen.block_n, chosen.warps, chosen.stages, chosen, "")]
         lines.insert(-1, "tile   fixed by the spec's tile override")
     for c in table:
