@@ -18,6 +18,8 @@ def check_spec(spec, seed: int = 0, echo=print) -> bool:
     if spec.mask is not None and spec.mask_pattern is None:
         echo("the mask is a runtime block layout: check it from Python with kernel(q, k, v, block_mask=...)")
         return False
+    if spec.alibi:
+        echo("alibi: the standard slopes for the heads")
     heads = spec.num_heads or 4
     heads_kv = spec.num_kv_heads or heads
     rng = np.random.default_rng(seed)
@@ -29,11 +31,13 @@ def check_spec(spec, seed: int = 0, echo=print) -> bool:
         host = [rng.standard_normal(shape).astype(np.float32) for shape in
                 ((2, sq, heads, spec.head_dim), (2, sk, heads_kv, spec.head_dim), (2, sk, heads_kv, spec.dv))]
         q, k, v = (to_device(x, spec.dtype) for x in host)
-        got, lse = (to_float64(x) for x in kernel_output(kernel, q, k, v))
+        tensors = random_tensors(spec, rng, (2, heads, sq, sk))
+        got, lse = (to_float64(x) for x in kernel_output(kernel, q, k, v, tensors))
         q64, k64, v64 = (to_float64(x) for x in (q, k, v))
-        ref, ref_lse = attention_reference(q64, k64, v64, causal=spec.causal, scale=spec.scale, mask=mask)
+        mods = reference_mods(spec, heads, tensors, sq, sk)
+        ref, ref_lse = attention_reference(q64, k64, v64, causal=spec.causal, scale=spec.scale, mask=mask, **mods)
         same, _ = attention_same_dtype_reference(q64, k64, v64, causal=spec.causal, scale=spec.scale,
-                                                 dtype=spec.dtype, mask=mask)
+                                                 dtype=spec.dtype, mask=mask, **mods)
         ok, err, bound = acceptance_check(got, same, ref)
         finite = np.isfinite(ref_lse)
         lse_ok = np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)) and (
@@ -86,12 +90,73 @@ def to_float64(x):
     return x.detach().to("cpu", torch.float64).numpy()
 
 
-def kernel_output(kernel, q, k, v):
+def random_tensors(spec, rng, sizes):
+    """Fresh values for the spec's named tensors: float32 normal, int32 in 0..3 (ids, small offsets)."""
+    import torch
+
+    from .expressions import tensor_decls
+
+    values = {}
+    for t in tensor_decls(spec.tensors):
+        shape = t.sizes(*sizes)
+        host = rng.standard_normal(shape).astype(np.float32) if t.dtype == "float32" else \
+            rng.integers(0, 4, shape).astype(np.int32)
+        values[t.name] = torch.from_numpy(host).to("cuda")
+    return values
+
+
+def reference_mods(spec, heads, tensors, seqlen_q, seqlen_k) -> dict:
+    """The reference's modifiers for the spec: softcap, the standard ALiBi slopes, and the user expressions
+    evaluated on the GPU by the kernel's own functions (expression_evaluator)."""
+    from .reference import alibi_slopes
+
+    mods = {"softcap": spec.softcap, "alibi_slopes": alibi_slopes(heads) if spec.alibi else None}
+    if spec.score_mod is not None or spec.mask_mod is not None:
+        evaluate = expression_evaluator(spec, tensors, seqlen_q, seqlen_k)
+        if spec.score_mod is not None:
+            mods["score_mod"] = lambda s, b, h, q_idx, kv_idx: evaluate(s, b, h, q_idx, kv_idx)[0]
+        if spec.mask_mod is not None:
+            mods["mask_mod"] = lambda b, h, q_idx, kv_idx: evaluate(None, b, h, q_idx, kv_idx)[1]
+    return mods
+
+
+def expression_evaluator(spec, tensors, seqlen_q, seqlen_k):
+    """fn(scores [heads_kv, group, rows, cols] or None, b, h [heads_kv, group, 1, 1], q_idx [rows, 1],
+    kv_idx [1, cols]) -> (modified scores, visible), both [heads_kv, group, rows, cols]."""
+    import cupy
+
+    from .expressions import tensor_decls
+    from .render import render_piece
+
+    decls = tensor_decls(spec.tensors)
+    source = render_piece("pieces/expression_eval.cu.j2", tensors=decls, score_mod=spec.score_mod,
+                          mask_mod=spec.mask_mod, probe=False)
+    function = cupy.RawKernel(source, "eval_expressions", options=("-std=c++17",))
+    pointers = [np.uint64(tensors[t.name].data_ptr()) for t in decls]
+
+    def evaluate(scores, b, h, q_idx, kv_idx):
+        rows, cols = np.shape(q_idx)[-2], np.shape(kv_idx)[-1]
+        row0 = int(np.ravel(q_idx)[0])
+        shape = np.shape(h)[:2] + (rows, cols)
+        flat = cupy.asarray(np.ascontiguousarray(scores if scores is not None else np.zeros(shape)),
+                            dtype=cupy.float32)
+        modified = cupy.empty_like(flat)
+        visible = cupy.empty(shape, dtype=cupy.uint8)
+        count = flat.size
+        function(((count + 255) // 256,), (256,), (flat, modified, visible, np.int64(count),
+                 np.int32(shape[0] * shape[1]), np.int32(rows), np.int32(cols), np.int32(row0), np.int32(b),
+                 np.int32(seqlen_q), np.int32(seqlen_k), *pointers))
+        return cupy.asnumpy(modified).astype(np.float64), cupy.asnumpy(visible).astype(bool)
+
+    return evaluate
+
+
+def kernel_output(kernel, q, k, v, tensors=None):
     import torch
 
     b, sq, h, _ = q.shape
     out = torch.full((b, sq, h, kernel.spec.dv), float("nan"), device="cuda", dtype=q.dtype)   # poisoned
     lse = torch.full((b, h, sq), float("nan"), device="cuda", dtype=torch.float32)
-    kernel(q, k, v, out=out, lse=lse)
+    kernel(q, k, v, out=out, lse=lse, tensors=tensors or None)
     torch.cuda.synchronize()
     return out, lse

@@ -141,6 +141,20 @@ def nvrtc_compile(source: str, name: str, arch: str, kernel_name: str,
     return Binary(arch, cubin, ptx.rstrip("\0"), log, resources, version, key)
 
 
+def nvrtc_errors(source: str, name: str) -> str | None:
+    """Front-end check only (virtual arch, no ptxas): None if the source compiles, else NVRTC's log."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, ["-arch=compute_80", "-std=c++17"])
+        return None
+    except nvrtc.NVRTCError:
+        return nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
 EIATTR_REGCOUNT, EIATTR_FRAME_SIZE = 0x2F, 0x11   # .nv.info attributes holding (symbol index, value)
 
 

@@ -13,8 +13,11 @@ import numpy as np
 
 from .compile import Binary
 from .plan import Plan
+from .plan import tile_list_bytes
 from .spec import Spec
+from .variant import variant_of
 
+MAX_CACHED_ARRAYS = 64   # device copies of masks, tables and slopes kept per kernel
 ELEMENT_ALIGN = 8   # cp.async moves 16 bytes = 8 elements: row starts must be 16-byte aligned
 
 
@@ -122,24 +125,23 @@ class Kernel:
         self._module = cupy.RawModule(path=str(cubin_path))
         self._function = self._module.get_function(kernel_name)
         self._function.max_dynamic_shared_size_bytes = plan.smem_bytes
-        self._pattern_masks, self._mask_arrays = {}, {}
+        self.variant = variant_of(spec)
+        self._arrays = {}
 
     def _mask_args(self, block_mask, seqlen_q, seqlen_k, heads_q, device):
-        """The block-CSR arguments of a block-sparse kernel (device copies cached per mask), or ()."""
-        if self.spec.mask is None:
+        """The block-CSR arguments of a runtime-layout kernel (device copies cached per mask), or ()."""
+        schedule = self.variant.schedule
+        if schedule != "runtime":
             if block_mask is not None:
-                raise ValueError("block_mask: this kernel was built without a mask (spec.mask is None)")
+                why = ("was built without a mask" if schedule == "dense" else
+                       f"evaluates its mask ({self.spec.mask_pattern.name}) as code; build a spec with "
+                       "mask: {kind: runtime} to pass a layout")
+                raise ValueError(f"block_mask: this kernel {why}")
             return ()
         from .masks import BlockMask
 
-        if block_mask is None and self.spec.mask_pattern is None:
-            raise ValueError("block_mask: this kernel's mask is a runtime block layout; pass an attngen.BlockMask")
         if block_mask is None:
-            key = ("pattern", seqlen_q, seqlen_k)
-            if key not in self._pattern_masks:
-                self._pattern_masks[key] = BlockMask.from_pattern(
-                    self.spec.mask_pattern, seqlen_q, seqlen_k, block_size=self.spec.mask_block_size)
-            block_mask = self._pattern_masks[key]
+            raise ValueError("block_mask: this kernel's mask is a runtime block layout; pass an attngen.BlockMask")
         if not isinstance(block_mask, BlockMask):
             raise TypeError(f"block_mask: expected an attngen.BlockMask, got {type(block_mask).__name__}")
         if tuple(block_mask.block_size) != tuple(self.spec.mask_block_size):
@@ -148,24 +150,90 @@ class Kernel:
         if (block_mask.seqlen_q, block_mask.seqlen_k) != (seqlen_q, seqlen_k):
             raise ValueError(f"block_mask: built for seqlens ({block_mask.seqlen_q}, {block_mask.seqlen_k}), "
                              f"the inputs have ({seqlen_q}, {seqlen_k})")
-        if (self.spec.mask_pattern is None and block_mask.pattern is not None
-                and block_mask.counts()["partial"] and block_mask.pattern.cuda_expr() != "true"):
+        if (block_mask.pattern is not None and block_mask.counts()["partial"]
+                and block_mask.pattern.cuda_expr() != "true" and self.spec.mask_mod is None):
             raise ValueError("block_mask: its partial blocks need the element predicate of "
                              f"{block_mask.pattern.name}, which a runtime-layout kernel cannot evaluate (it treats "
                              "kept blocks as visible inside); build the kernel with the pattern as its mask")
         if block_mask.num_heads not in (1, heads_q):
             raise ValueError(f"block_mask: {block_mask.num_heads} heads; expected 1 or heads_q={heads_q}")
+        arrays = self._device_arrays(("csr", id(block_mask)), block_mask, lambda: [
+            block_mask.full_row_ptr, block_mask.full_cols, block_mask.partial_row_ptr, block_mask.partial_cols], device)
+        n_q_blocks = -(-seqlen_q // block_mask.block_size[0])
+        return (*(np.uint64(a.data.ptr) for a in arrays), np.int32(block_mask.num_heads), np.int32(n_q_blocks))
+
+    def _device_arrays(self, key, owner, make, device):
+        """Device copies (int32/uint32) of host arrays, cached while `owner` is the same object."""
         import cupy
 
-        cache_key = (id(block_mask), device)
-        cached = self._mask_arrays.get(cache_key)
-        if cached is None or cached[0] is not block_mask:
+        cached = self._arrays.get((key, device))
+        if cached is None or not (cached[0] is owner or cached[0] == owner):
+            if len(self._arrays) >= MAX_CACHED_ARRAYS:
+                self._arrays.clear()
             with cupy.cuda.Device(device):
-                arrays = [cupy.asarray(np.ascontiguousarray(a, dtype=np.int32)) for a in (
-                    block_mask.full_row_ptr, block_mask.full_cols, block_mask.partial_row_ptr, block_mask.partial_cols)]
-            cached = self._mask_arrays[cache_key] = (block_mask, arrays)
-        n_q_blocks = -(-seqlen_q // block_mask.block_size[0])
-        return (*(np.uint64(a.data.ptr) for a in cached[1]), np.int32(block_mask.num_heads), np.int32(n_q_blocks))
+                arrays = [cupy.asarray(np.ascontiguousarray(a)) for a in make()]
+            cached = self._arrays[(key, device)] = (owner, arrays)
+        return cached[1]
+
+    def _block_table_args(self, seqlen_q, seqlen_k, device):
+        """The pattern's block table as bits [heads or 1][q blocks][words] on the device (cached per seqlens)."""
+        if not self.variant.block_table:
+            return ()
+        pattern = self.spec.mask_pattern
+        table = pattern.block_table(seqlen_q, seqlen_k)
+        words = -(-table.shape[2] // 32)
+        padded = np.zeros(table.shape[:2] + (words * 32,), dtype=bool)
+        padded[..., :table.shape[2]] = table
+        bits = np.packbits(padded, axis=-1, bitorder="little").view("<u4")       # bit j of word w: block 32w + j
+        (arr,) = self._device_arrays(("table", seqlen_q, seqlen_k), pattern, lambda: [bits], device)
+        return (np.uint64(arr.data.ptr), np.int32(table.shape[0]), np.int32(table.shape[1]), np.int32(words))
+
+    def _alibi_args(self, slopes, batch, heads_q, qv):
+        """(pointer, batch stride) of the ALiBi slopes: [heads_q] or [batch, heads_q] float32, or the
+        standard slopes for heads_q when none are given."""
+        if not self.variant.alibi:
+            if slopes is not None:
+                raise ValueError("alibi_slopes: this kernel was built without alibi (spec.alibi is false)")
+            return ()
+        if slopes is None:
+            from .reference import alibi_slopes
+
+            (arr,) = self._device_arrays(("alibi", heads_q), heads_q, lambda: [alibi_slopes(heads_q)], qv.device)
+            return (np.uint64(arr.data.ptr), np.int32(0))
+        sv = _view("alibi_slopes", slopes)
+        if sv.kind != qv.kind or sv.dtype not in ("float32", "torch.float32") or sv.device != qv.device \
+                or sv.shape not in ((heads_q,), (batch, heads_q)) or sv.strides[-1] != 1 \
+                or (len(sv.shape) == 2 and sv.strides[0] != heads_q):
+            raise ValueError(f"alibi_slopes: expected a contiguous {qv.kind} float32 array of shape [{heads_q}] or "
+                             f"[{batch}, {heads_q}] on device {qv.device}, got {sv.dtype} {sv.shape}")
+        return (np.uint64(sv.ptr), np.int32(heads_q if len(sv.shape) == 2 else 0))
+
+    def _tensor_args(self, tensors, sizes, qv):
+        """Pointers of the named tensors the expressions read, checked against their declarations."""
+        declared = {t.name: t for t in self.variant.tensors}
+        given = dict(tensors or {})
+        if set(given) != set(declared):
+            raise ValueError(f"tensors: expected {sorted(declared) or 'none'} (the spec's), got {sorted(given)}")
+        args = []
+        for name, decl in declared.items():
+            tv = _view(f"tensors[{name!r}]", given[name])
+            shape = decl.sizes(*sizes)
+            contiguous = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+            if tv.kind != qv.kind or tv.dtype not in (decl.dtype, f"torch.{decl.dtype}") or tv.shape != shape \
+                    or tv.strides != contiguous or tv.device != qv.device:
+                raise ValueError(f"tensors[{name!r}]: expected a contiguous {qv.kind} {decl.dtype} array of shape "
+                                 f"{list(shape)} on device {qv.device}, got {tv.dtype} {list(tv.shape)}")
+            args.append(np.uint64(tv.ptr))
+        return tuple(args)
+
+    def _raise_smem_limit(self, smem: int, seqlen_k: int):
+        import cupy
+
+        limit = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+        if smem > limit:
+            raise ValueError(f"k: seqlen_k={seqlen_k} needs {smem} B of shared memory for the key-tile list, more "
+                             f"than this GPU's {limit} B per block")
+        self._function.max_dynamic_shared_size_bytes = smem
 
     @property
     def resources(self):
@@ -176,14 +244,23 @@ class Kernel:
         return (f"<attngen.Kernel {self.kernel_name}: {p.block_m}x{p.block_n} tiles, {p.warps} warps, "
                 f"{p.stages} stages, {p.smem_bytes} B smem, {self.resources.registers} regs>")
 
-    def __call__(self, q, k, v, *, scale: float | None = None, out=None, lse=None, block_mask=None):
+    def __call__(self, q, k, v, *, scale: float | None = None, out=None, lse=None, block_mask=None,
+                 alibi_slopes=None, tensors=None):
         """Return (out, lse). `out` [b, sq, hq, dv] and `lse` [b, hq, sq] fp32 may be given to write into.
-        A block-sparse spec takes a BlockMask (built from the spec's pattern when none is given)."""
+        A `mask: {kind: runtime}` spec takes a BlockMask; an alibi spec may take its slopes ([heads_q] or
+        [batch, heads_q] fp32; default: ALiBi's standard slopes); a spec with named tensors takes them
+        as tensors={name: array}."""
         qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv) = check_inputs(self.spec, q, k, v)
-        mask_args = self._mask_args(block_mask, seqlen_q, seqlen_k, heads_q, qv.device)
         scale = self.spec.softmax_scale if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
+        extra_args = (
+            *self._mask_args(block_mask, seqlen_q, seqlen_k, heads_q, qv.device),
+            *((np.float32(scale),) if self.variant.score_mods else ()),
+            *self._alibi_args(alibi_slopes, batch, heads_q, qv),
+            *self._block_table_args(seqlen_q, seqlen_k, qv.device),
+            *self._tensor_args(tensors, (batch, heads_q, seqlen_q, seqlen_k), qv),
+        )
         out_shape, lse_shape = (batch, seqlen_q, heads_q, self.spec.dv), (batch, heads_q, seqlen_q)
         out = _empty_like(qv, out_shape, self.spec.dtype) if out is None else out
         lse = _empty_like(qv, lse_shape, "fp32") if lse is None else lse
@@ -203,11 +280,15 @@ class Kernel:
             *(np.int64(s) for s in qv.strides[:3]), *(np.int64(s) for s in kv.strides[:3]),
             *(np.int64(s) for s in vv.strides[:3]), *(np.int64(s) for s in ov.strides[:3]),
             np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
-            np.float32(scale * math.log2(math.e)),
-            *mask_args,
+            # Modified scores are already in natural units; otherwise the kernel scales raw q.k.
+            np.float32((1.0 if self.variant.score_mods else scale) * math.log2(math.e)),
+            *extra_args,
         )
+        smem = p.smem_bytes + tile_list_bytes(self.spec, p.warps, p.block_n, seqlen_k)
         import cupy
 
         with cupy.cuda.Device(qv.device), _current_stream(qv):
-            self._function(grid, (p.threads,), args, shared_mem=p.smem_bytes)
+            if smem > self._function.max_dynamic_shared_size_bytes:
+                self._raise_smem_limit(smem, seqlen_k)
+            self._function(grid, (p.threads,), args, shared_mem=smem)
         return out, lse

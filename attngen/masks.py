@@ -8,7 +8,13 @@ seqlen_q > seqlen_k), and causal means kv_idx <= aligned position.
 
 A ``Pattern`` gives ``element(h, q_idx, kv_idx, seqlen_q, seqlen_k)`` (vectorised numpy) and
 ``cuda_expr()``, the same predicate as a C++ boolean expression over the ints h, q_idx, kv_idx,
-seqlen_q, seqlen_k (None when it has no closed form). ``BlockMask`` reduces a pattern, or any
+seqlen_q, seqlen_k, and ``cuda_tile_expr()``, a pair (kept, full) of C++ expressions over a tile's
+inclusive ranges q_lo..q_hi, kv_lo..kv_hi (and h, seqlen_q, seqlen_k): ``kept`` is true whenever
+some element of the tile is visible (it may say true for a tile with none), ``full`` only when every
+element is (it may say false for a full tile). The kernel builds its list of key tiles from these,
+so a pattern known at build time needs no index tensor. Patterns backed by a block table (BigBird's
+seeded random blocks, an explicit Layout) read it through ``block_bit(h, q_block, kv_block)``: one
+bit per block, uploaded by the launcher per sequence length. ``BlockMask`` reduces a pattern, or any
 vectorised predicate, to R x C blocks stored as block-CSR, with partial blocks (element masking
 needed) apart from full blocks (every in-range element visible).
 """
@@ -40,6 +46,11 @@ CHUNK_ELEMENTS = 1 << 18
 
 ALIGNED_EXPR = "(q_idx + seqlen_k - seqlen_q)"
 _DISTANCE_EXPR = f"({ALIGNED_EXPR} - kv_idx)"
+# Tile predicates: the aligned positions of a tile's first and last query rows, and the range of
+# aligned distances (aligned position - kv_idx) over the tile.
+ALIGNED_LO, ALIGNED_HI = "(q_lo + seqlen_k - seqlen_q)", "(q_hi + seqlen_k - seqlen_q)"
+_DIST_MIN, _DIST_MAX = f"({ALIGNED_LO} - kv_hi)", f"({ALIGNED_HI} - kv_lo)"
+ALWAYS = ("true", "true")
 
 
 def aligned_position(q_idx, seqlen_q: int, seqlen_k: int):
@@ -58,6 +69,19 @@ def _in_window_expr(left: int, right: int) -> str:
     return f"(kv_idx >= {ALIGNED_EXPR} - {left} && kv_idx <= {ALIGNED_EXPR} + {right})"
 
 
+def _in_window_tile_expr(left: int, right: int) -> tuple[str, str]:
+    """(kept, full) of _in_window over a tile: the distance ranges overlap / lie inside [-right, left]."""
+    plus = f" + {right}" if right else ""          # no negative literal: d >= -right as d + right >= 0
+    kept = f"({_DIST_MAX}{plus} >= 0 && {_DIST_MIN} <= {left})"
+    full = f"({_DIST_MIN}{plus} >= 0 && {_DIST_MAX} <= {left})"
+    return kept, full
+
+
+def _grid_point_in_distances(step: int, upper: str) -> str:
+    """C: some multiple of step lies in [max(dist_min, 0), upper], given upper >= 0 (short-circuit)."""
+    return f"({_DIST_MIN} <= 0 || {upper} / {step} * {step} >= {_DIST_MIN})"
+
+
 def _on_grid(q_idx, kv_idx, seqlen_q, seqlen_k, step: int):
     """aligned - kv_idx is a multiple of step (residues of the small operands, then one compare)."""
     return kv_idx % step == aligned_position(q_idx, seqlen_q, seqlen_k) % step
@@ -68,14 +92,20 @@ def _on_grid_expr(step: int) -> str:
     return f"{_DISTANCE_EXPR} % {step} == 0"
 
 
-def _membership_expr(var: str, values: tuple[int, ...]) -> str:
-    """C: var is one of the sorted distinct values (runs become ranges)."""
+def _runs(values: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Sorted distinct ints as inclusive runs of consecutive values."""
     runs, start = [], None
     for i, v in enumerate(values):
         start = v if start is None else start
         if i + 1 == len(values) or values[i + 1] != v + 1:
-            runs.append(f"{var} == {v}" if start == v else f"({var} >= {start} && {var} <= {v})")
+            runs.append((start, v))
             start = None
+    return runs
+
+
+def _membership_expr(var: str, values: tuple[int, ...]) -> str:
+    """C: var is one of the sorted distinct values (runs become ranges)."""
+    runs = [f"{var} == {s}" if s == e else f"({var} >= {s} && {var} <= {e})" for s, e in _runs(values)]
     return "(" + " || ".join(runs) + ")" if runs else "false"
 
 
@@ -143,8 +173,22 @@ class Pattern:
     def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k) -> np.ndarray:
         raise NotImplementedError
 
-    def cuda_expr(self) -> str | None:
-        """C++ boolean expression over ints h, q_idx, kv_idx, seqlen_q, seqlen_k; None if not closed form."""
+    def cuda_expr(self) -> str:
+        """C++ boolean expression over ints h, q_idx, kv_idx, seqlen_q, seqlen_k."""
+        raise NotImplementedError
+
+    def cuda_tile_expr(self) -> tuple[str, str]:
+        """(kept, full): C++ expressions over h, q_lo, q_hi, kv_lo, kv_hi, seqlen_q, seqlen_k (inclusive,
+        in-range tile bounds). kept may over-approximate, full may under-approximate (module doc)."""
+        raise NotImplementedError
+
+    def block_table(self, seqlen_q: int, seqlen_k: int) -> np.ndarray | None:
+        """Bool [H or 1, nQb, nKb] the expressions read through block_bit(), or None (closed form)."""
+        return None
+
+    @property
+    def table_block_size(self) -> tuple[int, int] | None:
+        """(R, C) of block_table's blocks; kernel tiles must divide them. None for closed forms."""
         return None
 
     @property
@@ -185,6 +229,16 @@ class _Composite(Pattern):
     def cuda_expr(self):
         return self._equivalent().cuda_expr()
 
+    def cuda_tile_expr(self):
+        return self._equivalent().cuda_tile_expr()
+
+    def block_table(self, seqlen_q, seqlen_k):
+        return self._equivalent().block_table(seqlen_q, seqlen_k)
+
+    @property
+    def table_block_size(self):
+        return self._equivalent().table_block_size
+
 
 @dataclass(frozen=True)
 class Causal(Pattern):
@@ -197,6 +251,9 @@ class Causal(Pattern):
 
     def cuda_expr(self):
         return f"(kv_idx <= {ALIGNED_EXPR})"
+
+    def cuda_tile_expr(self):
+        return f"(kv_lo <= {ALIGNED_HI})", f"(kv_hi <= {ALIGNED_LO})"
 
 
 @dataclass(frozen=True)
@@ -212,6 +269,9 @@ class SlidingWindow(Pattern):
 
     def cuda_expr(self):
         return _in_window_expr(self.left, self.right)
+
+    def cuda_tile_expr(self):
+        return _in_window_tile_expr(self.left, self.right)
 
 
 @dataclass(frozen=True)
@@ -231,6 +291,15 @@ class _GlobalTokens(Pattern):
     def cuda_expr(self):
         a, kv = _membership_expr(ALIGNED_EXPR, self.tokens), _membership_expr("kv_idx", self.tokens)
         return f"({a} || {kv})"
+
+    def cuda_tile_expr(self):
+        # kept: a token run meets the rows' aligned range or the key range; full: one run covers either.
+        runs = _runs(self.tokens)
+        meets = lambda lo, hi: [f"({lo} <= {e} && {hi} >= {s})" for s, e in runs]  # noqa: E731
+        covers = lambda lo, hi: [f"({lo} >= {s} && {hi} <= {e})" for s, e in runs]  # noqa: E731
+        either = lambda parts: "(" + " || ".join(parts) + ")" if parts else "false"  # noqa: E731
+        return (either(meets(ALIGNED_LO, ALIGNED_HI) + meets("kv_lo", "kv_hi")),
+                either(covers(ALIGNED_LO, ALIGNED_HI) + covers("kv_lo", "kv_hi")))
 
 
 @dataclass(frozen=True)
@@ -267,6 +336,23 @@ class _BlockBand(Pattern):
         kv_block = kv_idx // self.block_size
         return (kv_block >= q_block - self.half) & (kv_block <= q_block + self.half)
 
+    def _band(self, q_block_lo: str, q_block_hi: str, kv_block_lo: str, kv_block_hi: str, full: bool) -> str:
+        """The kv block range [kv_block_lo, kv_block_hi] meets (full: lies inside) every query's band."""
+        if full:
+            return f"({kv_block_hi} <= {q_block_lo} + {self.half} && {kv_block_lo} >= {q_block_hi} - {self.half})"
+        return f"({kv_block_lo} <= {q_block_hi} + {self.half} && {kv_block_hi} >= {q_block_lo} - {self.half})"
+
+    def cuda_expr(self):
+        # The aligned position may be negative: floor_div, not C's truncating division.
+        q_block, kv_block = f"floor_div({ALIGNED_EXPR}, {self.block_size})", f"kv_idx / {self.block_size}"
+        return self._band(q_block, q_block, kv_block, kv_block, full=False)
+
+    def cuda_tile_expr(self):
+        bs = self.block_size
+        q_lo, q_hi = f"floor_div({ALIGNED_LO}, {bs})", f"floor_div({ALIGNED_HI}, {bs})"
+        kv_lo, kv_hi = f"kv_lo / {bs}", f"kv_hi / {bs}"
+        return self._band(q_lo, q_hi, kv_lo, kv_hi, full=False), self._band(q_lo, q_hi, kv_lo, kv_hi, full=True)
+
 
 @functools.lru_cache(maxsize=32)
 def _random_block_table(seed: int, count: int, n_q_blocks: int, n_kv_blocks: int) -> np.ndarray:
@@ -295,10 +381,26 @@ class _RandomBlocks(Pattern):
         table = _random_block_table(self.seed, self.count, _cdiv(seqlen_q, bs), _cdiv(seqlen_k, bs))
         return table[q_idx // bs, kv_idx // bs]
 
+    def cuda_expr(self):
+        return f"block_bit(h, q_idx / {self.block_size}, kv_idx / {self.block_size})"
+
+    def cuda_tile_expr(self):
+        # Tiles lie inside one block (the planner makes them divide table_block_size).
+        bit = f"block_bit(h, q_lo / {self.block_size}, kv_lo / {self.block_size})"
+        return bit, bit
+
+    def block_table(self, seqlen_q, seqlen_k):
+        bs = self.block_size
+        return _random_block_table(self.seed, self.count, _cdiv(seqlen_q, bs), _cdiv(seqlen_k, bs))[None]
+
+    @property
+    def table_block_size(self):
+        return (self.block_size, self.block_size)
+
 
 @dataclass(frozen=True)
 class BigBird(_Composite):
-    """BigBird: a band of ``window`` blocks, global tokens, and seeded random blocks; no cuda_expr.
+    """BigBird: a band of ``window`` blocks, global tokens, and seeded random blocks (a block table).
 
     With blocks of block_size positions: the band keeps kv block kb for a query whose aligned
     position lies in block qb iff |qb - kb| <= window // 2 (window=3: the block and one each side);
@@ -318,8 +420,10 @@ class BigBird(_Composite):
         object.__setattr__(self, "global_tokens", _GlobalTokens(self.global_tokens).tokens)
 
     def _equivalent(self):
-        return (_BlockBand(self.window // 2, self.block_size) | _GlobalTokens(self.global_tokens)
-                | _RandomBlocks(self.random_blocks, self.block_size, self.seed))
+        parts = _BlockBand(self.window // 2, self.block_size) | _GlobalTokens(self.global_tokens)
+        if self.random_blocks == 0:           # no table to read
+            return parts
+        return parts | _RandomBlocks(self.random_blocks, self.block_size, self.seed)
 
 
 @dataclass(frozen=True)
@@ -341,6 +445,12 @@ class Strided(Pattern):
     def cuda_expr(self):
         local = _in_window_expr(self.stride - 1, 0)
         return f"({local} || ({Causal().cuda_expr()} && {_on_grid_expr(self.stride)}))"
+
+    def cuda_tile_expr(self):
+        s = self.stride
+        kept = f"({_DIST_MAX} >= 0 && ({_DIST_MIN} <= {s - 1} || {_grid_point_in_distances(s, _DIST_MAX)}))"
+        full = f"({_DIST_MIN} >= 0 && {_DIST_MAX} <= {s - 1})" if s > 1 else f"({_DIST_MIN} >= 0)"
+        return kept, full
 
 
 @dataclass(frozen=True)
@@ -370,6 +480,15 @@ class Fixed(Pattern):
         a, s = ALIGNED_EXPR, self.stride   # a >= kv_idx >= 0 whenever a / s is evaluated
         return f"(kv_idx <= {a} && (kv_idx / {s} == {a} / {s} || kv_idx % {s} >= {s - self.summary}))"
 
+    def cuda_tile_expr(self):
+        # kept: causal kept (every chunk ends in summary keys, so little is lost); full: causal full and
+        # the keys lie in one chunk that is either every row's own chunk or its summary part.
+        s, a_lo, a_hi = self.stride, ALIGNED_LO, ALIGNED_HI
+        one_chunk = f"kv_lo / {s} == kv_hi / {s}"
+        own_chunk = f"{a_lo} / {s} == kv_lo / {s} && {a_hi} / {s} == kv_lo / {s}"
+        full = f"(kv_hi <= {a_lo} && {one_chunk} && ({own_chunk} || kv_lo % {s} >= {s - self.summary}))"
+        return Causal().cuda_tile_expr()[0], full
+
 
 @dataclass(frozen=True)
 class Dilated(Pattern):
@@ -387,6 +506,16 @@ class Dilated(Pattern):
 
     def cuda_expr(self):
         return f"({_in_window_expr(self.window * self.dilation, 0)} && {_on_grid_expr(self.dilation)})"
+
+    def cuda_tile_expr(self):
+        reach, step = self.window * self.dilation, self.dilation
+        kept, full = _in_window_tile_expr(reach, 0)
+        if step == 1:
+            return kept, full
+        # a multiple of step in [max(dist_min, 0), min(dist_max, reach)]
+        below = f"({_DIST_MAX} <= {reach} && {_grid_point_in_distances(step, _DIST_MAX)})"
+        beyond = f"({_DIST_MAX} > {reach} && {_grid_point_in_distances(step, str(reach))})"
+        return f"({kept} && ({below} || {beyond}))", "false"
 
 
 @dataclass(frozen=True)
@@ -415,11 +544,22 @@ class Document(Pattern):
         starts = np.asarray(self._starts, dtype=np.int64)
         return np.searchsorted(starts, q_idx, side="right") == np.searchsorted(starts, kv_idx, side="right")
 
+    def _doc_of(self, var: str) -> str:
+        """C: the document index of position var (how many later documents start at or before it)."""
+        return "(" + " + ".join(f"({var} >= {s})" for s in self._starts) + ")"
+
     def cuda_expr(self):
         if not self._starts:
             return "true"
-        doc_of = lambda var: "(" + " + ".join(f"({var} >= {s})" for s in self._starts) + ")"  # noqa: E731
-        return f"({doc_of('q_idx')} == {doc_of('kv_idx')})"
+        return f"({self._doc_of('q_idx')} == {self._doc_of('kv_idx')})"
+
+    def cuda_tile_expr(self):
+        if not self._starts:
+            return ALWAYS
+        doc = self._doc_of
+        kept = f"({doc('q_lo')} <= {doc('kv_hi')} && {doc('kv_lo')} <= {doc('q_hi')})"
+        full = f"({doc('q_lo')} == {doc('q_hi')} && {doc('kv_lo')} == {doc('kv_hi')} && {doc('q_lo')} == {doc('kv_lo')})"
+        return kept, full
 
 
 def _load_layout(source, field: str) -> np.ndarray:
@@ -470,6 +610,26 @@ class Layout(Pattern):
                              f"seqlen_q={seqlen_q}, seqlen_k={seqlen_k}")
         return self.blocks[h if heads > 1 else 0, q_idx // rows, kv_idx // cols]
 
+    def cuda_expr(self):
+        rows, cols = self.block_size
+        return f"block_bit(h, q_idx / {rows}, kv_idx / {cols})"
+
+    def cuda_tile_expr(self):
+        rows, cols = self.block_size
+        bit = f"block_bit(h, q_lo / {rows}, kv_lo / {cols})"
+        return bit, bit
+
+    def block_table(self, seqlen_q, seqlen_k):
+        (rows, cols), (_, n_q, n_kv) = self.block_size, self.blocks.shape
+        if (n_q, n_kv) != (_cdiv(seqlen_q, rows), _cdiv(seqlen_k, cols)):
+            raise ValueError(f"layout of {n_q}x{n_kv} blocks of {rows}x{cols} does not cover "
+                             f"seqlen_q={seqlen_q}, seqlen_k={seqlen_k}")
+        return self.blocks
+
+    @property
+    def table_block_size(self):
+        return self.block_size
+
     def to_dict(self):
         rows, cols = self.block_size
         source = {"path": self.path} if self.path else {"blocks": self.blocks.tolist()}
@@ -498,6 +658,10 @@ class And(Pattern):
             raise SpecError("of", self.parts, "a non-empty list of patterns")
         if len({p.heads for p in self.parts} - {1}) > 1:
             raise SpecError("of", [p.heads for p in self.parts], "parts with the same number of heads (or 1)")
+        tabled = [p.name for p in self.parts if table_parts(p)]
+        if len(tabled) > 1 or any(len(table_parts(p)) > 1 for p in self.parts):
+            raise SpecError("of", tabled, "at most one part backed by a block table (a layout or BigBird): "
+                            "combine such masks as attngen.BlockMask objects instead")
 
     @property
     def heads(self):
@@ -507,8 +671,21 @@ class And(Pattern):
         return functools.reduce(self._reduce, (p._visible(*args) for p in self.parts))
 
     def cuda_expr(self):
-        exprs = [p.cuda_expr() for p in self.parts]
-        return None if None in exprs else "(" + self._c_op.join(exprs) + ")"
+        return "(" + self._c_op.join(p.cuda_expr() for p in self.parts) + ")"
+
+    def cuda_tile_expr(self):
+        # and: kept if every part may be kept, full if every part is full; or: either, either.
+        kept, full = zip(*(p.cuda_tile_expr() for p in self.parts))
+        return "(" + self._c_op.join(kept) + ")", "(" + self._c_op.join(full) + ")"
+
+    def block_table(self, seqlen_q, seqlen_k):
+        tables = [t for t in (p.block_table(seqlen_q, seqlen_k) for p in self.parts) if t is not None]
+        return tables[0] if tables else None
+
+    @property
+    def table_block_size(self):
+        sizes = [p.table_block_size for p in self.parts if p.table_block_size is not None]
+        return sizes[0] if sizes else None
 
     def to_dict(self):
         return {"kind": self.kind, "of": [p.to_dict() for p in self.parts]}
@@ -525,6 +702,15 @@ class Or(And):
     kind = "or"
     _reduce = staticmethod(np.logical_or)
     _c_op = " || "
+
+
+def table_parts(pattern: Pattern) -> list[Pattern]:
+    """The parts of a pattern backed by a block table (Layout, BigBird's random blocks)."""
+    if isinstance(pattern, _Composite):
+        return table_parts(pattern._equivalent())
+    if isinstance(pattern, And):
+        return [t for p in pattern.parts for t in table_parts(p)]
+    return [pattern] if isinstance(pattern, (Layout, _RandomBlocks)) else []
 
 
 def _operands(cls, pattern) -> tuple[Pattern, ...]:
@@ -806,16 +992,10 @@ def _dense_blocks(blocks, name, seqlen_q, seqlen_k, block_size) -> np.ndarray:
     return arr
 
 
-def kernel_expr(pattern: Pattern, block_size) -> str | None:
-    """The element predicate the kernel evaluates inside partial blocks, or None if it has none.
-
-    A closed-form pattern gives its cuda_expr. A Layout on the kernel's own block grid has no partial
-    blocks (apart from sequence tails, which the kernel masks anyway), so "true" is exact there.
-    Anything else (BigBird's random blocks, a layout on another grid, combinations with them) has no
-    predicate: build a BlockMask in Python and run a `kind: runtime` kernel instead."""
-    expr = pattern.cuda_expr()
-    if expr is not None:
-        return expr
-    if isinstance(pattern, Layout) and tuple(pattern.block_size) == tuple(_block_size(block_size)):
-        return "true"
-    return None
+def check_kernel_pattern(pattern: Pattern, block_size) -> None:
+    """SpecError unless the kernel can evaluate the pattern on tiles dividing ``block_size``: a part
+    backed by a block table must use the mask's block size (the planner then makes the kernel's tiles
+    divide it, so a tile lies inside one table block)."""
+    size = pattern.table_block_size
+    if size is not None and tuple(size) != tuple(_block_size(block_size)):
+        raise SpecError("mask.block_size", list(block_size), f"the block size of the mask's block table, {list(size)}")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from .device import Device
 from .errors import PlanError
 from .spec import Spec
+from .variant import variant_of
 
 SMEM_ROW_PAD = 8             # bf16/fp16 elements of padding per smem row: rows shift by 16 B, so ldmatrix
                              # phases hit 8 distinct bank groups (no conflicts) for any head dim.
@@ -22,6 +23,7 @@ SMEM_RESERVED_PER_CTA = 1024  # the driver reserves 1 KB of shared memory per CT
 REG_OVERHEAD = 64             # addresses, loop counters, ldmatrix fragments in flight; fitted to ptxas (sm_80/90)
 REG_OVERHEAD_BLOCK_SPARSE = 8    # CSR row bounds and the step -> key-tile map (fitted to ptxas, sm_80/90)
 REG_PER_MASK_DIVISION = 4        # per integer division or remainder in the mask predicate
+REG_SCORE_MODS = 16              # scale, slope, the row/column of each score (fitted to ptxas, sm_80/90)
 REG_ALLOC_GRANULE = 8         # registers are allocated per thread in units of 8
 SMEM_BYTES_PER_CLOCK = 128    # per SM
 
@@ -78,6 +80,26 @@ def smem_bytes(spec: Spec, block_m: int, block_n: int, stages: int) -> int:
     return (q_rows + kv_rows) * spec.elem_bytes
 
 
+def tile_list_bytes(spec: Spec, warps: int, block_n: int, seqlen_k: int) -> int:
+    """Shared memory a pattern-schedule kernel adds at launch: the warps' counts and one int per key tile."""
+    if variant_of(spec).schedule != "pattern":
+        return 0
+    return 4 * (warps + math.ceil(seqlen_k / block_n))
+
+
+def index_bytes(spec: Spec, block_m: int, seqlen_q: int, seqlen_k: int, heads: int) -> int:
+    """Upper bound of the mask index data one problem reads from memory (per batch entry): block-CSR
+    row pointers and every column of a dense layout (runtime), or the block table's bits (pattern)."""
+    variant = variant_of(spec)
+    if variant.schedule == "runtime":
+        rows, cols = spec.mask_block_size
+        return 4 * heads * math.ceil(seqlen_q / block_m) * (4 + math.ceil(seqlen_k / cols))
+    if variant.block_table:
+        rows, cols = spec.mask_block_size
+        return 4 * heads * math.ceil(seqlen_q / block_m) * math.ceil(math.ceil(seqlen_k / cols) / 32)
+    return 0
+
+
 def regs_estimate(spec: Spec, block_n: int, m_tiles: int) -> int:
     """fp32 O accumulator, S tile and packed P per thread (16 rows x cols over 32 lanes each) plus overhead."""
     dv = round_up(spec.dv, 16)
@@ -86,15 +108,15 @@ def regs_estimate(spec: Spec, block_n: int, m_tiles: int) -> int:
 
 
 def mask_registers(spec: Spec) -> int:
-    """Registers the block-sparse schedule and the mask predicate add (integer divisions and remainders
-    by constants hold their magic-number temporaries live through the masked tiles)."""
-    if spec.mask is None:
-        return 0
-    from .masks import kernel_expr
-
-    pattern = spec.mask_pattern
-    expr = kernel_expr(pattern, spec.mask_block_size) if pattern is not None else ""
-    return REG_OVERHEAD_BLOCK_SPARSE + REG_PER_MASK_DIVISION * (expr.count("/") + expr.count("%"))
+    """Registers the mask schedule, the predicates and the score modifiers add (integer divisions and
+    remainders by constants hold their magic-number temporaries live through the masked tiles)."""
+    variant = variant_of(spec)
+    regs = REG_PER_MASK_DIVISION * variant.predicate_cost
+    if variant.schedule != "dense":
+        regs += REG_OVERHEAD_BLOCK_SPARSE
+    if variant.score_mods:
+        regs += REG_SCORE_MODS
+    return regs
 
 
 def occupancy(device: Device, smem: int, regs: int, threads: int) -> int:
@@ -114,7 +136,8 @@ def problem_cost(spec: Spec, block_m: int, block_n: int, warps: int, m_tiles: in
     o_bytes = batch * heads * seqlen_q * dv * spec.elem_bytes
     kv_bytes = batch * heads * seqlen_k * (d + dv) * spec.elem_bytes   # heads: K/V re-read per query head
     m_blocks = math.ceil(seqlen_q / block_m)
-    hbm = q_bytes + o_bytes + m_blocks * kv_bytes * causal_fraction
+    hbm = q_bytes + o_bytes + m_blocks * kv_bytes * causal_fraction + batch * index_bytes(
+        spec, block_m, seqlen_q, seqlen_k, heads)
     # Query tiles of one head run side by side, so K/V re-reads after the first mostly hit L2.
     l2_rereads = (m_blocks - 1) * kv_bytes * causal_fraction
     # Every warp reads the whole K and V tile (ldmatrix) once per tile and its Q fragments once per tile.
@@ -153,19 +176,21 @@ def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int,
         return reject(f"{m_tiles} mma row tiles per warp (at most 2)")
     if block_n % 16:
         return reject(f"block_n={block_n} is not a multiple of 16")
-    if spec.mask is not None:
+    if variant_of(spec).schedule == "runtime" or variant_of(spec).block_table:
         rows, cols = spec.mask_block_size
         if rows % block_m or cols % block_n:
             return reject(f"tiles {block_m}x{block_n} do not divide the mask blocks {rows}x{cols}")
     smem = smem_bytes(spec, block_m, block_n, stages)
-    if smem > device.smem_per_block:
-        return reject(f"shared memory {smem} B exceeds the {device.arch} budget of {device.smem_per_block} B "
-                      f"by {smem - device.smem_per_block} B")
+    # A pattern schedule lists its key tiles in shared memory too (sized at launch; here at the reference seqlen).
+    smem_at_reference = smem + tile_list_bytes(spec, warps, block_n, REFERENCE_PROBLEM["seqlen_k"])
+    if smem_at_reference > device.smem_per_block:
+        return reject(f"shared memory {smem_at_reference} B exceeds the {device.arch} budget of "
+                      f"{device.smem_per_block} B by {smem_at_reference - device.smem_per_block} B")
     regs = regs_estimate(spec, block_n, m_tiles)
     if regs > device.max_regs_per_thread:
         return reject(f"~{regs} registers/thread exceed {device.max_regs_per_thread}")
     threads = 32 * warps
-    ctas = occupancy(device, smem, regs, threads)
+    ctas = occupancy(device, smem_at_reference, regs, threads)
     if ctas < 1:
         return reject("no CTA fits on an SM")
     ref = REFERENCE_PROBLEM | {"heads": spec.num_heads or REFERENCE_PROBLEM["heads"]}

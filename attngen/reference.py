@@ -8,6 +8,11 @@ Semantics (DESIGN.md, "Public contract"):
 - Causal is aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q.
 - An optional ``mask=`` (bool, broadcastable to [heads_q, seqlen_q, seqlen_k], or an
   attngen.masks.BlockMask) hides the pairs where it is False; it is ANDed with causal.
+- Score modifiers (the naive references), applied to score = scale * q.k in this order:
+  ``softcap`` (score -> softcap * tanh(score / softcap)), ``alibi_slopes`` ([heads_q] or
+  [batch, heads_q]: score -= slope * |q_idx + seqlen_k - seqlen_q - kv_idx|), ``score_mod``
+  (fn(score, b, h, q_idx, kv_idx), vectorised); ``mask_mod`` (fn(b, h, q_idx, kv_idx) -> bool) hides
+  pairs like ``mask``.
 - Returns (out [batch, seqlen_q, heads_q, head_dim_v], lse [batch, heads_q, seqlen_q]) as float64;
   lse is the natural log of the softmax denominator. A row that sees no key gives out 0 and lse -inf.
 
@@ -28,6 +33,7 @@ __all__ = [
     "attention_same_dtype_reference",
     "attention_tiled",
     "acceptance_check",
+    "alibi_slopes",
     "lse_check",
     "round_to_dtype",
     "visibility_mask",
@@ -239,11 +245,62 @@ def _log_sum_exp(shift: np.ndarray, row_sum: np.ndarray, log, to_natural: float)
 # ----------------------------------------------------------------------------- naive
 
 
+@dataclass(frozen=True)
+class ScoreMods:
+    """The score modifiers of one reference call (module doc); all optional."""
+
+    softcap: float | None = None
+    alibi_slopes: np.ndarray | None = None      # [batch or 1, heads_q]
+    score_mod: object = None
+    mask_mod: object = None
+
+    @classmethod
+    def of(cls, dims: _Dims, softcap=None, alibi_slopes=None, score_mod=None, mask_mod=None):
+        if softcap is not None and not (math.isfinite(float(softcap)) and float(softcap) > 0):
+            raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+        if alibi_slopes is not None:
+            alibi_slopes = np.asarray(alibi_slopes, dtype=np.float64)
+            alibi_slopes = alibi_slopes[None] if alibi_slopes.ndim == 1 else alibi_slopes
+            if alibi_slopes.ndim != 2 or alibi_slopes.shape[1] != dims.heads_q or \
+                    alibi_slopes.shape[0] not in (1, dims.batch):
+                raise ValueError(f"alibi_slopes must have shape [heads_q={dims.heads_q}] or [batch={dims.batch}, "
+                                 f"heads_q], got {alibi_slopes.shape}")
+        return cls(softcap, alibi_slopes, score_mod, mask_mod)
+
+    def apply(self, s: np.ndarray, b: int, r0: int, dims: _Dims):
+        """Modified scores [hkv, g, r, c] of rows r0.. of batch b, and the mask_mod's visibility (or None)."""
+        h = np.arange(dims.heads_q).reshape(dims.heads_kv, dims.group, 1, 1)
+        q_idx = np.arange(r0, r0 + s.shape[-2])[:, None]
+        kv_idx = np.arange(s.shape[-1])[None, :]
+        if self.softcap is not None:
+            s = self.softcap * np.tanh(s / self.softcap)
+        if self.alibi_slopes is not None:
+            slope = self.alibi_slopes[b % self.alibi_slopes.shape[0]].reshape(h.shape).astype(s.dtype)
+            s = s - slope * np.abs(q_idx + dims.seqlen_k - dims.seqlen_q - kv_idx).astype(s.dtype)
+        if self.score_mod is not None:
+            s = np.asarray(self.score_mod(s, b, h, q_idx, kv_idx), dtype=s.dtype)
+        visible = None
+        if self.mask_mod is not None:
+            visible = np.broadcast_to(np.asarray(self.mask_mod(b, h, q_idx, kv_idx), dtype=bool), s.shape)
+        return s, visible
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi's default per-head slopes (Press et al.): 2^(-8 i / n) for n a power of two, else those of
+    the nearest lower power of two followed by every other slope of twice that many heads."""
+    def powers(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    low = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = powers(low) + powers(2 * low)[0::2][:num_heads - low]
+    return np.asarray(slopes, dtype=np.float32)
+
+
 def _rows_per_chunk(dims: _Dims) -> int:
     return max(1, MAX_SCORE_ELEMENTS // (dims.heads_q * dims.seqlen_k))
 
 
-def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None, mask=None):
+def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None, mask=None, mods=None):
     """Naive attention in compute_dtype, per batch and per chunk of query rows.
 
     Normalises P before P @ V so ``round_probs`` (if given) sees the softmax output, as a
@@ -252,6 +309,7 @@ def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None,
     q, k, v, dims = _check_inputs(q, k, v)
     scale = np.asarray(_resolve_scale(scale, dims.head_dim), dtype=compute_dtype)
     regions = _mask_regions(mask, dims)
+    mods = ScoreMods.of(dims, **(mods or {}))
     qg = _group_heads(q.astype(compute_dtype), dims.heads_kv)
     k = k.astype(compute_dtype)
     v = v.astype(compute_dtype)
@@ -266,7 +324,10 @@ def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None,
                                       seqlen_k=dims.seqlen_k, causal=causal)
             if regions is not None:
                 visible = visible & regions(r0, r1, 0, dims.seqlen_k)
-            s = _masked(_scores(qg[b, r0:r1], k[b]) * scale, visible)
+            s, mod_visible = mods.apply(_scores(qg[b, r0:r1], k[b]) * scale, b, r0, dims)
+            if mod_visible is not None:
+                visible = visible & mod_visible
+            s = _masked(s, visible)
             row_max = _finite_shift(s.max(axis=-1))
             p = np.exp(s - row_max[..., None])
             row_sum = p.sum(axis=-1)
@@ -279,10 +340,11 @@ def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None,
 
 
 def attention_reference(q, k, v, *, causal: bool = False, scale: float | None = None,
-                        compute_dtype=np.float64, mask=None):
-    """Naive attention (full score rows) computed in compute_dtype; returns float64 (out, lse)."""
+                        compute_dtype=np.float64, mask=None, **mods):
+    """Naive attention (full score rows) computed in compute_dtype; returns float64 (out, lse).
+    ``mods``: softcap, alibi_slopes, score_mod, mask_mod (module doc)."""
     out, lse = _naive_attention(q, k, v, causal=causal, scale=scale,
-                                compute_dtype=np.dtype(compute_dtype), mask=mask)
+                                compute_dtype=np.dtype(compute_dtype), mask=mask, mods=mods)
     return out.astype(np.float64), lse.astype(np.float64)
 
 
@@ -320,7 +382,7 @@ def round_to_dtype(x, dtype: str) -> np.ndarray:
 
 
 def attention_same_dtype_reference(q, k, v, *, causal: bool = False, scale: float | None = None,
-                                   dtype: str, mask=None):
+                                   dtype: str, mask=None, **mods):
     """Naive attention as a bf16/fp16 framework computes it (the acceptance criterion's baseline).
 
     Inputs rounded to dtype; scores and softmax in float32; P rounded to dtype before P @ V
@@ -331,7 +393,7 @@ def attention_same_dtype_reference(q, k, v, *, causal: bool = False, scale: floa
     out, lse = _naive_attention(
         round_to_dtype(q, dtype), round_to_dtype(k, dtype), round_to_dtype(v, dtype),
         causal=causal, scale=scale, compute_dtype=np.dtype(np.float32),
-        round_probs=lambda p: round_to_dtype(p, dtype), mask=mask,
+        round_probs=lambda p: round_to_dtype(p, dtype), mask=mask, mods=mods,
     )
     return round_to_dtype(out, dtype).astype(np.float64), lse.astype(np.float64)
 

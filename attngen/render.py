@@ -10,6 +10,7 @@ import jinja2
 from . import __version__
 from .plan import Plan
 from .spec import Spec
+from .variant import variant_of
 
 ENTRY_TEMPLATES = {"forward": "forward.cu.j2"}
 MMA_TYPES = {"bf16": "bf16", "fp16": "f16"}
@@ -43,20 +44,16 @@ def kernel_name(spec: Spec, kind: str = "forward") -> str:
 def render(spec: Spec, plan: Plan, kind: str = "forward") -> str:
     """The CUDA C source of one kernel; a pure function of (spec, plan)."""
     template = environment().get_template(ENTRY_TEMPLATES[kind])
-    spec_items = [(k, v) for k, v in spec.to_dict().items() if v is not None]
+    spec_items = [(k, v) for k, v in spec.to_dict().items() if v is not None and v is not False]
     plan_items = list(plan.to_dict().items())
     plan_items = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in plan_items]
-    sparse = getattr(spec, "mask", None) is not None
-    mask_expr = "true"
-    mask_block = (0, 0)
-    if sparse:
-        from .masks import kernel_expr
-
-        pattern = spec.mask_pattern
-        # A runtime layout has no element predicate: kept blocks are visible inside, apart from the
-        # sequence tails, which the kernel masks anyway.
-        mask_expr = "true" if pattern is None else kernel_expr(pattern, spec.mask_block_size)
-        mask_block = spec.mask_block_size
+    variant = variant_of(spec)
     return template.render(spec=spec, plan=plan, version=__version__, kernel_name=kernel_name(spec, kind),
                            mma_type=MMA_TYPES[spec.dtype], spec_items=spec_items, plan_items=plan_items,
-                           sparse=sparse, mask_expr=mask_expr, mask_block=mask_block)
+                           variant=variant, tensors=variant.tensors, score_mod=variant.score_mod,
+                           mask_mod=variant.mask_mod, probe=False)
+
+
+def render_piece(name: str, **context) -> str:
+    """One piece of templates/ on its own (the expression probe)."""
+    return environment().get_template(name).render(**context)

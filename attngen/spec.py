@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -44,12 +45,19 @@ class Spec:
     tile: TileOverride | None = None
     name: str | None = None
     mask: dict | None = None     # the spec's `mask:` section (attngen.masks.pattern_from_dict), validated
+    softcap: float | None = None   # scores become softcap * tanh(score / softcap) (Gemma 2, Grok)
+    alibi: bool = False          # add -slope[h] * |aligned q_idx - kv_idx| (slopes given at call time)
+    score_mod: str | None = None   # CUDA float expression (attngen.expressions)
+    mask_mod: str | None = None    # CUDA boolean expression, ANDed with the mask
+    tensors: dict | None = None    # named tensors the expressions read: name -> {dtype, shape}
 
     def __init__(self, *, head_dim, dtype="bf16", causal=False, head_dim_v=None, num_heads=None,
-                 num_kv_heads=None, scale=None, tile=None, name=None, mask=None):
+                 num_kv_heads=None, scale=None, tile=None, name=None, mask=None, softcap=None, alibi=False,
+                 score_mod=None, mask_mod=None, tensors=None):
         values = dict(head_dim=head_dim, dtype=dtype, causal=causal, head_dim_v=head_dim_v,
                       num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, tile=tile, name=name,
-                      mask=mask)
+                      mask=mask, softcap=softcap, alibi=alibi, score_mod=score_mod, mask_mod=mask_mod,
+                      tensors=tensors)
         for field, value in _validated(values).items():
             object.__setattr__(self, field, value)
 
@@ -131,6 +139,21 @@ def _positive_int_or_none(field, value):
     return value
 
 
+def _positive_float(field, value, default_note):
+    if value is None:
+        return None
+    allowed = f"a positive finite number or null {default_note}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(field, value, allowed)
+    try:
+        as_float = float(value)
+    except OverflowError:
+        raise SpecError(field, value, allowed) from None
+    if not math.isfinite(as_float) or as_float <= 0:
+        raise SpecError(field, value, allowed)
+    return as_float
+
+
 def _tile(value):
     if value is None:
         return value
@@ -170,14 +193,10 @@ def _mask(value):
             raise SpecError(f"mask.{sorted(unknown)[0]}", value[sorted(unknown)[0]],
                             "only 'kind' and 'block_size' for a runtime block layout")
         return value
-    from .masks import kernel_expr, pattern_from_dict
+    from .masks import check_kernel_pattern, pattern_from_dict
 
     pattern = pattern_from_dict(pattern_fields(value))   # raises SpecError naming the mask field
-    rows_cols = tuple(sizes) * (2 if len(sizes) == 1 else 1)
-    if kernel_expr(pattern, rows_cols) is None:
-        raise SpecError("mask.kind", value.get("kind"), "a pattern the kernel can evaluate in code (BigBird's "
-                        "random blocks and layouts on another block grid cannot be: build an attngen.BlockMask "
-                        "in Python and use {kind: runtime})")
+    check_kernel_pattern(pattern, tuple(sizes) * (2 if len(sizes) == 1 else 1))
     return value
 
 
@@ -203,18 +222,17 @@ def _validated(values: dict) -> dict:
         raise SpecError("num_kv_heads", nkv, f"a divisor of num_heads={nh} (GQA groups must be equal)")
     if nkv is not None and nh is None:
         raise SpecError("num_heads", None, "an int when num_kv_heads is given")
-    scale = values["scale"]
-    if scale is not None:
-        allowed = "a positive finite number or null (default 1/sqrt(head_dim))"
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise SpecError("scale", scale, allowed)
-        try:
-            as_float = float(scale)
-        except OverflowError:
-            raise SpecError("scale", scale, allowed) from None
-        if not math.isfinite(as_float) or as_float <= 0:
-            raise SpecError("scale", scale, allowed)
-        out["scale"] = as_float
+    out["scale"] = _positive_float("scale", values["scale"], "(default 1/sqrt(head_dim))")
+    out["softcap"] = _positive_float("softcap", values["softcap"], "(no capping)")
+    if not isinstance(values["alibi"], bool):
+        raise SpecError("alibi", values["alibi"], "true or false")
+    from .expressions import validate_expression, validate_tensors
+
+    out["tensors"] = validate_tensors(values["tensors"])
+    out["score_mod"] = validate_expression("score_mod", values["score_mod"], out["tensors"])
+    out["mask_mod"] = validate_expression("mask_mod", values["mask_mod"], out["tensors"])
+    if out["tensors"] and out["score_mod"] is None and out["mask_mod"] is None:
+        raise SpecError("tensors", values["tensors"], "null unless score_mod or mask_mod reads them")
     out["tile"] = _tile(values["tile"])
     out["mask"] = _mask(values["mask"])
     if out["mask"] is not None and out["causal"]:
@@ -238,6 +256,13 @@ def _default_name(v: dict) -> str:
         parts.append("causal")
     if v["mask"] is not None:
         parts.append(str(v["mask"].get("kind", "mask")))
+    if v["softcap"] is not None:
+        parts.append(f"softcap{v['softcap']:g}".replace(".", "p"))
+    if v["alibi"]:
+        parts.append("alibi")
+    for mod in ("score_mod", "mask_mod"):
+        if v[mod] is not None:     # two specs that differ only in the expression differ in name
+            parts.append(mod.replace("_", "") + hashlib.sha1(v[mod].encode()).hexdigest()[:6])
     if v["num_heads"] is not None:
         parts.append(f"h{v['num_heads']}" + (f"kv{v['num_kv_heads']}" if v["num_kv_heads"] else ""))
     return "attn_" + "_".join(parts)

@@ -31,23 +31,31 @@ def kept_flops(mask: BlockMask, batch, heads, d):
     return 4.0 * batch * heads * per_head * d
 
 
+SOFTCAP = 30.0
+
+
 def flex_fn(mask: BlockMask, seqlen, heads, name):
     """FlexAttention with the same mask: closed-form mask_mods for the window and causal (as a user
-    writes them), a block-table lookup for the random layout."""
+    writes them), a block-table lookup for the random layout, a tanh score_mod for the softcap."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     kept_blocks = torch.from_numpy(mask.kept_blocks()[0]).cuda()
-    mask_mods = {
-        "sliding window 1024": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx - kv_idx <= 1024),
-        "causal": lambda b, h, q_idx, kv_idx: kv_idx <= q_idx,
-    }
+    window = lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx - kv_idx <= 1024)  # noqa: E731
+    causal = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx  # noqa: E731
+    mask_mods = {"sliding window 1024": window, "window 1024 (CSR)": window, "causal": causal,
+                 "causal softcap 30": causal}
     mask_mod = mask_mods.get(name, lambda b, h, q_idx, kv_idx: kept_blocks[q_idx // BLOCK, kv_idx // BLOCK])
+    score_mod = None
+    if "softcap" in name:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return SOFTCAP * torch.tanh(score / SOFTCAP)
 
     block_mask = create_block_mask(mask_mod, None, None, seqlen, seqlen, BLOCK_SIZE=BLOCK)
     compiled = torch.compile(flex_attention)
 
     def run(q, k, v):
-        return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+        return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                        score_mod=score_mod)
     return run
 
 
@@ -60,23 +68,35 @@ def main(argv=None):
     d, heads, rows = 128, 16, []
     dense = attngen.build(attngen.Spec(head_dim=d, dtype="bf16"))
     runtime = attngen.build(attngen.Spec(head_dim=d, dtype="bf16", mask={"kind": "runtime"}))
+    window_mod = "kv_idx <= q_idx && q_idx - kv_idx <= 1024"      # the window again, as a runtime mask_mod
+    runtime_window = attngen.build(attngen.Spec(head_dim=d, dtype="bf16", mask={"kind": "runtime"}, mask_mod=window_mod))
+    softcap = attngen.build(attngen.Spec(head_dim=d, dtype="bf16", mask={"kind": "causal"}, softcap=SOFTCAP))
     for seqlen in (int(s) for s in args.seqlens.split(",")):
         batch = max(1, 16384 // seqlen)
         inputs = make_inputs(batch, seqlen, heads, heads, d, "bf16")
         n = -(-seqlen // BLOCK)
         rng = np.random.default_rng(0)
+        window = BlockMask.from_pattern(SlidingWindow(1024, 0), seqlen, seqlen)
+        causal = BlockMask.from_pattern(Causal(), seqlen, seqlen)
         masks = {
             "random 25%": BlockMask.from_dense(rng.random((1, n, n)) < 0.25, seqlen, seqlen),
-            "sliding window 1024": BlockMask.from_pattern(SlidingWindow(1024, 0), seqlen, seqlen),
-            "causal": BlockMask.from_pattern(Causal(), seqlen, seqlen),
+            "sliding window 1024": window,
+            "window 1024 (CSR)": window,
+            "causal": causal,
+            "causal softcap 30": causal,
         }
         dense_tflops = 4.0 * batch * heads * seqlen * seqlen * d / time_ms(lambda q, k, v: dense(q, k, v), inputs) / 1e9
         for name, mask in masks.items():
             work = kept_flops(mask, batch, heads, d)
-            kernel = runtime
-            if mask.pattern is not None:   # the pattern compiled into the kernel as code
+            kernel, call = runtime, {"block_mask": mask}
+            if name == "window 1024 (CSR)":      # block-CSR tensors, the window evaluated by a mask_mod
+                kernel = runtime_window
+            elif name == "causal softcap 30":
+                kernel, call = softcap, {}
+            elif mask.pattern is not None:       # the pattern compiled into the kernel as code
                 kernel = attngen.build(attngen.Spec(head_dim=d, dtype="bf16", mask=mask.pattern.to_dict()))
-            ours = work / time_ms(lambda q, k, v: kernel(q, k, v, block_mask=mask), inputs) / 1e9
+                call = {}
+            ours = work / time_ms(lambda q, k, v: kernel(q, k, v, **call), inputs) / 1e9
             row = dict(seqlen=seqlen, mask=name, density=mask.density, attngen=ours, attngen_dense=dense_tflops,
                        plan=f"{kernel.plan.block_m}x{kernel.plan.block_n}x{kernel.plan.warps}x{kernel.plan.stages}")
             if not args.no_flex:

@@ -139,16 +139,35 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long 
     }
 }
 
-// ---- element-wise masking of one S tile (only the tiles that need it) -----------------------------
+// ---- run-time values the mask predicates and score modifiers read -------------------------------
+__device__ __forceinline__ int floor_div(int a, int b) {           // rounds toward -inf (a may be < 0)
+    const int q = a / b;
+    return q * b > a ? q - 1 : q;
+}
+
+struct ModContext {
+    int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+};
+
+
+
+// ---- masking of one S tile (only the tiles that need it) -----------------------------------------
 // Accumulator element e of n-tile nt in m-tile mi sits at row g (+8 for e >= 2), column 2t + (e & 1),
 // where g = lane / 4 and t = lane % 4 (the mma.sync m16n8 fp32 layout).
-// MASK_EXPR is the spec's mask pattern as code over (h, q_idx, kv_idx, seqlen_q, seqlen_k); true if none.
-__device__ __forceinline__ bool mask_visible(int h, int q_idx, int kv_idx, int seqlen_q, int seqlen_k) {
+enum MaskMode : int {
+    MASK_NONE = 0,        // every element of the tile is visible
+    MASK_BOUNDS = 1,      // hide keys past seqlen_k and above the causal diagonal
+    MASK_PREDICATE = 2,   // and evaluate the element predicate
+};
+
+// The element predicate: the spec's mask pattern as code over (h, q_idx, kv_idx); true if none.
+__device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q_idx, int kv_idx) {
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
     return true;
 }
 
-__device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], int h, int row0, int col0,
-                                           int seqlen_q, int seqlen_k, int causal_offset, int lane) {
+__device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], const ModContext& ctx, int h, int row0,
+                                           int col0, int causal_offset, bool predicate, int lane) {
 #pragma unroll
     for (int mi = 0; mi < M_TILES; ++mi) {
 #pragma unroll
@@ -157,13 +176,15 @@ __device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], 
             for (int e = 0; e < 4; ++e) {
                 const int row = row0 + mi * 16 + lane / 4 + (e >= 2 ? 8 : 0);
                 const int col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-                const bool hidden = col >= seqlen_k || (CAUSAL && col > row + causal_offset)
-                                    || !mask_visible(h, row, col, seqlen_q, seqlen_k);
+                // Rows past seqlen_q are never stored; hiding them keeps the predicate's reads in bounds.
+                const bool hidden = col >= ctx.seqlen_k || (CAUSAL && col > row + causal_offset)
+                                    || (predicate && (row >= ctx.seqlen_q || !mask_visible(ctx, h, row, col)));
                 if (hidden) s[mi][nt][e] = NEG_INF;
             }
         }
     }
 }
+
 
 // ---- online softmax in base 2 ----------------------------------------------------------------------
 // Each thread holds two rows per m-tile (g and g + 8); the four lanes of a quad share a row. The running
@@ -355,6 +376,12 @@ llama_gqa_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, c
     const int warp_row0 = warp * WARP_ROWS;                               // this warp's rows in the tile
     const int m_start = m_block * BLOCK_M;
 
+    ModContext ctx;
+    ctx.b = batch;
+    ctx.seqlen_q = seqlen_q;
+    ctx.seqlen_k = seqlen_k;
+    ctx.num_heads = heads_q;
+
     const elem_t* q_tile = q + batch * q_stride_b + head * q_stride_h + m_start * q_stride_s;
     const elem_t* k_head = k + batch * k_stride_b + kv_head * k_stride_h;
     const elem_t* v_head = v + batch * v_stride_b + kv_head * v_stride_h;
@@ -362,14 +389,17 @@ llama_gqa_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, c
     // Key tiles this query tile visits; the first n_unmasked need no element-wise mask.
     const int causal_offset = seqlen_k - seqlen_q;                       // bottom-right alignment
     int n_tiles = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
-    int n_unmasked = seqlen_k / BLOCK_N;
+    [[maybe_unused]] int n_unmasked = seqlen_k / BLOCK_N;
     const int last_key = m_start + BLOCK_M - 1 + causal_offset;          // seen by the tile's last row
     n_tiles = max(0, min(n_tiles, (last_key + BLOCK_N) / BLOCK_N));
     n_unmasked = max(0, min(n_unmasked, (m_start + causal_offset + 1) / BLOCK_N));
 
     // Dense schedule: key tiles 0 .. n_tiles-1 in order; only the tail and diagonal ones need a mask.
     auto kv_tile_of = [](int j) { return j; };
-    auto needs_mask = [&](int j) { return j >= n_unmasked; };
+    // How step j masks: partial tiles evaluate the element predicate, tiles cut by the sequence end or the causal diagonal hide those keys, the rest need nothing.
+    auto mask_mode = [&](int j) {
+        return j >= n_unmasked ? MASK_BOUNDS : MASK_NONE;
+    };
 
     // Step j of the schedule: its K tile and V tile into ring slot j % STAGES, one commit group each
     // (empty past the end, so the wait counts below stay uniform).
@@ -409,8 +439,10 @@ llama_gqa_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, c
         __syncthreads();
         float acc_s[M_TILES][BLOCK_N / 8][4];
         gemm_q_kt(acc_s, q_smem, k_smem + slot * K_TILE_BYTES, warp_row0, lane);
-        if (needs_mask(j)) {
-            apply_mask(acc_s, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N, seqlen_q, seqlen_k, causal_offset, lane);
+        const MaskMode mode = mask_mode(j);
+        if (mode != MASK_NONE) {
+            apply_mask(acc_s, ctx, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N, causal_offset,
+                       mode == MASK_PREDICATE, lane);
         }
         unsigned p_frag[M_TILES][BLOCK_N / 16][4];
         online_softmax(acc_s, acc_o, stats, p_frag, scale_log2);

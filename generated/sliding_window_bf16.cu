@@ -3,7 +3,6 @@
 // spec:
 //   head_dim:      128
 //   dtype:         bf16
-//   causal:        False
 //   head_dim_v:    128
 //   name:          sliding_window_bf16
 //   mask:          {'kind': 'sliding_window', 'left': 1024, 'right': 0}
@@ -46,10 +45,6 @@ constexpr int STAGES     = 2;   // K/V tiles in flight
 constexpr int THREADS    = WARPS * 32;
 constexpr int WARP_ROWS  = 16 * M_TILES;
 constexpr bool CAUSAL    = false;
-constexpr int MASK_BLOCK_M = 128;   // mask block rows; BLOCK_M divides it
-constexpr int MASK_BLOCK_N = 128;   // mask block columns; BLOCK_N divides it
-constexpr int TILES_PER_MASK_BLOCK = MASK_BLOCK_N / BLOCK_N;
-static_assert(MASK_BLOCK_M % BLOCK_M == 0 && MASK_BLOCK_N % BLOCK_N == 0, "tiles divide the mask blocks");
 #define NEG_INF __int_as_float(0xff800000u)   // -inf without the math headers
 
 // Shared-memory rows are padded by 16 bytes, so the 8 row addresses of each ldmatrix phase fall
@@ -142,16 +137,35 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long 
     }
 }
 
-// ---- element-wise masking of one S tile (only the tiles that need it) -----------------------------
+// ---- run-time values the mask predicates and score modifiers read -------------------------------
+__device__ __forceinline__ int floor_div(int a, int b) {           // rounds toward -inf (a may be < 0)
+    const int q = a / b;
+    return q * b > a ? q - 1 : q;
+}
+
+struct ModContext {
+    int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+};
+
+
+
+// ---- masking of one S tile (only the tiles that need it) -----------------------------------------
 // Accumulator element e of n-tile nt in m-tile mi sits at row g (+8 for e >= 2), column 2t + (e & 1),
 // where g = lane / 4 and t = lane % 4 (the mma.sync m16n8 fp32 layout).
-// MASK_EXPR is the spec's mask pattern as code over (h, q_idx, kv_idx, seqlen_q, seqlen_k); true if none.
-__device__ __forceinline__ bool mask_visible(int h, int q_idx, int kv_idx, int seqlen_q, int seqlen_k) {
+enum MaskMode : int {
+    MASK_NONE = 0,        // every element of the tile is visible
+    MASK_BOUNDS = 1,      // hide keys past seqlen_k
+    MASK_PREDICATE = 2,   // and evaluate the element predicate
+};
+
+// The element predicate: the spec's mask pattern as code over (h, q_idx, kv_idx); true if none.
+__device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q_idx, int kv_idx) {
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
     return (kv_idx >= (q_idx + seqlen_k - seqlen_q) - 1024 && kv_idx <= (q_idx + seqlen_k - seqlen_q) + 0);
 }
 
-__device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], int h, int row0, int col0,
-                                           int seqlen_q, int seqlen_k, int causal_offset, int lane) {
+__device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], const ModContext& ctx, int h, int row0,
+                                           int col0, int causal_offset, bool predicate, int lane) {
 #pragma unroll
     for (int mi = 0; mi < M_TILES; ++mi) {
 #pragma unroll
@@ -160,12 +174,55 @@ __device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], 
             for (int e = 0; e < 4; ++e) {
                 const int row = row0 + mi * 16 + lane / 4 + (e >= 2 ? 8 : 0);
                 const int col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-                const bool hidden = col >= seqlen_k || (CAUSAL && col > row + causal_offset)
-                                    || !mask_visible(h, row, col, seqlen_q, seqlen_k);
+                // Rows past seqlen_q are never stored; hiding them keeps the predicate's reads in bounds.
+                const bool hidden = col >= ctx.seqlen_k || (CAUSAL && col > row + causal_offset)
+                                    || (predicate && (row >= ctx.seqlen_q || !mask_visible(ctx, h, row, col)));
                 if (hidden) s[mi][nt][e] = NEG_INF;
             }
         }
     }
+}
+
+// ---- the key tiles one query tile visits, from the pattern's tile predicates -----------------------
+// A tile is kept if some element may be visible; full if every element is (no element mask then).
+constexpr int PARTIAL_TILE = 1 << 30;            // list entry flag: the tile needs the element predicate
+
+__device__ __forceinline__ bool tile_kept(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    return (((q_hi + seqlen_k - seqlen_q) - kv_lo) >= 0 && ((q_lo + seqlen_k - seqlen_q) - kv_hi) <= 1024);
+}
+__device__ __forceinline__ bool tile_full(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    return (((q_lo + seqlen_k - seqlen_q) - kv_hi) >= 0 && ((q_hi + seqlen_k - seqlen_q) - kv_lo) <= 1024);
+}
+
+// Every thread classifies key tiles tid, tid + THREADS, ...; a ballot and the warps' counts place the
+// kept ones in ascending order. Returns how many there are. warp_counts: WARPS ints of shared memory.
+__device__ int list_key_tiles(int* tile_list, int* warp_counts, const ModContext& ctx, int h, int q_lo, int q_hi,
+                              int tid) {
+    const int lane = tid % 32, warp = tid / 32;
+    const int n_kv_tiles = (ctx.seqlen_k + BLOCK_N - 1) / BLOCK_N;
+    int listed = 0;
+    for (int base = 0; base < n_kv_tiles; base += THREADS) {
+        const int tile = base + tid;
+        bool kept = false, full = false;
+        if (tile < n_kv_tiles) {
+            const int kv_lo = tile * BLOCK_N, kv_hi = min(kv_lo + BLOCK_N, ctx.seqlen_k) - 1;
+            kept = tile_kept(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
+            full = kept && tile_full(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
+        }
+        const unsigned ballot = __ballot_sync(0xffffffffu, kept);
+        if (lane == 0) warp_counts[warp] = __popc(ballot);
+        __syncthreads();
+        int offset = listed;
+        for (int w = 0; w < WARPS; ++w) {
+            offset += w < warp ? warp_counts[w] : 0;
+            listed += warp_counts[w];
+        }
+        if (kept) tile_list[offset + __popc(ballot & ((1u << lane) - 1u))] = tile | (full ? 0 : PARTIAL_TILE);
+        __syncthreads();                                                 // warp_counts is reused
+    }
+    return listed;
 }
 
 // ---- online softmax in base 2 ----------------------------------------------------------------------
@@ -340,10 +397,7 @@ sliding_window_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__
     long long k_stride_b, long long k_stride_s, long long k_stride_h,
     long long v_stride_b, long long v_stride_s, long long v_stride_h,
     long long o_stride_b, long long o_stride_s, long long o_stride_h,
-    int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2,
-    const int* __restrict__ full_row_ptr, const int* __restrict__ full_cols,
-    const int* __restrict__ partial_row_ptr, const int* __restrict__ partial_cols,
-    int mask_heads, int mask_q_blocks)
+    int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     // Shared-window byte addresses of the Q tile (which also stages the O tile) and the K/V rings.
@@ -352,6 +406,7 @@ sliding_window_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__
     const unsigned q_smem = smem_addr(smem_raw);
     const unsigned k_smem = q_smem + Q_TILE_BYTES;                        // STAGES x [BLOCK_N][K_STRIDE]
     const unsigned v_smem = k_smem + STAGES * K_TILE_BYTES;               // STAGES x [BLOCK_N][V_STRIDE]
+    constexpr int TILE_LIST_OFFSET = Q_TILE_BYTES + STAGES * (K_TILE_BYTES + V_TILE_BYTES);   // then WARPS + n_kv_tiles ints
 
     // Heavy query tiles first: under causal masking the last tiles see the most keys.
     const int m_block = blockIdx.x;
@@ -361,6 +416,12 @@ sliding_window_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__
     const int warp_row0 = warp * WARP_ROWS;                               // this warp's rows in the tile
     const int m_start = m_block * BLOCK_M;
 
+    ModContext ctx;
+    ctx.b = batch;
+    ctx.seqlen_q = seqlen_q;
+    ctx.seqlen_k = seqlen_k;
+    ctx.num_heads = heads_q;
+
     const elem_t* q_tile = q + batch * q_stride_b + head * q_stride_h + m_start * q_stride_s;
     const elem_t* k_head = k + batch * k_stride_b + kv_head * k_stride_h;
     const elem_t* v_head = v + batch * v_stride_b + kv_head * v_stride_h;
@@ -368,23 +429,20 @@ sliding_window_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__
     // Key tiles this query tile visits; the first n_unmasked need no element-wise mask.
     const int causal_offset = seqlen_k - seqlen_q;                       // bottom-right alignment
     int n_tiles = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
-    int n_unmasked = seqlen_k / BLOCK_N;
+    [[maybe_unused]] int n_unmasked = seqlen_k / BLOCK_N;
 
-    // Block-sparse schedule: the kept mask blocks of this query tile's mask row (block-CSR), full blocks
-    // first (no element mask unless cut by the sequence end), then partial ones; a mask block spans
-    // TILES_PER_MASK_BLOCK key tiles. Query tiles with no kept block run no step at all.
-    const int mask_row = (mask_heads == 1 ? 0 : head) * mask_q_blocks + m_start / MASK_BLOCK_M;
-    const int full_begin = full_row_ptr[mask_row], partial_begin = partial_row_ptr[mask_row];
-    const int n_full_tiles = (full_row_ptr[mask_row + 1] - full_begin) * TILES_PER_MASK_BLOCK;
-    n_tiles = n_full_tiles + (partial_row_ptr[mask_row + 1] - partial_begin) * TILES_PER_MASK_BLOCK;
-    auto kv_tile_of = [&](int j) {
-        const bool full = j < n_full_tiles;
-        const int step = full ? j : j - n_full_tiles;
-        const int block = full ? full_cols[full_begin + step / TILES_PER_MASK_BLOCK]
-                               : partial_cols[partial_begin + step / TILES_PER_MASK_BLOCK];
-        return block * TILES_PER_MASK_BLOCK + step % TILES_PER_MASK_BLOCK;
+    // Pattern schedule: the mask is code; the CTA lists the kept key tiles of its query rows in shared
+    // memory (after the K/V ring) before the first load. Query tiles with no kept tile run no step.
+    int* const warp_counts = reinterpret_cast<int*>(smem_raw + TILE_LIST_OFFSET);
+    int* const tile_list = warp_counts + WARPS;
+    n_tiles = list_key_tiles(tile_list, warp_counts, ctx, head, m_start, min(m_start + BLOCK_M, seqlen_q) - 1, tid);
+    auto kv_tile_of = [&](int j) { return tile_list[j] & ~PARTIAL_TILE; };
+    auto partial = [&](int j) { return (tile_list[j] & PARTIAL_TILE) != 0; };
+    // How step j masks: partial tiles evaluate the element predicate, tiles cut by the sequence end hide those keys, the rest need nothing.
+    auto mask_mode = [&](int j) {
+        if (partial(j)) return MASK_PREDICATE;
+        return (kv_tile_of(j) + 1) * BLOCK_N > seqlen_k ? MASK_BOUNDS : MASK_NONE;
     };
-    auto needs_mask = [&](int j) { return j >= n_full_tiles || (kv_tile_of(j) + 1) * BLOCK_N > seqlen_k; };
 
     // Step j of the schedule: its K tile and V tile into ring slot j % STAGES, one commit group each
     // (empty past the end, so the wait counts below stay uniform).
@@ -424,8 +482,10 @@ sliding_window_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__
         __syncthreads();
         float acc_s[M_TILES][BLOCK_N / 8][4];
         gemm_q_kt(acc_s, q_smem, k_smem + slot * K_TILE_BYTES, warp_row0, lane);
-        if (needs_mask(j)) {
-            apply_mask(acc_s, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N, seqlen_q, seqlen_k, causal_offset, lane);
+        const MaskMode mode = mask_mode(j);
+        if (mode != MASK_NONE) {
+            apply_mask(acc_s, ctx, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N, causal_offset,
+                       mode == MASK_PREDICATE, lane);
         }
         unsigned p_frag[M_TILES][BLOCK_N / 16][4];
         online_softmax(acc_s, acc_o, stats, p_frag, scale_log2);

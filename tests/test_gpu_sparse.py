@@ -74,37 +74,79 @@ PATTERNS = [
     {"kind": "causal"},
     {"kind": "sliding_window", "left": 100, "right": 0},
     {"kind": "sliding_window", "left": 64, "right": 64, "block_size": 64},
-    {"kind": "longformer", "window": 96, "global_tokens": [0, 5]},
+    {"kind": "longformer", "window": 96, "global_tokens": [0, 5, 200]},
+    {"kind": "bigbird", "window": 3, "global_tokens": [0, 1], "random_blocks": 2, "block_size": 64, "seed": 3},
+    {"kind": "bigbird", "window": 1, "global_tokens": [], "random_blocks": 1, "block_size": 128, "seed": 0},
     {"kind": "dilated", "window": 16, "dilation": 3},
     {"kind": "strided", "stride": 64},
-    {"kind": "document", "seq_lens": [100, 250, 37]},
+    {"kind": "fixed", "stride": 50, "summary": 4},
+    {"kind": "or", "of": [{"kind": "sliding_window", "left": 30, "right": 0}, {"kind": "strided", "stride": 97}]},
 ]
 
 
+def element_mask(pattern, heads, sq, sk):
+    element = pattern.element(np.arange(heads)[:, None, None], np.arange(sq)[None, :, None],
+                              np.arange(sk)[None, None, :], sq, sk)
+    return np.broadcast_to(element, (heads, sq, sk))
+
+
+@pytest.mark.parametrize("seqlens", [(387, 387), (300, 517), (517, 203), (1, 113)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("mask_section", PATTERNS, ids=lambda m: m["kind"] + str(m.get("block_size", "")))
-def test_patterns_compiled_as_code(mask_section):
-    sq = sk = 387
+def test_patterns_compiled_as_code(mask_section, seqlens):
+    sq, sk = seqlens
     spec = attngen.Spec(head_dim=64, dtype="bf16", mask=mask_section)
     kernel = attngen.build(spec)
-    pattern = spec.mask_pattern
-    element = pattern.element(np.arange(4)[:, None, None], np.arange(sq)[None, :, None],
-                              np.arange(sk)[None, None, :], sq, sk)
-    element = np.broadcast_to(element, (4, sq, sk))
-    q, k, v = inputs(17, 2, sq, sk, 4, 4, 64)
-    run_and_check(kernel, q, k, v, element)
+    assert "full_row_ptr" not in kernel.source                   # no index tensor: the mask is code
+    q, k, v = inputs(17, 2, sq, sk, 4, 2, 64)                     # GQA 2:1
+    run_and_check(kernel, q, k, v, element_mask(spec.mask_pattern, 4, sq, sk))
 
 
-def test_pattern_mask_and_runtime_mask_give_the_same_output():
-    # The same sliding window, once as code, once as an explicit block-CSR built from the pattern.
+def test_document_and_layout_patterns_compiled_as_code(tmp_path):
+    n = 451
+    doc = attngen.Spec(head_dim=128, dtype="fp16", mask={"kind": "and", "of": [
+        {"kind": "document", "seq_lens": [100, 250, 101]}, {"kind": "causal"}]})
+    q, k, v = inputs(2, 1, n, n, 2, 2, 128, torch.float16)
+    run_and_check(attngen.build(doc), q, k, v, element_mask(doc.mask_pattern, 2, n, n))
+    layout = np.random.default_rng(0).random((2, 8, 8)) < 0.4           # per-head, 64 x 64 blocks
+    np.save(tmp_path / "layout.npy", layout)
+    spec = attngen.Spec(head_dim=64, dtype="bf16", mask={"kind": "layout", "path": str(tmp_path / "layout.npy"),
+                                                       "block_size": 64})
+    q, k, v = inputs(4, 2, n, n, 2, 1, 64)
+    out, lse = run_and_check(attngen.build(spec), q, k, v, element_mask(spec.mask_pattern, 2, n, n))
+
+
+def test_pattern_kernel_and_runtime_kernel_agree():
+    # A sliding window as code, and as a block-CSR from the same pattern with the window as a mask_mod.
     sq = sk = 640
     section = {"kind": "sliding_window", "left": 128, "right": 0}
     coded = attngen.build(attngen.Spec(head_dim=128, dtype="bf16", mask=section))
+    runtime = attngen.build(attngen.Spec(head_dim=128, dtype="bf16", mask={"kind": "runtime"},
+                                         mask_mod="kv_idx >= q_idx + seqlen_k - seqlen_q - 128 && "
+                                                  "kv_idx <= q_idx + seqlen_k - seqlen_q"))
     q, k, v = inputs(5, 1, sq, sk, 2, 2, 128)
-    out_code, _ = coded(q, k, v)
+    elements = element_mask(coded.spec.mask_pattern, 2, sq, sk)
+    out_code, lse_code = run_and_check(coded, q, k, v, elements)
     block_mask = BlockMask.from_pattern(coded.spec.mask_pattern, sq, sk, block_size=(128, 128))
-    out_csr, _ = coded(q, k, v, block_mask=block_mask)
-    torch.cuda.synchronize()
-    assert torch.equal(out_code, out_csr)
+    out_csr, lse_csr = run_and_check(runtime, q, k, v, elements, block_mask=block_mask)
+    assert (out_code.float() - out_csr.float()).abs().max().item() < 2e-2
+    assert (lse_code - lse_csr).abs().max().item() < 1e-3
+    with pytest.raises(ValueError, match="as code"):
+        coded(q, k, v, block_mask=block_mask)
+
+
+def test_fully_masked_query_tiles_write_zero_and_neg_inf():
+    # seqlen_q > seqlen_k with causal alignment: the first 300 rows see no key at all.
+    spec = attngen.Spec(head_dim=64, dtype="bf16", mask={"kind": "causal"})
+    q, k, v = inputs(9, 1, 500, 200, 2, 2, 64)
+    out, lse = run_and_check(attngen.build(spec), q, k, v, element_mask(spec.mask_pattern, 2, 500, 200))
+    assert torch.all(out[:, :300] == 0) and torch.all(torch.isneginf(lse[:, :, :300]))
+
+
+def test_long_sequence_tile_list():
+    # 16384 keys: 512 key tiles listed in shared memory per CTA.
+    spec = attngen.Spec(head_dim=64, dtype="bf16", mask={"kind": "sliding_window", "left": 700, "right": 0})
+    q, k, v = inputs(6, 1, 64, 16384, 1, 1, 64)
+    run_and_check(attngen.build(spec), q, k, v, element_mask(spec.mask_pattern, 1, 64, 16384))
 
 
 def test_runtime_kernel_refuses_pattern_masks_with_partial_blocks():

@@ -187,7 +187,7 @@ def eval_c_expr(expr: str, env: dict, shape) -> np.ndarray:
     non-negative dividend and a positive divisor wherever short-circuiting lets them run, so
     floor division equals C's truncating division there.
     """
-    assert re.fullmatch(r"[a-z_0-9\s()+\-*/%<>=&|]*", expr), expr
+    assert re.fullmatch(r"[a-z_0-9\s()+\-*/%<>=&|,]*", expr), expr
     py = expr.replace("&&", " and ").replace("||", " or ").replace("/", "//")
     env = dict(env, true=np.True_, false=np.False_)
 
@@ -214,6 +214,9 @@ def eval_c_expr(expr: str, env: dict, shape) -> np.ndarray:
             assert len(node.ops) == 1 and type(node.ops[0]) in _COMPARE, ast.dump(node)
             left, right = ints(ev(node.left, active)), ints(ev(node.comparators[0], active))
             return _COMPARE[type(node.ops[0])](left, right)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in env:
+            args = [np.broadcast_to(ints(ev(a, active)), shape) for a in node.args]
+            return env[node.func.id](active, *args)
         if isinstance(node, ast.Name) and node.id in env:
             return env[node.id]
         if isinstance(node, ast.Constant) and type(node.value) is int:
@@ -223,10 +226,39 @@ def eval_c_expr(expr: str, env: dict, shape) -> np.ndarray:
     return np.broadcast_to(ev(ast.parse(py, mode="eval").body, np.ones(shape, bool)) != 0, shape)
 
 
-def c_mask(expr, heads, sq, sk):
+def c_functions(pattern, sq, sk) -> dict:
+    """The kernel's helper functions: floor_div, and block_bit over the pattern's block table."""
+    def floor_div(active, a, b):
+        return np.floor_divide(a, np.where(b > 0, b, 1))
+
+    def block_bit(active, h, q_block, kv_block):
+        table = pattern.block_table(sq, sk)
+        assert np.all(~active | ((q_block >= 0) & (q_block < table.shape[1]) & (kv_block >= 0)
+                                 & (kv_block < table.shape[2]))), "block_bit out of the table"
+        head = h if table.shape[0] > 1 else np.zeros_like(h)
+        clip = lambda x, n: np.clip(x, 0, n - 1)  # noqa: E731  (inactive lanes read nothing in C)
+        return table[clip(head, table.shape[0]), clip(q_block, table.shape[1]), clip(kv_block, table.shape[2])]
+
+    return dict(floor_div=floor_div, block_bit=block_bit)
+
+
+def c_mask(expr, heads, sq, sk, pattern=None):
     h, q, kv = grid(heads, sq, sk)
-    env = dict(h=h, q_idx=q, kv_idx=kv, seqlen_q=np.int64(sq), seqlen_k=np.int64(sk))
+    env = dict(h=h, q_idx=q, kv_idx=kv, seqlen_q=np.int64(sq), seqlen_k=np.int64(sk), **c_functions(pattern, sq, sk))
     return eval_c_expr(expr, env, (heads, sq, sk))
+
+
+def c_tiles(exprs, pattern, heads, sq, sk, tile):
+    """Evaluate (kept, full) tile expressions over every tile of a [heads, sq, sk] grid of tile x tile."""
+    rows, cols = tile
+    h = np.arange(heads)[:, None, None]
+    q_lo = (np.arange(math.ceil(sq / rows)) * rows)[None, :, None]
+    kv_lo = (np.arange(math.ceil(sk / cols)) * cols)[None, None, :]
+    shape = (heads, q_lo.shape[1], kv_lo.shape[2])
+    env = dict(h=h, q_lo=q_lo, q_hi=np.minimum(q_lo + rows, sq) - 1, kv_lo=kv_lo,
+               kv_hi=np.minimum(kv_lo + cols, sk) - 1, seqlen_q=np.int64(sq), seqlen_k=np.int64(sk),
+               **c_functions(pattern, sq, sk))
+    return tuple(eval_c_expr(e, env, shape) for e in exprs)
 
 
 def test_c_evaluator_rejects_what_c_reads_differently():
@@ -259,11 +291,29 @@ def test_element_matches_brute_force(pattern, heads, sq, sk):
 
 @pytest.mark.parametrize("pattern,heads,sq,sk", CASES)
 def test_cuda_expr_means_element(pattern, heads, sq, sk):
-    expr = pattern.cuda_expr()
-    closed_form = not isinstance(pattern, (BigBird, Layout)) and "bigbird" not in pattern.name
-    assert (expr is not None) == closed_form
-    if expr is not None:
-        np.testing.assert_array_equal(c_mask(expr, heads, sq, sk), brute_mask(pattern, heads, sq, sk))
+    np.testing.assert_array_equal(c_mask(pattern.cuda_expr(), heads, sq, sk, pattern),
+                                  brute_mask(pattern, heads, sq, sk))
+
+
+# Patterns whose tile predicates are exact (kept iff some element is visible, full iff all are).
+EXACT_TILE_KINDS = ("causal", "sliding_window", "longformer", "document", "layout")
+
+
+@pytest.mark.parametrize("pattern,heads,sq,sk", CASES)
+def test_cuda_tile_expr_bounds_the_elements(pattern, heads, sq, sk):
+    """kept holds for every tile with a visible element, full only for tiles with nothing hidden; both
+    exact for the simple patterns. Tiles divide the block table's blocks (as the planner ensures)."""
+    table = pattern.table_block_size
+    tiles = [table, (table[0] // 2, table[1] // 2)] if table else [(16, 8), (32, 32), (1, 1), (64, 16)]
+    elements = brute_mask(pattern, heads, sq, sk)
+    for tile in tiles:
+        kept, full = c_tiles(pattern.cuda_tile_expr(), pattern, heads, sq, sk, tile)
+        any_visible, all_visible = brute_blocks(elements, tile)
+        assert np.all(kept | ~any_visible), f"tile {tile}: a tile with visible elements is not kept"
+        assert np.all(all_visible | ~full), f"tile {tile}: a tile with hidden elements is called full"
+        if pattern.kind in EXACT_TILE_KINDS:
+            np.testing.assert_array_equal(kept, any_visible)
+            np.testing.assert_array_equal(full, all_visible)
 
 
 @pytest.mark.parametrize("pattern", GENERAL_PATTERNS + [Document((3, 4, 5))], ids=lambda p: p.name)
@@ -312,7 +362,13 @@ def test_combinators_flatten_and_combine_exprs():
     assert (p | q).parts == (p,) + q.parts
     assert (p & q).cuda_expr() == f"({p.parts[0].cuda_expr()} && {p.parts[1].cuda_expr()} && "\
                                   f"{p.parts[2].cuda_expr()} && {q.cuda_expr()})"
-    assert (p & BigBird(3)).cuda_expr() is None
+    kept, full = (p & q).cuda_tile_expr()
+    assert kept == "(" + " && ".join(x.cuda_tile_expr()[0] for x in p.parts + (q,)) + ")"
+    assert full == "(" + " && ".join(x.cuda_tile_expr()[1] for x in p.parts + (q,)) + ")"
+    assert "block_bit" in (p & BigBird(3, random_blocks=1)).cuda_expr()
+    assert "block_bit" not in BigBird(3).cuda_expr()            # no random blocks: no table
+    with pytest.raises(SpecError, match="at most one part backed by a block table"):
+        BigBird(3, random_blocks=1) | random_layout(0, 1, 32, 32)
     assert p.name == "causal_and_sliding_window_4_0_and_strided_2"
     assert hash(p) == hash(Causal() & SlidingWindow(4) & Strided(2))
     with pytest.raises(TypeError):

@@ -25,6 +25,16 @@ def compiled(spec, arch):
     return plan, source, nvrtc_compile(source, spec.name, arch, kernel_name(spec))
 
 
+def built(spec, arch):
+    """What `attngen build` keeps: the first ranked candidate that ptxas compiles without spilling."""
+    from attngen.api import plan_and_compile
+    from attngen.device import preset
+
+    compile_source = lambda source, plan: (nvrtc_compile(source, spec.name, arch, kernel_name(spec)), None)  # noqa: E731
+    plan, source, (binary, _) = plan_and_compile(spec, preset(arch), compile_source)
+    return plan, source, binary
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -173,6 +183,8 @@ MASK_SECTIONS = [
     {"kind": "causal"},
     {"kind": "sliding_window", "left": 1024, "right": 0},
     {"kind": "longformer", "window": 256, "global_tokens": [0, 1]},
+    {"kind": "bigbird", "window": 3, "global_tokens": [0], "random_blocks": 2, "block_size": 128, "seed": 0},
+    {"kind": "bigbird", "window": 3, "global_tokens": [0, 1], "random_blocks": 3, "block_size": 64, "seed": 1},
     {"kind": "strided", "stride": 128},
     {"kind": "fixed", "stride": 128, "summary": 8},
     {"kind": "dilated", "window": 64, "dilation": 2},
@@ -185,20 +197,49 @@ MASK_SECTIONS = [
 @pytest.mark.parametrize("mask", MASK_SECTIONS, ids=lambda m: m["kind"] + str(m.get("block_size", "")))
 def test_block_sparse_variants_compile_without_spills(mask, arch):
     spec = attngen.Spec(head_dim=128, dtype="bf16", mask=mask)
-    plan, source, binary = compiled(spec, arch)
-    rows, cols = spec.mask_block_size
-    assert rows % plan.block_m == 0 and cols % plan.block_n == 0
-    assert "full_row_ptr" in source and "TILES_PER_MASK_BLOCK" in source
+    plan, source, binary = built(spec, arch)
     pattern = spec.mask_pattern
-    expr = pattern.cuda_expr() if pattern is not None else None
-    assert ("return " + expr + ";" if expr else "return true;") in source
+    if pattern is None or pattern.table_block_size is not None:     # tiles lie inside one mask block
+        rows, cols = spec.mask_block_size
+        assert rows % plan.block_m == 0 and cols % plan.block_n == 0
+    if pattern is None:                                              # runtime layout: block-CSR tensors
+        assert "full_row_ptr" in source and "TILES_PER_MASK_BLOCK" in source and "return true;" in source
+    else:                                                            # the mask as code, no index tensor
+        assert "full_row_ptr" not in source and "list_key_tiles" in source
+        kept, full = pattern.cuda_tile_expr()
+        for expr in (pattern.cuda_expr(), kept, full):
+            assert "return " + expr + ";" in source
+        assert ("block_bits" in source) == (pattern.table_block_size is not None)
     assert binary.resources.spill_bytes == 0
 
 
-def test_patterns_without_a_kernel_predicate_are_refused():
-    bigbird = {"kind": "bigbird", "window": 3, "global_tokens": [0], "random_blocks": 2, "block_size": 128, "seed": 0}
-    with pytest.raises(attngen.SpecError, match="kind: runtime"):
-        attngen.Spec(head_dim=64, mask=bigbird)
+MOD_SPECS = [
+    dict(softcap=30.0),
+    dict(alibi=True, causal=True),
+    dict(softcap=50.0, alibi=True, mask={"kind": "sliding_window", "left": 256, "right": 0}),
+    dict(score_mod="score * scale_by[h]", tensors={"scale_by": {"dtype": "float32", "shape": ["heads"]}}),
+    dict(mask_mod="doc[q_idx] == doc[kv_idx]", tensors={"doc": {"dtype": "int32", "shape": ["seqlen_k"]}}),
+    dict(mask_mod="(q_idx / 7) % 2 == (kv_idx / 7) % 2", mask={"kind": "causal"}),
+    dict(mask_mod="kv_idx % 3 != 0", mask={"kind": "runtime"}),
+    dict(score_mod="score - fabsf(bias[b * num_heads + h]) * (q_idx - kv_idx)", causal=True,
+         tensors={"bias": {"dtype": "float32", "shape": ["batch", "heads"]}}),
+]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("mods", MOD_SPECS, ids=lambda m: "-".join(sorted(m)))
+def test_score_and_mask_mods_compile_without_spills(mods, head_dim, arch):
+    spec = attngen.Spec(head_dim=head_dim, dtype="bf16", **mods)
+    plan, source, binary = built(spec, arch)
+    assert binary.resources.spill_bytes == 0
+    assert ("apply_score_mods" in source) == bool({"softcap", "alibi", "score_mod"} & set(mods))
+    assert ("tanh_approx" in source) == ("softcap" in mods)
+    for expr in (mods.get("score_mod"), mods.get("mask_mod")):
+        if expr:
+            assert expr in source
+    for name in mods.get("tensors", {}):
+        assert f"const float* __restrict__ {name}" in source or f"const int* __restrict__ {name}" in source
 
 
 def test_causal_flag_with_a_mask_is_refused():

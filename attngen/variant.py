@@ -1,0 +1,67 @@
+"""Variant: what a spec asks of the kernel beyond plain attention, in the terms the templates, the
+planner and the launcher share (the key-tile schedule, the predicates, the score modifiers and the
+run-time arguments they need). A pure function of the spec.
+
+Schedules:
+- ``dense``: key tiles 0..n-1 in order (bounded by causality); only tails and the diagonal are masked.
+- ``pattern``: the mask is code. Each CTA classifies every key tile with the pattern's tile predicates
+  (kept / full) and lists the kept ones in shared memory; no index tensor is read.
+- ``runtime``: the kept blocks come from a BlockMask's block-CSR tensors given at call time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from .expressions import TensorDecl, tensor_decls
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class Variant:
+    schedule: str                       # "dense" | "pattern" | "runtime"
+    mask_expr: str                      # the pattern's element predicate ("true": none)
+    tile_kept: str                      # the pattern's tile predicates (schedule "pattern")
+    tile_full: str
+    mask_block: tuple[int, int]         # block-CSR block size (schedule "runtime"), else (0, 0)
+    block_table: bool                   # the pattern reads a block table through block_bit()
+    mask_mod: str | None
+    score_mod: str | None
+    softcap: float | None
+    alibi: bool
+    tensors: tuple[TensorDecl, ...]
+
+    @property
+    def score_mods(self) -> bool:
+        """Scores are modified before the softmax (the kernel then works in natural units)."""
+        return self.softcap is not None or self.alibi or self.score_mod is not None
+
+    @property
+    def predicate_everywhere(self) -> bool:
+        """A user mask_mod has no tile predicate: every visited tile evaluates the element predicate."""
+        return self.mask_mod is not None
+
+    @property
+    def predicate_cost(self) -> int:
+        """Integer divisions/remainders in the predicates (each holds registers in masked tiles)."""
+        text = self.mask_expr + (self.mask_mod or "")
+        return text.count("/") + text.count("%")
+
+
+@functools.lru_cache(maxsize=256)
+def variant_of(spec: Spec) -> Variant:
+    pattern = spec.mask_pattern
+    if spec.mask is None:
+        schedule, mask_expr, kept, full = "dense", "true", "true", "true"
+    elif pattern is None:
+        schedule, mask_expr, kept, full = "runtime", "true", "true", "true"
+    else:
+        schedule, mask_expr = "pattern", pattern.cuda_expr()
+        kept, full = pattern.cuda_tile_expr()
+    return Variant(
+        schedule=schedule, mask_expr=mask_expr, tile_kept=kept, tile_full=full,
+        mask_block=spec.mask_block_size if schedule == "runtime" else (0, 0),
+        block_table=pattern is not None and pattern.table_block_size is not None,
+        mask_mod=spec.mask_mod, score_mod=spec.score_mod, softcap=spec.softcap, alibi=spec.alibi,
+        tensors=tensor_decls(spec.tensors))
