@@ -67,15 +67,29 @@ def build(spec: Spec, device: int | None = None) -> Kernel:
         return _kernels.setdefault(key, kernel)
 
 
-def spec_for_inputs(q, k, v, causal: bool) -> Spec:
-    """The spec a call needs: head dims and dtype from the inputs; heads and scale stay run-time values."""
+UNBOUNDED_WINDOW = 1 << 30    # a window side of -1 (FlashAttention's "no limit") as a number
+
+
+def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: bool = False) -> Spec:
+    """The spec a call needs: head dims and dtype from the inputs, the modifiers from the keywords; heads,
+    scale and ALiBi slopes stay run-time values. A window (left, right) becomes a sliding-window mask
+    (causal clips right to 0), as FlashAttention's window_size does."""
     qv, vv = _view("q", q), _view("v", v)
     if len(qv.shape) != 4 or len(vv.shape) != 4:
         raise ValueError(f"q, v: expected 4 dims [batch, seqlen, heads, head_dim], got {qv.shape} and {vv.shape}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected True or False, got {causal!r}")
+    extra = {"softcap": softcap, "alibi": alibi}
+    if window is not None:
+        ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
+        if not ok:
+            raise ValueError(f"window: expected (left, right) ints >= 0, or -1 for no limit; got {window!r}")
+        left, right = (UNBOUNDED_WINDOW if w == -1 else w for w in window)
+        extra["mask"] = {"kind": "sliding_window", "left": left, "right": 0 if causal else right}
+        causal = False
     try:
-        return Spec(head_dim=qv.shape[3], head_dim_v=vv.shape[3], dtype=qv.dtype, causal=causal)
+        return Spec(head_dim=qv.shape[3], head_dim_v=vv.shape[3], dtype=qv.dtype, causal=causal, **extra)
     except SpecError as exc:
         argument = {"head_dim": "q", "head_dim_v": "v", "dtype": "q"}.get(exc.field, exc.field)
         what = {"head_dim": "head_dim (last dim)", "head_dim_v": "head_dim_v (last dim)"}.get(exc.field, exc.field)
@@ -83,13 +97,17 @@ def spec_for_inputs(q, k, v, causal: bool) -> Spec:
             f"{argument}: {what} {exc.value!r} is not supported; allowed: {exc.allowed}") from None
 
 
-def attention(q, k, v, causal: bool = False, scale: float | None = None, return_lse: bool = False):
-    """softmax(scale * q k^T [causal mask]) v, compiled for these inputs on first use and cached.
+def attention(q, k, v, causal: bool = False, scale: float | None = None, return_lse: bool = False, *,
+              window=None, softcap: float | None = None, alibi_slopes=None):
+    """softmax(scale * q k^T [modified, masked]) v, compiled for these inputs on first use and cached.
 
     q [batch, seqlen_q, heads_q, head_dim], k [batch, seqlen_k, heads_kv, head_dim],
     v [batch, seqlen_k, heads_kv, head_dim_v]; torch CUDA tensors or CuPy arrays, fp16 or bf16.
+    window=(left, right): each query sees keys within left before and right after its (bottom-right
+    aligned) position, -1 for no limit; softcap: scores become softcap * tanh(score / softcap);
+    alibi_slopes: fp32 [heads_q] or [batch, heads_q], adds -slope * |i + seqlen_k - seqlen_q - j|.
     Returns out (same library, dtype and device as q), and lse [batch, heads_q, seqlen_q] fp32 if asked."""
-    spec = spec_for_inputs(q, k, v, causal)
+    spec = spec_for_inputs(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None)
     kernel = build(spec, _view("q", q).device)
-    out, lse = kernel(q, k, v, scale=scale)
+    out, lse = kernel(q, k, v, scale=scale, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out

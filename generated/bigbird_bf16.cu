@@ -420,8 +420,8 @@ bigbird_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
     const unsigned v_smem = k_smem + STAGES * K_TILE_BYTES;               // STAGES x [BLOCK_N][V_STRIDE]
     constexpr int TILE_LIST_OFFSET = Q_TILE_BYTES + STAGES * (K_TILE_BYTES + V_TILE_BYTES);   // then WARPS + n_kv_tiles ints
 
-    // Heavy query tiles first: under causal masking the last tiles see the most keys.
-    const int m_block = blockIdx.x;
+    // Heavy query tiles first: under causal masking (and causal-like patterns) the last tiles see the most keys.
+    const int m_block = gridDim.x - 1 - blockIdx.x;
     const int head = blockIdx.y, batch = blockIdx.z;
     const int kv_head = head / group_size;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;

@@ -365,7 +365,6 @@ d256_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const 
     const unsigned k_smem = q_smem + Q_TILE_BYTES;                        // STAGES x [BLOCK_N][K_STRIDE]
     const unsigned v_smem = k_smem + STAGES * K_TILE_BYTES;               // STAGES x [BLOCK_N][V_STRIDE]
 
-    // Heavy query tiles first: under causal masking the last tiles see the most keys.
     const int m_block = blockIdx.x;
     const int head = blockIdx.y, batch = blockIdx.z;
     const int kv_head = head / group_size;

@@ -6,8 +6,8 @@
 //   head_dim_v:    128
 //   name:          document_ids_mask_mod_bf16
 //   mask:          {'kind': 'causal'}
-//   mask_mod:      doc[q_idx] == doc[kv_idx]
-//   tensors:       {'doc': {'dtype': 'int32', 'shape': ['seqlen_k']}}
+//   mask_mod:      doc_q[q_idx] == doc_kv[kv_idx]
+//   tensors:       {'doc_q': {'dtype': 'int32', 'shape': ['seqlen_q']}, 'doc_kv': {'dtype': 'int32', 'shape': ['seqlen_k']}}
 // plan (sm_90):
 //   arch:                sm_90
 //   block_m:             128
@@ -147,15 +147,17 @@ __device__ __forceinline__ int floor_div(int a, int b) {           // rounds tow
 
 struct ModContext {
     int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
-    const int* __restrict__ doc;                                // int32 [seqlen_k]
+    const int* __restrict__ doc_kv;                             // int32 [seqlen_k]
+    const int* __restrict__ doc_q;                              // int32 [seqlen_q]
 };
 
 // The spec's mask_mod: true where the pair is visible.
 __device__ __forceinline__ bool user_mask_mod(const ModContext& ctx, int h, int q_idx, int kv_idx) {
     [[maybe_unused]] const int b = ctx.b, seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, num_heads = ctx.num_heads;
-    [[maybe_unused]] const int* __restrict__ doc = ctx.doc;
+    [[maybe_unused]] const int* __restrict__ doc_kv = ctx.doc_kv;
+    [[maybe_unused]] const int* __restrict__ doc_q = ctx.doc_q;
     return (
-        doc[q_idx] == doc[kv_idx]
+        doc_q[q_idx] == doc_kv[kv_idx]
     );
 }
 
@@ -409,7 +411,8 @@ document_ids_mask_mod_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __res
     long long v_stride_b, long long v_stride_s, long long v_stride_h,
     long long o_stride_b, long long o_stride_s, long long o_stride_h,
     int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2,
-    const int* __restrict__ doc)
+    const int* __restrict__ doc_kv,
+    const int* __restrict__ doc_q)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     // Shared-window byte addresses of the Q tile (which also stages the O tile) and the K/V rings.
@@ -420,8 +423,8 @@ document_ids_mask_mod_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __res
     const unsigned v_smem = k_smem + STAGES * K_TILE_BYTES;               // STAGES x [BLOCK_N][V_STRIDE]
     constexpr int TILE_LIST_OFFSET = Q_TILE_BYTES + STAGES * (K_TILE_BYTES + V_TILE_BYTES);   // then WARPS + n_kv_tiles ints
 
-    // Heavy query tiles first: under causal masking the last tiles see the most keys.
-    const int m_block = blockIdx.x;
+    // Heavy query tiles first: under causal masking (and causal-like patterns) the last tiles see the most keys.
+    const int m_block = gridDim.x - 1 - blockIdx.x;
     const int head = blockIdx.y, batch = blockIdx.z;
     const int kv_head = head / group_size;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -433,7 +436,8 @@ document_ids_mask_mod_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __res
     ctx.seqlen_q = seqlen_q;
     ctx.seqlen_k = seqlen_k;
     ctx.num_heads = heads_q;
-    ctx.doc = doc;
+    ctx.doc_kv = doc_kv;
+    ctx.doc_q = doc_q;
 
     const elem_t* q_tile = q + batch * q_stride_b + head * q_stride_h + m_start * q_stride_s;
     const elem_t* k_head = k + batch * k_stride_b + kv_head * k_stride_h;

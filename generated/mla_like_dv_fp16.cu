@@ -367,7 +367,7 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const unsigned k_smem = q_smem + Q_TILE_BYTES;                        // STAGES x [BLOCK_N][K_STRIDE]
     const unsigned v_smem = k_smem + STAGES * K_TILE_BYTES;               // STAGES x [BLOCK_N][V_STRIDE]
 
-    // Heavy query tiles first: under causal masking the last tiles see the most keys.
+    // Heavy query tiles first: under causal masking (and causal-like patterns) the last tiles see the most keys.
     const int m_block = gridDim.x - 1 - blockIdx.x;
     const int head = blockIdx.y, batch = blockIdx.z;
     const int kv_head = head / group_size;

@@ -126,3 +126,22 @@ def test_tensor_arguments_are_checked_before_launch():
         kernel(q, k, v, tensors={"bias": torch.zeros(2, device="cuda"), "extra": torch.zeros(2, device="cuda")})
     with pytest.raises(ValueError, match="alibi_slopes"):
         kernel(q, k, v, tensors={"bias": torch.zeros(2, device="cuda")}, alibi_slopes=torch.zeros(2, device="cuda"))
+
+
+def test_attention_keywords_like_flash_attention():
+    q, k, v = inputs(8, 2, 211, 300, 4, 2, 64)
+    slopes = np.random.default_rng(2).uniform(0.05, 0.3, 4).astype(np.float32)
+    out, lse = attngen.attention(q, k, v, causal=True, window=(50, 7), softcap=15.0,
+                                 alibi_slopes=torch.tensor(slopes, device="cuda"), return_lse=True)
+    torch.cuda.synchronize()
+    mask = element_mask(SlidingWindow(50, 0), 4, 211, 300)             # causal clips the right side to 0
+    q64, k64, v64 = to64(q), to64(k), to64(v)
+    ref, ref_lse = attention_reference(q64, k64, v64, mask=mask, softcap=15.0, alibi_slopes=slopes)
+    same, _ = attention_same_dtype_reference(q64, k64, v64, mask=mask, dtype="bf16", softcap=15.0, alibi_slopes=slopes)
+    ok, err, bound = acceptance_check(to64(out), same, ref)
+    assert ok, f"max|out - ref64| = {err:.3g} > bound {bound:.3g}"
+    unbounded = attngen.attention(q, k, v, window=(-1, -1))             # FlashAttention's "no window"
+    torch.cuda.synchronize()
+    assert (unbounded.float() - attngen.attention(q, k, v).float()).abs().max().item() < 1e-2
+    with pytest.raises(ValueError, match="window"):
+        attngen.attention(q, k, v, window=(3,))

@@ -174,3 +174,28 @@ def test_reference_rejects_bad_modifiers():
         attention_reference(q, q, q, softcap=-1.0)
     assert math.isfinite(attention_reference(q, q, q, softcap=2.0)[1].max())
     assert attngen.Spec(head_dim=8, softcap=2.0).softcap == 2.0
+
+
+class CupyLike:
+    """What spec_for_inputs reads of a CuPy array (shape, strides, dtype), without a GPU."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, shape):
+        import types
+
+        self.shape, self.dtype = shape, np.dtype("float16")
+        self.strides = tuple(int(np.prod(shape[i + 1:])) * 2 for i in range(len(shape)))
+        self.data, self.device = types.SimpleNamespace(ptr=0), types.SimpleNamespace(id=0)
+
+
+def test_attention_keywords_make_specs():
+    from attngen.api import UNBOUNDED_WINDOW, spec_for_inputs
+
+    x = CupyLike((1, 4, 2, 64))
+    spec = spec_for_inputs(x, x, x, True, window=(8, 4), softcap=5.0, alibi=True)
+    assert spec.mask == {"kind": "sliding_window", "left": 8, "right": 0} and not spec.causal
+    assert spec.softcap == 5.0 and spec.alibi and spec.dtype == "fp16"
+    assert spec_for_inputs(x, x, x, False, window=(-1, 3)).mask["left"] == UNBOUNDED_WINDOW
+    with pytest.raises(ValueError, match="window"):
+        spec_for_inputs(x, x, x, False, window=(1.5, 2))
