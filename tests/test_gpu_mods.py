@@ -10,7 +10,7 @@ import attngen
 from attngen.masks import BlockMask, SlidingWindow
 from attngen.reference import alibi_slopes
 
-from test_gpu_sparse import element_mask, inputs, to64
+from test_gpu_sparse import element_mask, inputs, run_and_check, to64
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
@@ -19,23 +19,8 @@ from attngen.reference import acceptance_check, attention_reference, attention_s
 
 
 def check(kernel, q, k, v, mask=None, causal=False, call=None, **mods):
-    """Run with poisoned outputs; compare with the references given the same modifiers."""
-    b, sq, hq, _ = q.shape
-    out = torch.full((b, sq, hq, kernel.spec.dv), float("nan"), device="cuda", dtype=q.dtype)
-    lse = torch.full((b, hq, sq), float("nan"), device="cuda", dtype=torch.float32)
-    kernel(q, k, v, out=out, lse=lse, **(call or {}))
-    torch.cuda.synchronize()
-    q64, k64, v64 = to64(q), to64(k), to64(v)
-    ref, ref_lse = attention_reference(q64, k64, v64, causal=causal, mask=mask, **mods)
-    same, _ = attention_same_dtype_reference(q64, k64, v64, causal=causal, mask=mask, dtype=kernel.spec.dtype, **mods)
-    ok, err, bound = acceptance_check(to64(out), same, ref)
-    assert ok, f"max|out - ref64| = {err:.3g} > bound {bound:.3g}"
-    got_lse = to64(lse)
-    assert np.array_equal(np.isneginf(got_lse), np.isneginf(ref_lse))
-    finite = np.isfinite(ref_lse)
-    if finite.any():
-        assert np.max(np.abs(got_lse[finite] - ref_lse[finite])) < 5e-3
-    return out, lse
+    """Poisoned outputs, the references given the same modifiers as numpy functions (test_gpu_sparse)."""
+    return run_and_check(kernel, q, k, v, mask, causal=causal, call=call, lse_tol=5e-3, **mods)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])

@@ -25,23 +25,26 @@ def to64(x):
     return x.detach().to("cpu", torch.float64).numpy()
 
 
-def run_and_check(kernel, q, k, v, element_mask, block_mask=None, causal=False):
+def run_and_check(kernel, q, k, v, element_mask, block_mask=None, causal=False, call=None, lse_tol=2e-3,
+                  scale=None, **mods):
+    """Run with poisoned outputs (call: more keyword arguments); compare with the float64 and same-dtype
+    references given the same mask and modifiers (mods: softcap, alibi_slopes, score_mod, mask_mod)."""
     b, sq, hq, _ = q.shape
     out = torch.full((b, sq, hq, kernel.spec.dv), float("nan"), device="cuda", dtype=q.dtype)
     lse = torch.full((b, hq, sq), float("nan"), device="cuda", dtype=torch.float32)
-    kernel(q, k, v, out=out, lse=lse, block_mask=block_mask)
+    kernel(q, k, v, out=out, lse=lse, **({"block_mask": block_mask} if block_mask is not None else {}), **(call or {}))
     torch.cuda.synchronize()
     q64, k64, v64 = to64(q), to64(k), to64(v)
-    ref, ref_lse = attention_reference(q64, k64, v64, causal=causal, mask=element_mask)
-    same, _ = attention_same_dtype_reference(q64, k64, v64, causal=causal, mask=element_mask,
-                                             dtype=kernel.spec.dtype)
+    ref, ref_lse = attention_reference(q64, k64, v64, causal=causal, scale=scale, mask=element_mask, **mods)
+    same, _ = attention_same_dtype_reference(q64, k64, v64, causal=causal, scale=scale, mask=element_mask,
+                                             dtype=kernel.spec.dtype, **mods)
     ok, err, bound = acceptance_check(to64(out), same, ref)
     assert ok, f"max|out - ref64| = {err:.3g} > bound {bound:.3g}"
     got_lse = to64(lse)
     assert np.array_equal(np.isneginf(got_lse), np.isneginf(ref_lse))
     finite = np.isfinite(ref_lse)
     if finite.any():
-        assert np.max(np.abs(got_lse[finite] - ref_lse[finite])) < 2e-3
+        assert np.max(np.abs(got_lse[finite] - ref_lse[finite])) < lse_tol
     return out, lse
 
 
