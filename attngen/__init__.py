@@ -7,7 +7,8 @@ from .errors import CompileError, PlanError, SpecError  # noqa: E402
 from .spec import Spec  # noqa: E402
 from .masks import BlockMask  # noqa: E402
 from .render import render  # noqa: E402
-from .api import attention, build, plan  # noqa: E402
+from .api import attention, attention_backward, build, build_backward, plan  # noqa: E402
 
-__all__ = ["Spec", "BlockMask", "Device", "plan", "render", "build", "attention", "SpecError", "PlanError", "CompileError",
+__all__ = ["Spec", "BlockMask", "Device", "plan", "render", "build", "build_backward", "attention", "attention_backward",
+           "SpecError", "PlanError", "CompileError",
            "__version__"]

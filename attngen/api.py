@@ -70,6 +70,39 @@ def build(spec: Spec, device: int | None = None) -> Kernel:
 UNBOUNDED_WINDOW = 1 << 30    # a window side of -1 (FlashAttention's "no limit") as a number
 
 
+def build_backward(spec: Spec, device: int | None = None):
+    """The backward kernels of `spec` (delta, dQ, dK/dV) for a live GPU, cached like build()."""
+    import cupy
+
+    from .backward import BackwardKernels, check_backward_support
+    from .plan_backward import make_backward_plan
+
+    check_backward_support(spec)
+    index = cupy.cuda.runtime.getDevice() if device is None else device
+    key = ("backward", spec, index)
+    with _kernels_lock:
+        if key in _kernels:
+            return _kernels[key]
+    with cupy.cuda.Device(index):
+        dev = device_mod.live_device(index)
+        plan = make_backward_plan(spec, dev)
+        sources, paths, binaries = {}, {}, {}
+        for kind, bwd in (("backward_dq", plan.dq), ("backward_dkdv", plan.dkdv)):
+            sources[kind] = render(spec, bwd, kind)
+            binaries[kind], paths[kind] = compile_cached(sources[kind], f"{spec.name}_{kind}", dev.arch,
+                                                         kernel_name(spec, kind))
+        kernels = BackwardKernels(spec, plan, sources, paths, binaries)
+    with _kernels_lock:
+        return _kernels.setdefault(key, kernels)
+
+
+def attention_backward(q, k, v, out, lse, dout, causal: bool = False, scale: float | None = None):
+    """(dq, dk, dv) of softmax(scale * q k^T [causal]) v from the forward's out and lse and the output
+    gradient dout; torch CUDA tensors or CuPy arrays, in the inputs' dtype. Deterministic."""
+    spec = spec_for_inputs(q, k, v, causal)
+    return build_backward(spec, _view("q", q).device)(q, k, v, out, lse, dout, scale=scale)
+
+
 def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: bool = False) -> Spec:
     """The spec a call needs: head dims and dtype from the inputs, the modifiers from the keywords; heads,
     scale and ALiBi slopes stay run-time values. A window (left, right) becomes a sliding-window mask
@@ -108,6 +141,20 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
     alibi_slopes: fp32 [heads_q] or [batch, heads_q], adds -slope * |i + seqlen_k - seqlen_q - j|.
     Returns out (same library, dtype and device as q), and lse [batch, heads_q, seqlen_q] fp32 if asked."""
     spec = spec_for_inputs(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None)
-    kernel = build(spec, _view("q", q).device)
-    out, lse = kernel(q, k, v, scale=scale, alibi_slopes=alibi_slopes)
+    if _needs_grad(q, k, v):
+        from .autograd import attention_with_grad
+
+        out, lse = attention_with_grad(spec, q, k, v, scale, alibi_slopes)
+    else:
+        kernel = build(spec, _view("q", q).device)
+        out, lse = kernel(q, k, v, scale=scale, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
+
+
+def _needs_grad(*tensors) -> bool:
+    """torch tensors that require grad, with autograd recording (not under torch.no_grad)."""
+    if type(tensors[0]).__module__.split(".")[0] != "torch":
+        return False
+    import torch
+
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

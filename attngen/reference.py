@@ -30,6 +30,7 @@ import numpy as np
 
 __all__ = [
     "attention_reference",
+    "attention_reference_backward",
     "attention_same_dtype_reference",
     "attention_tiled",
     "acceptance_check",
@@ -346,6 +347,49 @@ def attention_reference(q, k, v, *, causal: bool = False, scale: float | None = 
     out, lse = _naive_attention(q, k, v, causal=causal, scale=scale,
                                 compute_dtype=np.dtype(compute_dtype), mask=mask, mods=mods)
     return out.astype(np.float64), lse.astype(np.float64)
+
+
+def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: float | None = None,
+                                 mask=None):
+    """float64 gradients (dq, dk, dv) of attention_reference's output against dout [b, sq, hq, dv]:
+    with s = scale q.k (masked) and P = softmax(s): dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+    dQ = scale dS K, dK = scale dS^T Q; the query heads of a GQA group add into their kv head. Rows that
+    see no key contribute nothing."""
+    q, k, v, dims = _check_inputs(q, k, v)
+    dout = np.asarray(dout, dtype=np.float64)
+    if dout.shape != (dims.batch, dims.seqlen_q, dims.heads_q, dims.head_dim_v):
+        raise ValueError(f"dout must have the output's shape {(dims.batch, dims.seqlen_q, dims.heads_q, dims.head_dim_v)}, "
+                         f"got {dout.shape}")
+    scale = _resolve_scale(scale, dims.head_dim)
+    regions = _mask_regions(mask, dims)
+    qg = _group_heads(q.astype(np.float64), dims.heads_kv)            # [b, s, hkv, g, d]
+    dog = _group_heads(dout, dims.heads_kv)
+    k, v = k.astype(np.float64), v.astype(np.float64)
+    dq = np.zeros(qg.shape)
+    dk, dv = np.zeros(k.shape), np.zeros(v.shape)
+    step = _rows_per_chunk(dims)
+    for b in range(dims.batch):
+        for r0 in range(0, dims.seqlen_q, step):
+            r1 = min(r0 + step, dims.seqlen_q)
+            visible = visibility_mask(r0, r1, 0, dims.seqlen_k, seqlen_q=dims.seqlen_q, seqlen_k=dims.seqlen_k,
+                                      causal=causal)
+            if regions is not None:
+                visible = visible & regions(r0, r1, 0, dims.seqlen_k)
+            s = _masked(_scores(qg[b, r0:r1], k[b]) * scale, visible)        # [hkv, g, r, c]
+            row_max = _finite_shift(s.max(axis=-1))
+            p = np.exp(s - row_max[..., None])
+            p = _safe_divide(p, p.sum(axis=-1))
+            do = np.moveaxis(dog[b, r0:r1], 0, -2)                           # [hkv, g, r, dv]
+            vt = np.moveaxis(v[b], 0, -2)[:, None]                           # [hkv, 1, c, dv]
+            dp = do @ np.swapaxes(vt, -1, -2)                                # [hkv, g, r, c]
+            out = p @ vt                                                     # [hkv, g, r, dv]
+            ds = p * (dp - (do * out).sum(axis=-1, keepdims=True))
+            kt = np.moveaxis(k[b], 0, -2)[:, None]                           # [hkv, 1, c, d]
+            qt = np.moveaxis(qg[b, r0:r1], 0, -2)                            # [hkv, g, r, d]
+            dq[b, r0:r1] += np.moveaxis(scale * ds @ kt, -2, 0)
+            dk[b] += np.moveaxis(scale * (np.swapaxes(ds, -1, -2) @ qt).sum(axis=1), -2, 0)
+            dv[b] += np.moveaxis((np.swapaxes(p, -1, -2) @ do).sum(axis=1), -2, 0)
+    return dq.reshape(q.shape), dk, dv
 
 
 # ----------------------------------------------------------------------------- same dtype

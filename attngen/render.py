@@ -8,11 +8,11 @@ from pathlib import Path
 import jinja2
 
 from . import __version__
-from .plan import Plan
 from .spec import Spec
 from .variant import variant_of
 
-ENTRY_TEMPLATES = {"forward": "forward.cu.j2"}
+ENTRY_TEMPLATES = {"forward": "forward.cu.j2", "backward_dq": "backward_dq.cu.j2", "backward_dkdv": "backward_dkdv.cu.j2"}
+KERNEL_SUFFIXES = {"forward": "fwd", "backward_dq": "bwd_dq", "backward_dkdv": "bwd_dkdv", "backward_delta": "bwd_delta"}
 MMA_TYPES = {"bf16": "bf16", "fp16": "f16"}
 
 
@@ -38,11 +38,12 @@ def environment() -> jinja2.Environment:
 
 
 def kernel_name(spec: Spec, kind: str = "forward") -> str:
-    return f"{spec.name}_{'fwd' if kind == 'forward' else kind}"
+    return f"{spec.name}_{KERNEL_SUFFIXES[kind]}"
 
 
-def render(spec: Spec, plan: Plan, kind: str = "forward") -> str:
-    """The CUDA C source of one kernel; a pure function of (spec, plan)."""
+def render(spec: Spec, plan, kind: str = "forward") -> str:
+    """The CUDA C source of one kernel (forward: a Plan; backward_dq / backward_dkdv: that BackwardPass of
+    a BackwardPlan); a pure function of (spec, plan)."""
     template = environment().get_template(ENTRY_TEMPLATES[kind])
     spec_items = [(k, v) for k, v in spec.to_dict().items() if v is not None and v is not False]
     plan_items = list(plan.to_dict().items())
@@ -51,7 +52,8 @@ def render(spec: Spec, plan: Plan, kind: str = "forward") -> str:
     return template.render(spec=spec, plan=plan, version=__version__, kernel_name=kernel_name(spec, kind),
                            mma_type=MMA_TYPES[spec.dtype], spec_items=spec_items, plan_items=plan_items,
                            variant=variant, tensors=variant.tensors, score_mod=variant.score_mod,
-                           mask_mod=variant.mask_mod, probe=False)
+                           mask_mod=variant.mask_mod, probe=False, bwd=plan,
+                           delta_kernel_name=kernel_name(spec, "backward_delta"))
 
 
 def render_piece(name: str, **context) -> str:

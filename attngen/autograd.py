@@ -1,0 +1,42 @@
+"""torch.autograd integration: attngen's forward and backward kernels as one autograd Function."""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import Spec
+
+
+class AttentionFunction(torch.autograd.Function):
+    """out, lse = attention(q, k, v); backward recomputes P from the saved LSE (never stores it)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec: Spec, scale):
+        from .api import build
+
+        out, lse = build(spec, q.device.index)(q, k, v, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.scale = spec, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        from .api import build_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        # Autograd may hand over an expanded or strided gradient; the kernels want 16-byte aligned rows.
+        if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]) or dout.data_ptr() % 16:
+            dout = dout.contiguous()
+        dq, dk, dv = build_backward(ctx.spec, q.device.index)(q, k, v, out, lse, dout, scale=ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention_with_grad(spec: Spec, q, k, v, scale, alibi_slopes):
+    """Refuses up front (before the forward runs) what the backward kernels do not cover."""
+    from .backward import check_backward_support
+
+    check_backward_support(spec)
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes: the backward kernels do not cover ALiBi yet; call under torch.no_grad()")
+    return AttentionFunction.apply(q, k, v, spec, scale)

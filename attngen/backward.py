@@ -1,0 +1,104 @@
+"""Backward: the compiled backward kernels of a spec as one callable, (q, k, v, out, lse, dout) -> (dq, dk, dv).
+
+Three launches on the caller's stream: delta = rowsum(dO * O), then dQ (a CTA per query tile and column
+chunk), then dK/dV (a CTA per key tile and column chunk, summing its GQA group's query heads in
+registers). No atomics anywhere, so the gradients are bit-identical run to run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .launch import ELEMENT_ALIGN, _current_stream, _empty_like, _view, check_inputs
+from .plan_backward import BackwardPlan
+from .spec import Spec
+from .variant import variant_of
+
+DELTA_ROWS_PER_CTA = 8     # one warp per query row, 256 threads (the delta kernel's launch bounds)
+
+
+def check_backward_support(spec: Spec) -> None:
+    """The backward covers dense and causal attention with GQA at every head dim; refuse the rest clearly."""
+    variant = variant_of(spec)
+    if variant.schedule != "dense" or variant.score_mods or variant.mask_mod is not None:
+        raise ValueError(f"backward: spec {spec.name} has a mask or score modifier; the backward kernels cover "
+                         "dense and causal attention (with GQA) for now")
+
+
+class BackwardKernels:
+    """The backward kernels of one spec on one device."""
+
+    def __init__(self, spec: Spec, plan: BackwardPlan, sources: dict, cubin_paths: dict, binaries: dict):
+        import cupy
+
+        self.spec, self.plan, self.sources, self.binaries = spec, plan, sources, binaries
+        from .render import kernel_name
+
+        dq_module = cupy.RawModule(path=str(cubin_paths["backward_dq"]))
+        dkdv_module = cupy.RawModule(path=str(cubin_paths["backward_dkdv"]))
+        self._delta = dq_module.get_function(kernel_name(spec, "backward_delta"))
+        self._dq = dq_module.get_function(kernel_name(spec, "backward_dq"))
+        self._dkdv = dkdv_module.get_function(kernel_name(spec, "backward_dkdv"))
+        self._dq.max_dynamic_shared_size_bytes = plan.dq.smem_bytes
+        self._dkdv.max_dynamic_shared_size_bytes = plan.dkdv.smem_bytes
+
+    def __repr__(self):
+        p = self.plan
+        return (f"<attngen.BackwardKernels {self.spec.name}: dq {p.dq.block_m}x{p.dq.block_n} chunk {p.dq.chunk}, "
+                f"dkdv {p.dkdv.block_m}x{p.dkdv.block_n} chunk {p.dkdv.chunk}>")
+
+    def __call__(self, q, k, v, out, lse, dout, *, scale: float | None = None, dq=None, dk=None, dv=None):
+        """(dq, dk, dv) in the inputs' dtype and library; dq [b, sq, hq, d], dk [b, sk, hkv, d], dv [b, sk, hkv, dv]."""
+        spec = self.spec
+        qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv) = check_inputs(spec, q, k, v)
+        scale = spec.softmax_scale if scale is None else scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
+        o_shape = (batch, seqlen_q, heads_q, spec.dv)
+        ov, dov = _row_major_view("out", out, o_shape, spec.dtype, qv), _row_major_view("dout", dout, o_shape, spec.dtype, qv)
+        lv = _view("lse", lse)
+        if lv.kind != qv.kind or lv.shape != (batch, heads_q, seqlen_q) or lv.dtype not in ("float32", "torch.float32") \
+                or lv.strides != (heads_q * seqlen_q, seqlen_q, 1) or lv.device != qv.device:
+            raise ValueError(f"lse: expected the forward's contiguous float32 [{batch}, {heads_q}, {seqlen_q}] array")
+        grads = {}
+        for name, given, shape in (("dq", dq, qv.shape), ("dk", dk, kv.shape[:3] + (spec.head_dim,)),
+                                   ("dv", dv, vv.shape)):
+            given = _empty_like(qv, shape, spec.dtype) if given is None else given
+            grads[name] = (given, _row_major_view(name, given, shape, spec.dtype, qv))
+        delta = _empty_like(qv, (batch, heads_q, seqlen_q), "fp32")
+        dlv = _view("delta", delta)
+        strides = lambda view: tuple(np.int64(s) for s in view.strides[:3])  # noqa: E731
+        common = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
+                  np.float32(scale * math.log2(math.e)), np.float32(scale))
+        pq, pkv = self.plan.dq, self.plan.dkdv
+        rows = batch * heads_q * seqlen_q
+        import cupy
+
+        with cupy.cuda.Device(qv.device), _current_stream(qv):
+            self._delta((math.ceil(rows / DELTA_ROWS_PER_CTA),), (32 * DELTA_ROWS_PER_CTA,), (
+                np.uint64(ov.ptr), np.uint64(dov.ptr), np.uint64(dlv.ptr), *strides(ov), *strides(dov),
+                np.int32(seqlen_q), np.int32(heads_q), np.int32(rows)))
+            inputs = (np.uint64(qv.ptr), np.uint64(kv.ptr), np.uint64(vv.ptr), np.uint64(dov.ptr),
+                      np.uint64(lv.ptr), np.uint64(dlv.ptr))
+            dqv, dkv, dvv = (grads[n][1] for n in ("dq", "dk", "dv"))
+            self._dq((math.ceil(seqlen_q / pq.block_m), heads_q * pq.n_chunks, batch), (pq.threads,), (
+                *inputs, np.uint64(dqv.ptr), *strides(qv), *strides(kv), *strides(vv), *strides(dov), *strides(dqv),
+                *common), shared_mem=pq.smem_bytes)
+            self._dkdv((math.ceil(seqlen_k / pkv.block_n), heads_kv * pkv.n_chunks, batch), (pkv.threads,), (
+                *inputs, np.uint64(dkv.ptr), np.uint64(dvv.ptr), *strides(qv), *strides(kv), *strides(vv),
+                *strides(dov), *strides(dkv), *strides(dvv), *common), shared_mem=pkv.smem_bytes)
+        return grads["dq"][0], grads["dk"][0], grads["dv"][0]
+
+
+def _row_major_view(name, x, shape, dtype, ref):
+    """A view of an [b, s, h, d] argument: same library and device as q, the spec's dtype, last dim
+    contiguous, 16-byte aligned rows (any other strides)."""
+    view = _view(name, x)
+    if view.kind != ref.kind or view.shape != tuple(shape) or view.dtype != dtype or view.strides[-1] != 1 \
+            or any(s % ELEMENT_ALIGN for s in view.strides[:-1]) or view.ptr % 16 or view.device != ref.device:
+        raise ValueError(f"{name}: expected a {ref.kind} {dtype} array of shape {list(shape)} on device {ref.device}, "
+                         f"last dim contiguous, rows 16-byte aligned; got {view.dtype} {list(view.shape)} "
+                         f"with strides {view.strides}")
+    return view

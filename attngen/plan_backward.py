@@ -1,0 +1,141 @@
+"""Backward plan: tiles for the two backward kernels, from the same budget model as the forward.
+
+- dq pass: a CTA holds BLOCK_M query rows (16 per warp) and their dO, streams K/V tiles of BLOCK_N keys,
+  and accumulates CHUNK columns of dQ.
+- dkdv pass: a CTA holds BLOCK_N keys (16 per warp) and their values, streams the query tiles (BLOCK_M
+  rows) of its GQA group with dO, and accumulates CHUNK columns of dK and of dV.
+
+Registers bound the accumulators, so wide heads split the gradient columns into chunks, one CTA each;
+every chunk recomputes the scores, which the ranking counts as extra matmul work. Shared memory holds the
+resident tiles plus a STAGES-deep ring of the streamed ones (rows padded like the forward's).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .device import Device
+from .errors import PlanError
+from .plan import REG_ALLOC_GRANULE, SMEM_ROW_PAD, occupancy, round_up
+from .spec import Spec
+
+REG_OVERHEAD_BACKWARD = 64     # addresses, counters, ldmatrix fragments in flight (as the forward's)
+
+
+@dataclass(frozen=True)
+class BackwardPass:
+    arch: str
+    kind: str                 # "dq" | "dkdv"
+    block_m: int              # query rows per CTA (dq) or per step (dkdv)
+    block_n: int              # keys per step (dq) or per CTA (dkdv)
+    warps: int
+    stages: int
+    chunk: int                # gradient columns per CTA
+    n_chunks: int
+    head_dim_padded: int
+    head_dim_v_padded: int
+    smem_row_pad: int
+    smem_bytes: int
+    regs_estimate: int
+    ctas_per_sm: int
+    matmul_factor: float      # matmul work relative to one forward, recomputation included
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"threads": self.threads}
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    arch: str
+    dq: BackwardPass
+    dkdv: BackwardPass
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "dq": self.dq.to_dict(), "dkdv": self.dkdv.to_dict()}
+
+
+def _chunks(d: int, dv: int, kind: str) -> list[int]:
+    """Chunk widths (multiples of 16, at most 128) that divide every gradient's columns, widest first."""
+    widths = (d,) if kind == "dq" else (d, dv)
+    return [c for c in range(min(max(widths), 128), 15, -16) if all(w % c == 0 for w in widths)]
+
+
+def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stages) -> tuple[BackwardPass | None, str]:
+    d, dv = round_up(spec.head_dim, 16), round_up(spec.dv, 16)
+    row = lambda cols: (cols + SMEM_ROW_PAD) * spec.elem_bytes  # noqa: E731
+    if kind == "dq":
+        smem = block_m * (row(d) + row(dv)) + stages * block_n * (row(d) + row(dv))
+        n_chunks = d // chunk
+        # acc dQ, then S/P, dP/dS (fp32) and the packed dS per thread; LSE and delta per row
+        regs = chunk // 2 + block_n + block_n // 4 + REG_OVERHEAD_BACKWARD
+        matmul = n_chunks * (d + dv) + d            # S and dP per chunk, dQ once, per (row, key)
+    else:
+        smem = block_n * (row(d) + row(dv)) + stages * block_m * (row(d) + row(dv) + 8)
+        n_chunks = max(d, dv) // chunk
+        # acc dK and dV, S^T and dP^T, one packed fragment, the columns' LSE and delta
+        regs = chunk + block_m + block_m // 4 + block_m + REG_OVERHEAD_BACKWARD
+        matmul = n_chunks * (d + dv) + d + dv       # S^T and dP^T per chunk, dK and dV once
+    if smem > device.smem_per_block:
+        return None, f"shared memory {smem} B exceeds {device.smem_per_block} B"
+    if regs > device.max_regs_per_thread:
+        return None, f"~{regs} registers/thread exceed {device.max_regs_per_thread}"
+    ctas = occupancy(device, smem, regs, 32 * warps)
+    if ctas < 1:
+        return None, "no CTA fits on an SM"
+    factor = matmul / (d + dv)
+    return BackwardPass(device.arch, kind, block_m, block_n, warps, stages, chunk, n_chunks, d, dv, SMEM_ROW_PAD, smem,
+                        round_up(regs, REG_ALLOC_GRANULE), ctas, factor), ""
+
+
+def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, BackwardPass | None, str]]:
+    """((block_m, block_n, warps, chunk, stages), pass or None, why rejected) for every configuration, best
+    first. Two warps and a single stage (no overlap of loads and math) exist for small shared memories."""
+    d, dv = round_up(spec.head_dim, 16), round_up(spec.dv, 16)
+    out = []
+    for warps in (2, 4, 8):
+        for other in (32, 64, 128) if kind == "dq" else (32, 64):
+            for chunk in _chunks(d, dv, kind):
+                for stages in (2, 1):
+                    block_m, block_n = (16 * warps, other) if kind == "dq" else (other, 16 * warps)
+                    p, why = _pass(kind, spec, device, block_m, block_n, warps, chunk, stages)
+                    out.append(((block_m, block_n, warps, chunk, stages), p, why))
+
+    def rank(item):
+        p = item[1]
+        # overlapped loads, least recomputation, the biggest tile (operand reuse), more CTAs per SM
+        return (-p.stages, p.matmul_factor, -(p.block_m * p.block_n), -p.ctas_per_sm) if p else (math.inf,)
+    return sorted(out, key=rank)
+
+
+def make_backward_plan(spec: Spec, device: Device) -> BackwardPlan:
+    chosen = {}
+    for kind in ("dq", "dkdv"):
+        ranked = pass_candidates(kind, spec, device)
+        if not ranked or ranked[0][1] is None:
+            raise PlanError(f"no {kind} backward tile fits {device.arch} for head_dim={spec.head_dim}, "
+                            f"head_dim_v={spec.dv}: " + "; ".join(sorted({why for _, _, why in ranked})))
+        chosen[kind] = ranked[0][1]
+    return BackwardPlan(device.arch, chosen["dq"], chosen["dkdv"])
+
+
+def explain_backward(spec: Spec, device: Device) -> str:
+    lines = [f"backward on {device.arch}: two passes, no atomics (deterministic); ranked by matmul work "
+             f"(chunks recompute the scores), then tile area, then CTAs per SM"]
+    for kind in ("dq", "dkdv"):
+        lines.append(f"  {kind}: {'block_m (CTA) x block_n (step)' if kind == 'dq' else 'block_m (step) x block_n (CTA)'}")
+        lines.append(f"    {'':2}{'tile':>9} {'warps':>5} {'chunk':>5} {'stages':>6} {'smem B':>7} {'regs':>5} "
+                     f"{'CTAs':>4} {'matmul':>6}  note")
+        ranked = pass_candidates(kind, spec, device)
+        for i, ((bm, bn, warps, chunk, stages), p, why) in enumerate(ranked):
+            mark = "->" if i == 0 and p else "  "
+            head = f"    {mark}{bm:>4}x{bn:<4} {warps:>5} {chunk:>5} {stages:>6}"
+            if p:
+                lines.append(f"{head} {p.smem_bytes:>7} {p.regs_estimate:>5} {p.ctas_per_sm:>4} {p.matmul_factor:>6.2f}")
+            else:
+                lines.append(f"{head} {'':>7} {'':>5} {'':>4} {'':>6}  rejected: {why}")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Forward + backward benchmark: attngen (autograd through its kernels) beside torch SDPA's flash and
+cuDNN backends, one run, same inputs, FlashAttention's shapes (batch x seqlen = 16384, hidden 2048).
+
+    PYTHONPATH=. python3 bench/bench_backward.py [--seqlens 2048,8192,16384] [--dims 64,128] [--json FILE]
+
+fwd+bwd TFLOP/s count 3.5x the forward's FLOPs (FlashAttention's convention: the backward does 2.5x the
+forward's matmul work); the backward-only column counts 2.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+import attngen
+from attngen.benchmark import flops, make_inputs, sdpa, time_ms
+
+
+def fwd_bwd(attention):
+    """A callable that runs attention forward and backward on fresh leaves."""
+    def run(q, k, v):
+        q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+        out = attention(q, k, v)
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlens", default="2048,8192,16384")
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--causal", default="false,true")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    rows = []
+    for d in (int(x) for x in args.dims.split(",")):
+        heads = 2048 // d
+        for causal in (c == "true" for c in args.causal.split(",")):
+            for seqlen in (int(s) for s in args.seqlens.split(",")):
+                batch = max(1, 16384 // seqlen)
+                inputs = make_inputs(batch, seqlen, heads, heads, d, "bf16")
+                work = flops(batch, heads, seqlen, d, causal)
+                peers = {"flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+                         "cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION}
+                row = dict(d=d, causal=causal, seqlen=seqlen, batch=batch, heads=heads)
+                for name, backend in peers.items():
+                    try:
+                        run = sdpa(backend, causal)
+                        row[name] = 3.5 * work / time_ms(fwd_bwd(lambda q, k, v: run(q, k, v)), inputs) / 1e9
+                    except Exception as exc:   # a peer may not support the shape; report and go on
+                        row[name] = None
+                        print(f"# {name} unavailable: {str(exc).splitlines()[0]}", file=sys.stderr)
+                ours = lambda q, k, v: attngen.attention(q, k, v, causal=causal)  # noqa: E731
+                row["attngen"] = 3.5 * work / time_ms(fwd_bwd(ours), inputs) / 1e9
+                kernel = attngen.build_backward(attngen.Spec(head_dim=d, causal=causal))
+                q, k, v = inputs[0]
+                out, lse = attngen.attention(q, k, v, causal=causal, return_lse=True)
+                dout = torch.randn_like(out)
+                bwd_sets = [(q, k, v, out, lse, dout)]
+                row["attngen_bwd"] = 2.5 * work / time_ms(lambda *a: kernel(*a), bwd_sets) / 1e9
+                p = kernel.plan
+                row["plan"] = (f"dq {p.dq.block_m}x{p.dq.block_n}x{p.dq.warps} c{p.dq.chunk}, "
+                               f"dkdv {p.dkdv.block_m}x{p.dkdv.block_n}x{p.dkdv.warps} c{p.dkdv.chunk}")
+                rows.append(row)
+                print(row, file=sys.stderr, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print("fwd+bwd TFLOP/s (3.5x forward FLOPs; median of CUDA-event timings)")
+    print(f"{'d':>4} {'causal':>6} {'seqlen':>6} {'flash':>7} {'cudnn':>7} {'attngen':>8} {'/flash':>6} {'bwd only':>8}  plan")
+    for r in rows:
+        flash = r["flash"] or float("nan")
+        print(f"{r['d']:>4} {str(r['causal']):>6} {r['seqlen']:>6} {flash:>7.1f} {r['cudnn'] or float('nan'):>7.1f} "
+              f"{r['attngen']:>8.1f} {r['attngen'] / flash:>6.2f} {r['attngen_bwd']:>8.1f}  {r['plan']}")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, attngen {attngen.__version__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""CPU tests of the backward: reference gradients against finite differences, the backward planner over
+every head dim x dtype x arch, and NVRTC compilation of the backward kernels with no spills."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import attngen
+from attngen.compile import nvrtc_compile
+from attngen.device import preset
+from attngen.plan_backward import explain_backward, make_backward_plan
+from attngen.reference import attention_reference, attention_reference_backward
+from attngen.render import kernel_name, render
+
+
+def finite_difference_grads(q, k, v, dout, eps=1e-6, **kw):
+    grads = []
+    for x in (q, k, v):
+        g = np.zeros_like(x)
+        for idx in np.ndindex(*x.shape):
+            old = x[idx]
+            x[idx] = old + eps
+            plus = (attention_reference(q, k, v, **kw)[0] * dout).sum()
+            x[idx] = old - eps
+            minus = (attention_reference(q, k, v, **kw)[0] * dout).sum()
+            x[idx] = old
+            g[idx] = (plus - minus) / (2 * eps)
+        grads.append(g)
+    return grads
+
+
+@pytest.mark.parametrize("sq,sk,hq,hkv,causal", [(5, 5, 2, 2, False), (4, 7, 4, 2, True), (7, 3, 2, 1, True),
+                                                 (6, 6, 3, 1, False)])
+def test_reference_gradients_match_finite_differences(sq, sk, hq, hkv, causal):
+    rng = np.random.default_rng(sq * 10 + sk)
+    q, k = rng.normal(size=(2, sq, hq, 8)), rng.normal(size=(2, sk, hkv, 8))
+    v, dout = rng.normal(size=(2, sk, hkv, 6)), rng.normal(size=(2, sq, hq, 6))
+    got = attention_reference_backward(q, k, v, dout, causal=causal, scale=0.4)
+    want = finite_difference_grads(q, k, v, dout, causal=causal, scale=0.4)
+    for g, w, name in zip(got, want, ("dq", "dk", "dv")):
+        np.testing.assert_allclose(g, w, atol=1e-7, err_msg=name)
+
+
+def test_reference_gradients_with_a_mask_and_rows_that_see_nothing():
+    rng = np.random.default_rng(3)
+    q, k, v = rng.normal(size=(1, 6, 2, 8)), rng.normal(size=(1, 5, 2, 8)), rng.normal(size=(1, 5, 2, 8))
+    dout = rng.normal(size=(1, 6, 2, 8))
+    mask = rng.random((2, 6, 5)) < 0.6
+    mask[:, 2] = False                                                   # row 2 sees no key
+    got = attention_reference_backward(q, k, v, dout, mask=mask)
+    want = finite_difference_grads(q, k, v, dout, mask=mask)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-7)
+    assert np.all(got[0][:, 2] == 0)
+
+
+HEAD_DIMS = list(range(8, 257, 8))
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_backward_plan_fits_every_head_dim(d, arch):
+    spec = attngen.Spec(head_dim=d)
+    device = preset(arch)
+    plan = make_backward_plan(spec, device)
+    for p in (plan.dq, plan.dkdv):
+        assert p.smem_bytes <= device.smem_per_block and p.regs_estimate <= 255
+        assert p.head_dim_padded % p.chunk == 0 and p.head_dim_v_padded % p.chunk == 0
+    assert plan.dq.block_m == 16 * plan.dq.warps and plan.dkdv.block_n == 16 * plan.dkdv.warps
+    text = explain_backward(spec, device)
+    assert "dq:" in text and "dkdv:" in text and text.count("->") == 2
+
+
+BACKWARD_VARIANTS = [dict(head_dim=d, dtype=t, causal=c) for d in (8, 32, 64, 96, 128, 160, 256)
+                     for t in ("fp16", "bf16") for c in (False, True)]
+BACKWARD_VARIANTS += [dict(head_dim=64, head_dim_v=128), dict(head_dim=128, head_dim_v=64, causal=True),
+                      dict(head_dim=24, head_dim_v=56)]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("fields", BACKWARD_VARIANTS, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
+def test_backward_kernels_compile_without_spills(fields, arch):
+    spec = attngen.Spec(**fields)
+    plan = make_backward_plan(spec, preset(arch))
+    for kind, bwd in (("backward_dq", plan.dq), ("backward_dkdv", plan.dkdv)):
+        source = render(spec, bwd, kind)
+        binary = nvrtc_compile(source, f"{spec.name}_{kind}", arch, kernel_name(spec, kind))
+        assert binary.resources.spill_bytes == 0, (kind, binary.resources)
+        assert f"CHUNK      = {bwd.chunk}" in source
+
+
+def test_backward_refuses_what_it_does_not_cover():
+    from attngen.backward import check_backward_support
+
+    with pytest.raises(ValueError, match="backward"):
+        check_backward_support(attngen.Spec(head_dim=64, softcap=10.0))

@@ -1,0 +1,170 @@
+"""GPU tests of the backward kernels and autograd: dq, dk, dv against float64 with the DESIGN.md criterion
+applied to each gradient (the same-dtype baseline is PyTorch's bf16/fp16 autograd of naive attention),
+determinism, autograd plumbing, and a small transformer block trained beside torch SDPA."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import attngen
+from attngen.reference import acceptance_check, attention_reference_backward
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def to64(x):
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
+def torch_attention(q, k, v, causal, scale):
+    """Naive attention as a framework runs it in q's dtype (scores and softmax in fp32, P in the dtype)."""
+    hq, hkv = q.shape[2], k.shape[2]
+    k, v = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale
+    sees = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
+        s = s.masked_fill(hidden, float("-inf"))
+        sees = ~hidden.all(dim=-1)                                # rows that see no key: out 0, no gradient
+        s = torch.where(sees[:, None], s, torch.zeros_like(s))
+    p = (torch.softmax(s, dim=-1) * sees[:, None]).to(q.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def check_gradients(q, k, v, causal, scale=None, seed=0):
+    """attngen's gradients (through autograd) against float64, bounded by the same-dtype framework's error."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    dout = torch.randn(q.shape[:3] + (v.shape[-1],), generator=gen, device="cuda", dtype=q.dtype)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    out = attngen.attention(*leaves, causal=causal, scale=scale)
+    out.backward(dout)
+    same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    torch_attention(*same, causal, scale).backward(dout)
+    ref = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), causal=causal, scale=scale)
+    for name, mine, theirs, r in zip(("dq", "dk", "dv"), leaves, same, ref):
+        assert mine.grad.dtype == q.dtype and mine.grad.shape == mine.shape
+        ok, err, bound = acceptance_check(to64(mine.grad), to64(theirs.grad), r)
+        assert ok, f"{name}: max|grad - ref64| = {err:.3g} > bound {bound:.3g}"
+    return [x.grad for x in leaves]
+
+
+def inputs(seed, batch, sq, sk, hq, hkv, d, dv=None, dtype=torch.bfloat16):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(batch, s, h, n, generator=gen, device="cuda", dtype=dtype)
+            for s, h, n in ((sq, hq, d), (sk, hkv, d), (sk, hkv, dv or d))]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 160, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_over_head_dims(d, dtype, causal):
+    q, k, v = inputs(d, 2, 203, 203, 4, 2, d, dtype=DTYPES[dtype])
+    check_gradients(q, k, v, causal)
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (113, 203), (203, 113), (1, 300), (300, 17), (512, 512)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_over_seqlens(sq, sk, causal):
+    q, k, v = inputs(sq + sk, 1, sq, sk, 8, 1, 64)           # MQA: dK/dV sum over 8 query heads
+    check_gradients(q, k, v, causal)
+
+
+@pytest.mark.parametrize("d,dv", [(64, 128), (128, 64), (24, 56)])
+def test_gradients_with_head_dim_v(d, dv):
+    q, k, v = inputs(d + dv, 2, 150, 170, 4, 4, d, dv)
+    check_gradients(q, k, v, causal=True)
+
+
+def test_non_contiguous_inputs_and_gradient_layout():
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs(5, 2, 130, 130, 4, 2, 64))
+    assert not q.is_contiguous()
+    check_gradients(q, k, v, causal=False, scale=0.3)
+
+
+def test_deterministic_bit_identical_gradients():
+    q, k, v = inputs(9, 2, 1000, 1000, 8, 2, 128)
+    out, lse = attngen.attention(q, k, v, causal=True, return_lse=True)
+    dout = torch.randn_like(out)
+    first = attngen.attention_backward(q, k, v, out, lse, dout, causal=True)
+    for _ in range(3):
+        again = attngen.attention_backward(q, k, v, out, lse, dout, causal=True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_cupy_level_backward():
+    cupy = pytest.importorskip("cupy")
+    q, k, v = inputs(10, 1, 77, 99, 2, 1, 64, dtype=torch.float16)
+    qc, kc, vc = (cupy.asarray(x) for x in (q, k, v))
+    out, lse = attngen.attention(qc, kc, vc, return_lse=True)
+    dout = cupy.asarray(torch.randn(1, 77, 2, 64, device="cuda", dtype=torch.float16))
+    dq, dk, dv = attngen.attention_backward(qc, kc, vc, out, lse, dout)
+    assert isinstance(dq, cupy.ndarray) and dk.shape == (1, 99, 1, 64)
+    ref = attention_reference_backward(*(cupy.asnumpy(x).astype(np.float64) for x in (qc, kc, vc, dout)))
+    for mine, r in zip((dq, dk, dv), ref):
+        assert np.max(np.abs(cupy.asnumpy(mine).astype(np.float64) - r)) < 2e-2
+
+
+def test_autograd_plumbing():
+    q, k, v = inputs(11, 1, 64, 64, 2, 2, 64)
+    with torch.no_grad():
+        out = attngen.attention(q.requires_grad_(), k, v)
+    assert out.grad_fn is None
+    q.requires_grad_(False)
+    with pytest.raises(ValueError, match="backward"):
+        attngen.attention(q.requires_grad_(), k, v, softcap=5.0)
+    with pytest.raises(ValueError, match="dout"):
+        qd = q.detach()
+        o, l = attngen.attention(qd, k, v, return_lse=True)
+        attngen.attention_backward(qd, k, v, o, l, torch.zeros(1, 64, 2, 32, device="cuda", dtype=q.dtype))
+
+
+def test_small_transformer_block_trains_like_sdpa():
+    torch.manual_seed(0)
+    dim, heads, seq, batch = 256, 4, 256, 4
+
+    class Block(torch.nn.Module):
+        def __init__(self, attention):
+            super().__init__()
+            self.attention = attention
+            self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+            self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+
+        def forward(self, x):
+            q, k, v = self.qkv(self.norm1(x)).view(batch, seq, 3, heads, dim // heads).unbind(2)
+            x = x + self.proj(self.attention(q, k, v).reshape(batch, seq, dim))
+            return x + self.mlp(self.norm2(x))
+
+    def ours(q, k, v):
+        return attngen.attention(q, k, v, causal=True)
+
+    def sdpa(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                               is_causal=True)
+        return out.transpose(1, 2)
+
+    models = [Block(ours).cuda().bfloat16(), Block(sdpa).cuda().bfloat16()]
+    models[1].load_state_dict(models[0].state_dict())
+    optims = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
+    data = torch.randn(8, batch, seq, dim, device="cuda", dtype=torch.bfloat16)
+    target = torch.randn(8, batch, seq, dim, device="cuda", dtype=torch.bfloat16)
+    losses = [[], []]
+    for step in range(8):
+        for i, (model, opt) in enumerate(zip(models, optims)):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(data[step]).float(), target[step].float())
+            loss.backward()
+            opt.step()
+            losses[i].append(loss.item())
+    ours_l, theirs = np.array(losses[0]), np.array(losses[1])
+    assert ours_l[-1] < ours_l[0]                                       # it trains
+    assert np.max(np.abs(ours_l - theirs) / theirs) < 2e-2, (ours_l, theirs)
