@@ -70,6 +70,27 @@ def build(spec: Spec, device: int | None = None) -> Kernel:
 UNBOUNDED_WINDOW = 1 << 30    # a window side of -1 (FlashAttention's "no limit") as a number
 
 
+def plan_and_compile_backward(spec: Spec, device, compile_source):
+    """Each backward pass's best-ranked candidate that ptxas compiles without spilling (as plan_and_compile).
+    `compile_source(source, kind)` returns (Binary, anything); returns (BackwardPlan, sources, results)."""
+    from .plan_backward import BackwardPlan, make_backward_plan, pass_candidates
+
+    make_backward_plan(spec, device)                 # raises PlanError when nothing fits
+    chosen, sources, results = {}, {}, {}
+    for kind, name in (("dq", "backward_dq"), ("dkdv", "backward_dkdv")):
+        ranked = [p for _, p, _ in pass_candidates(kind, spec, device) if p is not None][:MAX_COMPILE_TRIES]
+        for candidate in ranked:
+            source = render(spec, candidate, name)
+            result = compile_source(source, name)
+            r = result[0].resources
+            if r.stack_frame == 0 and not r.spill_bytes:
+                chosen[kind], sources[name], results[name] = candidate, source, result
+                break
+        else:
+            raise PlanError(f"no {kind} backward candidate for {spec.name} on {device.arch} compiles without spills")
+    return BackwardPlan(device.arch, chosen["dq"], chosen["dkdv"]), sources, results
+
+
 def build_backward(spec: Spec, device: int | None = None):
     """The backward kernels of `spec` (delta, dQ, dK/dV) for a live GPU, cached like build()."""
     import cupy
@@ -85,13 +106,10 @@ def build_backward(spec: Spec, device: int | None = None):
             return _kernels[key]
     with cupy.cuda.Device(index):
         dev = device_mod.live_device(index)
-        plan = make_backward_plan(spec, dev)
-        sources, paths, binaries = {}, {}, {}
-        for kind, bwd in (("backward_dq", plan.dq), ("backward_dkdv", plan.dkdv)):
-            sources[kind] = render(spec, bwd, kind)
-            binaries[kind], paths[kind] = compile_cached(sources[kind], f"{spec.name}_{kind}", dev.arch,
-                                                         kernel_name(spec, kind))
-        kernels = BackwardKernels(spec, plan, sources, paths, binaries)
+        plan, sources, compiled = plan_and_compile_backward(
+            spec, dev, lambda src, kind: compile_cached(src, f"{spec.name}_{kind}", dev.arch, kernel_name(spec, kind)))
+        kernels = BackwardKernels(spec, plan, sources, {k: c[1] for k, c in compiled.items()},
+                                  {k: c[0] for k, c in compiled.items()})
     with _kernels_lock:
         return _kernels.setdefault(key, kernels)
 

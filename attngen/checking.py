@@ -45,7 +45,59 @@ def check_spec(spec, seed: int = 0, echo=print) -> bool:
         all_ok &= ok and lse_ok
         echo(f"seqlen_q={sq:5d} seqlen_k={sk:5d}  max|out-ref64|={err:.3e}  bound={bound:.3e}  "
              f"lse {'ok' if lse_ok else 'WRONG'}  {'PASS' if ok and lse_ok else 'FAIL'}")
+        if spec.backward:
+            all_ok &= check_gradients(spec, q, k, v, mask, rng, echo)
     return all_ok
+
+
+def framework_attention(q, k, v, causal, scale):
+    """Naive attention as a framework runs it in q's dtype (torch: scores and softmax in fp32, P in the
+    dtype); its autograd gradients are the same-dtype baseline of the gradient criterion."""
+    import torch
+
+    hq, hkv = q.shape[2], k.shape[2]
+    k, v = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale
+    sees = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
+        s = s.masked_fill(hidden, float("-inf"))
+        sees = ~hidden.all(dim=-1)                                # rows that see no key: out 0, no gradient
+        s = torch.where(sees[:, None], s, torch.zeros_like(s))
+    p = (torch.softmax(s, dim=-1) * sees[:, None]).to(q.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def check_gradients(spec, q, k, v, mask, rng, echo) -> bool:
+    """dq, dk, dv of the backward kernels against float64, each bounded by the framework's error."""
+    import torch
+
+    from .api import build_backward
+    from .reference import attention_reference_backward
+
+    scale = spec.softmax_scale
+    dout = to_device(rng.standard_normal(q.shape[:3] + (spec.dv,)).astype(np.float32), spec.dtype)
+    out, lse = kernel_output_plain(spec, q, k, v)
+    grads = build_backward(spec)(q, k, v, out, lse, dout)
+    torch.cuda.synchronize()
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    framework_attention(*leaves, spec.causal, scale).backward(dout)
+    refs = attention_reference_backward(*(to_float64(x) for x in (q, k, v, dout)), causal=spec.causal,
+                                        scale=scale, mask=mask)
+    ok_all, parts = True, []
+    for name, mine, leaf, ref in zip(("dq", "dk", "dv"), grads, leaves, refs):
+        ok, err, bound = acceptance_check(to_float64(mine), to_float64(leaf.grad), ref)
+        ok_all &= ok
+        parts.append(f"{name} {err:.2e}/{bound:.2e}")
+    echo(f"{'':31}gradients: {'  '.join(parts)}  {'PASS' if ok_all else 'FAIL'}")
+    return ok_all
+
+
+def kernel_output_plain(spec, q, k, v):
+    from .api import build
+
+    return build(spec)(q, k, v)
 
 
 def check_seqlens(spec):

@@ -82,8 +82,32 @@ def build_artifacts(spec: Spec, device) -> dict:
         "source_sha256": hashlib.sha256(source.encode()).hexdigest(),
         "cubin_sha256": hashlib.sha256(binary.cubin).hexdigest(),
     }
-    return {".cu": source.encode(), ".cubin": binary.cubin, ".ptx": binary.ptx.encode(),
-            ".json": (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}
+    files = {".cu": source.encode(), ".cubin": binary.cubin, ".ptx": binary.ptx.encode()}
+    if spec.backward:
+        files |= backward_artifacts(spec, device, manifest)
+    return files | {".json": (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def backward_artifacts(spec: Spec, device, manifest: dict) -> dict:
+    """The backward kernels (`backward: true`): NAME_bwd_dq.* and NAME_bwd_dkdv.*; their plan and
+    resources go into the forward's manifest."""
+    from .api import plan_and_compile_backward
+    from .backward import check_backward_support
+
+    try:
+        check_backward_support(spec)
+        plan, sources, results = plan_and_compile_backward(spec, device, lambda src, kind: (
+            nvrtc_compile(src, f"{spec.name}_{kind}", device.arch, kernel_name(spec, kind)), None))
+    except (PlanError, ValueError) as exc:
+        raise UsageFailure(f"{spec.name}: {exc}") from None
+    files, resources = {}, {}
+    for kind, suffix in (("backward_dq", "_bwd_dq"), ("backward_dkdv", "_bwd_dkdv")):
+        binary = results[kind][0]
+        files |= {f"{suffix}.cu": sources[kind].encode(), f"{suffix}.cubin": binary.cubin,
+                  f"{suffix}.ptx": binary.ptx.encode()}
+        resources[kind] = binary.report() | {"source_sha256": hashlib.sha256(sources[kind].encode()).hexdigest()}
+    manifest["backward"] = {"plan": plan.to_dict(), "resources": resources}
+    return files
 
 
 @main.command()
@@ -106,6 +130,13 @@ def build(spec_path, out_dir, arch):
     click.echo(f"{spec.name}: {device.arch}, tiles {p['block_m']}x{p['block_n']}, {p['warps']} warps, "
                f"{p['stages']} stages, {p['smem_bytes']} B smem, {r['registers']} registers, "
                f"{spills} -> {out}/{spec.name}.{{cu,cubin,ptx,json}}")
+    if "backward" in manifest:
+        b = manifest["backward"]
+        for kind in ("dq", "dkdv"):
+            bp, br = b["plan"][kind], b["resources"][f"backward_{kind}"]
+            click.echo(f"  backward {kind}: tiles {bp['block_m']}x{bp['block_n']}, {bp['warps']} warps, chunk "
+                       f"{bp['chunk']}, {bp['smem_bytes']} B smem, {br['registers']} registers -> "
+                       f"{out}/{spec.name}_bwd_{kind}.{{cu,cubin,ptx}}")
 
 
 @main.command("plan")
@@ -118,6 +149,10 @@ def plan_command(spec_path, arch, seqlen):
     device = resolve_device(arch)
     chosen = plan_or_fail(spec, device, spec_path)
     click.echo(explain(spec, device))
+    if spec.backward:
+        from .plan_backward import explain_backward
+
+        click.echo("\n" + explain_backward(spec, device))
     if spec.mask is not None:
         click.echo("\n" + mask_report(spec, chosen, seqlen))
 

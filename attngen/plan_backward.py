@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass
 
 from .device import Device
 from .errors import PlanError
-from .plan import REG_ALLOC_GRANULE, SMEM_ROW_PAD, occupancy, round_up
+from .plan import SMEM_ROW_PAD, occupancy, round_up
 from .spec import Spec
 
 REG_OVERHEAD_BACKWARD = 64     # addresses, counters, ldmatrix fragments in flight (as the forward's)
+DKDV_REGS_PER_CHUNK_COL, DKDV_REGS_PER_QUERY, DKDV_REG_OVERHEAD = 1.25, 1.7, 36
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,9 @@ def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stag
     else:
         smem = block_n * (row(d) + row(dv)) + stages * block_m * (row(d) + row(dv) + 8)
         n_chunks = max(d, dv) // chunk
-        # acc dK and dV, S^T and dP^T, one packed fragment, the columns' LSE and delta
-        regs = chunk + block_m + block_m // 4 + block_m + REG_OVERHEAD_BACKWARD
+        # acc dK and dV (chunk/2 each), S^T and dP^T, one packed fragment, the columns' LSE and delta;
+        # fitted to ptxas on sm_80/sm_90 (d64-256, block_m 32/64, chunk 64/128: within 6 registers)
+        regs = int(DKDV_REGS_PER_CHUNK_COL * chunk + DKDV_REGS_PER_QUERY * block_m) + DKDV_REG_OVERHEAD
         matmul = n_chunks * (d + dv) + d + dv       # S^T and dP^T per chunk, dK and dV once
     if smem > device.smem_per_block:
         return None, f"shared memory {smem} B exceeds {device.smem_per_block} B"
@@ -89,7 +91,7 @@ def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stag
         return None, "no CTA fits on an SM"
     factor = matmul / (d + dv)
     return BackwardPass(device.arch, kind, block_m, block_n, warps, stages, chunk, n_chunks, d, dv, SMEM_ROW_PAD, smem,
-                        round_up(regs, REG_ALLOC_GRANULE), ctas, factor), ""
+                        regs, ctas, factor), ""
 
 
 def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, BackwardPass | None, str]]:

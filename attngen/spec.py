@@ -50,14 +50,15 @@ class Spec:
     score_mod: str | None = None   # CUDA float expression (attngen.expressions)
     mask_mod: str | None = None    # CUDA boolean expression, ANDed with the mask
     tensors: dict | None = None    # named tensors the expressions read: name -> {dtype, shape}
+    backward: bool = False       # `attngen build` also emits the backward kernels (the API builds them on demand)
 
     def __init__(self, *, head_dim, dtype="bf16", causal=False, head_dim_v=None, num_heads=None,
                  num_kv_heads=None, scale=None, tile=None, name=None, mask=None, softcap=None, alibi=False,
-                 score_mod=None, mask_mod=None, tensors=None):
+                 score_mod=None, mask_mod=None, tensors=None, backward=False):
         values = dict(head_dim=head_dim, dtype=dtype, causal=causal, head_dim_v=head_dim_v,
                       num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, tile=tile, name=name,
                       mask=mask, softcap=softcap, alibi=alibi, score_mod=score_mod, mask_mod=mask_mod,
-                      tensors=tensors)
+                      tensors=tensors, backward=backward)
         for field, value in _validated(values).items():
             object.__setattr__(self, field, value)
 
@@ -224,8 +225,9 @@ def _validated(values: dict) -> dict:
         raise SpecError("num_heads", None, "an int when num_kv_heads is given")
     out["scale"] = _positive_float("scale", values["scale"], "(default 1/sqrt(head_dim))")
     out["softcap"] = _positive_float("softcap", values["softcap"], "(no capping)")
-    if not isinstance(values["alibi"], bool):
-        raise SpecError("alibi", values["alibi"], "true or false")
+    for flag in ("alibi", "backward"):
+        if not isinstance(values[flag], bool):
+            raise SpecError(flag, values[flag], "true or false")
     from .expressions import validate_expression, validate_tensors
 
     out["tensors"] = validate_tensors(values["tensors"])

@@ -215,6 +215,78 @@ __device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], 
 }
 
 
+// ---- tile matmuls on the tensor cores (mma.sync m16n8k16, fp32 accumulation) ----------------------
+// Each warp computes MT 16-row tiles. Shared operands are 32-bit shared-window addresses of row-major
+// tiles with the given row strides (elements); every per-(mi, nn, kk) offset below is a constant.
+
+// C[MT*16 x N] = A[rows a_row0.. of a_smem][K] * B[N rows of b_smem][K]^T. B stored row-major [n][k] is
+// the column-major B operand, so plain ldmatrix gives B fragments; one x4 load covers two n-tiles.
+template <int MT, int N, int K, int A_STRIDE, int B_STRIDE>
+__device__ __forceinline__ void gemm_abt(float (&c)[MT][N / 8][4], unsigned a_smem, int a_row0, unsigned b_smem, int lane) {
+    const unsigned a_base = a_smem + ((a_row0 + lane % 16) * A_STRIDE + (lane / 16) * 8) * 2;
+    const unsigned b_base = b_smem + ((lane % 8 + (lane / 16) * 8) * B_STRIDE + (lane / 8 % 2) * 8) * 2;
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) c[mi][nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        unsigned a[MT][4];
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+            ldmatrix_x4(a[mi], a_base + (mi * 16 * A_STRIDE + kk * 16) * 2);
+        }
+#pragma unroll
+        for (int nn = 0; nn < N / 16; ++nn) {
+            unsigned b[4];
+            ldmatrix_x4(b, b_base + (nn * 16 * B_STRIDE + kk * 16) * 2);
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) {
+                mma_16x8x16(c[mi][2 * nn], a[mi], b[0], b[1]);
+                mma_16x8x16(c[mi][2 * nn + 1], a[mi], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// C[MT*16 x N] += A[MT*16 x K] (packed A fragments in registers) * B[K rows of b_smem][N]. B is stored
+// row-major [k][n]: the B operand wants it column-major, so ldmatrix.trans transposes the 8x8 pieces.
+template <int MT, int N, int K, int B_STRIDE>
+__device__ __forceinline__ void gemm_frag_b(float (&c)[MT][N / 8][4], const unsigned (&a)[MT][K / 16][4], unsigned b_smem,
+                                            int lane) {
+    const unsigned b_base = b_smem + ((lane % 8 + (lane / 8 % 2) * 8) * B_STRIDE + (lane / 16) * 8) * 2;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+        for (int dn = 0; dn < N / 16; ++dn) {
+            unsigned b[4];
+            ldmatrix_x4_trans(b, b_base + (kk * 16 * B_STRIDE + dn * 16) * 2);
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) {
+                mma_16x8x16(c[mi][2 * dn], a[mi][kk], b[0], b[1]);
+                mma_16x8x16(c[mi][2 * dn + 1], a[mi][kk], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// The accumulator layout of n-tiles 2kk and 2kk+1 is exactly the A-fragment layout of k-step kk.
+template <int MT, int N>
+__device__ __forceinline__ void to_a_fragments(unsigned (&a)[MT][N / 16][4], const float (&c)[MT][N / 8][4]) {
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+        for (int kk = 0; kk < N / 16; ++kk) {
+            a[mi][kk][0] = pack2(c[mi][2 * kk][0], c[mi][2 * kk][1]);
+            a[mi][kk][1] = pack2(c[mi][2 * kk][2], c[mi][2 * kk][3]);
+            a[mi][kk][2] = pack2(c[mi][2 * kk + 1][0], c[mi][2 * kk + 1][1]);
+            a[mi][kk][3] = pack2(c[mi][2 * kk + 1][2], c[mi][2 * kk + 1][3]);
+        }
+    }
+}
+
 // ---- online softmax in base 2 ----------------------------------------------------------------------
 // Each thread holds two rows per m-tile (g and g + 8); the four lanes of a quad share a row. The running
 // max is kept in raw score units, exponents use exp2(score * scale_log2 - max * scale_log2). Row sums
@@ -278,69 +350,8 @@ __device__ __forceinline__ void online_softmax(float (&s)[M_TILES][BLOCK_N / 8][
                 acc_o[mi][nt][2 * r + 1] *= correction;
             }
         }
-        // The S accumulator layout of n-tiles 2kk and 2kk+1 is exactly the A layout of k-step kk.
-#pragma unroll
-        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-            p_frag[mi][kk][0] = pack2(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-            p_frag[mi][kk][1] = pack2(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-            p_frag[mi][kk][2] = pack2(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-            p_frag[mi][kk][3] = pack2(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-        }
     }
-}
-
-// ---- the two tile matmuls on the tensor cores ------------------------------------------------------
-// S[WARP_ROWS x BLOCK_N] = Q[warp rows x D] * K_tile^T. K is stored row-major [key][d], which is the
-// column-major B operand, so plain ldmatrix gives B fragments; one x4 load covers two n-tiles.
-__device__ __forceinline__ void gemm_q_kt(float (&s)[M_TILES][BLOCK_N / 8][4], unsigned q_smem,
-                                          unsigned k_smem, int warp_row0, int lane) {
-    // This lane's row addresses for ldmatrix; every (mi, nn, kk) offset below is a constant.
-    const unsigned a_base = q_smem + ((warp_row0 + lane % 16) * Q_STRIDE + (lane / 16) * 8) * 2;
-    const unsigned b_base = k_smem + ((lane % 8 + (lane / 16) * 8) * K_STRIDE + (lane / 8 % 2) * 8) * 2;
-#pragma unroll
-    for (int mi = 0; mi < M_TILES; ++mi)
-#pragma unroll
-        for (int nt = 0; nt < BLOCK_N / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[mi][nt][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        unsigned a[M_TILES][4];
-#pragma unroll
-        for (int mi = 0; mi < M_TILES; ++mi) {
-            ldmatrix_x4(a[mi], a_base + (mi * 16 * Q_STRIDE + kk * 16) * 2);
-        }
-#pragma unroll
-        for (int nn = 0; nn < BLOCK_N / 16; ++nn) {
-            unsigned b[4];
-            ldmatrix_x4(b, b_base + (nn * 16 * K_STRIDE + kk * 16) * 2);
-#pragma unroll
-            for (int mi = 0; mi < M_TILES; ++mi) {
-                mma_16x8x16(s[mi][2 * nn], a[mi], b[0], b[1]);
-                mma_16x8x16(s[mi][2 * nn + 1], a[mi], b[2], b[3]);
-            }
-        }
-    }
-}
-
-// O[WARP_ROWS x DV] += P[warp rows x BLOCK_N] * V_tile. V is stored row-major [key][dv]: the B operand
-// wants it column-major, so ldmatrix.trans transposes the 8x8 pieces on the way into registers.
-__device__ __forceinline__ void gemm_p_v(float (&acc_o)[M_TILES][DV / 8][4], const unsigned (&p_frag)[M_TILES][BLOCK_N / 16][4],
-                                         unsigned v_smem, int lane) {
-    const unsigned b_base = v_smem + ((lane % 8 + (lane / 8 % 2) * 8) * V_STRIDE + (lane / 16) * 8) * 2;
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-#pragma unroll
-        for (int dn = 0; dn < DV / 16; ++dn) {
-            unsigned b[4];
-            ldmatrix_x4_trans(b, b_base + (kk * 16 * V_STRIDE + dn * 16) * 2);
-#pragma unroll
-            for (int mi = 0; mi < M_TILES; ++mi) {
-                mma_16x8x16(acc_o[mi][2 * dn], p_frag[mi][kk], b[0], b[1]);
-                mma_16x8x16(acc_o[mi][2 * dn + 1], p_frag[mi][kk], b[2], b[3]);
-            }
-        }
-    }
+    to_a_fragments<M_TILES, BLOCK_N>(p_frag, s);
 }
 
 // ---- epilogue: O = acc / rowsum, LSE = ln(sum exp(scale * s)) --------------------------------------
@@ -471,7 +482,7 @@ softcap_alibi_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ 
         cp_async_wait<2 * STAGES - 1>();                                 // Q and K_j have landed
         __syncthreads();
         float acc_s[M_TILES][BLOCK_N / 8][4];
-        gemm_q_kt(acc_s, q_smem, k_smem + slot * K_TILE_BYTES, warp_row0, lane);
+        gemm_abt<M_TILES, BLOCK_N, D, Q_STRIDE, K_STRIDE>(acc_s, q_smem, warp_row0, k_smem + slot * K_TILE_BYTES, lane);
         apply_score_mods(acc_s, ctx, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N, lane);
         const MaskMode mode = mask_mode(j);
         if (mode != MASK_NONE) {
@@ -483,7 +494,7 @@ softcap_alibi_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ 
 
         cp_async_wait<2 * STAGES - 2>();                                 // V_j has landed
         __syncthreads();
-        gemm_p_v(acc_o, p_frag, v_smem + slot * V_TILE_BYTES, lane);
+        gemm_frag_b<M_TILES, DV, BLOCK_N, V_STRIDE>(acc_o, p_frag, v_smem + slot * V_TILE_BYTES, lane);
     }
     // Every thread's copies have landed before any warp reuses the Q tile for O: with no key tile at all
     // (causal rows that see no key) the loop's barriers never ran, and another thread's cp.async of

@@ -94,7 +94,8 @@ def test_generated_is_current(example):
     manifest = json.loads((folder / f"{spec.name}.json").read_text())
     artifacts = build_artifacts(spec, preset(manifest["plan"]["arch"]))
     hint = "generated/ is stale: run `attngen build <spec> -o generated --arch sm_90` for every example"
-    assert (folder / f"{spec.name}.cu").read_bytes() == artifacts[".cu"], hint
+    for suffix in (s for s in artifacts if s.endswith(".cu")):      # the forward's, and the backward's if asked
+        assert (folder / f"{spec.name}{suffix}").read_bytes() == artifacts[suffix], hint
     fresh = json.loads(artifacts[".json"])
     for key in ("spec", "plan", "source_sha256", "attngen_version"):
         assert manifest[key] == fresh[key], f"{key}: {hint}"
@@ -109,8 +110,9 @@ def test_generated_is_current(example):
 
 
 def test_every_example_has_generated_output():
-    names = {Spec.from_yaml(p).name for p in EXAMPLES}
-    assert len(EXAMPLES) >= 3
+    specs = [Spec.from_yaml(p) for p in EXAMPLES]
+    names = {s.name for s in specs} | {f"{s.name}_bwd_{kind}" for s in specs if s.backward for kind in ("dq", "dkdv")}
+    assert len(EXAMPLES) >= 3 and any(s.backward for s in specs)
     generated = {p.stem for p in (ROOT / "generated").glob("*.cu")}
     assert generated == names
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import attngen
+from attngen.checking import framework_attention
 from attngen.reference import acceptance_check, attention_reference_backward
 
 pytestmark = pytest.mark.gpu
@@ -23,19 +24,7 @@ def to64(x):
 
 
 def torch_attention(q, k, v, causal, scale):
-    """Naive attention as a framework runs it in q's dtype (scores and softmax in fp32, P in the dtype)."""
-    hq, hkv = q.shape[2], k.shape[2]
-    k, v = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale
-    sees = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
-    if causal:
-        sq, sk = q.shape[1], k.shape[1]
-        hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
-        s = s.masked_fill(hidden, float("-inf"))
-        sees = ~hidden.all(dim=-1)                                # rows that see no key: out 0, no gradient
-        s = torch.where(sees[:, None], s, torch.zeros_like(s))
-    p = (torch.softmax(s, dim=-1) * sees[:, None]).to(q.dtype)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+    return framework_attention(q, k, v, causal, scale)
 
 
 def check_gradients(q, k, v, causal, scale=None, seed=0):
