@@ -109,16 +109,19 @@ def build_backward(spec: Spec, device: int | None = None):
         plan, sources, compiled = plan_and_compile_backward(
             spec, dev, lambda src, kind: compile_cached(src, f"{spec.name}_{kind}", dev.arch, kernel_name(spec, kind)))
         kernels = BackwardKernels(spec, plan, sources, {k: c[1] for k, c in compiled.items()},
-                                  {k: c[0] for k, c in compiled.items()})
+                                  {k: c[0] for k, c in compiled.items()}, build(spec, index))
     with _kernels_lock:
         return _kernels.setdefault(key, kernels)
 
 
-def attention_backward(q, k, v, out, lse, dout, causal: bool = False, scale: float | None = None):
-    """(dq, dk, dv) of softmax(scale * q k^T [causal]) v from the forward's out and lse and the output
-    gradient dout; torch CUDA tensors or CuPy arrays, in the inputs' dtype. Deterministic."""
-    spec = spec_for_inputs(q, k, v, causal)
-    return build_backward(spec, _view("q", q).device)(q, k, v, out, lse, dout, scale=scale)
+def attention_backward(q, k, v, out, lse, dout, causal: bool = False, scale: float | None = None, *,
+                       window=None, softcap: float | None = None, alibi_slopes=None):
+    """(dq, dk, dv) of attention(q, k, v, causal, scale, window=, softcap=, alibi_slopes=) from the
+    forward's out and lse and the output gradient dout; torch CUDA tensors or CuPy arrays, in the inputs'
+    dtype. Deterministic (no atomics)."""
+    spec = spec_for_inputs(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None)
+    return build_backward(spec, _view("q", q).device)(q, k, v, out, lse, dout, scale=scale,
+                                                      alibi_slopes=alibi_slopes)
 
 
 def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: bool = False) -> Spec:

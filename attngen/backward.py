@@ -20,20 +20,27 @@ DELTA_ROWS_PER_CTA = 8     # one warp per query row, 256 threads (the delta kern
 
 
 def check_backward_support(spec: Spec) -> None:
-    """The backward covers dense and causal attention with GQA at every head dim; refuse the rest clearly."""
+    """The backward covers dense, causal and pattern masks (the mask as code), mask_mod, softcap and ALiBi,
+    with GQA at every head dim. A score_mod needs a derivative and a runtime layout a kv-major CSR, which
+    the backward does not take yet: those are refused here, before anything runs."""
     variant = variant_of(spec)
-    if variant.schedule != "dense" or variant.score_mods or variant.mask_mod is not None:
-        raise ValueError(f"backward: spec {spec.name} has a mask or score modifier; the backward kernels cover "
-                         "dense and causal attention (with GQA) for now")
+    if variant.score_mod is not None:
+        raise ValueError(f"backward: spec {spec.name} has a score_mod, whose derivative (score_mod_grad) the "
+                         "backward kernels do not take yet; train with softcap/alibi, or call under torch.no_grad()")
+    if variant.schedule == "runtime":
+        raise ValueError(f"backward: spec {spec.name} has a runtime block layout (mask: {{kind: runtime}}), which "
+                         "the backward kernels do not take yet; express the mask as a pattern to train with it")
 
 
 class BackwardKernels:
     """The backward kernels of one spec on one device."""
 
-    def __init__(self, spec: Spec, plan: BackwardPlan, sources: dict, cubin_paths: dict, binaries: dict):
+    def __init__(self, spec: Spec, plan: BackwardPlan, sources: dict, cubin_paths: dict, binaries: dict, forward):
         import cupy
 
         self.spec, self.plan, self.sources, self.binaries = spec, plan, sources, binaries
+        self.forward = forward          # the forward Kernel: its argument helpers (slopes, tables, tensors)
+        self.variant = variant_of(spec)
         from .render import kernel_name
 
         dq_module = cupy.RawModule(path=str(cubin_paths["backward_dq"]))
@@ -44,12 +51,25 @@ class BackwardKernels:
         self._dq.max_dynamic_shared_size_bytes = plan.dq.smem_bytes
         self._dkdv.max_dynamic_shared_size_bytes = plan.dkdv.smem_bytes
 
+    @staticmethod
+    def _smem(function, smem: int) -> int:
+        """Raise the function's dynamic shared-memory limit to smem (tile lists grow with the sequence)."""
+        import cupy
+
+        if smem > function.max_dynamic_shared_size_bytes:
+            limit = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+            if smem > limit:
+                raise ValueError(f"backward: {smem} B of shared memory for the tile lists, {_smem_limit_note()}")
+            function.max_dynamic_shared_size_bytes = smem
+        return smem
+
     def __repr__(self):
         p = self.plan
         return (f"<attngen.BackwardKernels {self.spec.name}: dq {p.dq.block_m}x{p.dq.block_n} chunk {p.dq.chunk}, "
                 f"dkdv {p.dkdv.block_m}x{p.dkdv.block_n} chunk {p.dkdv.chunk}>")
 
-    def __call__(self, q, k, v, out, lse, dout, *, scale: float | None = None, dq=None, dk=None, dv=None):
+    def __call__(self, q, k, v, out, lse, dout, *, scale: float | None = None, dq=None, dk=None, dv=None,
+                 alibi_slopes=None, tensors=None):
         """(dq, dk, dv) in the inputs' dtype and library; dq [b, sq, hq, d], dk [b, sk, hkv, d], dv [b, sk, hkv, dv]."""
         spec = self.spec
         qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv) = check_inputs(spec, q, k, v)
@@ -70,8 +90,21 @@ class BackwardKernels:
         delta = _empty_like(qv, (batch, heads_q, seqlen_q), "fp32")
         dlv = _view("delta", delta)
         strides = lambda view: tuple(np.int64(s) for s in view.strides[:3])  # noqa: E731
+        variant, fwd = self.variant, self.forward
         common = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
-                  np.float32(scale * math.log2(math.e)), np.float32(scale))
+                  # modified scores are recomputed in natural units, as the forward's
+                  np.float32((1.0 if variant.score_mods else scale) * math.log2(math.e)), np.float32(scale),
+                  *((np.float32(scale),) if variant.score_mods else ()),
+                  *fwd._alibi_args(alibi_slopes, batch, heads_q, qv),
+                  *fwd._block_table_args(seqlen_q, seqlen_k, qv.device),
+                  *fwd._tensor_args(tensors, (batch, heads_q, seqlen_q, seqlen_k), qv))
+        # a pattern lists its tiles in shared memory: key tiles per query tile (dQ), pairs of (query head of
+        # the group, query tile) per key tile (dK/dV)
+        pattern = variant.schedule == "pattern"
+        dq_smem = self.plan.dq.smem_bytes + (4 * (self.plan.dq.warps + math.ceil(seqlen_k / self.plan.dq.block_n))
+                                             if pattern else 0)
+        dkdv_smem = self.plan.dkdv.smem_bytes + (4 * (self.plan.dkdv.warps + (heads_q // heads_kv) * math.ceil(
+            seqlen_q / self.plan.dkdv.block_m)) if pattern else 0)
         pq, pkv = self.plan.dq, self.plan.dkdv
         rows = batch * heads_q * seqlen_q
         import cupy
@@ -85,11 +118,15 @@ class BackwardKernels:
             dqv, dkv, dvv = (grads[n][1] for n in ("dq", "dk", "dv"))
             self._dq((math.ceil(seqlen_q / pq.block_m), heads_q * pq.n_chunks, batch), (pq.threads,), (
                 *inputs, np.uint64(dqv.ptr), *strides(qv), *strides(kv), *strides(vv), *strides(dov), *strides(dqv),
-                *common), shared_mem=pq.smem_bytes)
+                *common), shared_mem=self._smem(self._dq, dq_smem))
             self._dkdv((math.ceil(seqlen_k / pkv.block_n), heads_kv * pkv.n_chunks, batch), (pkv.threads,), (
                 *inputs, np.uint64(dkv.ptr), np.uint64(dvv.ptr), *strides(qv), *strides(kv), *strides(vv),
-                *strides(dov), *strides(dkv), *strides(dvv), *common), shared_mem=pkv.smem_bytes)
+                *strides(dov), *strides(dkv), *strides(dvv), *common), shared_mem=self._smem(self._dkdv, dkdv_smem))
         return grads["dq"][0], grads["dk"][0], grads["dv"][0]
+
+
+def _smem_limit_note():
+    return "more than this GPU's shared memory per block; use fewer query heads per kv head or shorter sequences"
 
 
 def _row_major_view(name, x, shape, dtype, ref):

@@ -50,22 +50,30 @@ def check_spec(spec, seed: int = 0, echo=print) -> bool:
     return all_ok
 
 
-def framework_attention(q, k, v, causal, scale):
+def framework_attention(q, k, v, causal, scale, mask=None, softcap=None, alibi_slopes=None):
     """Naive attention as a framework runs it in q's dtype (torch: scores and softmax in fp32, P in the
-    dtype); its autograd gradients are the same-dtype baseline of the gradient criterion."""
+    dtype); its autograd gradients are the same-dtype baseline of the gradient criterion. mask: bool
+    [heads or 1, sq, sk] (numpy); alibi_slopes: [heads_q] (numpy)."""
     import torch
 
     hq, hkv = q.shape[2], k.shape[2]
+    sq, sk = q.shape[1], k.shape[1]
     k, v = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale
-    sees = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        distance = (torch.arange(sq, device=q.device)[:, None] + sk - sq - torch.arange(sk, device=q.device)).abs()
+        s = s - torch.as_tensor(alibi_slopes, device=q.device).float()[:, None, None] * distance
+    hidden = torch.zeros(sq, sk, dtype=torch.bool, device=q.device)
     if causal:
-        sq, sk = q.shape[1], k.shape[1]
         hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
-        s = s.masked_fill(hidden, float("-inf"))
-        sees = ~hidden.all(dim=-1)                                # rows that see no key: out 0, no gradient
-        s = torch.where(sees[:, None], s, torch.zeros_like(s))
-    p = (torch.softmax(s, dim=-1) * sees[:, None]).to(q.dtype)
+    if mask is not None:
+        hidden = hidden | ~torch.as_tensor(np.ascontiguousarray(mask), device=q.device)
+    s = s.masked_fill(hidden, float("-inf"))
+    sees = ~hidden.all(dim=-1)                                    # rows that see no key: out 0, no gradient
+    s = torch.where(sees[..., None], s, torch.zeros_like(s))
+    p = (torch.softmax(s, dim=-1) * sees[..., None]).to(q.dtype)
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
 
 

@@ -67,6 +67,13 @@ def _chunks(d: int, dv: int, kind: str) -> list[int]:
 
 
 def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stages) -> tuple[BackwardPass | None, str]:
+    from .variant import variant_of
+
+    variant = variant_of(spec)
+    if variant.schedule == "runtime" or variant.block_table:
+        rows, cols = spec.mask_block_size          # a tile must lie inside one block of the layout / table
+        if rows % block_m or cols % block_n:
+            return None, f"tiles {block_m}x{block_n} do not divide the mask blocks {rows}x{cols}"
     d, dv = round_up(spec.head_dim, 16), round_up(spec.dv, 16)
     row = lambda cols: (cols + SMEM_ROW_PAD) * spec.elem_bytes  # noqa: E731
     if kind == "dq":

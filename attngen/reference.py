@@ -350,11 +350,12 @@ def attention_reference(q, k, v, *, causal: bool = False, scale: float | None = 
 
 
 def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: float | None = None,
-                                 mask=None):
+                                 mask=None, softcap=None, alibi_slopes=None, mask_mod=None):
     """float64 gradients (dq, dk, dv) of attention_reference's output against dout [b, sq, hq, dv]:
     with s = scale q.k (masked) and P = softmax(s): dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
     dQ = scale dS K, dK = scale dS^T Q; the query heads of a GQA group add into their kv head. Rows that
-    see no key contribute nothing."""
+    see no key contribute nothing. With a softcap, dS is multiplied by d(softcap tanh(u/softcap))/du =
+    1 - tanh^2(u/softcap) at u = scale q.k; ALiBi adds a constant; a mask_mod only hides pairs."""
     q, k, v, dims = _check_inputs(q, k, v)
     dout = np.asarray(dout, dtype=np.float64)
     if dout.shape != (dims.batch, dims.seqlen_q, dims.heads_q, dims.head_dim_v):
@@ -362,6 +363,7 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
                          f"got {dout.shape}")
     scale = _resolve_scale(scale, dims.head_dim)
     regions = _mask_regions(mask, dims)
+    mods = ScoreMods.of(dims, softcap=softcap, alibi_slopes=alibi_slopes, mask_mod=mask_mod)
     qg = _group_heads(q.astype(np.float64), dims.heads_kv)            # [b, s, hkv, g, d]
     dog = _group_heads(dout, dims.heads_kv)
     k, v = k.astype(np.float64), v.astype(np.float64)
@@ -375,7 +377,11 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
                                       causal=causal)
             if regions is not None:
                 visible = visible & regions(r0, r1, 0, dims.seqlen_k)
-            s = _masked(_scores(qg[b, r0:r1], k[b]) * scale, visible)        # [hkv, g, r, c]
+            u = _scores(qg[b, r0:r1], k[b]) * scale                         # [hkv, g, r, c]
+            s, mod_visible = mods.apply(u, b, r0, dims)
+            if mod_visible is not None:
+                visible = visible & mod_visible
+            s = _masked(s, visible)
             row_max = _finite_shift(s.max(axis=-1))
             p = np.exp(s - row_max[..., None])
             p = _safe_divide(p, p.sum(axis=-1))
@@ -384,6 +390,8 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
             dp = do @ np.swapaxes(vt, -1, -2)                                # [hkv, g, r, c]
             out = p @ vt                                                     # [hkv, g, r, dv]
             ds = p * (dp - (do * out).sum(axis=-1, keepdims=True))
+            if softcap is not None:
+                ds = ds * (1.0 - np.tanh(u / softcap) ** 2)
             kt = np.moveaxis(k[b], 0, -2)[:, None]                           # [hkv, 1, c, d]
             qt = np.moveaxis(qg[b, r0:r1], 0, -2)                            # [hkv, g, r, d]
             dq[b, r0:r1] += np.moveaxis(scale * ds @ kt, -2, 0)

@@ -75,26 +75,40 @@ def test_backward_plan_fits_every_head_dim(d, arch):
 BACKWARD_VARIANTS = [dict(head_dim=d, dtype=t, causal=c) for d in (8, 32, 64, 96, 128, 160, 256)
                      for t in ("fp16", "bf16") for c in (False, True)]
 BACKWARD_VARIANTS += [dict(head_dim=64, head_dim_v=128), dict(head_dim=128, head_dim_v=64, causal=True),
-                      dict(head_dim=24, head_dim_v=56)]
+                      dict(head_dim=24, head_dim_v=56), dict(head_dim=128, softcap=30.0, alibi=True, causal=True),
+                      dict(head_dim=64, mask={"kind": "sliding_window", "left": 256, "right": 0}),
+                      dict(head_dim=128, mask={"kind": "bigbird", "window": 3, "global_tokens": [0], "random_blocks": 2}),
+                      dict(head_dim=64, mask_mod="doc[q_idx] == doc[kv_idx]",
+                           tensors={"doc": {"dtype": "int32", "shape": ["seqlen_k"]}})]
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("fields", BACKWARD_VARIANTS, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
 def test_backward_kernels_compile_without_spills(fields, arch):
+    """What build_backward keeps: each pass's first ranked candidate that compiles without spills."""
+    from attngen.api import plan_and_compile_backward
+
     spec = attngen.Spec(**fields)
-    plan = make_backward_plan(spec, preset(arch))
+    plan, sources, results = plan_and_compile_backward(spec, preset(arch), lambda source, kind: (
+        nvrtc_compile(source, f"{spec.name}_{kind}", arch, kernel_name(spec, kind)), None))
     for kind, bwd in (("backward_dq", plan.dq), ("backward_dkdv", plan.dkdv)):
-        source = render(spec, bwd, kind)
-        binary = nvrtc_compile(source, f"{spec.name}_{kind}", arch, kernel_name(spec, kind))
-        assert binary.resources.spill_bytes == 0, (kind, binary.resources)
-        assert f"CHUNK      = {bwd.chunk}" in source
+        assert results[kind][0].resources.spill_bytes == 0, (kind, results[kind][0].resources)
+        assert f"CHUNK      = {bwd.chunk}" in sources[kind]
+        if spec.mask is not None:
+            assert "list_tiles(" in sources[kind]                  # the mask as code, no index tensor
+        if spec.mask is not None and spec.mask_pattern.table_block_size:
+            rows, cols = spec.mask_block_size
+            assert rows % bwd.block_m == 0 and cols % bwd.block_n == 0
 
 
 def test_backward_refuses_what_it_does_not_cover():
     from attngen.backward import check_backward_support
 
-    with pytest.raises(ValueError, match="backward"):
-        check_backward_support(attngen.Spec(head_dim=64, softcap=10.0))
+    check_backward_support(attngen.Spec(head_dim=64, softcap=10.0, alibi=True, mask={"kind": "causal"}))
+    with pytest.raises(ValueError, match="score_mod_grad"):
+        check_backward_support(attngen.Spec(head_dim=64, score_mod="score * 2.0f"))
+    with pytest.raises(ValueError, match="runtime"):
+        check_backward_support(attngen.Spec(head_dim=64, mask={"kind": "runtime"}))
 
 
 def test_spec_backward_key_builds_the_backward_kernels(tmp_path):
@@ -113,7 +127,7 @@ def test_spec_backward_key_builds_the_backward_kernels(tmp_path):
     assert "backward on sm_90" in plan.output and "dkdv:" in plan.output
     with pytest.raises(attngen.SpecError, match="'backward'"):
         attngen.Spec(head_dim=64, backward="yes")
-    spec.write_text("name: tiny\nhead_dim: 64\nsoftcap: 5.0\nbackward: true\n")
+    spec.write_text("name: tiny\nhead_dim: 64\nscore_mod: 'score * 2.0f'\nbackward: true\n")
     refused = CliRunner().invoke(main, ["build", str(spec), "-o", str(tmp_path / "out2"), "--arch", "sm_80"])
     assert refused.exit_code == 2 and "backward" in refused.output
     assert not (tmp_path / "out2").exists()                              # nothing half-written
@@ -136,3 +150,15 @@ def test_reference_gradients_match_torch_autograd_float64():
     attention(*leaves).backward(torch.tensor(dout))
     for leaf, mine in zip(leaves, attention_reference_backward(q, k, v, dout, causal=True, scale=0.5)):
         np.testing.assert_allclose(mine, leaf.grad.numpy(), atol=1e-12)
+
+
+def test_reference_gradients_with_softcap_alibi_and_mask_mod_match_finite_differences():
+    rng = np.random.default_rng(11)
+    q, k, v = rng.normal(size=(2, 5, 2, 8)), rng.normal(size=(2, 6, 1, 8)), rng.normal(size=(2, 6, 1, 8))
+    dout = rng.normal(size=(2, 5, 2, 8))
+    kw = dict(causal=True, scale=0.9, softcap=1.3, alibi_slopes=rng.uniform(0.1, 0.5, (2, 2)),
+              mask_mod=lambda b, h, qi, kj: (np.asarray(qi) + np.asarray(kj) + b) % 4 != 1)
+    got = attention_reference_backward(q, k, v, dout, **kw)
+    want = finite_difference_grads(q, k, v, dout, **kw)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-7)

@@ -108,8 +108,10 @@ def test_autograd_plumbing():
         out = attngen.attention(q.requires_grad_(), k, v)
     assert out.grad_fn is None
     q.requires_grad_(False)
-    with pytest.raises(ValueError, match="backward"):
-        attngen.attention(q.requires_grad_(), k, v, softcap=5.0)
+    with pytest.raises(ValueError, match="backward"):           # refused before the forward runs
+        from attngen.autograd import attention_with_grad
+
+        attention_with_grad(attngen.Spec(head_dim=64, score_mod="score"), q, k, v, None, None)
     with pytest.raises(ValueError, match="dout"):
         qd = q.detach()
         o, l = attngen.attention(qd, k, v, return_lse=True)
@@ -157,3 +159,70 @@ def test_small_transformer_block_trains_like_sdpa():
     ours_l, theirs = np.array(losses[0]), np.array(losses[1])
     assert ours_l[-1] < ours_l[0]                                       # it trains
     assert np.max(np.abs(ours_l - theirs) / theirs) < 2e-2, (ours_l, theirs)
+
+
+def check_modified_gradients(q, k, v, mask=None, causal=False, softcap=None, alibi=False, window=None, seed=0):
+    """Gradients through attngen.attention's keywords against float64 with the same mask and modifiers."""
+    hq = q.shape[2]
+    slopes = np.random.default_rng(seed).uniform(0.02, 0.3, hq).astype(np.float32) if alibi else None
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    dout = torch.randn(q.shape[:3] + (v.shape[-1],), generator=gen, device="cuda", dtype=q.dtype)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    call = dict(causal=causal, window=window, softcap=softcap,
+                alibi_slopes=torch.tensor(slopes, device="cuda") if alibi else None)
+    attngen.attention(*leaves, **call).backward(dout)
+    scale = 1 / math.sqrt(q.shape[-1])
+    same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    torch_causal = causal and window is None
+    framework_attention(*same, torch_causal, scale, mask=mask, softcap=softcap, alibi_slopes=slopes).backward(dout)
+    ref = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), causal=torch_causal, scale=scale,
+                                       mask=mask, softcap=softcap, alibi_slopes=slopes)
+    for name, mine, theirs, r in zip(("dq", "dk", "dv"), leaves, same, ref):
+        ok, err, bound = acceptance_check(to64(mine.grad), to64(theirs.grad), r)
+        assert ok, f"{name}: max|grad - ref64| = {err:.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_with_softcap_and_alibi(d, causal):
+    q, k, v = inputs(d + causal, 2, 203, 317, 4, 2, d)
+    check_modified_gradients(q, k, v, causal=causal, softcap=5.0, alibi=True)
+
+
+@pytest.mark.parametrize("sq,sk", [(300, 300), (203, 517), (517, 203)])
+def test_gradients_with_a_sliding_window(sq, sk):
+    from attngen.masks import SlidingWindow
+
+    q, k, v = inputs(sq, 1, sq, sk, 4, 1, 64)
+    mask = np.broadcast_to(SlidingWindow(70, 0).element(0, np.arange(sq)[:, None], np.arange(sk)[None], sq, sk), (1, sq, sk))
+    check_modified_gradients(q, k, v, mask=mask, causal=True, window=(70, 0))
+
+
+@pytest.mark.parametrize("section", [
+    {"kind": "bigbird", "window": 3, "global_tokens": [0, 1], "random_blocks": 2, "block_size": 128, "seed": 1},
+    {"kind": "and", "of": [{"kind": "document", "seq_lens": [100, 200, 87]}, {"kind": "causal"}]},
+    {"kind": "strided", "stride": 64},
+], ids=lambda m: m["kind"])
+def test_gradients_with_mask_patterns(section):
+    n = 387
+    spec = attngen.Spec(head_dim=64, dtype="bf16", mask=section)
+    pattern = spec.mask_pattern
+    mask = np.broadcast_to(pattern.element(np.arange(4)[:, None, None], np.arange(n)[None, :, None],
+                                           np.arange(n)[None, None, :], n, n), (4, n, n))
+    q, k, v = inputs(n, 2, n, n, 4, 2, 64)
+    out, lse = attngen.build(spec)(q, k, v)
+    dout = torch.randn_like(out)
+    dq, dk, dv = attngen.build_backward(spec)(q, k, v, out, lse, dout)
+    same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    framework_attention(*same, False, spec.softmax_scale, mask=mask).backward(dout)
+    ref = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), mask=mask)
+    for name, mine, theirs, r in zip(("dq", "dk", "dv"), (dq, dk, dv), same, ref):
+        ok, err, bound = acceptance_check(to64(mine), to64(theirs.grad), r)
+        assert ok, f"{name}: max|grad - ref64| = {err:.3g} > bound {bound:.3g}"
+
+
+def test_refuses_score_mod_and_runtime_layouts_for_training():
+    q, k, v = inputs(12, 1, 64, 64, 2, 2, 64)
+    for spec in (attngen.Spec(head_dim=64, score_mod="score * 2.0f"), attngen.Spec(head_dim=64, mask={"kind": "runtime"})):
+        with pytest.raises(ValueError, match="backward"):
+            attngen.build_backward(spec)
