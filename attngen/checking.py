@@ -69,7 +69,7 @@ def framework_attention(q, k, v, causal, scale, mask=None, softcap=None, alibi_s
     if causal:
         hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
     if mask is not None:
-        hidden = hidden | ~torch.as_tensor(np.ascontiguousarray(mask), device=q.device)
+        hidden = hidden | ~torch.as_tensor(np.array(mask, dtype=bool), device=q.device)
     s = s.masked_fill(hidden, float("-inf"))
     sees = ~hidden.all(dim=-1)                                    # rows that see no key: out 0, no gradient
     s = torch.where(sees[..., None], s, torch.zeros_like(s))

@@ -35,8 +35,19 @@ def round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+class WarpLaunch:
+    """What a plan of `warps` warps per CTA adds to its fields (shared by the forward and backward plans)."""
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"threads": self.threads}
+
+
 @dataclass(frozen=True)
-class Plan:
+class Plan(WarpLaunch):
     arch: str
     block_m: int
     block_n: int
@@ -54,13 +65,6 @@ class Plan:
     predicted_smem_bytes: float
     predicted_time_us: float
     bound: str                # which term of the cost model dominates: "mma", "hbm" or "smem"
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"threads": self.threads}
 
 
 @dataclass(frozen=True)

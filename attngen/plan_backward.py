@@ -13,11 +13,11 @@ resident tiles plus a STAGES-deep ring of the streamed ones (rows padded like th
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .device import Device
 from .errors import PlanError
-from .plan import SMEM_ROW_PAD, occupancy, round_up
+from .plan import SMEM_ROW_PAD, WarpLaunch, occupancy, round_up
 from .spec import Spec
 
 REG_OVERHEAD_BACKWARD = 64     # addresses, counters, ldmatrix fragments in flight (as the forward's)
@@ -25,7 +25,7 @@ DKDV_REGS_PER_CHUNK_COL, DKDV_REGS_PER_QUERY, DKDV_REG_OVERHEAD = 1.25, 1.7, 36
 
 
 @dataclass(frozen=True)
-class BackwardPass:
+class BackwardPass(WarpLaunch):
     arch: str
     kind: str                 # "dq" | "dkdv"
     block_m: int              # query rows per CTA (dq) or per step (dkdv)
@@ -41,13 +41,6 @@ class BackwardPass:
     regs_estimate: int
     ctas_per_sm: int
     matmul_factor: float      # matmul work relative to one forward, recomputation included
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"threads": self.threads}
 
 
 @dataclass(frozen=True)

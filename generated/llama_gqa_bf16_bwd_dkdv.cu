@@ -230,14 +230,15 @@ __device__ __forceinline__ void probabilities(float (&s)[1][N / 8][4], float sca
         for (int e = 0; e < 4; ++e) s[0][nt][e] = fast_exp2(s[0][nt][e] * scale_log2 - lse_log2[nt][e]);
 }
 
-// dS = P * (dP - delta): the gradient of the scaled scores (delta = rowsum(dO * O) of each query).
+// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta = rowsum(dO * O)
+// of each query; grad_factor = d(modified score) / d(scaled score), 1 without a softcap).
 template <int N>
 __device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const float (&p)[1][N / 8][4],
-                                                const float (&delta)[N / 8][4]) {
+                                                const float (&delta)[N / 8][4], const float (&grad_factor)[N / 8][4]) {
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta[nt][e]);
+        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta[nt][e]) * grad_factor[nt][e];
 }
 
 // Writes a warp's 16 x CHUNK fp32 accumulator, times `factor`, as bf16 rows of dst (row stride
@@ -254,6 +255,57 @@ __device__ __forceinline__ void store_rows(const float (&acc)[1][CHUNK / 8][4], 
                 *reinterpret_cast<unsigned*>(dst + row * row_stride + col) =
                     pack2(acc[0][nt][2 * r] * factor, acc[0][nt][2 * r + 1] * factor);
             }
+        }
+    }
+}
+
+// ---- run-time values the mask predicates and score modifiers read -------------------------------
+__device__ __forceinline__ int floor_div(int a, int b) {           // rounds toward -inf (a may be < 0)
+    const int q = a / b;
+    return q * b > a ? q - 1 : q;
+}
+
+struct ModContext {
+    int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+};
+
+
+// ---- how a tile is masked, and the element predicate ---------------------------------------------
+enum MaskMode : int {
+    MASK_NONE = 0,        // every element of the tile is visible
+    MASK_BOUNDS = 1,      // hide keys past seqlen_k and above the causal diagonal
+    MASK_PREDICATE = 2,   // and evaluate the element predicate
+};
+
+// The element predicate: the spec's mask pattern as code over (h, q_idx, kv_idx); true if none.
+__device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q_idx, int kv_idx) {
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    return true;
+}
+
+
+
+// ---- backward scores: the forward's modifiers and masks, recomputed on a warp tile --------------------
+// TRANSPOSED tiles (the dK/dV pass) have keys as rows and queries as columns. The result is the score
+// the softmax saw (natural units when modified, raw q.k otherwise), -inf where hidden.
+template <int N, bool TRANSPOSED>
+__device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float (&grad_factor)[N / 8][4],
+                                                 const ModContext& ctx, int h, int row0, int col0, int causal_offset,
+                                                 MaskMode mode, int lane) {
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = row0 + lane / 4 + (e >= 2 ? 8 : 0), col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+            const int q_idx = TRANSPOSED ? col : row, kv_idx = TRANSPOSED ? row : col;
+            float score = s[0][nt][e];
+            grad_factor[nt][e] = 1.f;
+            if (mode != MASK_NONE) {
+                const bool hidden = kv_idx >= ctx.seqlen_k || q_idx >= ctx.seqlen_q || (CAUSAL && kv_idx > q_idx + causal_offset)
+                                    || (mode == MASK_PREDICATE && !mask_visible(ctx, h, q_idx, kv_idx));
+                if (hidden) score = NEG_INF;
+            }
+            s[0][nt][e] = score;
         }
     }
 }
@@ -285,24 +337,37 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int warp_row0 = warp * 16, n_start = n_block * BLOCK_N;
 
-    // Query tiles that see these keys: all of them, or under causal masking those whose last row's aligned
-    // position reaches n_start. Steps run over (query head of the group, query tile).
+    int head = kv_head * group_size;                                     // the step's query head (ModContext)
+    // What the mask predicates and score modifiers read (ModContext); the ALiBi slope is this head's.
+    ModContext ctx;
+    ctx.b = batch;
+    ctx.seqlen_q = seqlen_q;
+    ctx.seqlen_k = seqlen_k;
+    ctx.num_heads = heads_q;
+
+    // Steps run over (query head of the group, query tile) pairs that see these keys.
     const int causal_offset = seqlen_k - seqlen_q;
     const int n_m_tiles = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    // Every query tile, or under causal masking those whose last row's aligned position reaches n_start.
     const int m_first = CAUSAL ? min(n_m_tiles, max(0, (n_start - causal_offset) / BLOCK_M)) : 0;
     const int tiles_per_head = n_m_tiles - m_first;
     const int n_steps = group_size * tiles_per_head;
+    auto step_head = [&](int j) { return kv_head * group_size + j / max(tiles_per_head, 1); };
+    auto step_m_start = [&](int j) { return (m_first + j % max(tiles_per_head, 1)) * BLOCK_M; };
+    auto step_mode = [&](int j) {   // keys past seqlen_k give rows that are never stored: only the diagonal
+        return CAUSAL && step_m_start(j) + causal_offset < n_start + BLOCK_N - 1 ? MASK_BOUNDS : MASK_NONE;
+    };
 
     auto load_q_tile = [&](int j) {
         const int slot = j % STAGES;
-        const int head = kv_head * group_size + j / max(tiles_per_head, 1);
-        const int m_start = (m_first + j % max(tiles_per_head, 1)) * BLOCK_M;
         if (j < n_steps) {
+            const int head = step_head(j), m_start = step_m_start(j);
             load_tile<BLOCK_M, D, Q_STRIDE, HEAD_DIM>(q_smem + slot * Q_TILE_BYTES,
                 q + batch * q_stride_b + head * q_stride_h + (long long)m_start * q_stride_s, q_stride_s, seqlen_q - m_start, tid);
         }
         cp_async_commit();
         if (j < n_steps) {
+            const int head = step_head(j), m_start = step_m_start(j);
             load_tile<BLOCK_M, DV, DO_STRIDE, HEAD_DIM_V>(do_smem + slot * DO_TILE_BYTES,
                 dout + batch * do_stride_b + head * do_stride_h + (long long)m_start * do_stride_s, do_stride_s, seqlen_q - m_start, tid);
             // The rows' LSE in base 2 (+inf where a row sees nothing or does not exist: P = 0) and delta.
@@ -335,7 +400,8 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
         __syncthreads();
         load_q_tile(j + STAGES - 1);
         const int slot = j % STAGES;
-        const int m_start = (m_first + j % tiles_per_head) * BLOCK_M;
+        const int m_start = step_m_start(j);
+        head = step_head(j);
         cp_async_wait<2 * STAGES - 1>();                                 // K, V and Q_j have landed
         __syncthreads();
         // S^T: rows are this warp's keys, columns the tile's queries.
@@ -350,16 +416,9 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
                 lse_cols[nt][e] = lse_smem[slot * BLOCK_M + col];
                 delta_cols[nt][e] = delta_smem[slot * BLOCK_M + col];
             }
-        if (CAUSAL && m_start + causal_offset < n_start + BLOCK_N - 1) {   // tiles cut by the diagonal
-#pragma unroll
-            for (int nt = 0; nt < BLOCK_M / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = n_start + warp_row0 + lane / 4 + (e >= 2 ? 8 : 0);
-                    const int query = m_start + nt * 8 + (lane % 4) * 2 + (e & 1);
-                    if (key > query + causal_offset) p[0][nt][e] = NEG_INF;
-                }
-        }
+        float grad_factor[BLOCK_M / 8][4];
+        recompute_scores<BLOCK_M, true>(p, grad_factor, ctx, head, n_start + warp_row0, m_start, causal_offset,
+                                        step_mode(j), lane);
         probabilities<BLOCK_M>(p, scale_log2, lse_cols);
         unsigned frag[1][BLOCK_M / 16][4];
         to_a_fragments<1, BLOCK_M>(frag, p);
@@ -371,7 +430,7 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
         if (has_dk) {
             float ds[1][BLOCK_M / 8][4];
             gemm_abt<1, BLOCK_M, DV, V_STRIDE, DO_STRIDE>(ds, v_smem, warp_row0, do_tile, lane);
-            score_gradients<BLOCK_M>(ds, p, delta_cols);
+            score_gradients<BLOCK_M>(ds, p, delta_cols, grad_factor);
             to_a_fragments<1, BLOCK_M>(frag, ds);
             gemm_frag_b<1, CHUNK, BLOCK_M, Q_STRIDE>(acc_dk, frag, q_smem + slot * Q_TILE_BYTES + chunk * CHUNK * 2, lane);
         }

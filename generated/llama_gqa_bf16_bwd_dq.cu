@@ -229,14 +229,15 @@ __device__ __forceinline__ void probabilities(float (&s)[1][N / 8][4], float sca
         for (int e = 0; e < 4; ++e) s[0][nt][e] = fast_exp2(s[0][nt][e] * scale_log2 - lse_log2[nt][e]);
 }
 
-// dS = P * (dP - delta): the gradient of the scaled scores (delta = rowsum(dO * O) of each query).
+// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta = rowsum(dO * O)
+// of each query; grad_factor = d(modified score) / d(scaled score), 1 without a softcap).
 template <int N>
 __device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const float (&p)[1][N / 8][4],
-                                                const float (&delta)[N / 8][4]) {
+                                                const float (&delta)[N / 8][4], const float (&grad_factor)[N / 8][4]) {
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta[nt][e]);
+        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta[nt][e]) * grad_factor[nt][e];
 }
 
 // Writes a warp's 16 x CHUNK fp32 accumulator, times `factor`, as bf16 rows of dst (row stride
@@ -253,6 +254,57 @@ __device__ __forceinline__ void store_rows(const float (&acc)[1][CHUNK / 8][4], 
                 *reinterpret_cast<unsigned*>(dst + row * row_stride + col) =
                     pack2(acc[0][nt][2 * r] * factor, acc[0][nt][2 * r + 1] * factor);
             }
+        }
+    }
+}
+
+// ---- run-time values the mask predicates and score modifiers read -------------------------------
+__device__ __forceinline__ int floor_div(int a, int b) {           // rounds toward -inf (a may be < 0)
+    const int q = a / b;
+    return q * b > a ? q - 1 : q;
+}
+
+struct ModContext {
+    int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+};
+
+
+// ---- how a tile is masked, and the element predicate ---------------------------------------------
+enum MaskMode : int {
+    MASK_NONE = 0,        // every element of the tile is visible
+    MASK_BOUNDS = 1,      // hide keys past seqlen_k and above the causal diagonal
+    MASK_PREDICATE = 2,   // and evaluate the element predicate
+};
+
+// The element predicate: the spec's mask pattern as code over (h, q_idx, kv_idx); true if none.
+__device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q_idx, int kv_idx) {
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    return true;
+}
+
+
+
+// ---- backward scores: the forward's modifiers and masks, recomputed on a warp tile --------------------
+// TRANSPOSED tiles (the dK/dV pass) have keys as rows and queries as columns. The result is the score
+// the softmax saw (natural units when modified, raw q.k otherwise), -inf where hidden.
+template <int N, bool TRANSPOSED>
+__device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float (&grad_factor)[N / 8][4],
+                                                 const ModContext& ctx, int h, int row0, int col0, int causal_offset,
+                                                 MaskMode mode, int lane) {
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = row0 + lane / 4 + (e >= 2 ? 8 : 0), col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+            const int q_idx = TRANSPOSED ? col : row, kv_idx = TRANSPOSED ? row : col;
+            float score = s[0][nt][e];
+            grad_factor[nt][e] = 1.f;
+            if (mode != MASK_NONE) {
+                const bool hidden = kv_idx >= ctx.seqlen_k || q_idx >= ctx.seqlen_q || (CAUSAL && kv_idx > q_idx + causal_offset)
+                                    || (mode == MASK_PREDICATE && !mask_visible(ctx, h, q_idx, kv_idx));
+                if (hidden) score = NEG_INF;
+            }
+            s[0][nt][e] = score;
         }
     }
 }
@@ -303,26 +355,42 @@ llama_gqa_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int warp_row0 = warp * 16, m_start = m_block * BLOCK_M;
 
+    // What the mask predicates and score modifiers read (ModContext); the ALiBi slope is this head's.
+    ModContext ctx;
+    ctx.b = batch;
+    ctx.seqlen_q = seqlen_q;
+    ctx.seqlen_k = seqlen_k;
+    ctx.num_heads = heads_q;
+
     const elem_t* k_head = k + batch * k_stride_b + kv_head * k_stride_h;
     const elem_t* v_head = v + batch * v_stride_b + kv_head * v_stride_h;
 
     // Key tiles this query tile visits (as the forward); the first n_unmasked need no mask.
     const int causal_offset = seqlen_k - seqlen_q;
     int n_tiles = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
-    int n_unmasked = seqlen_k / BLOCK_N;
+    [[maybe_unused]] int n_unmasked = seqlen_k / BLOCK_N;
     n_tiles = max(0, min(n_tiles, (m_start + BLOCK_M - 1 + causal_offset + BLOCK_N) / BLOCK_N));
     n_unmasked = max(0, min(n_unmasked, (m_start + causal_offset + 1) / BLOCK_N));
+
+    // Dense schedule: key tiles 0 .. n_tiles-1 in order; only the tail and diagonal ones need a mask.
+    auto kv_tile_of = [](int j) { return j; };
+    // How step j masks: partial tiles evaluate the element predicate, tiles cut by the sequence end or the causal diagonal hide those keys, the rest need nothing.
+    auto mask_mode = [&](int j) {
+        return j >= n_unmasked ? MASK_BOUNDS : MASK_NONE;
+    };
 
     auto load_kv_tile = [&](int j) {
         const int slot = j % STAGES;
         if (j < n_tiles) {
+            const int tile = kv_tile_of(j);
             load_tile<BLOCK_N, D, K_STRIDE, HEAD_DIM>(k_smem + slot * K_TILE_BYTES,
-                k_head + (long long)j * BLOCK_N * k_stride_s, k_stride_s, seqlen_k - j * BLOCK_N, tid);
+                k_head + (long long)tile * BLOCK_N * k_stride_s, k_stride_s, seqlen_k - tile * BLOCK_N, tid);
         }
         cp_async_commit();
         if (j < n_tiles) {
+            const int tile = kv_tile_of(j);
             load_tile<BLOCK_N, DV, V_STRIDE, HEAD_DIM_V>(v_smem + slot * V_TILE_BYTES,
-                v_head + (long long)j * BLOCK_N * v_stride_s, v_stride_s, seqlen_k - j * BLOCK_N, tid);
+                v_head + (long long)tile * BLOCK_N * v_stride_s, v_stride_s, seqlen_k - tile * BLOCK_N, tid);
         }
         cp_async_commit();
     };
@@ -369,25 +437,17 @@ llama_gqa_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k
         const int slot = j % STAGES;
         cp_async_wait<2 * STAGES - 1>();                                 // Q, dO and K_j have landed
         __syncthreads();
-        float p[1][BLOCK_N / 8][4];
+        float p[1][BLOCK_N / 8][4], grad_factor[BLOCK_N / 8][4];
         gemm_abt<1, BLOCK_N, D, Q_STRIDE, K_STRIDE>(p, q_smem, warp_row0, k_smem + slot * K_TILE_BYTES, lane);
-        if (j >= n_unmasked) {                                           // the tail and the causal diagonal
-#pragma unroll
-            for (int nt = 0; nt < BLOCK_N / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int row = m_start + warp_row0 + lane / 4 + (e >= 2 ? 8 : 0);
-                    const int col = j * BLOCK_N + nt * 8 + (lane % 4) * 2 + (e & 1);
-                    if (col >= seqlen_k || (CAUSAL && col > row + causal_offset)) p[0][nt][e] = NEG_INF;
-                }
-        }
+        recompute_scores<BLOCK_N, false>(p, grad_factor, ctx, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N,
+                                         causal_offset, mask_mode(j), lane);
         probabilities<BLOCK_N>(p, scale_log2, lse_log2);
 
         cp_async_wait<2 * STAGES - 2>();                                 // V_j has landed
         __syncthreads();
         float ds[1][BLOCK_N / 8][4];
         gemm_abt<1, BLOCK_N, DV, DO_STRIDE, V_STRIDE>(ds, do_smem, warp_row0, v_smem + slot * V_TILE_BYTES, lane);
-        score_gradients<BLOCK_N>(ds, p, delta_rows);
+        score_gradients<BLOCK_N>(ds, p, delta_rows, grad_factor);
         unsigned ds_frag[1][BLOCK_N / 16][4];
         to_a_fragments<1, BLOCK_N>(ds_frag, ds);
         gemm_frag_b<1, CHUNK, BLOCK_N, K_STRIDE>(acc_dq, ds_frag, k_smem + slot * K_TILE_BYTES + chunk * CHUNK * 2, lane);

@@ -150,9 +150,7 @@ struct ModContext {
 
 
 
-// ---- masking of one S tile (only the tiles that need it) -----------------------------------------
-// Accumulator element e of n-tile nt in m-tile mi sits at row g (+8 for e >= 2), column 2t + (e & 1),
-// where g = lane / 4 and t = lane % 4 (the mma.sync m16n8 fp32 layout).
+// ---- how a tile is masked, and the element predicate ---------------------------------------------
 enum MaskMode : int {
     MASK_NONE = 0,        // every element of the tile is visible
     MASK_BOUNDS = 1,      // hide keys past seqlen_k and above the causal diagonal
@@ -165,6 +163,10 @@ __device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q
     return true;
 }
 
+
+// ---- masking of one S tile (only the tiles that need it) -----------------------------------------
+// Accumulator element e of n-tile nt in m-tile mi sits at row g (+8 for e >= 2), column 2t + (e & 1),
+// where g = lane / 4 and t = lane % 4 (the mma.sync m16n8 fp32 layout).
 __device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], const ModContext& ctx, int h, int row0,
                                            int col0, int causal_offset, bool predicate, int lane) {
 #pragma unroll
@@ -386,6 +388,7 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const int warp_row0 = warp * WARP_ROWS;                               // this warp's rows in the tile
     const int m_start = m_block * BLOCK_M;
 
+    // What the mask predicates and score modifiers read (ModContext); the ALiBi slope is this head's.
     ModContext ctx;
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;

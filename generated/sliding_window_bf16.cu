@@ -149,9 +149,7 @@ struct ModContext {
 
 
 
-// ---- masking of one S tile (only the tiles that need it) -----------------------------------------
-// Accumulator element e of n-tile nt in m-tile mi sits at row g (+8 for e >= 2), column 2t + (e & 1),
-// where g = lane / 4 and t = lane % 4 (the mma.sync m16n8 fp32 layout).
+// ---- how a tile is masked, and the element predicate ---------------------------------------------
 enum MaskMode : int {
     MASK_NONE = 0,        // every element of the tile is visible
     MASK_BOUNDS = 1,      // hide keys past seqlen_k
@@ -164,6 +162,10 @@ __device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q
     return (kv_idx >= (q_idx + seqlen_k - seqlen_q) - 1024 && kv_idx <= (q_idx + seqlen_k - seqlen_q) + 0);
 }
 
+
+// ---- masking of one S tile (only the tiles that need it) -----------------------------------------
+// Accumulator element e of n-tile nt in m-tile mi sits at row g (+8 for e >= 2), column 2t + (e & 1),
+// where g = lane / 4 and t = lane % 4 (the mma.sync m16n8 fp32 layout).
 __device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], const ModContext& ctx, int h, int row0,
                                            int col0, int causal_offset, bool predicate, int lane) {
 #pragma unroll
@@ -196,21 +198,17 @@ __device__ __forceinline__ bool tile_full(const ModContext& ctx, int h, int q_lo
     return (((q_lo + seqlen_k - seqlen_q) - kv_hi) >= 0 && ((q_hi + seqlen_k - seqlen_q) - kv_lo) <= 1024);
 }
 
-// Every thread classifies key tiles tid, tid + THREADS, ...; a ballot and the warps' counts place the
-// kept ones in ascending order. Returns how many there are. warp_counts: WARPS ints of shared memory.
-__device__ int list_key_tiles(int* tile_list, int* warp_counts, const ModContext& ctx, int h, int q_lo, int q_hi,
-                              int tid) {
+// Lists the kept items 0 .. n_items-1 in ascending order, PARTIAL_TILE marking those that are not full:
+// every thread classifies items tid, tid + THREADS, ... with classify(item, &full) -> kept; a ballot and
+// the warps' counts place them. Returns how many there are. warp_counts: WARPS ints of shared memory.
+template <typename Classify>
+__device__ int list_tiles(int* tile_list, int* warp_counts, int n_items, int tid, Classify classify) {
     const int lane = tid % 32, warp = tid / 32;
-    const int n_kv_tiles = (ctx.seqlen_k + BLOCK_N - 1) / BLOCK_N;
     int listed = 0;
-    for (int base = 0; base < n_kv_tiles; base += THREADS) {
-        const int tile = base + tid;
-        bool kept = false, full = false;
-        if (tile < n_kv_tiles) {
-            const int kv_lo = tile * BLOCK_N, kv_hi = min(kv_lo + BLOCK_N, ctx.seqlen_k) - 1;
-            kept = tile_kept(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
-            full = kept && tile_full(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
-        }
+    for (int base = 0; base < n_items; base += THREADS) {
+        const int item = base + tid;
+        bool full = false;
+        const bool kept = item < n_items && classify(item, full);
         const unsigned ballot = __ballot_sync(0xffffffffu, kept);
         if (lane == 0) warp_counts[warp] = __popc(ballot);
         __syncthreads();
@@ -219,10 +217,21 @@ __device__ int list_key_tiles(int* tile_list, int* warp_counts, const ModContext
             offset += w < warp ? warp_counts[w] : 0;
             listed += warp_counts[w];
         }
-        if (kept) tile_list[offset + __popc(ballot & ((1u << lane) - 1u))] = tile | (full ? 0 : PARTIAL_TILE);
+        if (kept) tile_list[offset + __popc(ballot & ((1u << lane) - 1u))] = item | (full ? 0 : PARTIAL_TILE);
         __syncthreads();                                                 // warp_counts is reused
     }
     return listed;
+}
+
+// The key tiles of one query tile (rows q_lo..q_hi) of head h.
+__device__ int list_key_tiles(int* tile_list, int* warp_counts, const ModContext& ctx, int h, int q_lo, int q_hi,
+                              int tid) {
+    return list_tiles(tile_list, warp_counts, (ctx.seqlen_k + BLOCK_N - 1) / BLOCK_N, tid, [&](int tile, bool& full) {
+        const int kv_lo = tile * BLOCK_N, kv_hi = min(kv_lo + BLOCK_N, ctx.seqlen_k) - 1;
+        const bool kept = tile_kept(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
+        full = kept && tile_full(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
+        return kept;
+    });
 }
 
 // ---- tile matmuls on the tensor cores (mma.sync m16n8k16, fp32 accumulation) ----------------------
@@ -427,6 +436,7 @@ sliding_window_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__
     const int warp_row0 = warp * WARP_ROWS;                               // this warp's rows in the tile
     const int m_start = m_block * BLOCK_M;
 
+    // What the mask predicates and score modifiers read (ModContext); the ALiBi slope is this head's.
     ModContext ctx;
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;
