@@ -124,7 +124,7 @@ def attention_backward(q, k, v, out, lse, dout, causal: bool = False, scale: flo
                                                       alibi_slopes=alibi_slopes)
 
 
-def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: bool = False) -> Spec:
+def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: bool = False, block_mask=None) -> Spec:
     """The spec a call needs: head dims and dtype from the inputs, the modifiers from the keywords; heads,
     scale and ALiBi slopes stay run-time values. A window (left, right) becomes a sliding-window mask
     (causal clips right to 0), as FlashAttention's window_size does."""
@@ -142,6 +142,12 @@ def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: boo
         left, right = (UNBOUNDED_WINDOW if w == -1 else w for w in window)
         extra["mask"] = {"kind": "sliding_window", "left": left, "right": 0 if causal else right}
         causal = False
+    if block_mask is not None:
+        if window is not None or causal:
+            raise ValueError("block_mask: give the whole mask in the BlockMask (causal/window as its pattern), "
+                             "not together with causal=True or window=")
+        rows, cols = block_mask.block_size
+        extra["mask"] = {"kind": "runtime", "block_size": rows if rows == cols else [rows, cols]}
     try:
         return Spec(head_dim=qv.shape[3], head_dim_v=vv.shape[3], dtype=qv.dtype, causal=causal, **extra)
     except SpecError as exc:
@@ -152,23 +158,25 @@ def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: boo
 
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None, return_lse: bool = False, *,
-              window=None, softcap: float | None = None, alibi_slopes=None):
+              window=None, softcap: float | None = None, alibi_slopes=None, block_mask=None):
     """softmax(scale * q k^T [modified, masked]) v, compiled for these inputs on first use and cached.
 
     q [batch, seqlen_q, heads_q, head_dim], k [batch, seqlen_k, heads_kv, head_dim],
     v [batch, seqlen_k, heads_kv, head_dim_v]; torch CUDA tensors or CuPy arrays, fp16 or bf16.
     window=(left, right): each query sees keys within left before and right after its (bottom-right
     aligned) position, -1 for no limit; softcap: scores become softcap * tanh(score / softcap);
-    alibi_slopes: fp32 [heads_q] or [batch, heads_q], adds -slope * |i + seqlen_k - seqlen_q - j|.
+    alibi_slopes: fp32 [heads_q] or [batch, heads_q], adds -slope * |i + seqlen_k - seqlen_q - j|;
+    block_mask: an attngen.BlockMask (FlexAttention's block_mask): only its kept blocks are computed.
     Returns out (same library, dtype and device as q), and lse [batch, heads_q, seqlen_q] fp32 if asked."""
-    spec = spec_for_inputs(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None)
+    spec = spec_for_inputs(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
+                           block_mask=block_mask)
+    call = dict(scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask)
     if _needs_grad(q, k, v):
         from .autograd import attention_with_grad
 
-        out, lse = attention_with_grad(spec, q, k, v, scale, alibi_slopes)
+        out, lse = attention_with_grad(spec, q, k, v, call)
     else:
-        kernel = build(spec, _view("q", q).device)
-        out, lse = kernel(q, k, v, scale=scale, alibi_slopes=alibi_slopes)
+        out, lse = build(spec, _view("q", q).device)(q, k, v, **call)
     return (out, lse) if return_lse else out
 
 

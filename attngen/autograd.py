@@ -11,12 +11,12 @@ class AttentionFunction(torch.autograd.Function):
     """out, lse = attention(q, k, v); backward recomputes P from the saved LSE (never stores it)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, spec: Spec, scale, alibi_slopes):
+    def forward(ctx, q, k, v, spec: Spec, call: dict):
         from .api import build
 
-        out, lse = build(spec, q.device.index)(q, k, v, scale=scale, alibi_slopes=alibi_slopes)
+        out, lse = build(spec, q.device.index)(q, k, v, **call)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.scale, ctx.alibi_slopes = spec, scale, alibi_slopes
+        ctx.spec, ctx.call = spec, call          # scale, alibi_slopes, block_mask: the backward takes them too
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -28,14 +28,13 @@ class AttentionFunction(torch.autograd.Function):
         # Autograd may hand over an expanded or strided gradient; the kernels want 16-byte aligned rows.
         if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]) or dout.data_ptr() % 16:
             dout = dout.contiguous()
-        dq, dk, dv = build_backward(ctx.spec, q.device.index)(q, k, v, out, lse, dout, scale=ctx.scale,
-                                                              alibi_slopes=ctx.alibi_slopes)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = build_backward(ctx.spec, q.device.index)(q, k, v, out, lse, dout, **ctx.call)
+        return dq, dk, dv, None, None
 
 
-def attention_with_grad(spec: Spec, q, k, v, scale, alibi_slopes):
+def attention_with_grad(spec: Spec, q, k, v, call: dict):
     """Refuses up front (before the forward runs) what the backward kernels do not cover."""
     from .backward import check_backward_support
 
     check_backward_support(spec)
-    return AttentionFunction.apply(q, k, v, spec, scale, alibi_slopes)
+    return AttentionFunction.apply(q, k, v, spec, call)

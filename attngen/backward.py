@@ -20,16 +20,14 @@ DELTA_ROWS_PER_CTA = 8     # one warp per query row, 256 threads (the delta kern
 
 
 def check_backward_support(spec: Spec) -> None:
-    """The backward covers dense, causal and pattern masks (the mask as code), mask_mod, softcap and ALiBi,
-    with GQA at every head dim. A score_mod needs a derivative and a runtime layout a kv-major CSR, which
-    the backward does not take yet: those are refused here, before anything runs."""
+    """The backward covers dense and causal attention, pattern masks (as code), runtime block layouts (the
+    kv-major CSR derived from the BlockMask), mask_mod, softcap and ALiBi, with GQA at every head dim. A
+    score_mod needs a derivative, which the backward does not take yet: refused here, before anything runs."""
     variant = variant_of(spec)
     if variant.score_mod is not None:
         raise ValueError(f"backward: spec {spec.name} has a score_mod, whose derivative (score_mod_grad) the "
                          "backward kernels do not take yet; train with softcap/alibi, or call under torch.no_grad()")
-    if variant.schedule == "runtime":
-        raise ValueError(f"backward: spec {spec.name} has a runtime block layout (mask: {{kind: runtime}}), which "
-                         "the backward kernels do not take yet; express the mask as a pattern to train with it")
+
 
 
 class BackwardKernels:
@@ -51,6 +49,16 @@ class BackwardKernels:
         self._dq.max_dynamic_shared_size_bytes = plan.dq.smem_bytes
         self._dkdv.max_dynamic_shared_size_bytes = plan.dkdv.smem_bytes
 
+    def _kv_major_args(self, block_mask, device):
+        """The BlockMask's kv-major block-CSR (query blocks per key block, per head) on the device: the
+        transposed layout the dK/dV pass walks."""
+        def arrays():
+            t = block_mask.transposed()
+            return [t.full_col_ptr, t.full_rows, t.partial_col_ptr, t.partial_rows]
+
+        ptrs = self.forward._device_arrays(("kv_major", id(block_mask)), block_mask, arrays, device)
+        return (*(np.uint64(a.data.ptr) for a in ptrs), np.int32(block_mask.num_heads), np.int32(block_mask.n_kv_blocks))
+
     @staticmethod
     def _smem(function, smem: int) -> int:
         """Raise the function's dynamic shared-memory limit to smem (tile lists grow with the sequence)."""
@@ -69,7 +77,7 @@ class BackwardKernels:
                 f"dkdv {p.dkdv.block_m}x{p.dkdv.block_n} chunk {p.dkdv.chunk}>")
 
     def __call__(self, q, k, v, out, lse, dout, *, scale: float | None = None, dq=None, dk=None, dv=None,
-                 alibi_slopes=None, tensors=None):
+                 alibi_slopes=None, tensors=None, block_mask=None):
         """(dq, dk, dv) in the inputs' dtype and library; dq [b, sq, hq, d], dk [b, sk, hkv, d], dv [b, sk, hkv, dv]."""
         spec = self.spec
         qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv) = check_inputs(spec, q, k, v)
@@ -91,10 +99,12 @@ class BackwardKernels:
         dlv = _view("delta", delta)
         strides = lambda view: tuple(np.int64(s) for s in view.strides[:3])  # noqa: E731
         variant, fwd = self.variant, self.forward
-        common = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
-                  # modified scores are recomputed in natural units, as the forward's
-                  np.float32((1.0 if variant.score_mods else scale) * math.log2(math.e)), np.float32(scale),
-                  *((np.float32(scale),) if variant.score_mods else ()),
+        sizes = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
+                 # modified scores are recomputed in natural units, as the forward's
+                 np.float32((1.0 if variant.score_mods else scale) * math.log2(math.e)), np.float32(scale))
+        layout_dq = fwd._mask_args(block_mask, seqlen_q, seqlen_k, heads_q, qv.device)
+        layout_dkdv = self._kv_major_args(block_mask, qv.device) if layout_dq else ()
+        mods = (*((np.float32(scale),) if variant.score_mods else ()),
                   *fwd._alibi_args(alibi_slopes, batch, heads_q, qv),
                   *fwd._block_table_args(seqlen_q, seqlen_k, qv.device),
                   *fwd._tensor_args(tensors, (batch, heads_q, seqlen_q, seqlen_k), qv))
@@ -118,10 +128,11 @@ class BackwardKernels:
             dqv, dkv, dvv = (grads[n][1] for n in ("dq", "dk", "dv"))
             self._dq((math.ceil(seqlen_q / pq.block_m), heads_q * pq.n_chunks, batch), (pq.threads,), (
                 *inputs, np.uint64(dqv.ptr), *strides(qv), *strides(kv), *strides(vv), *strides(dov), *strides(dqv),
-                *common), shared_mem=self._smem(self._dq, dq_smem))
+                *sizes, *layout_dq, *mods), shared_mem=self._smem(self._dq, dq_smem))
             self._dkdv((math.ceil(seqlen_k / pkv.block_n), heads_kv * pkv.n_chunks, batch), (pkv.threads,), (
                 *inputs, np.uint64(dkv.ptr), np.uint64(dvv.ptr), *strides(qv), *strides(kv), *strides(vv),
-                *strides(dov), *strides(dkv), *strides(dvv), *common), shared_mem=self._smem(self._dkdv, dkdv_smem))
+                *strides(dov), *strides(dkv), *strides(dvv), *sizes, *layout_dkdv, *mods),
+                shared_mem=self._smem(self._dkdv, dkdv_smem))
         return grads["dq"][0], grads["dk"][0], grads["dv"][0]
 
 

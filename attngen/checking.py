@@ -46,14 +46,15 @@ def check_spec(spec, seed: int = 0, echo=print) -> bool:
         echo(f"seqlen_q={sq:5d} seqlen_k={sk:5d}  max|out-ref64|={err:.3e}  bound={bound:.3e}  "
              f"lse {'ok' if lse_ok else 'WRONG'}  {'PASS' if ok and lse_ok else 'FAIL'}")
         if spec.backward:
-            all_ok &= check_gradients(spec, q, k, v, mask, rng, echo)
+            all_ok &= check_gradients(spec, q, k, v, mask, mods, tensors, rng, echo)
     return all_ok
 
 
-def framework_attention(q, k, v, causal, scale, mask=None, softcap=None, alibi_slopes=None):
+def framework_attention(q, k, v, causal, scale, mask=None, softcap=None, alibi_slopes=None, mask_mod=None):
     """Naive attention as a framework runs it in q's dtype (torch: scores and softmax in fp32, P in the
     dtype); its autograd gradients are the same-dtype baseline of the gradient criterion. mask: bool
-    [heads or 1, sq, sk] (numpy); alibi_slopes: [heads_q] (numpy)."""
+    [heads or 1, sq, sk] (numpy); alibi_slopes: [heads_q] (numpy); mask_mod: fn(b, h, q_idx, kv_idx) as
+    the reference takes it."""
     import torch
 
     hq, hkv = q.shape[2], k.shape[2]
@@ -70,6 +71,11 @@ def framework_attention(q, k, v, causal, scale, mask=None, softcap=None, alibi_s
         hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
     if mask is not None:
         hidden = hidden | ~torch.as_tensor(np.array(mask, dtype=bool), device=q.device)
+    if mask_mod is not None:
+        h, q_idx, kv_idx = np.arange(hq).reshape(hq, 1, 1, 1), np.arange(sq)[:, None], np.arange(sk)[None, :]
+        visible = np.stack([np.broadcast_to(mask_mod(b, h, q_idx, kv_idx), (hq, 1, sq, sk))[:, 0]
+                            for b in range(q.shape[0])])
+        hidden = hidden | ~torch.as_tensor(visible, device=q.device)
     s = s.masked_fill(hidden, float("-inf"))
     sees = ~hidden.all(dim=-1)                                    # rows that see no key: out 0, no gradient
     s = torch.where(sees[..., None], s, torch.zeros_like(s))
@@ -77,22 +83,26 @@ def framework_attention(q, k, v, causal, scale, mask=None, softcap=None, alibi_s
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
 
 
-def check_gradients(spec, q, k, v, mask, rng, echo) -> bool:
-    """dq, dk, dv of the backward kernels against float64, each bounded by the framework's error."""
+def check_gradients(spec, q, k, v, mask, mods, tensors, rng, echo) -> bool:
+    """dq, dk, dv of the backward kernels against float64, each bounded by the framework's error (the
+    same mask, modifiers and named tensors as the forward check)."""
     import torch
 
-    from .api import build_backward
+    from .api import build, build_backward
     from .reference import attention_reference_backward
 
     scale = spec.softmax_scale
     dout = to_device(rng.standard_normal(q.shape[:3] + (spec.dv,)).astype(np.float32), spec.dtype)
-    out, lse = kernel_output_plain(spec, q, k, v)
-    grads = build_backward(spec)(q, k, v, out, lse, dout)
+    out, lse = build(spec)(q, k, v, tensors=tensors or None)
+    grads = build_backward(spec)(q, k, v, out, lse, dout, tensors=tensors or None)
     torch.cuda.synchronize()
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    framework_attention(*leaves, spec.causal, scale).backward(dout)
+    slopes = mods.get("alibi_slopes")
+    framework_attention(*leaves, spec.causal, scale, mask=mask, softcap=spec.softcap, alibi_slopes=slopes,
+                        mask_mod=mods.get("mask_mod")).backward(dout)
     refs = attention_reference_backward(*(to_float64(x) for x in (q, k, v, dout)), causal=spec.causal,
-                                        scale=scale, mask=mask)
+                                        scale=scale, mask=mask, softcap=spec.softcap, alibi_slopes=slopes,
+                                        mask_mod=mods.get("mask_mod"))
     ok_all, parts = True, []
     for name, mine, leaf, ref in zip(("dq", "dk", "dv"), grads, leaves, refs):
         ok, err, bound = acceptance_check(to_float64(mine), to_float64(leaf.grad), ref)
@@ -100,12 +110,6 @@ def check_gradients(spec, q, k, v, mask, rng, echo) -> bool:
         parts.append(f"{name} {err:.2e}/{bound:.2e}")
     echo(f"{'':31}gradients: {'  '.join(parts)}  {'PASS' if ok_all else 'FAIL'}")
     return ok_all
-
-
-def kernel_output_plain(spec, q, k, v):
-    from .api import build
-
-    return build(spec)(q, k, v)
 
 
 def check_seqlens(spec):

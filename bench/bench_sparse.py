@@ -59,11 +59,40 @@ def flex_fn(mask: BlockMask, seqlen, heads, name):
     return run
 
 
+# The masks as attention() keywords (autograd through attngen's forward and backward kernels).
+BACKWARD_CALLS = {
+    "random 25%": lambda mask: dict(block_mask=mask),
+    "sliding window 1024": lambda mask: dict(causal=True, window=(1024, 0)),
+    "causal": lambda mask: dict(causal=True),
+}
+
+
+def fwd_bwd_row(name, mask, seqlen, heads, work, inputs, no_flex) -> dict:
+    """fwd+bwd TFLOP/s (3.5x the kept blocks' forward FLOPs) for attngen and FlexAttention."""
+    def fwd_bwd(attention):
+        def run(q, k, v):
+            q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+            out = attention(q, k, v)
+            out.backward(torch.ones_like(out))
+        return run
+
+    call = BACKWARD_CALLS[name](mask)
+    row = {"attngen_fwd_bwd": 3.5 * work / time_ms(fwd_bwd(lambda q, k, v: attngen.attention(q, k, v, **call)), inputs) / 1e9}
+    if not no_flex:
+        try:
+            row["flex_fwd_bwd"] = 3.5 * work / time_ms(fwd_bwd(flex_fn(mask, seqlen, heads, name)), inputs) / 1e9
+        except Exception as exc:
+            row["flex_fwd_bwd"] = None
+            print(f"# flex backward unavailable: {str(exc).splitlines()[0]}", file=sys.stderr)
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlens", default="4096,16384")
     ap.add_argument("--json", default="")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--backward", action="store_true", help="also time forward + backward (3.5x the kept FLOPs)")
     args = ap.parse_args(argv)
     d, heads, rows = 128, 16, []
     dense = attngen.build(attngen.Spec(head_dim=d, dtype="bf16"))
@@ -105,16 +134,22 @@ def main(argv=None):
                 except Exception as exc:   # report and go on: the peer is optional
                     row["flex"] = None
                     print(f"# flex unavailable: {str(exc).splitlines()[0]}", file=sys.stderr)
+            if args.backward and name in BACKWARD_CALLS:
+                row |= fwd_bwd_row(name, mask, seqlen, heads, work, inputs, args.no_flex)
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(f"{'seqlen':>6} {'mask':>20} {'density':>7} {'attngen':>8} {'dense':>7} {'kept/dense':>10} {'flex':>7} {'/flex':>6}  plan")
+    print(f"{'seqlen':>6} {'mask':>20} {'density':>7} {'attngen':>8} {'dense':>7} {'kept/dense':>10} {'flex':>7} {'/flex':>6}"
+          f" {'fwd+bwd':>8} {'flex f+b':>8} {'/flex':>6}  plan")
+    nan = float("nan")
     for r in rows:
-        flex = r.get("flex") or float("nan")
+        flex = r.get("flex") or nan
+        ours_fb, flex_fb = r.get("attngen_fwd_bwd", nan), r.get("flex_fwd_bwd") or nan
         print(f"{r['seqlen']:>6} {r['mask']:>20} {r['density']:>7.3f} {r['attngen']:>8.1f} {r['attngen_dense']:>7.1f} "
-              f"{r['attngen'] / r['attngen_dense']:>10.2f} {flex:>7.1f} {r['attngen'] / flex:>6.2f}  {r['plan']}")
+              f"{r['attngen'] / r['attngen_dense']:>10.2f} {flex:>7.1f} {r['attngen'] / flex:>6.2f}"
+              f" {ours_fb:>8.1f} {flex_fb:>8.1f} {ours_fb / flex_fb:>6.2f}  {r['plan']}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 //   head_dim_v:    128
 //   name:          sliding_window_bf16
 //   mask:          {'kind': 'sliding_window', 'left': 1024, 'right': 0}
+//   backward:      True
 // plan (sm_90):
 //   arch:                sm_90
 //   block_m:             128

@@ -9,6 +9,7 @@
 //   name:          softcap_alibi_fp16
 //   softcap:       30.0
 //   alibi:         True
+//   backward:      True
 // plan (sm_90):
 //   arch:                sm_90
 //   block_m:             64

@@ -78,6 +78,7 @@ BACKWARD_VARIANTS += [dict(head_dim=64, head_dim_v=128), dict(head_dim=128, head
                       dict(head_dim=24, head_dim_v=56), dict(head_dim=128, softcap=30.0, alibi=True, causal=True),
                       dict(head_dim=64, mask={"kind": "sliding_window", "left": 256, "right": 0}),
                       dict(head_dim=128, mask={"kind": "bigbird", "window": 3, "global_tokens": [0], "random_blocks": 2}),
+                      dict(head_dim=128, mask={"kind": "runtime"}), dict(head_dim=64, mask={"kind": "runtime", "block_size": 64}),
                       dict(head_dim=64, mask_mod="doc[q_idx] == doc[kv_idx]",
                            tensors={"doc": {"dtype": "int32", "shape": ["seqlen_k"]}})]
 
@@ -94,9 +95,9 @@ def test_backward_kernels_compile_without_spills(fields, arch):
     for kind, bwd in (("backward_dq", plan.dq), ("backward_dkdv", plan.dkdv)):
         assert results[kind][0].resources.spill_bytes == 0, (kind, results[kind][0].resources)
         assert f"CHUNK      = {bwd.chunk}" in sources[kind]
-        if spec.mask is not None:
+        if spec.mask_pattern is not None:
             assert "list_tiles(" in sources[kind]                  # the mask as code, no index tensor
-        if spec.mask is not None and spec.mask_pattern.table_block_size:
+        if spec.mask is not None and (spec.mask_pattern is None or spec.mask_pattern.table_block_size):
             rows, cols = spec.mask_block_size
             assert rows % bwd.block_m == 0 and cols % bwd.block_n == 0
 
@@ -107,8 +108,7 @@ def test_backward_refuses_what_it_does_not_cover():
     check_backward_support(attngen.Spec(head_dim=64, softcap=10.0, alibi=True, mask={"kind": "causal"}))
     with pytest.raises(ValueError, match="score_mod_grad"):
         check_backward_support(attngen.Spec(head_dim=64, score_mod="score * 2.0f"))
-    with pytest.raises(ValueError, match="runtime"):
-        check_backward_support(attngen.Spec(head_dim=64, mask={"kind": "runtime"}))
+    check_backward_support(attngen.Spec(head_dim=64, mask={"kind": "runtime"}, mask_mod="kv_idx % 2 == 0"))
 
 
 def test_spec_backward_key_builds_the_backward_kernels(tmp_path):
