@@ -21,12 +21,12 @@ DELTA_ROWS_PER_CTA = 8     # one warp per query row, 256 threads (the delta kern
 
 def check_backward_support(spec: Spec) -> None:
     """The backward covers dense and causal attention, pattern masks (as code), runtime block layouts (the
-    kv-major CSR derived from the BlockMask), mask_mod, softcap and ALiBi, with GQA at every head dim. A
-    score_mod needs a derivative, which the backward does not take yet: refused here, before anything runs."""
+    kv-major CSR derived from the BlockMask), mask_mod, softcap, ALiBi and a score_mod with its
+    score_mod_grad, with GQA at every head dim. A score_mod without score_mod_grad is refused here."""
     variant = variant_of(spec)
-    if variant.score_mod is not None:
-        raise ValueError(f"backward: spec {spec.name} has a score_mod, whose derivative (score_mod_grad) the "
-                         "backward kernels do not take yet; train with softcap/alibi, or call under torch.no_grad()")
+    if variant.score_mod is not None and variant.score_mod_grad is None:
+        raise ValueError(f"backward: spec {spec.name} has a score_mod but no score_mod_grad (its derivative with "
+                         "respect to score), which training needs; add it to the spec, or call under torch.no_grad()")
 
 
 

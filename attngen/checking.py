@@ -35,9 +35,11 @@ def check_spec(spec, seed: int = 0, echo=print) -> bool:
         got, lse = (to_float64(x) for x in kernel_output(kernel, q, k, v, tensors))
         q64, k64, v64 = (to_float64(x) for x in (q, k, v))
         mods = reference_mods(spec, heads, tensors, sq, sk)
-        ref, ref_lse = attention_reference(q64, k64, v64, causal=spec.causal, scale=spec.scale, mask=mask, **mods)
+        forward_mods = {name: fn for name, fn in mods.items() if name != "score_mod_grad"}
+        ref, ref_lse = attention_reference(q64, k64, v64, causal=spec.causal, scale=spec.scale, mask=mask,
+                                           **forward_mods)
         same, _ = attention_same_dtype_reference(q64, k64, v64, causal=spec.causal, scale=spec.scale,
-                                                 dtype=spec.dtype, mask=mask, **mods)
+                                                 dtype=spec.dtype, mask=mask, **forward_mods)
         ok, err, bound = acceptance_check(got, same, ref)
         finite = np.isfinite(ref_lse)
         lse_ok = np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)) and (
@@ -50,7 +52,37 @@ def check_spec(spec, seed: int = 0, echo=print) -> bool:
     return all_ok
 
 
-def framework_attention(q, k, v, causal, scale, mask=None, softcap=None, alibi_slopes=None, mask_mod=None):
+def _torch_score_mod(score_mod, score_mod_grad):
+    """A torch autograd op applying numpy score_mod / score_mod_grad callables (fp32 [b, h, sq, sk])."""
+    import torch
+
+    def index_arrays(s):
+        heads, sq, sk = s.shape[1:]
+        return np.arange(heads).reshape(heads, 1, 1, 1), np.arange(sq)[:, None], np.arange(sk)[None, :]
+
+    def each_batch(fn, s):
+        h, q_idx, kv_idx = index_arrays(s)
+        host = s.detach().double().cpu().numpy()
+        out = [np.broadcast_to(fn(host[b][:, None], b, h, q_idx, kv_idx), host[b][:, None].shape)[:, 0]
+               for b in range(host.shape[0])]
+        return torch.as_tensor(np.stack(out), dtype=s.dtype, device=s.device)
+
+    class ScoreMod(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s):
+            ctx.save_for_backward(s)
+            return each_batch(score_mod, s)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (s,) = ctx.saved_tensors
+            return grad * each_batch(score_mod_grad, s)
+
+    return ScoreMod.apply
+
+
+def framework_attention(q, k, v, causal, scale, mask=None, softcap=None, alibi_slopes=None, mask_mod=None,
+                        score_mod=None, score_mod_grad=None):
     """Naive attention as a framework runs it in q's dtype (torch: scores and softmax in fp32, P in the
     dtype); its autograd gradients are the same-dtype baseline of the gradient criterion. mask: bool
     [heads or 1, sq, sk] (numpy); alibi_slopes: [heads_q] (numpy); mask_mod: fn(b, h, q_idx, kv_idx) as
@@ -66,6 +98,8 @@ def framework_attention(q, k, v, causal, scale, mask=None, softcap=None, alibi_s
     if alibi_slopes is not None:
         distance = (torch.arange(sq, device=q.device)[:, None] + sk - sq - torch.arange(sk, device=q.device)).abs()
         s = s - torch.as_tensor(alibi_slopes, device=q.device).float()[:, None, None] * distance
+    if score_mod is not None:
+        s = _torch_score_mod(score_mod, score_mod_grad)(s)
     hidden = torch.zeros(sq, sk, dtype=torch.bool, device=q.device)
     if causal:
         hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
@@ -98,11 +132,11 @@ def check_gradients(spec, q, k, v, mask, mods, tensors, rng, echo) -> bool:
     torch.cuda.synchronize()
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     slopes = mods.get("alibi_slopes")
+    user = {name: mods.get(name) for name in ("mask_mod", "score_mod", "score_mod_grad")}
     framework_attention(*leaves, spec.causal, scale, mask=mask, softcap=spec.softcap, alibi_slopes=slopes,
-                        mask_mod=mods.get("mask_mod")).backward(dout)
+                        **user).backward(dout)
     refs = attention_reference_backward(*(to_float64(x) for x in (q, k, v, dout)), causal=spec.causal,
-                                        scale=scale, mask=mask, softcap=spec.softcap, alibi_slopes=slopes,
-                                        mask_mod=mods.get("mask_mod"))
+                                        scale=scale, mask=mask, softcap=spec.softcap, alibi_slopes=slopes, **user)
     ok_all, parts = True, []
     for name, mine, leaf, ref in zip(("dq", "dk", "dv"), grads, leaves, refs):
         ok, err, bound = acceptance_check(to_float64(mine), to_float64(leaf.grad), ref)
@@ -179,6 +213,8 @@ def reference_mods(spec, heads, tensors, seqlen_q, seqlen_k) -> dict:
         evaluate = expression_evaluator(spec, tensors, seqlen_q, seqlen_k)
         if spec.score_mod is not None:
             mods["score_mod"] = lambda s, b, h, q_idx, kv_idx: evaluate(s, b, h, q_idx, kv_idx)[0]
+        if spec.score_mod_grad is not None:
+            mods["score_mod_grad"] = lambda s, b, h, q_idx, kv_idx: evaluate(s, b, h, q_idx, kv_idx)[2]
         if spec.mask_mod is not None:
             mods["mask_mod"] = lambda b, h, q_idx, kv_idx: evaluate(None, b, h, q_idx, kv_idx)[1]
     return mods
@@ -186,7 +222,7 @@ def reference_mods(spec, heads, tensors, seqlen_q, seqlen_k) -> dict:
 
 def expression_evaluator(spec, tensors, seqlen_q, seqlen_k):
     """fn(scores [heads_kv, group, rows, cols] or None, b, h [heads_kv, group, 1, 1], q_idx [rows, 1],
-    kv_idx [1, cols]) -> (modified scores, visible), both [heads_kv, group, rows, cols]."""
+    kv_idx [1, cols]) -> (modified scores, visible, score_mod_grad), each [heads_kv, group, rows, cols]."""
     import cupy
 
     from .expressions import tensor_decls
@@ -194,7 +230,7 @@ def expression_evaluator(spec, tensors, seqlen_q, seqlen_k):
 
     decls = tensor_decls(spec.tensors)
     source = render_piece("pieces/expression_eval.cu.j2", tensors=decls, score_mod=spec.score_mod,
-                          mask_mod=spec.mask_mod, probe=False)
+                          score_mod_grad=spec.score_mod_grad, mask_mod=spec.mask_mod, probe=False)
     function = cupy.RawKernel(source, "eval_expressions", options=("-std=c++17",))
     pointers = [np.uint64(tensors[t.name].data_ptr()) for t in decls]
 
@@ -204,13 +240,14 @@ def expression_evaluator(spec, tensors, seqlen_q, seqlen_k):
         shape = np.shape(h)[:2] + (rows, cols)
         flat = cupy.asarray(np.ascontiguousarray(scores if scores is not None else np.zeros(shape)),
                             dtype=cupy.float32)
-        modified = cupy.empty_like(flat)
+        modified, derivative = cupy.empty_like(flat), cupy.empty_like(flat)
         visible = cupy.empty(shape, dtype=cupy.uint8)
         count = flat.size
-        function(((count + 255) // 256,), (256,), (flat, modified, visible, np.int64(count),
+        function(((count + 255) // 256,), (256,), (flat, modified, derivative, visible, np.int64(count),
                  np.int32(shape[0] * shape[1]), np.int32(rows), np.int32(cols), np.int32(row0), np.int32(b),
                  np.int32(seqlen_q), np.int32(seqlen_k), *pointers))
-        return cupy.asnumpy(modified).astype(np.float64), cupy.asnumpy(visible).astype(bool)
+        return (cupy.asnumpy(modified).astype(np.float64), cupy.asnumpy(visible).astype(bool),
+                cupy.asnumpy(derivative).astype(np.float64))
 
     return evaluate
 

@@ -2,7 +2,8 @@
 
 A score_mod is a CUDA float expression over ``score`` (q.k * scale, after softcap and ALiBi), the ints
 ``b, h, q_idx, kv_idx, seqlen_q, seqlen_k, num_heads`` and the named tensors; a mask_mod is a boolean
-expression over the same names without ``score``. A named tensor is a ``const float*`` or
+expression over the same names without ``score``. A score_mod_grad is d(score_mod)/d(score) over the
+same names as the score_mod (training needs it). A named tensor is a ``const float*`` or
 ``const int*`` the caller passes by name (``kernel(q, k, v, tensors={"bias": ...})``); its declared
 shape uses the symbols batch, heads (query heads), seqlen_q, seqlen_k or ints, and expressions index it
 flat (``bias[h]``, ``doc_id[kv_idx]``, ``w[b * num_heads + h]``).
@@ -84,9 +85,10 @@ def validate_expression(field: str, expr, tensors: dict | None) -> str | None:
     """Check one user expression (score_mod or mask_mod) by compiling it; SpecError points into it."""
     if expr is None:
         return None
-    kind = "a float" if field == "score_mod" else "a boolean"
+    has_score = field in ("score_mod", "score_mod_grad")
+    kind = "a float" if has_score else "a boolean"
     allowed = f"{kind} CUDA expression over " + ", ".join(
-        (("score",) if field == "score_mod" else ()) + INDEX_NAMES + tuple(sorted(tensors or {})))
+        (("score",) if has_score else ()) + INDEX_NAMES + tuple(sorted(tensors or {})))
     if not isinstance(expr, str) or not expr.strip():
         raise SpecError(field, expr, allowed)
     if len(expr) > MAX_EXPRESSION_CHARS or "\n" in expr.strip():

@@ -350,12 +350,16 @@ def attention_reference(q, k, v, *, causal: bool = False, scale: float | None = 
 
 
 def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: float | None = None,
-                                 mask=None, softcap=None, alibi_slopes=None, mask_mod=None):
+                                 mask=None, softcap=None, alibi_slopes=None, mask_mod=None, score_mod=None,
+                                 score_mod_grad=None):
     """float64 gradients (dq, dk, dv) of attention_reference's output against dout [b, sq, hq, dv]:
     with s = scale q.k (masked) and P = softmax(s): dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
     dQ = scale dS K, dK = scale dS^T Q; the query heads of a GQA group add into their kv head. Rows that
     see no key contribute nothing. With a softcap, dS is multiplied by d(softcap tanh(u/softcap))/du =
-    1 - tanh^2(u/softcap) at u = scale q.k; ALiBi adds a constant; a mask_mod only hides pairs."""
+    1 - tanh^2(u/softcap) at u = scale q.k; ALiBi adds a constant; a score_mod multiplies dS by
+    score_mod_grad(x, b, h, q_idx, kv_idx) at its input x; a mask_mod only hides pairs."""
+    if score_mod is not None and score_mod_grad is None:
+        raise ValueError("score_mod_grad: required with a score_mod (its derivative)")
     q, k, v, dims = _check_inputs(q, k, v)
     dout = np.asarray(dout, dtype=np.float64)
     if dout.shape != (dims.batch, dims.seqlen_q, dims.heads_q, dims.head_dim_v):
@@ -363,7 +367,7 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
                          f"got {dout.shape}")
     scale = _resolve_scale(scale, dims.head_dim)
     regions = _mask_regions(mask, dims)
-    mods = ScoreMods.of(dims, softcap=softcap, alibi_slopes=alibi_slopes, mask_mod=mask_mod)
+    mods = ScoreMods.of(dims, softcap=softcap, alibi_slopes=alibi_slopes, mask_mod=mask_mod)   # no score_mod
     qg = _group_heads(q.astype(np.float64), dims.heads_kv)            # [b, s, hkv, g, d]
     dog = _group_heads(dout, dims.heads_kv)
     k, v = k.astype(np.float64), v.astype(np.float64)
@@ -379,6 +383,12 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
                 visible = visible & regions(r0, r1, 0, dims.seqlen_k)
             u = _scores(qg[b, r0:r1], k[b]) * scale                         # [hkv, g, r, c]
             s, mod_visible = mods.apply(u, b, r0, dims)
+            if score_mod is not None:                                       # x: the score_mod's input
+                x = s
+                h_idx = np.arange(dims.heads_q).reshape(dims.heads_kv, dims.group, 1, 1)
+                q_idx, kv_idx = np.arange(r0, r1)[:, None], np.arange(dims.seqlen_k)[None, :]
+                s = np.asarray(score_mod(x, b, h_idx, q_idx, kv_idx), dtype=np.float64)
+                mod_grad = np.asarray(score_mod_grad(x, b, h_idx, q_idx, kv_idx), dtype=np.float64)
             if mod_visible is not None:
                 visible = visible & mod_visible
             s = _masked(s, visible)
@@ -390,6 +400,8 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
             dp = do @ np.swapaxes(vt, -1, -2)                                # [hkv, g, r, c]
             out = p @ vt                                                     # [hkv, g, r, dv]
             ds = p * (dp - (do * out).sum(axis=-1, keepdims=True))
+            if score_mod is not None:
+                ds = ds * mod_grad
             if softcap is not None:
                 ds = ds * (1.0 - np.tanh(u / softcap) ** 2)
             kt = np.moveaxis(k[b], 0, -2)[:, None]                           # [hkv, 1, c, d]

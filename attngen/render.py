@@ -52,7 +52,8 @@ def render(spec: Spec, plan, kind: str = "forward") -> str:
     return template.render(spec=spec, plan=plan, version=__version__, kernel_name=kernel_name(spec, kind),
                            mma_type=MMA_TYPES[spec.dtype], spec_items=spec_items, plan_items=plan_items,
                            variant=variant, tensors=variant.tensors, score_mod=variant.score_mod,
-                           mask_mod=variant.mask_mod, probe=False, bwd=plan,
+                           mask_mod=variant.mask_mod, score_mod_grad=variant.score_mod_grad if kind != "forward" else None,
+                           probe=False, bwd=plan,
                            delta_kernel_name=kernel_name(spec, "backward_delta"))
 
 

@@ -49,16 +49,17 @@ class Spec:
     alibi: bool = False          # add -slope[h] * |aligned q_idx - kv_idx| (slopes given at call time)
     score_mod: str | None = None   # CUDA float expression (attngen.expressions)
     mask_mod: str | None = None    # CUDA boolean expression, ANDed with the mask
+    score_mod_grad: str | None = None   # d(score_mod)/d(score) as a CUDA float expression (training)
     tensors: dict | None = None    # named tensors the expressions read: name -> {dtype, shape}
     backward: bool = False       # `attngen build` also emits the backward kernels (the API builds them on demand)
 
     def __init__(self, *, head_dim, dtype="bf16", causal=False, head_dim_v=None, num_heads=None,
                  num_kv_heads=None, scale=None, tile=None, name=None, mask=None, softcap=None, alibi=False,
-                 score_mod=None, mask_mod=None, tensors=None, backward=False):
+                 score_mod=None, mask_mod=None, tensors=None, backward=False, score_mod_grad=None):
         values = dict(head_dim=head_dim, dtype=dtype, causal=causal, head_dim_v=head_dim_v,
                       num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, tile=tile, name=name,
                       mask=mask, softcap=softcap, alibi=alibi, score_mod=score_mod, mask_mod=mask_mod,
-                      tensors=tensors, backward=backward)
+                      tensors=tensors, backward=backward, score_mod_grad=score_mod_grad)
         for field, value in _validated(values).items():
             object.__setattr__(self, field, value)
 
@@ -233,6 +234,9 @@ def _validated(values: dict) -> dict:
     out["tensors"] = validate_tensors(values["tensors"])
     out["score_mod"] = validate_expression("score_mod", values["score_mod"], out["tensors"])
     out["mask_mod"] = validate_expression("mask_mod", values["mask_mod"], out["tensors"])
+    out["score_mod_grad"] = validate_expression("score_mod_grad", values["score_mod_grad"], out["tensors"])
+    if out["score_mod_grad"] is not None and out["score_mod"] is None:
+        raise SpecError("score_mod_grad", values["score_mod_grad"], "null unless score_mod is given (it is its derivative)")
     if out["tensors"] and out["score_mod"] is None and out["mask_mod"] is None:
         raise SpecError("tensors", values["tensors"], "null unless score_mod or mask_mod reads them")
     out["tile"] = _tile(values["tile"])
@@ -262,7 +266,7 @@ def _default_name(v: dict) -> str:
         parts.append(f"softcap{v['softcap']:g}".replace(".", "p"))
     if v["alibi"]:
         parts.append("alibi")
-    for mod in ("score_mod", "mask_mod"):
+    for mod in ("score_mod", "mask_mod", "score_mod_grad"):
         if v[mod] is not None:     # two specs that differ only in the expression differ in name
             parts.append(mod.replace("_", "") + hashlib.sha1(v[mod].encode()).hexdigest()[:6])
     if v["num_heads"] is not None:

@@ -28,6 +28,7 @@ class Variant:
     block_table: bool                   # the pattern reads a block table through block_bit()
     mask_mod: str | None
     score_mod: str | None
+    score_mod_grad: str | None
     softcap: float | None
     alibi: bool
     tensors: tuple[TensorDecl, ...]
@@ -63,5 +64,5 @@ def variant_of(spec: Spec) -> Variant:
         schedule=schedule, mask_expr=mask_expr, tile_kept=kept, tile_full=full,
         mask_block=spec.mask_block_size if schedule == "runtime" else (0, 0),
         block_table=pattern is not None and pattern.table_block_size is not None,
-        mask_mod=spec.mask_mod, score_mod=spec.score_mod, softcap=spec.softcap, alibi=spec.alibi,
+        mask_mod=spec.mask_mod, score_mod=spec.score_mod, score_mod_grad=spec.score_mod_grad, softcap=spec.softcap, alibi=spec.alibi,
         tensors=tensor_decls(spec.tensors))

@@ -79,6 +79,8 @@ BACKWARD_VARIANTS += [dict(head_dim=64, head_dim_v=128), dict(head_dim=128, head
                       dict(head_dim=64, mask={"kind": "sliding_window", "left": 256, "right": 0}),
                       dict(head_dim=128, mask={"kind": "bigbird", "window": 3, "global_tokens": [0], "random_blocks": 2}),
                       dict(head_dim=128, mask={"kind": "runtime"}), dict(head_dim=64, mask={"kind": "runtime", "block_size": 64}),
+                      dict(head_dim=128, causal=True, score_mod="score * gain[h] + 0.01f * (q_idx - kv_idx)",
+                           score_mod_grad="gain[h]", tensors={"gain": {"dtype": "float32", "shape": ["heads"]}}),
                       dict(head_dim=64, mask_mod="doc[q_idx] == doc[kv_idx]",
                            tensors={"doc": {"dtype": "int32", "shape": ["seqlen_k"]}})]
 
@@ -108,6 +110,7 @@ def test_backward_refuses_what_it_does_not_cover():
     check_backward_support(attngen.Spec(head_dim=64, softcap=10.0, alibi=True, mask={"kind": "causal"}))
     with pytest.raises(ValueError, match="score_mod_grad"):
         check_backward_support(attngen.Spec(head_dim=64, score_mod="score * 2.0f"))
+    check_backward_support(attngen.Spec(head_dim=64, score_mod="score * 2.0f", score_mod_grad="2.0f"))
     check_backward_support(attngen.Spec(head_dim=64, mask={"kind": "runtime"}, mask_mod="kv_idx % 2 == 0"))
 
 
@@ -127,7 +130,7 @@ def test_spec_backward_key_builds_the_backward_kernels(tmp_path):
     assert "backward on sm_90" in plan.output and "dkdv:" in plan.output
     with pytest.raises(attngen.SpecError, match="'backward'"):
         attngen.Spec(head_dim=64, backward="yes")
-    spec.write_text("name: tiny\nhead_dim: 64\nscore_mod: 'score * 2.0f'\nbackward: true\n")
+    spec.write_text("name: tiny\nhead_dim: 64\nscore_mod: 'score * 2.0f'\nbackward: true\n")   # no score_mod_grad
     refused = CliRunner().invoke(main, ["build", str(spec), "-o", str(tmp_path / "out2"), "--arch", "sm_80"])
     assert refused.exit_code == 2 and "backward" in refused.output
     assert not (tmp_path / "out2").exists()                              # nothing half-written
@@ -162,3 +165,35 @@ def test_reference_gradients_with_softcap_alibi_and_mask_mod_match_finite_differ
     want = finite_difference_grads(q, k, v, dout, **kw)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-7)
+
+
+def test_reference_gradients_with_a_score_mod_match_finite_differences():
+    rng = np.random.default_rng(12)
+    q, k, v = rng.normal(size=(1, 4, 2, 8)), rng.normal(size=(1, 5, 2, 8)), rng.normal(size=(1, 5, 2, 8))
+    dout = rng.normal(size=(1, 4, 2, 8))
+    gain = np.array([0.7, 1.9])
+    score_mod = lambda s, b, h, qi, kj: np.sin(s) * gain[np.asarray(h)] + 0.1 * (qi - kj)  # noqa: E731
+    grad = lambda s, b, h, qi, kj: np.cos(s) * gain[np.asarray(h)] + 0 * (qi - kj)  # noqa: E731
+    got = attention_reference_backward(q, k, v, dout, softcap=2.0, score_mod=score_mod, score_mod_grad=grad)
+    want = finite_difference_grads(q, k, v, dout, softcap=2.0, score_mod=score_mod)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-7)
+    with pytest.raises(ValueError, match="score_mod_grad"):
+        attention_reference_backward(q, k, v, dout, score_mod=score_mod)
+
+
+def test_score_mod_grad_spec_field():
+    from attngen.backward import check_backward_support
+
+    with pytest.raises(attngen.SpecError, match="'score_mod_grad'"):
+        attngen.Spec(head_dim=64, score_mod_grad="1.0f")
+    with pytest.raises(attngen.SpecError) as info:
+        attngen.Spec(head_dim=64, score_mod="score * 2.0f", score_mod_grad="2.0f * nope")
+    assert 'score_mod_grad(1): error: identifier "nope" is undefined' in str(info.value)
+    spec = attngen.Spec(head_dim=64, score_mod="score * gain[h]", score_mod_grad="gain[h]",
+                        tensors={"gain": {"dtype": "float32", "shape": ["heads"]}})
+    check_backward_support(spec)
+    plan = make_backward_plan(spec, preset("sm_90"))
+    source = render(spec, plan.dkdv, "backward_dkdv")
+    assert "user_score_mod_grad" in source and "gain[h]" in source
+    assert "user_score_mod_grad" not in render(spec, attngen.plan(spec, "sm_90"))      # the forward needs no derivative

@@ -250,3 +250,28 @@ def test_gradients_with_runtime_block_masks(block, density):
         assert ok, f"{name}: max|grad - ref64| = {err:.3g} > bound {bound:.3g}"
         if density == 0.0:
             assert torch.all(mine.grad == 0)
+
+
+def test_gradients_with_a_score_mod_and_its_derivative():
+    spec = attngen.Spec(head_dim=64, dtype="bf16", causal=True, score_mod="score * gain[h] + 0.02f * (float)(q_idx - kv_idx)",
+                        score_mod_grad="gain[h]", tensors={"gain": {"dtype": "float32", "shape": ["heads"]}})
+    gain = np.random.default_rng(4).uniform(0.5, 2.0, 4).astype(np.float32)
+    tensors = {"gain": torch.tensor(gain, device="cuda")}
+    q, k, v = inputs(21, 2, 211, 300, 4, 2, 64)
+    out, lse = attngen.build(spec)(q, k, v, tensors=tensors)
+    dout = torch.randn_like(out)
+    dq, dk, dv = attngen.build_backward(spec)(q, k, v, out, lse, dout, tensors=tensors)
+
+    def score_mod(s, b, h, q_idx, kv_idx):
+        return s * gain[np.asarray(h)] + 0.02 * (q_idx - kv_idx)
+
+    def score_mod_grad(s, b, h, q_idx, kv_idx):
+        return np.broadcast_to(gain[np.asarray(h)], np.broadcast_shapes(np.shape(s), np.shape(h)))
+
+    same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    framework_attention(*same, True, spec.softmax_scale, score_mod=score_mod, score_mod_grad=score_mod_grad).backward(dout)
+    ref = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), causal=True, score_mod=score_mod,
+                                       score_mod_grad=score_mod_grad)
+    for name, mine, theirs, r in zip(("dq", "dk", "dv"), (dq, dk, dv), same, ref):
+        ok, err, bound = acceptance_check(to64(mine), to64(theirs.grad), r)
+        assert ok, f"{name}: max|grad - ref64| = {err:.3g} > bound {bound:.3g}"
