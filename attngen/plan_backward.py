@@ -22,6 +22,7 @@ from .spec import Spec
 
 REG_OVERHEAD_BACKWARD = 64     # addresses, counters, ldmatrix fragments in flight (as the forward's)
 DKDV_REGS_PER_CHUNK_COL, DKDV_REGS_PER_QUERY, DKDV_REG_OVERHEAD = 1.25, 1.7, 36
+DKDV_WARPS = 4                 # the dK/dV pass's measured best CTA size on sm_90 (bench_backward_tiles.py)
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,12 @@ def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, 
 
     def rank(item):
         p = item[1]
-        # overlapped loads, least recomputation, the biggest tile (operand reuse), more CTAs per SM
-        return (-p.stages, p.matmul_factor, -(p.block_m * p.block_n), -p.ctas_per_sm) if p else (math.inf,)
+        if p is None:
+            return (math.inf,)
+        # overlapped loads, least recomputation, the biggest tile (operand reuse), more CTAs per SM; dK/dV
+        # first prefers DKDV_WARPS (measured: 64 keys x 4 warps beat 128 x 8 by 3-4 %, BENCHMARKS.md)
+        preferred = 0 if kind == "dq" or p.warps == DKDV_WARPS else 1
+        return (-p.stages, p.matmul_factor, preferred, -(p.block_m * p.block_n), -p.ctas_per_sm)
     return sorted(out, key=rank)
 
 

@@ -14,19 +14,19 @@
 //   arch:                sm_90
 //   kind:                dkdv
 //   block_m:             64
-//   block_n:             128
-//   warps:               8
+//   block_n:             64
+//   warps:               4
 //   stages:              2
 //   chunk:               64
 //   n_chunks:            1
 //   head_dim_padded:     64
 //   head_dim_v_padded:   64
 //   smem_row_pad:        8
-//   smem_bytes:          74752
+//   smem_bytes:          56320
 //   regs_estimate:       224
-//   ctas_per_sm:         1
+//   ctas_per_sm:         2
 //   matmul_factor:       2
-//   threads:             256
+//   threads:             128
 // FlashAttention-2 backward, dK/dV: a CTA holds BLOCK_N keys and values of one (batch, kv head) and CHUNK
 // columns of dK and dV; the query tiles of every query head of its GQA group stream through a STAGES-deep
 // cp.async ring with their dO, LSE and delta. It recomputes P^T = exp(scale * K Q^T - lse) and
@@ -41,8 +41,8 @@ constexpr int HEAD_DIM_V = 64;
 constexpr int D          = 64;   // padded to the mma k-step; padding is zero-filled
 constexpr int DV         = 64;
 constexpr int BLOCK_M    = 64;   // query rows per step
-constexpr int BLOCK_N    = 128;   // key rows per CTA
-constexpr int WARPS      = 8;
+constexpr int BLOCK_N    = 64;   // key rows per CTA
+constexpr int WARPS      = 4;
 constexpr int STAGES     = 2;   // streamed tiles in flight
 constexpr int CHUNK      = 64;   // gradient columns per CTA (a CTA per chunk: bounded registers)
 constexpr int THREADS    = WARPS * 32;
