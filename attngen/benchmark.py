@@ -42,6 +42,17 @@ def time_ms(fn, input_sets, warmup=5, reps=30):
     return statistics.median(samples)
 
 
+def forward_backward(attention):
+    """A callable that runs attention(q, k, v) forward and backward (torch autograd) on fresh leaves."""
+    import torch
+
+    def run(q, k, v):
+        q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+        out = attention(q, k, v)
+        out.backward(torch.ones_like(out))
+    return run
+
+
 def make_inputs(batch, seqlen, heads, heads_kv, d, dtype):
     import torch
 

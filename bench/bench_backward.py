@@ -16,16 +16,7 @@ import sys
 import torch
 
 import attngen
-from attngen.benchmark import flops, make_inputs, sdpa, time_ms
-
-
-def fwd_bwd(attention):
-    """A callable that runs attention forward and backward on fresh leaves."""
-    def run(q, k, v):
-        q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
-        out = attention(q, k, v)
-        out.backward(torch.ones_like(out))
-    return run
+from attngen.benchmark import flops, forward_backward, make_inputs, sdpa, time_ms
 
 
 def main(argv=None):
@@ -49,12 +40,12 @@ def main(argv=None):
                 for name, backend in peers.items():
                     try:
                         run = sdpa(backend, causal)
-                        row[name] = 3.5 * work / time_ms(fwd_bwd(lambda q, k, v: run(q, k, v)), inputs) / 1e9
+                        row[name] = 3.5 * work / time_ms(forward_backward(lambda q, k, v: run(q, k, v)), inputs) / 1e9
                     except Exception as exc:   # a peer may not support the shape; report and go on
                         row[name] = None
                         print(f"# {name} unavailable: {str(exc).splitlines()[0]}", file=sys.stderr)
                 ours = lambda q, k, v: attngen.attention(q, k, v, causal=causal)  # noqa: E731
-                row["attngen"] = 3.5 * work / time_ms(fwd_bwd(ours), inputs) / 1e9
+                row["attngen"] = 3.5 * work / time_ms(forward_backward(ours), inputs) / 1e9
                 kernel = attngen.build_backward(attngen.Spec(head_dim=d, causal=causal))
                 q, k, v = inputs[0]
                 out, lse = attngen.attention(q, k, v, causal=causal, return_lse=True)

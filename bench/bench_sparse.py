@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import attngen
-from attngen.benchmark import make_inputs, time_ms
+from attngen.benchmark import forward_backward, make_inputs, time_ms
 from attngen.masks import BlockMask, Causal, SlidingWindow
 
 BLOCK = 128
@@ -69,18 +69,11 @@ BACKWARD_CALLS = {
 
 def fwd_bwd_row(name, mask, seqlen, heads, work, inputs, no_flex) -> dict:
     """fwd+bwd TFLOP/s (3.5x the kept blocks' forward FLOPs) for attngen and FlexAttention."""
-    def fwd_bwd(attention):
-        def run(q, k, v):
-            q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
-            out = attention(q, k, v)
-            out.backward(torch.ones_like(out))
-        return run
-
     call = BACKWARD_CALLS[name](mask)
-    row = {"attngen_fwd_bwd": 3.5 * work / time_ms(fwd_bwd(lambda q, k, v: attngen.attention(q, k, v, **call)), inputs) / 1e9}
+    row = {"attngen_fwd_bwd": 3.5 * work / time_ms(forward_backward(lambda q, k, v: attngen.attention(q, k, v, **call)), inputs) / 1e9}
     if not no_flex:
         try:
-            row["flex_fwd_bwd"] = 3.5 * work / time_ms(fwd_bwd(flex_fn(mask, seqlen, heads, name)), inputs) / 1e9
+            row["flex_fwd_bwd"] = 3.5 * work / time_ms(forward_backward(flex_fn(mask, seqlen, heads, name)), inputs) / 1e9
         except Exception as exc:
             row["flex_fwd_bwd"] = None
             print(f"# flex backward unavailable: {str(exc).splitlines()[0]}", file=sys.stderr)
