@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from .launch import ELEMENT_ALIGN, _current_stream, _empty_like, _view, check_inputs
+from .launch import ELEMENT_ALIGN, _current_stream, _empty_like, _view, check_inputs, ensure_dynamic_smem
+from .plan import tile_list_bytes
 from .plan_backward import BackwardPlan
 from .spec import Spec
 from .variant import variant_of
@@ -59,18 +60,6 @@ class BackwardKernels:
         ptrs = self.forward._device_arrays(("kv_major", id(block_mask)), block_mask, arrays, device)
         return (*(np.uint64(a.data.ptr) for a in ptrs), np.int32(block_mask.num_heads), np.int32(block_mask.n_kv_blocks))
 
-    @staticmethod
-    def _smem(function, smem: int) -> int:
-        """Raise the function's dynamic shared-memory limit to smem (tile lists grow with the sequence)."""
-        import cupy
-
-        if smem > function.max_dynamic_shared_size_bytes:
-            limit = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
-            if smem > limit:
-                raise ValueError(f"backward: {smem} B of shared memory for the tile lists, {_smem_limit_note()}")
-            function.max_dynamic_shared_size_bytes = smem
-        return smem
-
     def __repr__(self):
         p = self.plan
         return (f"<attngen.BackwardKernels {self.spec.name}: dq {p.dq.block_m}x{p.dq.block_n} chunk {p.dq.chunk}, "
@@ -111,8 +100,7 @@ class BackwardKernels:
         # a pattern lists its tiles in shared memory: key tiles per query tile (dQ), pairs of (query head of
         # the group, query tile) per key tile (dK/dV)
         pattern = variant.schedule == "pattern"
-        dq_smem = self.plan.dq.smem_bytes + (4 * (self.plan.dq.warps + math.ceil(seqlen_k / self.plan.dq.block_n))
-                                             if pattern else 0)
+        dq_smem = self.plan.dq.smem_bytes + tile_list_bytes(self.spec, self.plan.dq.warps, self.plan.dq.block_n, seqlen_k)
         dkdv_smem = self.plan.dkdv.smem_bytes + (4 * (self.plan.dkdv.warps + (heads_q // heads_kv) * math.ceil(
             seqlen_q / self.plan.dkdv.block_m)) if pattern else 0)
         pq, pkv = self.plan.dq, self.plan.dkdv
@@ -128,16 +116,12 @@ class BackwardKernels:
             dqv, dkv, dvv = (grads[n][1] for n in ("dq", "dk", "dv"))
             self._dq((math.ceil(seqlen_q / pq.block_m), heads_q * pq.n_chunks, batch), (pq.threads,), (
                 *inputs, np.uint64(dqv.ptr), *strides(qv), *strides(kv), *strides(vv), *strides(dov), *strides(dqv),
-                *sizes, *layout_dq, *mods), shared_mem=self._smem(self._dq, dq_smem))
+                *sizes, *layout_dq, *mods), shared_mem=ensure_dynamic_smem(self._dq, dq_smem, "backward dQ:"))
             self._dkdv((math.ceil(seqlen_k / pkv.block_n), heads_kv * pkv.n_chunks, batch), (pkv.threads,), (
                 *inputs, np.uint64(dkv.ptr), np.uint64(dvv.ptr), *strides(qv), *strides(kv), *strides(vv),
                 *strides(dov), *strides(dkv), *strides(dvv), *sizes, *layout_dkdv, *mods),
-                shared_mem=self._smem(self._dkdv, dkdv_smem))
+                shared_mem=ensure_dynamic_smem(self._dkdv, dkdv_smem, "backward dK/dV: seqlen_q and the GQA group need"))
         return grads["dq"][0], grads["dk"][0], grads["dv"][0]
-
-
-def _smem_limit_note():
-    return "more than this GPU's shared memory per block; use fewer query heads per kv head or shorter sequences"
 
 
 def _row_major_view(name, x, shape, dtype, ref):

@@ -115,6 +115,19 @@ def _current_stream(ref: TensorView):
     return cupy.cuda.get_current_stream(ref.device)
 
 
+def ensure_dynamic_smem(function, smem: int, who: str) -> int:
+    """Raise a CuPy function's dynamic shared-memory limit to smem (tile lists grow with the sequence);
+    ValueError naming `who` past the GPU's opt-in limit, before anything is launched."""
+    import cupy
+
+    if smem > function.max_dynamic_shared_size_bytes:
+        limit = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+        if smem > limit:
+            raise ValueError(f"{who} {smem} B of shared memory (tile lists), more than this GPU's {limit} B per block")
+        function.max_dynamic_shared_size_bytes = smem
+    return smem
+
+
 class Kernel:
     """A compiled forward kernel. Call it as kernel(q, k, v) -> (out, lse)."""
 
@@ -226,15 +239,6 @@ class Kernel:
             args.append(np.uint64(tv.ptr))
         return tuple(args)
 
-    def _raise_smem_limit(self, smem: int, seqlen_k: int):
-        import cupy
-
-        limit = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
-        if smem > limit:
-            raise ValueError(f"k: seqlen_k={seqlen_k} needs {smem} B of shared memory for the key-tile list, more "
-                             f"than this GPU's {limit} B per block")
-        self._function.max_dynamic_shared_size_bytes = smem
-
     @property
     def resources(self):
         return self.binary.resources
@@ -288,7 +292,6 @@ class Kernel:
         import cupy
 
         with cupy.cuda.Device(qv.device), _current_stream(qv):
-            if smem > self._function.max_dynamic_shared_size_bytes:
-                self._raise_smem_limit(smem, seqlen_k)
+            ensure_dynamic_smem(self._function, smem, f"k: seqlen_k={seqlen_k} needs")
             self._function(grid, (p.threads,), args, shared_mem=smem)
         return out, lse

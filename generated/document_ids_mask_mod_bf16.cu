@@ -211,6 +211,14 @@ __device__ __forceinline__ bool tile_full(const ModContext& ctx, int h, int q_lo
     return (kv_hi <= (q_lo + seqlen_k - seqlen_q));
 }
 
+// Kept, and (through full) full, for the tile of rows q_lo..q_hi and keys kv_lo..kv_hi of head h.
+__device__ __forceinline__ bool classify_tile(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi,
+                                              bool& full) {
+    const bool kept = tile_kept(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
+    full = kept && tile_full(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
+    return kept;
+}
+
 // Lists the kept items 0 .. n_items-1 in ascending order, PARTIAL_TILE marking those that are not full:
 // every thread classifies items tid, tid + THREADS, ... with classify(item, &full) -> kept; a ballot and
 // the warps' counts place them. Returns how many there are. warp_counts: WARPS ints of shared memory.
@@ -240,10 +248,8 @@ __device__ int list_tiles(int* tile_list, int* warp_counts, int n_items, int tid
 __device__ int list_key_tiles(int* tile_list, int* warp_counts, const ModContext& ctx, int h, int q_lo, int q_hi,
                               int tid) {
     return list_tiles(tile_list, warp_counts, (ctx.seqlen_k + BLOCK_N - 1) / BLOCK_N, tid, [&](int tile, bool& full) {
-        const int kv_lo = tile * BLOCK_N, kv_hi = min(kv_lo + BLOCK_N, ctx.seqlen_k) - 1;
-        const bool kept = tile_kept(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
-        full = kept && tile_full(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
-        return kept;
+        const int kv_lo = tile * BLOCK_N;
+        return classify_tile(ctx, h, q_lo, q_hi, kv_lo, min(kv_lo + BLOCK_N, ctx.seqlen_k) - 1, full);
     });
 }
 

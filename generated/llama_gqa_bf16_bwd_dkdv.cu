@@ -345,29 +345,31 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
     ctx.seqlen_k = seqlen_k;
     ctx.num_heads = heads_q;
 
-    // Steps run over (query head of the group, query tile) pairs that see these keys.
+    // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
+    // and how its scores are masked.
+    struct Step { int head, m_start; MaskMode mode; };
     const int causal_offset = seqlen_k - seqlen_q;
     const int n_m_tiles = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
     // Every query tile, or under causal masking those whose last row's aligned position reaches n_start.
     const int m_first = CAUSAL ? min(n_m_tiles, max(0, (n_start - causal_offset) / BLOCK_M)) : 0;
     const int tiles_per_head = n_m_tiles - m_first;
     const int n_steps = group_size * tiles_per_head;
-    auto step_head = [&](int j) { return kv_head * group_size + j / max(tiles_per_head, 1); };
-    auto step_m_start = [&](int j) { return (m_first + j % max(tiles_per_head, 1)) * BLOCK_M; };
-    auto step_mode = [&](int j) {   // keys past seqlen_k give rows that are never stored: only the diagonal
-        return CAUSAL && step_m_start(j) + causal_offset < n_start + BLOCK_N - 1 ? MASK_BOUNDS : MASK_NONE;
+    auto step_of = [&](int j) {   // keys past seqlen_k give rows that are never stored: only the diagonal masks
+        const int m_start = (m_first + j % max(tiles_per_head, 1)) * BLOCK_M;
+        const MaskMode mode = CAUSAL && m_start + causal_offset < n_start + BLOCK_N - 1 ? MASK_BOUNDS : MASK_NONE;
+        return Step{kv_head * group_size + j / max(tiles_per_head, 1), m_start, mode};
     };
 
     auto load_q_tile = [&](int j) {
         const int slot = j % STAGES;
+        const Step step = j < n_steps ? step_of(j) : Step{0, 0, MASK_NONE};
+        const int head = step.head, m_start = step.m_start;
         if (j < n_steps) {
-            const int head = step_head(j), m_start = step_m_start(j);
             load_tile<BLOCK_M, D, Q_STRIDE, HEAD_DIM>(q_smem + slot * Q_TILE_BYTES,
                 q + batch * q_stride_b + head * q_stride_h + (long long)m_start * q_stride_s, q_stride_s, seqlen_q - m_start, tid);
         }
         cp_async_commit();
         if (j < n_steps) {
-            const int head = step_head(j), m_start = step_m_start(j);
             load_tile<BLOCK_M, DV, DO_STRIDE, HEAD_DIM_V>(do_smem + slot * DO_TILE_BYTES,
                 dout + batch * do_stride_b + head * do_stride_h + (long long)m_start * do_stride_s, do_stride_s, seqlen_q - m_start, tid);
             // The rows' LSE in base 2 (+inf where a row sees nothing or does not exist: P = 0) and delta.
@@ -400,8 +402,9 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
         __syncthreads();
         load_q_tile(j + STAGES - 1);
         const int slot = j % STAGES;
-        const int m_start = step_m_start(j);
-        head = step_head(j);
+        const Step step = step_of(j);
+        const int m_start = step.m_start;
+        head = step.head;
         cp_async_wait<2 * STAGES - 1>();                                 // K, V and Q_j have landed
         __syncthreads();
         // S^T: rows are this warp's keys, columns the tile's queries.
@@ -418,7 +421,7 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
             }
         float grad_factor[BLOCK_M / 8][4];
         recompute_scores<BLOCK_M, true>(p, grad_factor, ctx, head, n_start + warp_row0, m_start, causal_offset,
-                                        step_mode(j), lane);
+                                        step.mode, lane);
         probabilities<BLOCK_M>(p, scale_log2, lse_cols);
         unsigned frag[1][BLOCK_M / 16][4];
         to_a_fragments<1, BLOCK_M>(frag, p);

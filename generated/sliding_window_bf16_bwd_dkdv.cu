@@ -295,6 +295,14 @@ __device__ __forceinline__ bool tile_full(const ModContext& ctx, int h, int q_lo
     return (((q_lo + seqlen_k - seqlen_q) - kv_hi) >= 0 && ((q_hi + seqlen_k - seqlen_q) - kv_lo) <= 1024);
 }
 
+// Kept, and (through full) full, for the tile of rows q_lo..q_hi and keys kv_lo..kv_hi of head h.
+__device__ __forceinline__ bool classify_tile(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi,
+                                              bool& full) {
+    const bool kept = tile_kept(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
+    full = kept && tile_full(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
+    return kept;
+}
+
 // Lists the kept items 0 .. n_items-1 in ascending order, PARTIAL_TILE marking those that are not full:
 // every thread classifies items tid, tid + THREADS, ... with classify(item, &full) -> kept; a ballot and
 // the warps' counts place them. Returns how many there are. warp_counts: WARPS ints of shared memory.
@@ -324,10 +332,8 @@ __device__ int list_tiles(int* tile_list, int* warp_counts, int n_items, int tid
 __device__ int list_key_tiles(int* tile_list, int* warp_counts, const ModContext& ctx, int h, int q_lo, int q_hi,
                               int tid) {
     return list_tiles(tile_list, warp_counts, (ctx.seqlen_k + BLOCK_N - 1) / BLOCK_N, tid, [&](int tile, bool& full) {
-        const int kv_lo = tile * BLOCK_N, kv_hi = min(kv_lo + BLOCK_N, ctx.seqlen_k) - 1;
-        const bool kept = tile_kept(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
-        full = kept && tile_full(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
-        return kept;
+        const int kv_lo = tile * BLOCK_N;
+        return classify_tile(ctx, h, q_lo, q_hi, kv_lo, min(kv_lo + BLOCK_N, ctx.seqlen_k) - 1, full);
     });
 }
 
@@ -391,7 +397,9 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
     ctx.seqlen_k = seqlen_k;
     ctx.num_heads = heads_q;
 
-    // Steps run over (query head of the group, query tile) pairs that see these keys.
+    // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
+    // and how its scores are masked.
+    struct Step { int head, m_start; MaskMode mode; };
     const int causal_offset = seqlen_k - seqlen_q;
     const int n_m_tiles = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
     // The pattern's tile predicates list the pairs (the transposed layout, derived in code), in shared
@@ -402,26 +410,24 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
     const int n_steps = list_tiles(tile_list, warp_counts, group_size * n_m_tiles, tid, [&](int item, bool& full) {
         const int h = kv_head * group_size + item / n_m_tiles, q_lo = item % n_m_tiles * BLOCK_M;
         const int q_hi = min(q_lo + BLOCK_M, seqlen_q) - 1;
-        const bool kept = tile_kept(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
-        full = kept && tile_full(ctx, h, q_lo, q_hi, kv_lo, kv_hi);
-        return kept;
+        return classify_tile(ctx, h, q_lo, q_hi, kv_lo, kv_hi, full);
     });
-    auto step_head = [&](int j) { return kv_head * group_size + (tile_list[j] & ~PARTIAL_TILE) / n_m_tiles; };
-    auto step_m_start = [&](int j) { return (tile_list[j] & ~PARTIAL_TILE) % n_m_tiles * BLOCK_M; };
-    auto step_mode = [&](int j) {
-        return (tile_list[j] & PARTIAL_TILE) ? MASK_PREDICATE : MASK_NONE;
+    auto step_of = [&](int j) {
+        const int item = tile_list[j] & ~PARTIAL_TILE;
+        const bool partial = (tile_list[j] & PARTIAL_TILE) != 0;
+        return Step{kv_head * group_size + item / n_m_tiles, item % n_m_tiles * BLOCK_M, partial ? MASK_PREDICATE : MASK_NONE};
     };
 
     auto load_q_tile = [&](int j) {
         const int slot = j % STAGES;
+        const Step step = j < n_steps ? step_of(j) : Step{0, 0, MASK_NONE};
+        const int head = step.head, m_start = step.m_start;
         if (j < n_steps) {
-            const int head = step_head(j), m_start = step_m_start(j);
             load_tile<BLOCK_M, D, Q_STRIDE, HEAD_DIM>(q_smem + slot * Q_TILE_BYTES,
                 q + batch * q_stride_b + head * q_stride_h + (long long)m_start * q_stride_s, q_stride_s, seqlen_q - m_start, tid);
         }
         cp_async_commit();
         if (j < n_steps) {
-            const int head = step_head(j), m_start = step_m_start(j);
             load_tile<BLOCK_M, DV, DO_STRIDE, HEAD_DIM_V>(do_smem + slot * DO_TILE_BYTES,
                 dout + batch * do_stride_b + head * do_stride_h + (long long)m_start * do_stride_s, do_stride_s, seqlen_q - m_start, tid);
             // The rows' LSE in base 2 (+inf where a row sees nothing or does not exist: P = 0) and delta.
@@ -454,8 +460,9 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
         __syncthreads();
         load_q_tile(j + STAGES - 1);
         const int slot = j % STAGES;
-        const int m_start = step_m_start(j);
-        head = step_head(j);
+        const Step step = step_of(j);
+        const int m_start = step.m_start;
+        head = step.head;
         cp_async_wait<2 * STAGES - 1>();                                 // K, V and Q_j have landed
         __syncthreads();
         // S^T: rows are this warp's keys, columns the tile's queries.
@@ -472,7 +479,7 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
             }
         float grad_factor[BLOCK_M / 8][4];
         recompute_scores<BLOCK_M, true>(p, grad_factor, ctx, head, n_start + warp_row0, m_start, causal_offset,
-                                        step_mode(j), lane);
+                                        step.mode, lane);
         probabilities<BLOCK_M>(p, scale_log2, lse_cols);
         unsigned frag[1][BLOCK_M / 16][4];
         to_a_fragments<1, BLOCK_M>(frag, p);

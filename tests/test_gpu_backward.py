@@ -23,10 +23,6 @@ def to64(x):
     return x.detach().to("cpu", torch.float64).numpy()
 
 
-def torch_attention(q, k, v, causal, scale):
-    return framework_attention(q, k, v, causal, scale)
-
-
 def check_gradients(q, k, v, causal, scale=None, seed=0):
     """attngen's gradients (through autograd) against float64, bounded by the same-dtype framework's error."""
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -36,7 +32,7 @@ def check_gradients(q, k, v, causal, scale=None, seed=0):
     out = attngen.attention(*leaves, causal=causal, scale=scale)
     out.backward(dout)
     same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    torch_attention(*same, causal, scale).backward(dout)
+    framework_attention(*same, causal, scale).backward(dout)
     ref = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), causal=causal, scale=scale)
     for name, mine, theirs, r in zip(("dq", "dk", "dv"), leaves, same, ref):
         assert mine.grad.dtype == q.dtype and mine.grad.shape == mine.shape
