@@ -49,9 +49,10 @@ def plan_and_compile(spec: Spec, device, compile_source):
 
 def build(spec: Spec, device: int | None = None) -> Kernel:
     """Plan, render and compile `spec` for a live GPU (the current one by default); cached in memory and
-    on disk (ATTNGEN_CACHE_DIR)."""
+    on disk (ATTNGEN_CACHE_DIR). Backward-only keys (`deterministic`) do not change the forward kernel."""
     import cupy
 
+    spec = spec.forward_spec
     index = cupy.cuda.runtime.getDevice() if device is None else device
     key = (spec, index)
     with _kernels_lock:
@@ -73,11 +74,12 @@ UNBOUNDED_WINDOW = 1 << 30    # a window side of -1 (FlashAttention's "no limit"
 def plan_and_compile_backward(spec: Spec, device, compile_source):
     """Each backward pass's best-ranked candidate that ptxas compiles without spilling (as plan_and_compile).
     `compile_source(source, kind)` returns (Binary, anything); returns (BackwardPlan, sources, results)."""
-    from .plan_backward import BackwardPlan, make_backward_plan, pass_candidates
+    from .plan_backward import BackwardPlan, make_backward_plan, pass_candidates, pass_kinds
 
     make_backward_plan(spec, device)                 # raises PlanError when nothing fits
-    chosen, sources, results = {}, {}, {}
-    for kind, name in (("dq", "backward_dq"), ("dkdv", "backward_dkdv")):
+    chosen, sources, results = {"dq": None}, {}, {}
+    for kind in pass_kinds(spec):
+        name = f"backward_{kind}"
         ranked = [p for _, p, _ in pass_candidates(kind, spec, device) if p is not None][:MAX_COMPILE_TRIES]
         for candidate in ranked:
             source = render(spec, candidate, name)
@@ -115,16 +117,19 @@ def build_backward(spec: Spec, device: int | None = None):
 
 
 def attention_backward(q, k, v, out, lse, dout, causal: bool = False, scale: float | None = None, *,
-                       window=None, softcap: float | None = None, alibi_slopes=None):
+                       window=None, softcap: float | None = None, alibi_slopes=None, deterministic: bool = False):
     """(dq, dk, dv) of attention(q, k, v, causal, scale, window=, softcap=, alibi_slopes=) from the
     forward's out and lse and the output gradient dout; torch CUDA tensors or CuPy arrays, in the inputs'
-    dtype. Deterministic (no atomics)."""
-    spec = spec_for_inputs(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None)
+    dtype. dQ is summed with fp32 atomics unless deterministic=True (a separate dQ pass, bit-identical
+    run to run, as FlashAttention's deterministic flag)."""
+    spec = spec_for_inputs(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
+                           deterministic=deterministic)
     return build_backward(spec, _view("q", q).device)(q, k, v, out, lse, dout, scale=scale,
                                                       alibi_slopes=alibi_slopes)
 
 
-def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: bool = False, block_mask=None) -> Spec:
+def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: bool = False, block_mask=None,
+                    deterministic: bool = False) -> Spec:
     """The spec a call needs: head dims and dtype from the inputs, the modifiers from the keywords; heads,
     scale and ALiBi slopes stay run-time values. A window (left, right) becomes a sliding-window mask
     (causal clips right to 0), as FlashAttention's window_size does."""
@@ -133,7 +138,9 @@ def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: boo
         raise ValueError(f"q, v: expected 4 dims [batch, seqlen, heads, head_dim], got {qv.shape} and {vv.shape}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected True or False, got {causal!r}")
-    extra = {"softcap": softcap, "alibi": alibi}
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected True or False, got {deterministic!r}")
+    extra = {"softcap": softcap, "alibi": alibi, "deterministic": deterministic}
     if window is not None:
         ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(
             isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
@@ -158,7 +165,8 @@ def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: boo
 
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None, return_lse: bool = False, *,
-              window=None, softcap: float | None = None, alibi_slopes=None, block_mask=None):
+              window=None, softcap: float | None = None, alibi_slopes=None, block_mask=None,
+              deterministic: bool = False):
     """softmax(scale * q k^T [modified, masked]) v, compiled for these inputs on first use and cached.
 
     q [batch, seqlen_q, heads_q, head_dim], k [batch, seqlen_k, heads_kv, head_dim],
@@ -167,9 +175,11 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
     aligned) position, -1 for no limit; softcap: scores become softcap * tanh(score / softcap);
     alibi_slopes: fp32 [heads_q] or [batch, heads_q], adds -slope * |i + seqlen_k - seqlen_q - j|;
     block_mask: an attngen.BlockMask (FlexAttention's block_mask): only its kept blocks are computed.
+    deterministic: the backward (when q, k or v require grad) computes dQ in its own pass instead of
+    with fp32 atomics: bit-identical gradients run to run, somewhat slower.
     Returns out (same library, dtype and device as q), and lse [batch, heads_q, seqlen_q] fp32 if asked."""
-    spec = spec_for_inputs(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
-                           block_mask=block_mask)
+    spec = _spec_for_call(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
+                          block_mask=block_mask, deterministic=deterministic)
     call = dict(scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask)
     if _needs_grad(q, k, v):
         from .autograd import attention_with_grad
@@ -178,6 +188,32 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
     else:
         out, lse = build(spec, _view("q", q).device)(q, k, v, **call)
     return (out, lse) if return_lse else out
+
+
+_call_specs: dict = {}          # what a call's spec depends on -> that spec (spec_for_inputs costs ~30 us)
+MAX_CALL_SPECS = 1024
+
+
+def _spec_for_call(q, k, v, causal, **keywords) -> Spec:
+    """spec_for_inputs, memoised on exactly what it reads: the head dims, dtype and rank of q and v, and
+    the keywords with their types (so that causal=1 is still refused). Failures are never memoised."""
+    try:
+        window = keywords["window"]
+        key = (type(q), str(q.dtype), tuple(q.shape[-1:]), len(q.shape), tuple(v.shape[-1:]), len(v.shape),
+               causal, type(causal), tuple((w, type(w)) for w in window) if isinstance(window, (list, tuple)) else window,
+               keywords["softcap"], type(keywords["softcap"]), keywords["alibi"], keywords["deterministic"],
+               type(keywords["deterministic"]),
+               None if keywords["block_mask"] is None else tuple(keywords["block_mask"].block_size))
+        spec = _call_specs.get(key)
+    except (AttributeError, TypeError):        # unusual arguments: no memo, spec_for_inputs explains
+        key, spec = None, None
+    if spec is None:
+        spec = spec_for_inputs(q, k, v, causal, **keywords)
+        if key is not None:
+            if len(_call_specs) >= MAX_CALL_SPECS:
+                _call_specs.clear()
+            _call_specs[key] = spec
+    return spec
 
 
 def _needs_grad(*tensors) -> bool:

@@ -1,8 +1,10 @@
 """Backward: the compiled backward kernels of a spec as one callable, (q, k, v, out, lse, dout) -> (dq, dk, dv).
 
-Three launches on the caller's stream: delta = rowsum(dO * O), then dQ (a CTA per query tile and column
-chunk), then dK/dV (a CTA per key tile and column chunk, summing its GQA group's query heads in
-registers). No atomics anywhere, so the gradients are bit-identical run to run.
+Launches on the caller's stream: delta = rowsum(dO * O), then dK/dV (a CTA per key tile and column chunk,
+summing its GQA group's query heads in registers), which by default also adds dQ into a zeroed fp32 buffer
+with atomics, then a conversion of that buffer to dQ. With `deterministic: true` a dQ pass (a CTA per
+query tile and column chunk) runs before dK/dV instead: no atomics anywhere, so the gradients are
+bit-identical run to run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .spec import Spec
 from .variant import variant_of
 
 DELTA_ROWS_PER_CTA = 8     # one warp per query row, 256 threads (the delta kernel's launch bounds)
+CONVERT_THREADS = 256      # the dQ conversion's launch bounds
 
 
 def check_backward_support(spec: Spec) -> None:
@@ -42,13 +45,15 @@ class BackwardKernels:
         self.variant = variant_of(spec)
         from .render import kernel_name
 
-        dq_module = cupy.RawModule(path=str(cubin_paths["backward_dq"]))
         dkdv_module = cupy.RawModule(path=str(cubin_paths["backward_dkdv"]))
-        self._delta = dq_module.get_function(kernel_name(spec, "backward_delta"))
-        self._dq = dq_module.get_function(kernel_name(spec, "backward_dq"))
         self._dkdv = dkdv_module.get_function(kernel_name(spec, "backward_dkdv"))
-        self._dq.max_dynamic_shared_size_bytes = plan.dq.smem_bytes
-        self._dkdv.max_dynamic_shared_size_bytes = plan.dkdv.smem_bytes
+        if plan.dq is not None:
+            dq_module = cupy.RawModule(path=str(cubin_paths["backward_dq"]))
+            self._dq = dq_module.get_function(kernel_name(spec, "backward_dq"))
+        else:                                                            # dQ from the dK/dV pass
+            dq_module, self._dq = dkdv_module, None
+            self._dq_convert = dkdv_module.get_function(kernel_name(spec, "backward_dq_convert"))
+        self._delta = dq_module.get_function(kernel_name(spec, "backward_delta"))
 
     def _kv_major_args(self, block_mask, device):
         """The BlockMask's kv-major block-CSR (query blocks per key block, per head) on the device: the
@@ -61,9 +66,8 @@ class BackwardKernels:
         return (*(np.uint64(a.data.ptr) for a in ptrs), np.int32(block_mask.num_heads), np.int32(block_mask.n_kv_blocks))
 
     def __repr__(self):
-        p = self.plan
-        return (f"<attngen.BackwardKernels {self.spec.name}: dq {p.dq.block_m}x{p.dq.block_n} chunk {p.dq.chunk}, "
-                f"dkdv {p.dkdv.block_m}x{p.dkdv.block_n} chunk {p.dkdv.chunk}>")
+        passes = ", ".join(f"{kind} {p.block_m}x{p.block_n} chunk {p.chunk}" for kind, p in self.plan.passes.items())
+        return f"<attngen.BackwardKernels {self.spec.name}: {passes}{'' if self.plan.dq else ' (dQ with atomics)'}>"
 
     def __call__(self, q, k, v, out, lse, dout, *, scale: float | None = None, dq=None, dk=None, dv=None,
                  alibi_slopes=None, tensors=None, block_mask=None):
@@ -100,10 +104,9 @@ class BackwardKernels:
         # a pattern lists its tiles in shared memory: key tiles per query tile (dQ), pairs of (query head of
         # the group, query tile) per key tile (dK/dV)
         pattern = variant.schedule == "pattern"
-        dq_smem = self.plan.dq.smem_bytes + tile_list_bytes(self.spec, self.plan.dq.warps, self.plan.dq.block_n, seqlen_k)
-        dkdv_smem = self.plan.dkdv.smem_bytes + (4 * (self.plan.dkdv.warps + (heads_q // heads_kv) * math.ceil(
-            seqlen_q / self.plan.dkdv.block_m)) if pattern else 0)
         pq, pkv = self.plan.dq, self.plan.dkdv
+        dkdv_smem = pkv.smem_bytes + (4 * (pkv.warps + (heads_q // heads_kv) * math.ceil(seqlen_q / pkv.block_m))
+                                      if pattern else 0)
         rows = batch * heads_q * seqlen_q
         import cupy
 
@@ -114,14 +117,35 @@ class BackwardKernels:
             inputs = (np.uint64(qv.ptr), np.uint64(kv.ptr), np.uint64(vv.ptr), np.uint64(dov.ptr),
                       np.uint64(lv.ptr), np.uint64(dlv.ptr))
             dqv, dkv, dvv = (grads[n][1] for n in ("dq", "dk", "dv"))
-            self._dq((math.ceil(seqlen_q / pq.block_m), heads_q * pq.n_chunks, batch), (pq.threads,), (
-                *inputs, np.uint64(dqv.ptr), *strides(qv), *strides(kv), *strides(vv), *strides(dov), *strides(dqv),
-                *sizes, *layout_dq, *mods), shared_mem=ensure_dynamic_smem(self._dq, dq_smem, "backward dQ:"))
+            if pq is not None:
+                dq_smem = pq.smem_bytes + tile_list_bytes(spec, pq.warps, pq.block_n, seqlen_k)
+                self._dq((math.ceil(seqlen_q / pq.block_m), heads_q * pq.n_chunks, batch), (pq.threads,), (
+                    *inputs, np.uint64(dqv.ptr), *strides(qv), *strides(kv), *strides(vv), *strides(dov), *strides(dqv),
+                    *sizes, *layout_dq, *mods), shared_mem=ensure_dynamic_smem(self._dq, dq_smem, "backward dQ:"))
+                fused = ()
+            else:           # the dK/dV pass adds dQ into a zeroed fp32 buffer (rows padded to its query tiles)
+                rows_padded = math.ceil(seqlen_q / pkv.block_m) * pkv.block_m
+                dq_accum = _zeros_like(qv, (batch, heads_q, rows_padded, pkv.head_dim_padded))
+                fused = (np.uint64(_view("dq_accum", dq_accum).ptr), np.int32(rows_padded))
             self._dkdv((math.ceil(seqlen_k / pkv.block_n), heads_kv * pkv.n_chunks, batch), (pkv.threads,), (
-                *inputs, np.uint64(dkv.ptr), np.uint64(dvv.ptr), *strides(qv), *strides(kv), *strides(vv),
+                *inputs, np.uint64(dkv.ptr), np.uint64(dvv.ptr), *fused, *strides(qv), *strides(kv), *strides(vv),
                 *strides(dov), *strides(dkv), *strides(dvv), *sizes, *layout_dkdv, *mods),
                 shared_mem=ensure_dynamic_smem(self._dkdv, dkdv_smem, "backward dK/dV: seqlen_q and the GQA group need"))
+            if pq is None:
+                pairs = rows * (spec.head_dim // 2)
+                self._dq_convert((math.ceil(pairs / CONVERT_THREADS),), (CONVERT_THREADS,), (
+                    fused[0], np.uint64(dqv.ptr), *strides(dqv), np.int32(seqlen_q), np.int32(heads_q), fused[1],
+                    np.float32(scale), np.int64(pairs)))
         return grads["dq"][0], grads["dk"][0], grads["dv"][0]
+
+
+def _zeros_like(ref, shape):
+    """A zeroed fp32 array in ref's library, on ref's device and (torch) the current stream."""
+    buffer = _empty_like(ref, shape, "fp32")
+    if ref.kind == "torch":
+        return buffer.zero_()
+    buffer.fill(0)                     # CuPy's current stream: the caller enters the input's stream
+    return buffer
 
 
 def _row_major_view(name, x, shape, dtype, ref):

@@ -89,7 +89,8 @@ def build_artifacts(spec: Spec, device) -> dict:
 
 
 def backward_artifacts(spec: Spec, device, manifest: dict) -> dict:
-    """The backward kernels (`backward: true`): NAME_bwd_dq.* and NAME_bwd_dkdv.*; their plan and
+    """The backward kernels (`backward: true`): NAME_bwd_dkdv.* (with the delta and dQ conversion kernels),
+    and NAME_bwd_dq.* with `deterministic: true`; their plan and
     resources go into the forward's manifest."""
     from .api import plan_and_compile_backward
     from .backward import check_backward_support
@@ -101,7 +102,8 @@ def backward_artifacts(spec: Spec, device, manifest: dict) -> dict:
     except (PlanError, ValueError) as exc:
         raise UsageFailure(f"{spec.name}: {exc}") from None
     files, resources = {}, {}
-    for kind, suffix in (("backward_dq", "_bwd_dq"), ("backward_dkdv", "_bwd_dkdv")):
+    for kind in plan.passes:
+        kind, suffix = f"backward_{kind}", f"_bwd_{kind}"
         binary = results[kind][0]
         files |= {f"{suffix}.cu": sources[kind].encode(), f"{suffix}.cubin": binary.cubin,
                   f"{suffix}.ptx": binary.ptx.encode()}
@@ -132,7 +134,7 @@ def build(spec_path, out_dir, arch):
                f"{spills} -> {out}/{spec.name}.{{cu,cubin,ptx,json}}")
     if "backward" in manifest:
         b = manifest["backward"]
-        for kind in ("dq", "dkdv"):
+        for kind in (k for k in ("dq", "dkdv") if k in b["plan"]):
             bp, br = b["plan"][kind], b["resources"][f"backward_{kind}"]
             click.echo(f"  backward {kind}: tiles {bp['block_m']}x{bp['block_n']}, {bp['warps']} warps, chunk "
                        f"{bp['chunk']}, {bp['smem_bytes']} B smem, {br['registers']} registers -> "

@@ -101,17 +101,22 @@ def _empty_like(ref: TensorView, shape, dtype: str):
         return cupy.empty(shape, dtype={"fp16": cupy.float16, "fp32": cupy.float32}[dtype])
 
 
+_external_streams: dict = {}     # (torch stream handle, device) -> the CuPy stream object wrapping it
+
+
 def _current_stream(ref: TensorView):
     import cupy
 
     if ref.kind == "torch":
         import torch
 
-        stream = torch.cuda.current_stream(ref.obj.device)
-        try:                                                             # CuPy >= 14, torch with __cuda_stream__
-            return cupy.cuda.Stream.from_external(stream)
-        except (AttributeError, TypeError):
-            return cupy.cuda.ExternalStream(stream.cuda_stream, ref.device)
+        handle = torch.cuda.current_stream(ref.device).cuda_stream
+        stream = _external_streams.get((handle, ref.device))
+        if stream is None:
+            if len(_external_streams) >= 256:
+                _external_streams.clear()
+            stream = _external_streams[(handle, ref.device)] = cupy.cuda.ExternalStream(handle, ref.device)
+        return stream
     return cupy.cuda.get_current_stream(ref.device)
 
 
@@ -292,6 +297,7 @@ class Kernel:
         import cupy
 
         with cupy.cuda.Device(qv.device), _current_stream(qv):
-            ensure_dynamic_smem(self._function, smem, f"k: seqlen_k={seqlen_k} needs")
+            if smem > p.smem_bytes:                  # the tile list grows with seqlen_k
+                ensure_dynamic_smem(self._function, smem, f"k: seqlen_k={seqlen_k} needs")
             self._function(grid, (p.threads,), args, shared_mem=smem)
         return out, lse

@@ -1,9 +1,10 @@
 """Backward plan: tiles for the two backward kernels, from the same budget model as the forward.
 
-- dq pass: a CTA holds BLOCK_M query rows (16 per warp) and their dO, streams K/V tiles of BLOCK_N keys,
-  and accumulates CHUNK columns of dQ.
 - dkdv pass: a CTA holds BLOCK_N keys (16 per warp) and their values, streams the query tiles (BLOCK_M
-  rows) of its GQA group with dO, and accumulates CHUNK columns of dK and of dV.
+  rows) of its GQA group with dO, and accumulates CHUNK columns of dK and of dV. By default it also adds
+  dQ += dS K for its keys to an fp32 buffer with atomics (fused_dq: dS^T goes through shared memory).
+- dq pass (spec `deterministic: true` only): a CTA holds BLOCK_M query rows (16 per warp) and their dO,
+  streams K/V tiles of BLOCK_N keys, and accumulates CHUNK columns of dQ; no atomics anywhere.
 
 Registers bound the accumulators, so wide heads split the gradient columns into chunks, one CTA each;
 every chunk recomputes the scores, which the ranking counts as extra matmul work. Shared memory holds the
@@ -22,7 +23,9 @@ from .spec import Spec
 
 REG_OVERHEAD_BACKWARD = 64     # addresses, counters, ldmatrix fragments in flight (as the forward's)
 DKDV_REGS_PER_CHUNK_COL, DKDV_REGS_PER_QUERY, DKDV_REG_OVERHEAD = 1.25, 1.7, 36
-DKDV_WARPS = 4                 # the dK/dV pass's measured best CTA size on sm_90 (bench_backward_tiles.py)
+# The dK/dV pass's measured best CTA size on sm_90 (bench_backward_tiles.py, BENCHMARKS.md): 4 warps (64
+# keys) when it computes dK/dV only, 8 warps (128 keys) when it also adds dQ (half the atomics per FLOP).
+DKDV_WARPS, DKDV_WARPS_FUSED = 4, 8
 
 
 @dataclass(frozen=True)
@@ -42,16 +45,28 @@ class BackwardPass(WarpLaunch):
     regs_estimate: int
     ctas_per_sm: int
     matmul_factor: float      # matmul work relative to one forward, recomputation included
+    fused_dq: bool            # dkdv: also adds dQ with atomics (no dq pass)
+    vector_atomics: bool      # sm_90+: red.global.add.v2.f32 (two columns per instruction)
 
 
 @dataclass(frozen=True)
 class BackwardPlan:
     arch: str
-    dq: BackwardPass
+    dq: BackwardPass | None   # the separate dQ pass (deterministic), or None: dQ comes from the dK/dV pass
     dkdv: BackwardPass
 
+    @property
+    def passes(self) -> dict:
+        """kind -> pass, in launch order."""
+        return {"dq": self.dq, "dkdv": self.dkdv} if self.dq else {"dkdv": self.dkdv}
+
     def to_dict(self) -> dict:
-        return {"arch": self.arch, "dq": self.dq.to_dict(), "dkdv": self.dkdv.to_dict()}
+        return {"arch": self.arch} | {kind: p.to_dict() for kind, p in self.passes.items()}
+
+
+def pass_kinds(spec: Spec) -> tuple[str, ...]:
+    """The passes a spec's backward runs: dK/dV with dQ fused, or (deterministic) dQ and dK/dV apart."""
+    return ("dq", "dkdv") if spec.deterministic else ("dkdv",)
 
 
 def _chunks(d: int, dv: int, kind: str) -> list[int]:
@@ -78,11 +93,15 @@ def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stag
         matmul = n_chunks * (d + dv) + d            # S and dP per chunk, dQ once, per (row, key)
     else:
         smem = block_n * (row(d) + row(dv)) + stages * block_m * (row(d) + row(dv) + 8)
+        if not spec.deterministic:
+            smem += block_n * row(block_m)          # dS^T, read back by the warps that add dQ
         n_chunks = max(d, dv) // chunk
         # acc dK and dV (chunk/2 each), S^T and dP^T, one packed fragment, the columns' LSE and delta;
         # fitted to ptxas on sm_80/sm_90 (d64-256, block_m 32/64, chunk 64/128: within 6 registers)
         regs = int(DKDV_REGS_PER_CHUNK_COL * chunk + DKDV_REGS_PER_QUERY * block_m) + DKDV_REG_OVERHEAD
         matmul = n_chunks * (d + dv) + d + dv       # S^T and dP^T per chunk, dK and dV once
+        if not spec.deterministic:
+            matmul += d                             # dQ once (each chunk adds its columns)
     if smem > device.smem_per_block:
         return None, f"shared memory {smem} B exceeds {device.smem_per_block} B"
     if regs > device.max_regs_per_thread:
@@ -92,7 +111,7 @@ def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stag
         return None, "no CTA fits on an SM"
     factor = matmul / (d + dv)
     return BackwardPass(device.arch, kind, block_m, block_n, warps, stages, chunk, n_chunks, d, dv, SMEM_ROW_PAD, smem,
-                        regs, ctas, factor), ""
+                        regs, ctas, factor, kind == "dkdv" and not spec.deterministic, device.cc >= 90), ""
 
 
 def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, BackwardPass | None, str]]:
@@ -113,15 +132,15 @@ def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, 
         if p is None:
             return (math.inf,)
         # overlapped loads, least recomputation, the biggest tile (operand reuse), more CTAs per SM; dK/dV
-        # first prefers DKDV_WARPS (measured: 64 keys x 4 warps beat 128 x 8 by 3-4 %, BENCHMARKS.md)
-        preferred = 0 if kind == "dq" or p.warps == DKDV_WARPS else 1
+        # first prefers its measured best warp count
+        preferred = 0 if kind == "dq" or p.warps == (DKDV_WARPS_FUSED if p.fused_dq else DKDV_WARPS) else 1
         return (-p.stages, p.matmul_factor, preferred, -(p.block_m * p.block_n), -p.ctas_per_sm)
     return sorted(out, key=rank)
 
 
 def make_backward_plan(spec: Spec, device: Device) -> BackwardPlan:
-    chosen = {}
-    for kind in ("dq", "dkdv"):
+    chosen = {"dq": None}
+    for kind in pass_kinds(spec):
         ranked = pass_candidates(kind, spec, device)
         if not ranked or ranked[0][1] is None:
             raise PlanError(f"no {kind} backward tile fits {device.arch} for head_dim={spec.head_dim}, "
@@ -131,9 +150,11 @@ def make_backward_plan(spec: Spec, device: Device) -> BackwardPlan:
 
 
 def explain_backward(spec: Spec, device: Device) -> str:
-    lines = [f"backward on {device.arch}: two passes, no atomics (deterministic); ranked by matmul work "
-             f"(chunks recompute the scores), then tile area, then CTAs per SM"]
-    for kind in ("dq", "dkdv"):
+    how = ("two passes, no atomics (deterministic)" if spec.deterministic else
+           "one pass, dQ added with fp32 atomics (deterministic: true gives a separate dQ pass)")
+    lines = [f"backward on {device.arch}: {how}; ranked by matmul work (chunks recompute the scores), then "
+             f"tile area, then CTAs per SM"]
+    for kind in pass_kinds(spec):
         lines.append(f"  {kind}: {'block_m (CTA) x block_n (step)' if kind == 'dq' else 'block_m (step) x block_n (CTA)'}")
         lines.append(f"    {'':2}{'tile':>9} {'warps':>5} {'chunk':>5} {'stages':>6} {'smem B':>7} {'regs':>5} "
                      f"{'CTAs':>4} {'matmul':>6}  note")

@@ -12,7 +12,8 @@ from .spec import Spec
 from .variant import variant_of
 
 ENTRY_TEMPLATES = {"forward": "forward.cu.j2", "backward_dq": "backward_dq.cu.j2", "backward_dkdv": "backward_dkdv.cu.j2"}
-KERNEL_SUFFIXES = {"forward": "fwd", "backward_dq": "bwd_dq", "backward_dkdv": "bwd_dkdv", "backward_delta": "bwd_delta"}
+KERNEL_SUFFIXES = {"forward": "fwd", "backward_dq": "bwd_dq", "backward_dkdv": "bwd_dkdv", "backward_delta": "bwd_delta",
+                   "backward_dq_convert": "bwd_dq_convert"}
 MMA_TYPES = {"bf16": "bf16", "fp16": "f16"}
 
 
@@ -54,7 +55,8 @@ def render(spec: Spec, plan, kind: str = "forward") -> str:
                            variant=variant, tensors=variant.tensors, score_mod=variant.score_mod,
                            mask_mod=variant.mask_mod, score_mod_grad=variant.score_mod_grad if kind != "forward" else None,
                            probe=False, bwd=plan,
-                           delta_kernel_name=kernel_name(spec, "backward_delta"))
+                           delta_kernel_name=kernel_name(spec, "backward_delta"),
+                           dq_convert_kernel_name=kernel_name(spec, "backward_dq_convert"))
 
 
 def render_piece(name: str, **context) -> str:

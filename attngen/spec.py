@@ -52,19 +52,26 @@ class Spec:
     score_mod_grad: str | None = None   # d(score_mod)/d(score) as a CUDA float expression (training)
     tensors: dict | None = None    # named tensors the expressions read: name -> {dtype, shape}
     backward: bool = False       # `attngen build` also emits the backward kernels (the API builds them on demand)
+    deterministic: bool = False  # backward: dQ in its own pass (bit-identical run to run) instead of atomics
 
     def __init__(self, *, head_dim, dtype="bf16", causal=False, head_dim_v=None, num_heads=None,
                  num_kv_heads=None, scale=None, tile=None, name=None, mask=None, softcap=None, alibi=False,
-                 score_mod=None, mask_mod=None, tensors=None, backward=False, score_mod_grad=None):
+                 score_mod=None, mask_mod=None, tensors=None, backward=False, score_mod_grad=None,
+                 deterministic=False):
         values = dict(head_dim=head_dim, dtype=dtype, causal=causal, head_dim_v=head_dim_v,
                       num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, tile=tile, name=name,
                       mask=mask, softcap=softcap, alibi=alibi, score_mod=score_mod, mask_mod=mask_mod,
-                      tensors=tensors, backward=backward, score_mod_grad=score_mod_grad)
+                      tensors=tensors, backward=backward, score_mod_grad=score_mod_grad, deterministic=deterministic)
         for field, value in _validated(values).items():
             object.__setattr__(self, field, value)
 
     def __hash__(self):
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
+        # computed once: specs key every cache on the call path (kernels, variants)
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(json.dumps(self.to_dict(), sort_keys=True))
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
     # ---- derived values -------------------------------------------------------------------------
     @property
@@ -97,6 +104,12 @@ class Spec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def forward_spec(self) -> "Spec":
+        """The spec the forward kernel is built from: `deterministic` only changes the backward, so both
+        settings share one forward kernel."""
+        return Spec(**(self.to_dict() | {"deterministic": False})) if self.deterministic else self
 
     # ---- construction from data ------------------------------------------------------------------
     @classmethod
@@ -226,7 +239,7 @@ def _validated(values: dict) -> dict:
         raise SpecError("num_heads", None, "an int when num_kv_heads is given")
     out["scale"] = _positive_float("scale", values["scale"], "(default 1/sqrt(head_dim))")
     out["softcap"] = _positive_float("softcap", values["softcap"], "(no capping)")
-    for flag in ("alibi", "backward"):
+    for flag in ("alibi", "backward", "deterministic"):
         if not isinstance(values[flag], bool):
             raise SpecError(flag, values[flag], "true or false")
     from .expressions import validate_expression, validate_tensors

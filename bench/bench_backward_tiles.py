@@ -1,10 +1,10 @@
 """Backward tile sweep: times each backward pass (dQ, dK/dV) for the planner's ranked candidates, so the
 ranking can be checked against measurement (the autotuner's job later).
 
-    PYTHONPATH=. python3 bench/bench_backward_tiles.py [--dims 64,128] [--seqlen 8192] [--top 6]
+    PYTHONPATH=. python3 bench/bench_backward_tiles.py [--dims 64,128] [--seqlen 8192] [--top 6] [--deterministic]
 
-bf16, batch x seqlen = 16384, hidden 2048, causal and not; TFLOP/s count each pass's share of the
-backward's 2.5x forward FLOPs by its matmuls (dQ: 3 of 7, dK/dV: 4 of 7 tile matmuls at one chunk).
+bf16, batch x seqlen = 16384, hidden 2048, causal and not; prints the whole backward's time with one pass
+swapped for each candidate (the other pass at rank 0).
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from attngen import device as device_mod
 from attngen.backward import BackwardKernels
 from attngen.benchmark import flops, make_inputs, time_ms
 from attngen.compile import compile_cached
-from attngen.plan_backward import BackwardPlan, pass_candidates
+from attngen.plan_backward import BackwardPlan, pass_candidates, pass_kinds
 from attngen.render import kernel_name, render
 
 
 def kernels_for(spec, dev, dq, dkdv):
     sources, paths, binaries = {}, {}, {}
     for kind, bwd in (("backward_dq", dq), ("backward_dkdv", dkdv)):
+        if bwd is None:
+            continue
         sources[kind] = render(spec, bwd, kind)
         binaries[kind], paths[kind] = compile_cached(sources[kind], f"{spec.name}_{kind}", dev.arch, kernel_name(spec, kind))
     return BackwardKernels(spec, BackwardPlan(dev.arch, dq, dkdv), sources, paths, binaries, attngen.build(spec)), binaries
@@ -38,6 +40,7 @@ def main(argv=None):
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--seqlen", type=int, default=8192)
     ap.add_argument("--top", type=int, default=6)
+    ap.add_argument("--deterministic", action="store_true", help="the two-pass backward (default: dQ with atomics)")
     args = ap.parse_args(argv)
     dev = device_mod.live_device(torch.cuda.current_device())
     print(f"{'d':>4} {'causal':>6} {'pass':>5} {'tile':>9} {'warps':>5} {'chunk':>5} {'regs':>5} {'spill':>5} {'ms':>8}  rank")
@@ -45,14 +48,15 @@ def main(argv=None):
         heads, seqlen = 2048 // d, args.seqlen
         batch = max(1, 16384 // seqlen)
         for causal in (False, True):
-            spec = attngen.Spec(head_dim=d, causal=causal)
+            spec = attngen.Spec(head_dim=d, causal=causal, deterministic=args.deterministic)
             q, k, v = make_inputs(batch, seqlen, heads, heads, d, "bf16")[0]
             out, lse = attngen.attention(q, k, v, causal=causal, return_lse=True)
             dout = torch.randn_like(out)
-            ranked = {kind: [p for _, p, _ in pass_candidates(kind, spec, dev) if p][:args.top] for kind in ("dq", "dkdv")}
-            for kind in ("dq", "dkdv"):
+            kinds = pass_kinds(spec)
+            ranked = {kind: [p for _, p, _ in pass_candidates(kind, spec, dev) if p][:args.top] for kind in kinds}
+            for kind in kinds:
                 for rank, cand in enumerate(ranked[kind]):
-                    pair = dict(dq=ranked["dq"][0], dkdv=ranked["dkdv"][0]) | {kind: cand}
+                    pair = {k: ranked[k][0] if k in kinds else None for k in ("dq", "dkdv")} | {kind: cand}
                     try:
                         kernels, binaries = kernels_for(spec, dev, pair["dq"], pair["dkdv"])
                     except Exception as exc:

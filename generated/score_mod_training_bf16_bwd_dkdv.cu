@@ -14,24 +14,29 @@
 //   arch:                sm_90
 //   kind:                dkdv
 //   block_m:             64
-//   block_n:             64
-//   warps:               4
+//   block_n:             128
+//   warps:               8
 //   stages:              2
 //   chunk:               64
 //   n_chunks:            1
 //   head_dim_padded:     64
 //   head_dim_v_padded:   64
 //   smem_row_pad:        8
-//   smem_bytes:          56320
+//   smem_bytes:          93184
 //   regs_estimate:       224
-//   ctas_per_sm:         2
-//   matmul_factor:       2
-//   threads:             128
+//   ctas_per_sm:         1
+//   matmul_factor:       2.5
+//   fused_dq:            True
+//   vector_atomics:      True
+//   threads:             256
 // FlashAttention-2 backward, dK/dV: a CTA holds BLOCK_N keys and values of one (batch, kv head) and CHUNK
 // columns of dK and dV; the query tiles of every query head of its GQA group stream through a STAGES-deep
 // cp.async ring with their dO, LSE and delta. It recomputes P^T = exp(scale * K Q^T - lse) and
 // accumulates dV += P^T dO and dK += dS^T Q with dS^T = P^T * (V dO^T - delta), on the tensor cores. The
-// group's heads are summed in registers: no atomics, deterministic.
+// group's heads are summed in registers: dK and dV need no atomics.
+// dQ comes from this pass too (FlashAttention-2's schedule: 5 tile matmuls per tile pair, not 7): dS^T goes
+// to shared memory and dQ += dS K is added to an fp32 buffer with atomics, so dQ's rounding depends on the
+// order the CTAs add in. The spec key `deterministic: true` selects the separate dQ pass instead.
 
 // ---- compile-time shape of this backward kernel ----------------------------------------------------
 typedef unsigned short elem_t;          // raw bf16 bits; arithmetic happens in fp32
@@ -41,8 +46,8 @@ constexpr int HEAD_DIM_V = 64;
 constexpr int D          = 64;   // padded to the mma k-step; padding is zero-filled
 constexpr int DV         = 64;
 constexpr int BLOCK_M    = 64;   // query rows per step
-constexpr int BLOCK_N    = 64;   // key rows per CTA
-constexpr int WARPS      = 4;
+constexpr int BLOCK_N    = 128;   // key rows per CTA
+constexpr int WARPS      = 8;
 constexpr int STAGES     = 2;   // streamed tiles in flight
 constexpr int CHUNK      = 64;   // gradient columns per CTA (a CTA per chunk: bounded registers)
 constexpr int THREADS    = WARPS * 32;
@@ -334,11 +339,114 @@ __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float 
     }
 }
 
+// ---- dQ from the dK/dV pass: dQ += dS K, added to an fp32 buffer with atomics -----------------------
+// The buffer is [batch][query head][query rows, padded to BLOCK_M][D]: padded rows and columns receive
+// zeros (P is 0 there, K's padding is zero-filled), so no adds are bounds-checked.
+constexpr int DS_STRIDE = BLOCK_M + ROW_PAD;               // dS^T in shared memory: [BLOCK_N keys][DS_STRIDE]
+constexpr int DS_TILE_BYTES = BLOCK_N * DS_STRIDE * 2;
+constexpr int DQ_ROW_TILES = BLOCK_M / 16;
+constexpr int DQ_ROW_STEP = WARPS < DQ_ROW_TILES ? WARPS : DQ_ROW_TILES;  // warps on distinct row tiles
+constexpr int DQ_COL_STEP = WARPS / DQ_ROW_STEP;                          // warps sharing a row tile
+constexpr int DQ_COLS = CHUNK % 32 == 0 ? 32 : 16;          // dQ columns per accumulator (bounded registers)
+static_assert(WARPS % DQ_ROW_STEP == 0 && DQ_ROW_TILES % DQ_ROW_STEP == 0, "warps split the dQ rows evenly");
+
+// A warp's packed 16 x N fragments (rows row0.., the accumulator layout) to a row-major tile.
+template <int N, int STRIDE>
+__device__ __forceinline__ void store_fragments(unsigned smem, int row0, const unsigned (&a)[1][N / 16][4], int lane) {
+    const unsigned base = smem + ((row0 + lane / 4) * STRIDE + (lane % 4) * 2) * 2;
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+#pragma unroll
+        for (int half = 0; half < 4; ++half) {   // (row, +8 rows, +8 columns, both), as to_a_fragments packs them
+            const unsigned addr = base + ((half % 2) * 8 * STRIDE + kk * 16 + (half / 2) * 8) * 2;
+            asm volatile("st.shared.b32 [%0], %1;\n" :: "r"(addr), "r"(a[0][kk][half]));
+        }
+    }
+}
+
+// A fragments of rows row0..row0+15 of A = T^T, where T[K][rows] is stored row-major: ldmatrix.trans
+// reads each 8x8 piece of T transposed. Piece i (lanes 8i..8i+7) covers A rows +8*(i%2), k +8*(i/2).
+template <int K, int STRIDE>
+__device__ __forceinline__ void load_transposed_a(unsigned (&a)[1][K / 16][4], unsigned smem, int row0, int lane) {
+    const unsigned base = smem + ((lane % 8 + (lane / 16) * 8) * STRIDE + row0 + (lane / 8 % 2) * 8) * 2;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) ldmatrix_x4_trans(a[0][kk], base + kk * 16 * STRIDE * 2);
+}
+
+// dst[row][col] += acc for a warp's 16 x N accumulator tile (row stride D floats).
+template <int N>
+__device__ __forceinline__ void atomic_add_rows(float* dst, const float (&acc)[1][N / 8][4], int lane) {
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float* const p = dst + (lane / 4 + r * 8) * D + nt * 8 + (lane % 4) * 2;
+            asm volatile("red.global.add.v2.f32 [%0], { %1, %2 };\n" :: "l"(p), "f"(acc[0][nt][2 * r]), "f"(acc[0][nt][2 * r + 1]) : "memory");
+        }
+}
+
+// dQ[rows of the step][this chunk's columns] += dS K over the CTA's keys: dS^T (all warps' keys) is in
+// shared memory, so each warp takes whole 16-row tiles of queries and DQ_COLS columns at a time.
+__device__ __forceinline__ void add_dq(float* dq_rows, unsigned ds_smem, unsigned k_chunk_smem, int warp, int lane) {
+#pragma unroll
+    for (int rt = warp % DQ_ROW_STEP; rt < DQ_ROW_TILES; rt += DQ_ROW_STEP) {
+        unsigned ds[1][BLOCK_N / 16][4];
+        load_transposed_a<BLOCK_N, DS_STRIDE>(ds, ds_smem, rt * 16, lane);
+#pragma unroll 1
+        for (int cg = warp / DQ_ROW_STEP; cg < CHUNK / DQ_COLS; cg += DQ_COL_STEP) {
+            float acc[1][DQ_COLS / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < DQ_COLS / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[0][nt][e] = 0.f;
+            gemm_frag_b<1, DQ_COLS, BLOCK_N, K_STRIDE>(acc, ds, k_chunk_smem + cg * DQ_COLS * 2, lane);
+            atomic_add_rows<DQ_COLS>(dq_rows + rt * 16 * D + cg * DQ_COLS, acc, lane);
+        }
+    }
+}
+
+// One warp per query row: delta = sum over the value dims of dO * O, in fp32.
+extern "C" __global__ void __launch_bounds__(256)
+score_mod_training_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, float* __restrict__ delta,
+    long long o_stride_b, long long o_stride_s, long long o_stride_h,
+    long long do_stride_b, long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q, int rows)
+{
+    const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const int i = row % seqlen_q, head = row / seqlen_q % heads_q, batch = row / seqlen_q / heads_q;
+    const elem_t* o_row = o + batch * o_stride_b + i * o_stride_s + head * o_stride_h;
+    const elem_t* do_row = dout + batch * do_stride_b + i * do_stride_s + head * do_stride_h;
+    float sum = 0.f;
+    for (int col = lane * 2; col < HEAD_DIM_V; col += 64) {
+        const unsigned a = *reinterpret_cast<const unsigned*>(o_row + col);
+        const unsigned b = *reinterpret_cast<const unsigned*>(do_row + col);
+        sum += unpack_lo(a) * unpack_lo(b) + unpack_hi(a) * unpack_hi(b);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) delta[row] = sum;     // [batch][head][query], like lse
+}
+
+// dQ = scale * the fp32 buffer the dK/dV pass added to, as bf16 in the caller's layout; one
+// thread per pair of columns.
+extern "C" __global__ void __launch_bounds__(256)
+score_mod_training_bf16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
+    long long dq_stride_b, long long dq_stride_s, long long dq_stride_h, int seqlen_q, int heads_q, int rows_padded,
+    float scale, long long pairs)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= pairs) return;
+    const int col = (int)(i % (HEAD_DIM / 2)) * 2;
+    const long long row = i / (HEAD_DIM / 2);                        // over [batch][head][query]
+    const int s = (int)(row % seqlen_q), head = (int)(row / seqlen_q % heads_q), batch = (int)(row / seqlen_q / heads_q);
+    const float* x = dq_accum + (((long long)batch * heads_q + head) * rows_padded + s) * D + col;
+    *reinterpret_cast<unsigned*>(dq + batch * dq_stride_b + s * dq_stride_s + head * dq_stride_h + col) = pack2(x[0] * scale, x[1] * scale);
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    elem_t* __restrict__ dk, elem_t* __restrict__ dv,
-    long long q_stride_b, long long q_stride_s, long long q_stride_h,
+    elem_t* __restrict__ dk, elem_t* __restrict__ dv, float* __restrict__ dq_accum, int dq_rows_padded,    long long q_stride_b, long long q_stride_s, long long q_stride_h,
     long long k_stride_b, long long k_stride_s, long long k_stride_h,
     long long v_stride_b, long long v_stride_s, long long v_stride_h,
     long long do_stride_b, long long do_stride_s, long long do_stride_h,
@@ -356,6 +464,7 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
     float* const lse_smem = reinterpret_cast<float*>(smem_raw + K_TILE_BYTES + V_TILE_BYTES
                                                      + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES));   // STAGES x [BLOCK_M]
     float* const delta_smem = lse_smem + STAGES * BLOCK_M;
+    const unsigned ds_smem = smem_addr(delta_smem + STAGES * BLOCK_M);  // [BLOCK_N][DS_STRIDE]
     constexpr int N_CHUNKS = (D > DV ? D : DV) / CHUNK;
 
     const int n_block = blockIdx.x;
@@ -463,7 +572,13 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
             gemm_abt<1, BLOCK_M, DV, V_STRIDE, DO_STRIDE>(ds, v_smem, warp_row0, do_tile, lane);
             score_gradients<BLOCK_M>(ds, p, delta_cols, grad_factor);
             to_a_fragments<1, BLOCK_M>(frag, ds);
+            store_fragments<BLOCK_M, DS_STRIDE>(ds_smem, warp_row0, frag, lane);
             gemm_frag_b<1, CHUNK, BLOCK_M, Q_STRIDE>(acc_dk, frag, q_smem + slot * Q_TILE_BYTES + chunk * CHUNK * 2, lane);
+        }
+        __syncthreads();                                                 // every warp's keys of dS^T
+        if (has_dk) {   // this chunk's columns of dQ (the buffer is scaled when converted)
+            add_dq(dq_accum + (((long long)batch * heads_q + head) * dq_rows_padded + m_start) * D + chunk * CHUNK,
+                   ds_smem, k_smem + chunk * CHUNK * 2, warp, lane);
         }
     }
     cp_async_wait<0>();

@@ -7,6 +7,7 @@
 //   name:          sliding_window_bf16
 //   mask:          {'kind': 'sliding_window', 'left': 1024, 'right': 0}
 //   backward:      True
+//   deterministic: True
 // plan (sm_90):
 //   arch:                sm_90
 //   block_m:             128

@@ -7,6 +7,7 @@
 //   name:          sliding_window_bf16
 //   mask:          {'kind': 'sliding_window', 'left': 1024, 'right': 0}
 //   backward:      True
+//   deterministic: True
 // plan (sm_90):
 //   arch:                sm_90
 //   kind:                dkdv
@@ -23,12 +24,14 @@
 //   regs_estimate:       250
 //   ctas_per_sm:         2
 //   matmul_factor:       2
+//   fused_dq:            False
+//   vector_atomics:      True
 //   threads:             128
 // FlashAttention-2 backward, dK/dV: a CTA holds BLOCK_N keys and values of one (batch, kv head) and CHUNK
 // columns of dK and dV; the query tiles of every query head of its GQA group stream through a STAGES-deep
 // cp.async ring with their dO, LSE and delta. It recomputes P^T = exp(scale * K Q^T - lse) and
 // accumulates dV += P^T dO and dK += dS^T Q with dS^T = P^T * (V dO^T - delta), on the tensor cores. The
-// group's heads are summed in registers: no atomics, deterministic.
+// group's heads are summed in registers: dK and dV need no atomics.
 
 // ---- compile-time shape of this backward kernel ----------------------------------------------------
 typedef unsigned short elem_t;          // raw bf16 bits; arithmetic happens in fp32
@@ -365,8 +368,7 @@ __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    elem_t* __restrict__ dk, elem_t* __restrict__ dv,
-    long long q_stride_b, long long q_stride_s, long long q_stride_h,
+    elem_t* __restrict__ dk, elem_t* __restrict__ dv,    long long q_stride_b, long long q_stride_s, long long q_stride_h,
     long long k_stride_b, long long k_stride_s, long long k_stride_h,
     long long v_stride_b, long long v_stride_s, long long v_stride_h,
     long long do_stride_b, long long do_stride_s, long long do_stride_h,
@@ -404,7 +406,8 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
     const int n_m_tiles = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
     // The pattern's tile predicates list the pairs (the transposed layout, derived in code), in shared
     // memory after the tiles; PARTIAL_TILE marks those that need the element predicate.
-    int* const warp_counts = reinterpret_cast<int*>(lse_smem + 2 * STAGES * BLOCK_M);
+    int* const warp_counts = reinterpret_cast<int*>(smem_raw + K_TILE_BYTES + V_TILE_BYTES + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES)
+                                                    + 2 * STAGES * BLOCK_M * 4);
     int* const tile_list = warp_counts + WARPS;
     const int kv_lo = n_start, kv_hi = min(n_start + BLOCK_N, seqlen_k) - 1;
     const int n_steps = list_tiles(tile_list, warp_counts, group_size * n_m_tiles, tid, [&](int item, bool& full) {

@@ -7,6 +7,7 @@
 //   name:          sliding_window_bf16
 //   mask:          {'kind': 'sliding_window', 'left': 1024, 'right': 0}
 //   backward:      True
+//   deterministic: True
 // plan (sm_90):
 //   arch:                sm_90
 //   kind:                dq
@@ -23,6 +24,8 @@
 //   regs_estimate:       208
 //   ctas_per_sm:         1
 //   matmul_factor:       1.5
+//   fused_dq:            False
+//   vector_atomics:      True
 //   threads:             256
 // FlashAttention-2 backward, first launch: delta = rowsum(dO * O) per query row; second launch: dQ.
 // A dQ CTA owns BLOCK_M query rows of one (batch, head) and CHUNK columns of dQ; K/V tiles stream

@@ -60,16 +60,22 @@ HEAD_DIMS = list(range(8, 257, 8))
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])
 @pytest.mark.parametrize("d", HEAD_DIMS)
-def test_backward_plan_fits_every_head_dim(d, arch):
-    spec = attngen.Spec(head_dim=d)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_plan_fits_every_head_dim(d, arch, deterministic):
+    spec = attngen.Spec(head_dim=d, deterministic=deterministic)
     device = preset(arch)
     plan = make_backward_plan(spec, device)
-    for p in (plan.dq, plan.dkdv):
+    assert list(plan.passes) == (["dq", "dkdv"] if deterministic else ["dkdv"])
+    for p in plan.passes.values():
         assert p.smem_bytes <= device.smem_per_block and p.regs_estimate <= 255
         assert p.head_dim_padded % p.chunk == 0 and p.head_dim_v_padded % p.chunk == 0
-    assert plan.dq.block_m == 16 * plan.dq.warps and plan.dkdv.block_n == 16 * plan.dkdv.warps
+    assert plan.dkdv.block_n == 16 * plan.dkdv.warps and plan.dkdv.fused_dq == (not deterministic)
+    assert plan.dkdv.vector_atomics == (arch == "sm_90")
+    if deterministic:
+        assert plan.dq.block_m == 16 * plan.dq.warps
     text = explain_backward(spec, device)
-    assert "dq:" in text and "dkdv:" in text and text.count("->") == 2
+    assert ("dq:" in text) == deterministic and "dkdv:" in text and text.count("->") == len(plan.passes)
+    assert ("no atomics (deterministic)" in text) == deterministic and ("dQ added with fp32 atomics" in text) != deterministic
 
 
 BACKWARD_VARIANTS = [dict(head_dim=d, dtype=t, causal=c) for d in (8, 32, 64, 96, 128, 160, 256)
@@ -85,6 +91,12 @@ BACKWARD_VARIANTS += [dict(head_dim=64, head_dim_v=128), dict(head_dim=128, head
                            tensors={"doc": {"dtype": "int32", "shape": ["seqlen_k"]}})]
 
 
+# the deterministic passes (a dQ pass, no atomics) over a few of them
+BACKWARD_VARIANTS += [dict(head_dim=d, deterministic=True) for d in (8, 64, 128, 256)]
+BACKWARD_VARIANTS += [dict(head_dim=128, causal=True, softcap=30.0, alibi=True, deterministic=True),
+                      dict(head_dim=64, mask={"kind": "runtime", "block_size": 64}, deterministic=True)]
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("fields", BACKWARD_VARIANTS, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
 def test_backward_kernels_compile_without_spills(fields, arch):
@@ -94,7 +106,15 @@ def test_backward_kernels_compile_without_spills(fields, arch):
     spec = attngen.Spec(**fields)
     plan, sources, results = plan_and_compile_backward(spec, preset(arch), lambda source, kind: (
         nvrtc_compile(source, f"{spec.name}_{kind}", arch, kernel_name(spec, kind)), None))
-    for kind, bwd in (("backward_dq", plan.dq), ("backward_dkdv", plan.dkdv)):
+    assert set(results) == {f"backward_{kind}" for kind in plan.passes}
+    dkdv = sources["backward_dkdv"]
+    if spec.deterministic:
+        assert "red.global.add" not in dkdv and "bwd_delta(" in sources["backward_dq"]
+    else:     # dQ from the dK/dV pass: the atomics (vector ones on sm_90), delta and the conversion with it
+        assert ("red.global.add.v2.f32" in dkdv) == (arch == "sm_90") and "red.global.add" in dkdv
+        assert f"{spec.name}_bwd_delta(" in dkdv and f"{spec.name}_bwd_dq_convert(" in dkdv
+    for kind, bwd in plan.passes.items():
+        kind = f"backward_{kind}"
         assert results[kind][0].resources.spill_bytes == 0, (kind, results[kind][0].resources)
         assert f"CHUNK      = {bwd.chunk}" in sources[kind]
         if spec.mask_pattern is not None:
@@ -123,9 +143,17 @@ def test_spec_backward_key_builds_the_backward_kernels(tmp_path):
     spec.write_text("name: tiny\nhead_dim: 64\ncausal: true\nbackward: true\n")
     result = CliRunner().invoke(main, ["build", str(spec), "-o", str(tmp_path / "out"), "--arch", "sm_80"])
     assert result.exit_code == 0, result.output
-    assert "backward dq" in result.output and "backward dkdv" in result.output
-    for name in ("tiny.cu", "tiny_bwd_dq.cu", "tiny_bwd_dkdv.cu", "tiny_bwd_dq.cubin", "tiny_bwd_dkdv.ptx"):
+    assert "backward dq" not in result.output and "backward dkdv" in result.output     # dQ with atomics
+    for name in ("tiny.cu", "tiny_bwd_dkdv.cu", "tiny_bwd_dkdv.cubin", "tiny_bwd_dkdv.ptx"):
         assert (tmp_path / "out" / name).is_file()
+    assert not (tmp_path / "out" / "tiny_bwd_dq.cu").exists()
+    spec.write_text("name: tiny\nhead_dim: 64\ncausal: true\nbackward: true\ndeterministic: true\n")
+    result = CliRunner().invoke(main, ["build", str(spec), "-o", str(tmp_path / "det"), "--arch", "sm_80"])
+    assert result.exit_code == 0 and "backward dq" in result.output and "backward dkdv" in result.output
+    for name in ("tiny_bwd_dq.cu", "tiny_bwd_dkdv.cu", "tiny_bwd_dq.cubin", "tiny_bwd_dkdv.ptx"):
+        assert (tmp_path / "det" / name).is_file()
+    with pytest.raises(attngen.SpecError, match="'deterministic'"):
+        attngen.Spec(head_dim=64, deterministic=1)
     plan = CliRunner().invoke(main, ["plan", str(spec), "--arch", "sm_90"])
     assert "backward on sm_90" in plan.output and "dkdv:" in plan.output
     with pytest.raises(attngen.SpecError, match="'backward'"):

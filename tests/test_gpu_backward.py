@@ -23,13 +23,14 @@ def to64(x):
     return x.detach().to("cpu", torch.float64).numpy()
 
 
-def check_gradients(q, k, v, causal, scale=None, seed=0):
-    """attngen's gradients (through autograd) against float64, bounded by the same-dtype framework's error."""
+def check_gradients(q, k, v, causal, scale=None, seed=0, deterministic=False):
+    """attngen's gradients (through autograd) against float64, bounded by the same-dtype framework's error;
+    dQ by atomics from the dK/dV pass, or (deterministic) by its own pass."""
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     gen = torch.Generator(device="cuda").manual_seed(seed + 1)
     dout = torch.randn(q.shape[:3] + (v.shape[-1],), generator=gen, device="cuda", dtype=q.dtype)
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    out = attngen.attention(*leaves, causal=causal, scale=scale)
+    out = attngen.attention(*leaves, causal=causal, scale=scale, deterministic=deterministic)
     out.backward(dout)
     same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     framework_attention(*same, causal, scale).backward(dout)
@@ -50,16 +51,18 @@ def inputs(seed, batch, sq, sk, hq, hkv, d, dv=None, dtype=torch.bfloat16):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("d", [32, 64, 96, 128, 160, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradients_over_head_dims(d, dtype, causal):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+def test_gradients_over_head_dims(d, dtype, causal, deterministic):
     q, k, v = inputs(d, 2, 203, 203, 4, 2, d, dtype=DTYPES[dtype])
-    check_gradients(q, k, v, causal)
+    check_gradients(q, k, v, causal, deterministic=deterministic)
 
 
 @pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (113, 203), (203, 113), (1, 300), (300, 17), (512, 512)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradients_over_seqlens(sq, sk, causal):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+def test_gradients_over_seqlens(sq, sk, causal, deterministic):
     q, k, v = inputs(sq + sk, 1, sq, sk, 8, 1, 64)           # MQA: dK/dV sum over 8 query heads
-    check_gradients(q, k, v, causal)
+    check_gradients(q, k, v, causal, deterministic=deterministic)
 
 
 @pytest.mark.parametrize("d,dv", [(64, 128), (128, 64), (24, 56)])
@@ -78,11 +81,16 @@ def test_deterministic_bit_identical_gradients():
     q, k, v = inputs(9, 2, 1000, 1000, 8, 2, 128)
     out, lse = attngen.attention(q, k, v, causal=True, return_lse=True)
     dout = torch.randn_like(out)
-    first = attngen.attention_backward(q, k, v, out, lse, dout, causal=True)
+    first = attngen.attention_backward(q, k, v, out, lse, dout, causal=True, deterministic=True)
     for _ in range(3):
-        again = attngen.attention_backward(q, k, v, out, lse, dout, causal=True)
+        again = attngen.attention_backward(q, k, v, out, lse, dout, causal=True, deterministic=True)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+    # the default adds dQ with atomics, in whatever order the CTAs finish: it agrees with the deterministic
+    # pass to within fp32 summation order, rounded to bf16
+    atomic = attngen.attention_backward(q, k, v, out, lse, dout, causal=True)
+    for a, b in zip(atomic, first):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-3)
 
 
 def test_cupy_level_backward():
@@ -199,9 +207,10 @@ def test_gradients_with_a_sliding_window(sq, sk):
     {"kind": "and", "of": [{"kind": "document", "seq_lens": [100, 200, 87]}, {"kind": "causal"}]},
     {"kind": "strided", "stride": 64},
 ], ids=lambda m: m["kind"])
-def test_gradients_with_mask_patterns(section):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+def test_gradients_with_mask_patterns(section, deterministic):
     n = 387
-    spec = attngen.Spec(head_dim=64, dtype="bf16", mask=section)
+    spec = attngen.Spec(head_dim=64, dtype="bf16", mask=section, deterministic=deterministic)
     pattern = spec.mask_pattern
     mask = np.broadcast_to(pattern.element(np.arange(4)[:, None, None], np.arange(n)[None, :, None],
                                            np.arange(n)[None, None, :], n, n), (4, n, n))
@@ -224,7 +233,8 @@ def test_refuses_score_mod_for_training():
 
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_gradients_with_runtime_block_masks(block, density):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+def test_gradients_with_runtime_block_masks(block, density, deterministic):
     """attention(block_mask=) trains through the kv-major CSR the launcher derives; per-head layouts, GQA."""
     from attngen.masks import BlockMask
 
@@ -236,7 +246,7 @@ def test_gradients_with_runtime_block_masks(block, density):
     gen = torch.Generator(device="cuda").manual_seed(3)
     dout = torch.randn(2, sq, hq, 64, generator=gen, device="cuda", dtype=q.dtype)
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    attngen.attention(*leaves, block_mask=block_mask).backward(dout)
+    attngen.attention(*leaves, block_mask=block_mask, deterministic=deterministic).backward(dout)
     mask = block_mask.element_mask()
     same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     framework_attention(*same, False, 1 / 8, mask=mask).backward(dout)

@@ -1,0 +1,112 @@
+"""Compile and call overhead: cold NVRTC compile, warm start from the disk cache, Python time per call of
+attngen.attention on a cached kernel (torch and CuPy inputs), and a CUDA-graph capture of a call.
+
+    PYTHONPATH=. python3 bench/bench_overhead.py [--json FILE]
+
+Cold compile and warm start run in fresh processes (CUDA context and imports excluded from the timed
+part), each against its own cache directory. The per-call time is host time over many calls on a tiny
+shape, so the GPU never holds the host back (the launches queue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+CHILD = r"""
+import json, sys, time
+import cupy
+cupy.cuda.Device(0).use(); cupy.zeros(1)                      # CUDA context, outside the timed part
+import attngen
+spec = attngen.Spec(head_dim=128, dtype="bf16", causal=True)
+start = time.perf_counter()
+kernel = attngen.build(spec)
+print(json.dumps({"seconds": time.perf_counter() - start, "registers": kernel.resources.registers}))
+"""
+
+
+def build_in_fresh_process(cache_dir: str) -> float:
+    env = dict(os.environ, ATTNGEN_CACHE_DIR=cache_dir)
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def per_call_us(fn, calls=2000) -> float:
+    import torch
+
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return host / calls * 1e6
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    import cupy
+    import torch
+
+    import attngen
+
+    row = {"gpu": torch.cuda.get_device_name()}
+    with tempfile.TemporaryDirectory() as cache:
+        row["cold_compile_s"] = build_in_fresh_process(cache)
+        row["warm_start_ms"] = build_in_fresh_process(cache) * 1e3
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 128, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    attngen.attention(q, k, v, causal=True)                          # compile once
+    row["call_torch_us"] = per_call_us(lambda: attngen.attention(q, k, v, causal=True))
+    qc, kc, vc = (cupy.asarray(x.float()).astype(cupy.float16) for x in (q, k, v))
+    attngen.attention(qc, kc, vc)
+    row["call_cupy_us"] = per_call_us(lambda: attngen.attention(qc, kc, vc))
+    kernel = attngen.build(attngen.api.spec_for_inputs(q, k, v, True))
+    row["call_kernel_object_us"] = per_call_us(lambda: kernel(q, k, v))
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),  # noqa: E731
+                                                                     v.transpose(1, 2), is_causal=True)
+    row["call_sdpa_us"] = per_call_us(sdpa)
+
+    # CUDA graphs: capture one call on a side stream, replay it on new inputs copied into the same buffers
+    static = [x.clone() for x in (q, k, v)]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        attngen.attention(*static, causal=True)                      # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = attngen.attention(*static, causal=True)
+    fresh = [torch.randn_like(x) for x in static]
+    for dst, src in zip(static, fresh):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = attngen.attention(*fresh, causal=True)
+    row["graph_replay_matches_eager"] = bool(torch.equal(graph_out, eager))
+    row["graph_replay_us"] = per_call_us(graph.replay)
+
+    print(json.dumps(row, indent=1), file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(row, f, indent=1)
+    print(f"{'cold compile (s)':>18} {'warm start (ms)':>16} {'call torch (us)':>16} {'call cupy (us)':>15} "
+          f"{'Kernel() (us)':>14} {'SDPA (us)':>10} {'graph ok':>8}")
+    print(f"{row['cold_compile_s']:>18.2f} {row['warm_start_ms']:>16.1f} {row['call_torch_us']:>16.1f} "
+          f"{row['call_cupy_us']:>15.1f} {row['call_kernel_object_us']:>14.1f} {row['call_sdpa_us']:>10.1f} "
+          f"{str(row['graph_replay_matches_eager']):>8}")
+    print(f"# {row['gpu']}, torch {torch.__version__}, cupy {cupy.__version__}, attngen {attngen.__version__}")
+
+
+if __name__ == "__main__":
+    main()
