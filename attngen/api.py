@@ -31,10 +31,13 @@ def plan_and_compile(spec: Spec, device, compile_source):
     The register model is an estimate fitted to ptxas; near 255 registers ptxas may still spill, so the
     ranked candidates are compiled in order (at most MAX_COMPILE_TRIES) and the first clean one wins.
     `compile_source(source, plan)` returns (Binary, anything); returns (plan, source, that pair)."""
+    from .tune import forward_key, load_tuned, tuned_first
+
     if spec.tile is not None:
         ranked = [make_plan(spec, device)]
-    else:
-        ranked = [c.plan for c in candidates(spec, device) if c.plan is not None][:MAX_COMPILE_TRIES]
+    else:      # `attngen tune`'s measured winner for this GPU first, when there is one
+        ranked = [c.plan for c in candidates(spec, device) if c.plan is not None]
+        ranked = tuned_first(ranked, load_tuned(spec, device.name).get("forward"), forward_key)[:MAX_COMPILE_TRIES]
     rejected = []
     for chosen in ranked:
         source = render(spec, chosen)
@@ -75,12 +78,15 @@ def plan_and_compile_backward(spec: Spec, device, compile_source):
     """Each backward pass's best-ranked candidate that ptxas compiles without spilling (as plan_and_compile).
     `compile_source(source, kind)` returns (Binary, anything); returns (BackwardPlan, sources, results)."""
     from .plan_backward import BackwardPlan, make_backward_plan, pass_candidates, pass_kinds
+    from .tune import backward_key, load_tuned, tuned_first
 
     make_backward_plan(spec, device)                 # raises PlanError when nothing fits
     chosen, sources, results = {"dq": None}, {}, {}
+    tuned = load_tuned(spec, device.name)
     for kind in pass_kinds(spec):
         name = f"backward_{kind}"
-        ranked = [p for _, p, _ in pass_candidates(kind, spec, device) if p is not None][:MAX_COMPILE_TRIES]
+        ranked = [p for _, p, _ in pass_candidates(kind, spec, device) if p is not None]
+        ranked = tuned_first(ranked, tuned.get(name), backward_key)[:MAX_COMPILE_TRIES]
         for candidate in ranked:
             source = render(spec, candidate, name)
             result = compile_source(source, name)
@@ -178,6 +184,18 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
     deterministic: the backward (when q, k or v require grad) computes dQ in its own pass instead of
     with fp32 atomics: bit-identical gradients run to run, somewhat slower.
     Returns out (same library, dtype and device as q), and lse [batch, heads_q, seqlen_q] fp32 if asked."""
+    plain = (window is None and softcap is None and alibi_slopes is None and block_mask is None
+             and deterministic is False and (causal is True or causal is False))
+    if plain:       # the common call: one dict lookup to the kernel (the call-overhead budget is ~30 us)
+        try:
+            plain_key = (type(q), q.dtype, q.shape[-1:], v.shape[-1:], len(q.shape), len(v.shape), causal,
+                         _device_index(q))
+        except (AttributeError, TypeError):             # not arrays: the general path explains
+            plain, plain_key = False, None
+        kernel = _plain_kernels.get(plain_key)
+        if kernel is not None and not _needs_grad(q, k, v):
+            out, lse = kernel(q, k, v, scale=scale)
+            return (out, lse) if return_lse else out
     spec = _spec_for_call(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
                           block_mask=block_mask, deterministic=deterministic)
     call = dict(scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask)
@@ -186,10 +204,16 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
 
         out, lse = attention_with_grad(spec, q, k, v, call)
     else:
-        out, lse = build(spec, _view("q", q).device)(q, k, v, **call)
+        kernel = build(spec, _device_index(q))
+        out, lse = kernel(q, k, v, **call)
+        if plain:
+            if len(_plain_kernels) >= MAX_CALL_SPECS:
+                _plain_kernels.clear()
+            _plain_kernels[plain_key] = kernel
     return (out, lse) if return_lse else out
 
 
+_plain_kernels: dict = {}       # (q, v types/dtype/head dims/rank, causal, device) -> Kernel, for keyword-free calls
 _call_specs: dict = {}          # what a call's spec depends on -> that spec (spec_for_inputs costs ~30 us)
 MAX_CALL_SPECS = 1024
 
@@ -216,10 +240,19 @@ def _spec_for_call(q, k, v, causal, **keywords) -> Spec:
     return spec
 
 
+def _device_index(x) -> int:
+    """x's CUDA device, cheaply for a torch CUDA tensor; _view explains anything else."""
+    if type(x).__module__ == "torch":
+        index = x.get_device()
+        if index >= 0:
+            return index
+    return _view("q", x).device
+
+
 def _needs_grad(*tensors) -> bool:
     """torch tensors that require grad, with autograd recording (not under torch.no_grad)."""
     if type(tensors[0]).__module__.split(".")[0] != "torch":
         return False
     import torch
 
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return any(t.requires_grad for t in tensors) and torch.is_grad_enabled()

@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 import statistics
 import sys
+from dataclasses import dataclass
+
+import numpy as np
 
 import attngen
 from attngen.api import spec_for_inputs
@@ -66,14 +69,21 @@ def make_inputs(batch, seqlen, heads, heads_kv, d, dtype):
             for _ in range(n_sets)]
 
 
-def sdpa(backend, causal):
+def sdpa(backend, causal, expand_kv=False):
+    """torch SDPA on one backend. expand_kv: repeat K/V to the query heads inside the call, for backends
+    without GQA (flash, efficient), as their users must."""
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
 
     def run(q, k, v):
+        group = q.shape[2] // k.shape[2]
+        if expand_kv and group > 1:
+            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   is_causal=causal, enable_gqa=q.shape[2] != k.shape[2])
+    if expand_kv:
+        run.note = "K/V repeated to the query heads inside the call (this backend has no GQA)"
     return run
 
 
@@ -167,3 +177,253 @@ def format_table(rows, tiles_list=("",)) -> str:
         lines.append(f"{r['dtype']:>5} {r['head_dim']:>4} {str(r['causal']):>6} {r['seqlen']:>6} "
                      f"{fl or nan:>7.1f} {cu or nan:>7.1f} {r.get('flex') or nan:>7.1f} " + " ".join(cells))
     return "\n".join(lines)
+
+
+# ---- `attngen bench`: a spec (or FlashAttention's suite) against every peer present ----------------
+
+FLASH_SUITE = dict(seqlens=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128), causal=(False, True),
+                   tokens=16384, hidden=2048)   # FlashAttention's benchmark_flash_attention.py shapes
+PEERS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
+MAX_MASK_BYTES = 1 << 30        # a dense element mask for a peer (Flex lookup, SDPA attn_mask) up to this
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked problem: a spec at one shape."""
+
+    spec: object
+    batch: int
+    seqlen: int
+    heads: int
+    heads_kv: int
+
+    @property
+    def label(self) -> str:
+        s = self.spec
+        what = s.mask["kind"] if s.mask else ("causal" if s.causal else "dense")
+        return f"{s.name} d{s.head_dim} {s.dtype} {what} seqlen {self.seqlen} ({self.batch}x{self.heads})"
+
+
+def suite_cases(name: str, dtype: str = "bf16", seqlens=None) -> list[Case]:
+    if name != "flash":
+        raise ValueError(f"--suite: unknown suite {name!r}; allowed: flash")
+    cases = []
+    for d in FLASH_SUITE["head_dims"]:
+        for causal in FLASH_SUITE["causal"]:
+            for seqlen in seqlens or FLASH_SUITE["seqlens"]:
+                heads = FLASH_SUITE["hidden"] // d
+                spec = attngen.Spec(head_dim=d, dtype=dtype, causal=causal, backward=True)
+                cases.append(Case(spec, max(1, FLASH_SUITE["tokens"] // seqlen), seqlen, heads, heads))
+    return cases
+
+
+def spec_cases(spec, seqlens, tokens: int) -> list[Case]:
+    heads = spec.num_heads or max(1, 2048 // spec.head_dim)
+    return [Case(spec, max(1, tokens // s), s, heads, spec.num_kv_heads or heads) for s in seqlens]
+
+
+def visible_pairs(spec, seqlen: int) -> float:
+    """(query, key) pairs per head that the mask keeps (mean over heads): the useful work."""
+    if spec.mask is None:
+        return seqlen * (seqlen + 1) / 2 if spec.causal else float(seqlen) * seqlen
+    pattern = spec.mask_pattern
+    if pattern is None:
+        raise ValueError("a runtime block layout has no fixed work: bench it with bench/bench_sparse.py")
+    total, rows = 0.0, max(1, (1 << 24) // seqlen)
+    for h in range(pattern.heads):
+        for start in range(0, seqlen, rows):
+            q_idx = np.arange(start, min(seqlen, start + rows))[:, None]
+            total += float(pattern.element(h, q_idx, np.arange(seqlen)[None, :], seqlen, seqlen).sum())
+    return total / pattern.heads
+
+
+def case_flops(case: Case) -> float:
+    """Forward FLOPs on kept pairs: 2 * pairs * (head_dim + head_dim_v) per head (FlashAttention's 4 * d)."""
+    s = case.spec
+    return 2.0 * case.batch * case.heads * visible_pairs(s, case.seqlen) * (s.head_dim + s.dv)
+
+
+def _dense_mask(case: Case):
+    """The spec's element mask as a torch bool tensor [heads or 1, S, S] on the GPU, or None if too big."""
+    import torch
+
+    pattern, n = case.spec.mask_pattern, case.seqlen
+    if pattern.heads * n * n > MAX_MASK_BYTES:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(pattern.element(
+        np.arange(pattern.heads)[:, None, None], np.arange(n)[None, :, None], np.arange(n)[None, None, :], n, n))).cuda()
+
+
+def peer_functions(case: Case) -> dict:
+    """name -> fn(q, k, v) for each peer that computes the same attention, or name -> why not."""
+    import torch
+
+    s = case.spec
+    plain = s.mask is None and s.softcap is None and not s.alibi and s.score_mod is None and s.mask_mod is None
+    peers = {}
+    if plain:
+        backend, gqa = torch.nn.attention.SDPBackend, case.heads != case.heads_kv
+        peers["sdpa_flash"] = sdpa(backend.FLASH_ATTENTION, s.causal, expand_kv=gqa)
+        peers["sdpa_cudnn"] = sdpa(backend.CUDNN_ATTENTION, s.causal)
+        peers["sdpa_efficient"] = sdpa(backend.EFFICIENT_ATTENTION, s.causal, expand_kv=gqa)
+    else:
+        why = "SDPA takes no mask pattern, softcap, ALiBi or expression (not the same attention)"
+        peers.update({name: why for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")})
+    if s.score_mod is not None or s.mask_mod is not None:
+        peers["flex"] = "a CUDA expression has no torch form for FlexAttention"
+    else:
+        peers["flex"] = flex_for_spec(case)
+    return peers
+
+
+def flex_for_spec(case: Case):
+    """torch.compile'd FlexAttention with the spec's mask (closed form for causal, a lookup of the element
+    mask for patterns) and modifiers (softcap, the standard ALiBi slopes)."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from .reference import alibi_slopes
+
+    s, n = case.spec, case.seqlen
+    mask_mod = None
+    if s.causal:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx
+    elif s.mask is not None:
+        dense = _dense_mask(case)
+        if dense is None:
+            return f"the element mask at seqlen {n} exceeds {MAX_MASK_BYTES >> 20} MB"
+        per_head = dense.shape[0] > 1
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return dense[h if per_head else 0, q_idx, kv_idx]
+    slopes = torch.tensor(alibi_slopes(case.heads), device="cuda", dtype=torch.float32) if s.alibi else None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if s.softcap is not None:
+            score = s.softcap * torch.tanh(score / s.softcap)
+        if slopes is not None:
+            score = score - slopes[h] * (q_idx - kv_idx).abs()
+        return score
+
+    block_mask = None if mask_mod is None else create_block_mask(mask_mod, None, None, n, n)
+    compiled = torch.compile(flex_attention)
+    modified = s.softcap is not None or s.alibi
+
+    def run(q, k, v):
+        return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                        score_mod=score_mod if modified else None, scale=s.softmax_scale,
+                        enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    return run
+
+
+def attngen_function(case: Case, backward: bool):
+    """attngen on the case's spec: the kernel call, or (backward) autograd through attngen's kernels."""
+    from .autograd import attention_with_grad
+    from .checking import random_tensors
+
+    spec = case.spec
+    tensors = random_tensors(spec, np.random.default_rng(0), (case.batch, case.heads, case.seqlen, case.seqlen))
+    call = dict(scale=None, alibi_slopes=None, block_mask=None) | ({"tensors": tensors} if tensors else {})
+    if backward:
+        return lambda q, k, v: attention_with_grad(spec, q, k, v, call)[0]
+    kernel = attngen.build(spec)
+    return lambda q, k, v: kernel(q, k, v, **call)[0]
+
+
+def bench_case(case: Case, modes=("fwd",), peers=PEERS, log=None) -> list[dict]:
+    """One row per mode ("fwd", "fwd+bwd"): TFLOP/s of attngen and of each peer, on the same rotating
+    inputs. fwd+bwd counts 3.5x the forward FLOPs (FlashAttention's convention)."""
+    import torch
+
+    spec = case.spec
+    inputs = make_inputs(case.batch, case.seqlen, case.heads, case.heads_kv, spec.head_dim, spec.dtype)
+    if spec.dv != spec.head_dim:
+        inputs = [(q, k, torch.randn(*v.shape[:3], spec.dv, device="cuda", dtype=v.dtype)) for q, k, v in inputs]
+    work = case_flops(case)
+    device = live_device()
+    peak = device.matrix_peak_tflops
+    import torch._dynamo
+
+    torch._dynamo.reset()          # FlexAttention compiles per shape: without a reset the suite hits dynamo's limit
+    functions = {name: fn for name, fn in peer_functions(case).items() if name in peers}
+    rows = []
+    for mode in modes:
+        factor = 3.5 if mode == "fwd+bwd" else 1.0
+        row = dict(gpu=torch.cuda.get_device_name(), spec=spec.name, dtype=spec.dtype, head_dim=spec.head_dim,
+                   head_dim_v=spec.dv, causal=spec.causal, mask=(spec.mask or {}).get("kind"), seqlen=case.seqlen,
+                   batch=case.batch, heads=case.heads, heads_kv=case.heads_kv, mode=mode, gflop=factor * work / 1e9,
+                   peak_tflops=peak)
+        timed = {"attngen": attngen_function(case, mode == "fwd+bwd")} | functions
+        for name, fn in timed.items():
+            if isinstance(fn, str):
+                row[name], row[name + "_note"] = None, fn
+                continue
+            if getattr(fn, "note", None):
+                row[name + "_note"] = fn.note
+            try:
+                run = forward_backward(fn) if mode == "fwd+bwd" else fn
+                row[name] = factor * work / time_ms(run, inputs) / 1e9
+            except Exception as exc:        # a peer may not take this shape: say so and go on
+                row[name], row[name + "_note"] = None, str(exc).splitlines()[0][:160]
+        kernel = attngen.build(spec)
+        row["attngen_plan"] = f"{kernel.plan.block_m}x{kernel.plan.block_n}x{kernel.plan.warps}x{kernel.plan.stages}"
+        if mode == "fwd":
+            predicted = predict_us(kernel.spec, kernel.plan, device, case.batch, case.seqlen, case.seqlen, case.heads)
+            row["attngen_model_tflops"] = work / (predicted * 1e-6) / 1e12
+        row["attngen_roofline"] = row["attngen"] / peak if row["attngen"] else None
+        rows.append(row)
+        if log:
+            log(f"{case.label} {mode}: " + ", ".join(
+                f"{n} {row[n]:.1f}" if row.get(n) else f"{n} -" for n in timed) + " TFLOP/s")
+    del inputs
+    return rows
+
+
+def format_rows(rows) -> str:
+    """TFLOP/s per implementation, attngen's ratio to each peer, and its fraction of the matrix peak."""
+    nan = float("nan")
+    names = [n for n in PEERS if any(r.get(n) for r in rows)]
+    head = (f"{'spec':<22} {'mode':>7} {'seqlen':>6} {'attngen':>8} " + " ".join(f"{n:>14}" for n in names)
+            + " " + " ".join(f"{'/' + n.removeprefix('sdpa_'):>10}" for n in names) + f" {'roofline':>8}")
+    lines = ["TFLOP/s (median of CUDA-event timings, inputs rotated past L2; fwd+bwd counts 3.5x the forward)",
+             head]
+    for r in rows:
+        ours = r.get("attngen") or nan
+        cells = " ".join(f"{r.get(n) or nan:>14.1f}" for n in names)
+        ratios = " ".join(f"{ours / r[n] if r.get(n) else nan:>10.2f}" for n in names)
+        lines.append(f"{r['spec'][:22]:<22} {r['mode']:>7} {r['seqlen']:>6} {ours:>8.1f} {cells} {ratios} "
+                     f"{r.get('attngen_roofline') or nan:>8.2f}")
+    if rows:
+        lines.append(f"# {rows[0]['gpu']}; roofline: the bf16/fp16 matrix peak, {rows[0]['peak_tflops']:.0f} TFLOP/s")
+    return "\n".join(lines)
+
+
+def plot_rows(rows, path) -> None:
+    """x: seqlen, y: TFLOP/s, one line per implementation; a panel per (spec, mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["spec"], r["mode"]) for r in rows})
+    cols = min(4, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.2 * cols, 3.4 * -(-len(panels) // cols)),
+                             squeeze=False)
+    for ax, (spec, mode) in zip(axes.flat, panels):
+        mine = sorted((r for r in rows if (r["spec"], r["mode"]) == (spec, mode)), key=lambda r: r["seqlen"])
+        for name in ("attngen",) + PEERS:
+            points = [(r["seqlen"], r[name]) for r in mine if r.get(name)]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == "attngen" else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{spec} {mode}", fontsize=9)
+        ax.set_xlabel("seqlen")
+        ax.set_ylabel("TFLOP/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"attngen vs peers, {rows[0]['gpu']}" if rows else "attngen", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,4 +1,4 @@
-"""The `attngen` command line: build, plan, check, bench. Bad specs and arguments exit with code 2 and
+"""The `attngen` command line: build, plan, check, bench, tune. Bad specs and arguments exit with code 2 and
 one line that names the field."""
 
 from __future__ import annotations
@@ -190,20 +190,78 @@ def check(spec_path, seed):
 
 
 @main.command()
-@click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False))
-@click.option("--seqlens", default="1024,2048,4096,8192", show_default=True)
+@click.argument("spec_path", metavar="[SPEC.yaml]", required=False, type=click.Path(dir_okay=False))
+@click.option("--suite", type=click.Choice(["flash"]), default=None,
+              help="FlashAttention's benchmark shapes (d 64/128, causal and not, seqlen 512..16384) instead of a spec")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True, help="--suite's dtype")
+@click.option("--seqlens", default=None, help="comma-separated [default: 1024,2048,4096,8192; the suite's own]")
 @click.option("--tokens", default=16384, show_default=True, help="batch x seqlen")
+@click.option("--peers", default="sdpa_flash,sdpa_cudnn,sdpa_efficient,flex", show_default=True,
+              help="the peers to time beside attngen (those that compute the same attention)")
+@click.option("--backward/--no-backward", default=None,
+              help="also forward + backward [default: with the suite, or when the spec has backward: true]")
 @click.option("--json", "json_path", default=None, help="also write the rows as JSON")
-def bench(spec_path, seqlens, tokens, json_path):
-    """GPU: time the spec's kernel beside torch SDPA's flash and cuDNN backends."""
-    from .benchmark import format_table, measure
+@click.option("--plot", "plot_path", default=None, help="also write a PNG: TFLOP/s over seqlen, a line per implementation")
+def bench(spec_path, suite, dtype, seqlens, tokens, peers, backward, json_path, plot_path):
+    """GPU: time attngen beside torch SDPA (flash, cuDNN, efficient) and FlexAttention, same inputs, one run."""
+    from .benchmark import PEERS, bench_case, format_rows, plot_rows, spec_cases, suite_cases
+
+    if (spec_path is None) == (suite is None):
+        raise UsageFailure("bench: give a SPEC.yaml or --suite flash (one of them)")
+    try:
+        lengths = [int(x) for x in seqlens.split(",")] if seqlens else None
+    except ValueError:
+        raise UsageFailure(f"--seqlens: got {seqlens!r}; allowed: comma-separated positive ints") from None
+    if lengths is not None and (not lengths or min(lengths) < 1):
+        raise UsageFailure(f"--seqlens: got {seqlens!r}; allowed: comma-separated positive ints")
+    chosen = [p for p in peers.split(",") if p]
+    if any(p not in PEERS for p in chosen):
+        raise UsageFailure(f"--peers: got {peers!r}; allowed: a comma-separated subset of {','.join(PEERS)}")
+    if plot_path is not None and not plot_path.lower().endswith(".png"):
+        raise UsageFailure(f"--plot: got {plot_path!r}; allowed: a .png path")
+    if suite:
+        cases, with_backward = suite_cases(suite, dtype, lengths), backward is not False
+    else:
+        spec = load_spec(spec_path)
+        cases = spec_cases(spec, lengths or (1024, 2048, 4096, 8192), tokens)
+        with_backward = spec.backward if backward is None else backward
+    modes = ("fwd", "fwd+bwd") if with_backward else ("fwd",)
+    rows = []
+    for i, case in enumerate(cases, 1):
+        click.echo(f"[{i}/{len(cases)}] {case.label}", err=True)
+        try:
+            rows += bench_case(case, modes, chosen, log=lambda line: click.echo(f"    {line}", err=True))
+        except (SpecError, PlanError, ValueError) as exc:
+            raise UsageFailure(f"{case.label}: {exc}") from None
+    if json_path:
+        atomic_write(Path(json_path), (json.dumps(rows, indent=1) + "\n").encode())
+    if plot_path:
+        plot_rows(rows, plot_path)
+    click.echo(format_rows(rows))
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False))
+@click.option("--seqlen", default=4096, show_default=True, help="the sequence length to tune at")
+@click.option("--tokens", default=16384, show_default=True, help="batch x seqlen")
+@click.option("--top", default=6, show_default=True, help="candidates to measure per kernel")
+def tune(spec_path, seqlen, tokens, top):
+    """GPU: time the planner's top candidates and remember the fastest for this GPU (used by build)."""
+    from .tune import tune as run_tune
 
     spec = load_spec(spec_path)
-    heads = spec.num_heads or max(1, 2048 // spec.head_dim)
-    rows = []
-    for seqlen in (int(s) for s in seqlens.split(",")):
-        rows.append(measure(spec.dtype, spec.head_dim, spec.causal, seqlen, max(1, tokens // seqlen), heads,
-                            spec.num_kv_heads or heads, spec=spec))
-    if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=1))
-    click.echo(format_table(rows))
+    if seqlen < 1 or tokens < 1 or top < 1:
+        raise UsageFailure(f"--seqlen, --tokens, --top: expected positive ints, got {seqlen}, {tokens}, {top}")
+    click.echo(f"{spec.name}: tuning at seqlen {seqlen}, batch x seqlen {tokens}, top {top} candidates")
+    try:
+        paths, rows = run_tune(spec, seqlen, tokens, top, log=click.echo)
+    except (PlanError, ValueError) as exc:
+        raise UsageFailure(f"{spec_path}: {exc}") from None
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        timed = [r for r in rows if r["kind"] == kind and r["measured_us"]]
+        best, first = min(timed, key=lambda r: r["measured_us"]), timed[0]
+        click.echo(f"{kind}: fastest {'x'.join(map(str, best['config']))} ({best['measured_us']:.1f} us); the "
+                   f"model's first choice {'x'.join(map(str, first['config']))} ({first['measured_us']:.1f} us, "
+                   f"{first['measured_us'] / best['measured_us']:.2f}x)")
+    for path in paths:
+        click.echo(f"-> {path}")

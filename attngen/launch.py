@@ -6,8 +6,10 @@ themselves (zero copy), and the launch goes to the caller's current stream (torc
 
 from __future__ import annotations
 
+import ctypes
 import math
-from dataclasses import dataclass
+import threading
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,9 +23,8 @@ MAX_CACHED_ARRAYS = 64   # device copies of masks, tables and slopes kept per ke
 ELEMENT_ALIGN = 8   # cp.async moves 16 bytes = 8 elements: row starts must be 16-byte aligned
 
 
-@dataclass(frozen=True)
-class TensorView:
-    """What the launcher needs of one tensor, whatever library it came from."""
+class TensorView(NamedTuple):
+    """What the launcher needs of one tensor, whatever library it came from (a tuple: cheap to make)."""
 
     kind: str             # "torch" | "cupy"
     ptr: int
@@ -34,13 +35,17 @@ class TensorView:
     obj: object
 
 
+_TORCH_DTYPE_NAMES = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}
+
+
 def _view(name: str, x) -> TensorView:
     module = type(x).__module__.split(".")[0]
     if module == "torch":
         if not x.is_cuda:
             raise ValueError(f"{name}: expected a CUDA tensor, got one on {x.device}")
-        dtype = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(x.dtype), str(x.dtype))
-        return TensorView("torch", x.data_ptr(), tuple(x.shape), tuple(x.stride()), dtype, x.device.index, x)
+        dtype = str(x.dtype)
+        return TensorView("torch", x.data_ptr(), tuple(x.shape), x.stride(), _TORCH_DTYPE_NAMES.get(dtype, dtype),
+                          x.get_device(), x)
     if module == "cupy":
         itemsize = x.dtype.itemsize
         dtype = {"float16": "fp16"}.get(x.dtype.name, x.dtype.name)
@@ -101,23 +106,81 @@ def _empty_like(ref: TensorView, shape, dtype: str):
         return cupy.empty(shape, dtype={"fp16": cupy.float16, "fp32": cupy.float32}[dtype])
 
 
-_external_streams: dict = {}     # (torch stream handle, device) -> the CuPy stream object wrapping it
-
-
 def _current_stream(ref: TensorView):
+    """The CuPy stream object for the caller's current stream (torch's for torch tensors)."""
     import cupy
 
     if ref.kind == "torch":
-        import torch
-
-        handle = torch.cuda.current_stream(ref.device).cuda_stream
-        stream = _external_streams.get((handle, ref.device))
-        if stream is None:
-            if len(_external_streams) >= 256:
-                _external_streams.clear()
-            stream = _external_streams[(handle, ref.device)] = cupy.cuda.ExternalStream(handle, ref.device)
-        return stream
+        stream = _torch_stream(ref.device)
+        try:                                                             # CuPy >= 14, torch with __cuda_stream__
+            return cupy.cuda.Stream.from_external(stream)
+        except (AttributeError, TypeError):
+            return cupy.cuda.ExternalStream(stream.cuda_stream, ref.device)
     return cupy.cuda.get_current_stream(ref.device)
+
+
+def _torch_stream(device: int):
+    import torch
+
+    return torch.cuda.current_stream(device)
+
+
+def _raw_torch_stream(device: int) -> int:
+    import torch
+
+    try:
+        return torch._C._cuda_getCurrentRawStream(device)      # what torch's own launchers use (~0.2 us)
+    except AttributeError:
+        return torch.cuda.current_stream(device).cuda_stream
+
+
+def _torch_signature(q, k, v, scale):
+    """What fixes a launch for torch inputs (shapes, strides, dtypes, devices, scale), or None for anything
+    else; the pointers are left out."""
+    if type(q).__module__ != "torch" or type(k) is not type(q) or type(v) is not type(q):
+        return None
+    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+            q.get_device(), k.get_device(), v.get_device(), q.is_cuda and k.is_cuda and v.is_cuda, scale, type(scale))
+
+
+def _stream_handle(ref: TensorView) -> int:
+    """The raw handle of the caller's current stream: torch's for torch tensors, CuPy's for CuPy arrays."""
+    if ref.kind == "torch":
+        return _raw_torch_stream(ref.device)
+    import cupy
+
+    return cupy.cuda.get_current_stream(ref.device).ptr
+
+
+class ArgumentBlock:
+    """One launch's arguments in a ctypes block, launched with cuLaunchKernel.
+
+    CuPy's generic launch wraps every argument in a new object on each call (~1 us apiece, ~25 of them).
+    A block is built once per input signature (shapes, strides, dtypes, scale) and kept: a later call
+    with the same signature only stores its five pointers (q, k, v, out, lse) and launches. A lock keeps
+    concurrent callers of one block apart."""
+
+    CTYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
+              np.float32: ctypes.c_float}
+
+    def __init__(self, handle: int, grid, block, shared_mem: int, args):
+        self.handle, self.grid, self.block, self.shared_mem = handle, tuple(grid), tuple(block), shared_mem
+        self.slots = [self.CTYPES[type(a)](a.item()) for a in args]
+        self.pointers = (ctypes.c_void_p * len(args))(*(ctypes.addressof(slot) for slot in self.slots))
+        self.lock = threading.Lock()
+
+    def launch(self, stream: int, pointers=()) -> None:
+        """Launch on `stream`, first replacing the leading pointer arguments with `pointers`."""
+        from cupy.cuda import driver
+
+        with self.lock:
+            for slot, value in zip(self.slots, pointers):
+                slot.value = value
+            driver.launchKernel(self.handle, *self.grid, *self.block, self.shared_mem, stream,
+                                ctypes.addressof(self.pointers), 0)
+
+
+MAX_SIGNATURES = 256        # remembered input signatures (argument blocks) per kernel
 
 
 def ensure_dynamic_smem(function, smem: int, who: str) -> int:
@@ -143,6 +206,8 @@ class Kernel:
         self._module = cupy.RawModule(path=str(cubin_path))
         self._function = self._module.get_function(kernel_name)
         self._function.max_dynamic_shared_size_bytes = plan.smem_bytes
+        self._handle = self._function.kernel.ptr         # the CUfunction behind CuPy's RawKernel
+        self._signatures = {}                             # torch input signature -> ArgumentBlock
         self.variant = variant_of(spec)
         self._arrays = {}
 
@@ -259,6 +324,12 @@ class Kernel:
         A `mask: {kind: runtime}` spec takes a BlockMask; an alibi spec may take its slopes ([heads_q] or
         [batch, heads_q] fp32; default: ALiBi's standard slopes); a spec with named tensors takes them
         as tensors={name: array}."""
+        fast = out is None and lse is None and block_mask is None and alibi_slopes is None and tensors is None
+        signature = _torch_signature(q, k, v, scale) if fast and self._signature_ok else None
+        if signature is not None:
+            block = self._signatures.get(signature)
+            if block is not None:
+                return self._launch_again(block, q, k, v)
         qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv) = check_inputs(self.spec, q, k, v)
         scale = self.spec.softmax_scale if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -296,8 +367,42 @@ class Kernel:
         smem = p.smem_bytes + tile_list_bytes(self.spec, p.warps, p.block_n, seqlen_k)
         import cupy
 
-        with cupy.cuda.Device(qv.device), _current_stream(qv):
+        block = ArgumentBlock(self._handle, grid, (p.threads, 1, 1), smem, args)
+        with cupy.cuda.Device(qv.device):
             if smem > p.smem_bytes:                  # the tile list grows with seqlen_k
                 ensure_dynamic_smem(self._function, smem, f"k: seqlen_k={seqlen_k} needs")
-            self._function(grid, (p.threads,), args, shared_mem=smem)
+            block.launch(_stream_handle(qv))
+        if signature is not None:
+            if len(self._signatures) >= MAX_SIGNATURES:
+                self._signatures.clear()
+            block.out_shape, block.lse_shape = out_shape, lse_shape
+            self._signatures[signature] = block
+        return out, lse
+
+    @property
+    def _signature_ok(self) -> bool:
+        """Whether a launch is fixed by the input signature alone: no block layout, ALiBi slopes, block
+        table or named tensors, whose device arrays a remembered block would point at."""
+        v = self.variant
+        return v.schedule != "runtime" and not v.alibi and not v.block_table and not v.tensors
+
+    def _launch_again(self, block, q, k, v):
+        """A call whose signature was launched before: all it checks is the pointers' alignment."""
+        import torch
+
+        pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+        if (pointers[0] | pointers[1] | pointers[2]) % 16:
+            self._signatures.clear()                      # the general path explains the misalignment
+            return self(q, k, v)
+        device = q.device
+        out = torch.empty(block.out_shape, dtype=q.dtype, device=device)
+        lse = torch.empty(block.lse_shape, dtype=torch.float32, device=device)
+        index = q.get_device()
+        import cupy
+
+        if cupy.cuda.runtime.getDevice() != index:
+            with cupy.cuda.Device(index):
+                block.launch(_raw_torch_stream(index), (*pointers, out.data_ptr(), lse.data_ptr()))
+        else:
+            block.launch(_raw_torch_stream(index), (*pointers, out.data_ptr(), lse.data_ptr()))
         return out, lse

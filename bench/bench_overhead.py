@@ -25,14 +25,23 @@ cupy.cuda.Device(0).use(); cupy.zeros(1)                      # CUDA context, ou
 import attngen
 spec = attngen.Spec(head_dim=128, dtype="bf16", causal=True)
 start = time.perf_counter()
-kernel = attngen.build(spec)
+if "--profile" in sys.argv:
+    import cProfile, pstats
+    profiler = cProfile.Profile()
+    kernel = profiler.runcall(attngen.build, spec)
+    pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumtime").print_stats(25)
+else:
+    kernel = attngen.build(spec)
 print(json.dumps({"seconds": time.perf_counter() - start, "registers": kernel.resources.registers}))
 """
 
 
-def build_in_fresh_process(cache_dir: str) -> float:
+def build_in_fresh_process(cache_dir: str, profile: bool = False) -> float:
     env = dict(os.environ, ATTNGEN_CACHE_DIR=cache_dir)
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD] + (["--profile"] if profile else []), env=env,
+                         capture_output=True, text=True, check=True)
+    if profile:
+        print(out.stderr, file=sys.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 
@@ -53,6 +62,7 @@ def per_call_us(fn, calls=2000) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="")
+    ap.add_argument("--profile", action="store_true", help="also print where a call's host time goes (cProfile)")
     args = ap.parse_args(argv)
     import cupy
     import torch
@@ -63,11 +73,20 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as cache:
         row["cold_compile_s"] = build_in_fresh_process(cache)
         row["warm_start_ms"] = build_in_fresh_process(cache) * 1e3
+        if args.profile:
+            build_in_fresh_process(cache, profile=True)
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 128, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
     attngen.attention(q, k, v, causal=True)                          # compile once
     row["call_torch_us"] = per_call_us(lambda: attngen.attention(q, k, v, causal=True))
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(per_call_us, lambda: attngen.attention(q, k, v, causal=True), 2000)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(18)
     qc, kc, vc = (cupy.asarray(x.float()).astype(cupy.float16) for x in (q, k, v))
     attngen.attention(qc, kc, vc)
     row["call_cupy_us"] = per_call_us(lambda: attngen.attention(qc, kc, vc))

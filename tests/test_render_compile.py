@@ -264,3 +264,31 @@ def test_build_falls_back_when_ptxas_spills():
     with pytest.raises(attngen.PlanError, match="without spills"):
         plan_and_compile(spec, preset("sm_90"), lambda s, p: (type("B", (), {
             "resources": Resources(255, 4, 4, 8, 0)})(), None))
+
+
+def test_argument_block_lays_out_each_argument_by_its_type(monkeypatch):
+    """The forward's launcher stores the arguments in one ctypes block and hands cuLaunchKernel an array
+    of pointers to them; read them back through those pointers, as the driver would."""
+    import ctypes
+
+    import numpy as np
+    from cupy.cuda import driver
+
+    from attngen.launch import ArgumentBlock
+
+    seen = []
+
+    def fake_launch(handle, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        pointers = (ctypes.c_void_p * 5).from_address(params)
+        seen.append((handle, (gx, gy, gz), (bx, by, bz), smem, stream, extra,
+                     ctypes.c_uint64.from_address(pointers[0]).value, ctypes.c_int64.from_address(pointers[1]).value,
+                     ctypes.c_int32.from_address(pointers[2]).value, ctypes.c_float.from_address(pointers[3]).value,
+                     ctypes.c_int32.from_address(pointers[4]).value))
+
+    monkeypatch.setattr(driver, "launchKernel", fake_launch)
+    args = (np.uint64(2**63 + 5), np.int64(-7), np.int32(-3), np.float32(0.25), np.int32(9))
+    block = ArgumentBlock(1234, (3, 2, 1), (128, 1, 1), 4096, args)
+    block.launch(77)
+    block.launch(0, (11,))                          # a later call with the same signature: new leading pointers
+    assert seen[0] == (1234, (3, 2, 1), (128, 1, 1), 4096, 77, 0, 2**63 + 5, -7, -3, 0.25, 9)
+    assert seen[1][4] == 0 and seen[1][6:] == (11, -7, -3, 0.25, 9)
