@@ -101,12 +101,15 @@ class BackwardKernels:
                   *fwd._alibi_args(alibi_slopes, batch, heads_q, qv),
                   *fwd._block_table_args(seqlen_q, seqlen_k, qv.device),
                   *fwd._tensor_args(tensors, (batch, heads_q, seqlen_q, seqlen_k), qv))
-        # a pattern lists its tiles in shared memory: key tiles per query tile (dQ), pairs of (query head of
-        # the group, query tile) per key tile (dK/dV)
-        pattern = variant.schedule == "pattern"
+        # sparse kernels list their steps in shared memory: key tiles per query tile (dQ), pairs of (query
+        # head of the group, query tile) per key tile (dK/dV)
+        sparse = variant.schedule != "dense"
         pq, pkv = self.plan.dq, self.plan.dkdv
-        dkdv_smem = pkv.smem_bytes + (4 * (pkv.warps + (heads_q // heads_kv) * math.ceil(seqlen_q / pkv.block_m))
-                                      if pattern else 0)
+        # query rows padded to whole query tiles, or to whole mask blocks (a layout's steps cover them)
+        pad = spec.mask_block_size[0] if variant.schedule == "runtime" else pkv.block_m
+        rows_padded = math.ceil(seqlen_q / pad) * pad
+        dkdv_smem = pkv.smem_bytes + (4 * (pkv.warps + (heads_q // heads_kv) * rows_padded // pkv.block_m)
+                                      if sparse else 0)
         rows = batch * heads_q * seqlen_q
         import cupy
 
@@ -123,8 +126,7 @@ class BackwardKernels:
                     *inputs, np.uint64(dqv.ptr), *strides(qv), *strides(kv), *strides(vv), *strides(dov), *strides(dqv),
                     *sizes, *layout_dq, *mods), shared_mem=ensure_dynamic_smem(self._dq, dq_smem, "backward dQ:"))
                 fused = ()
-            else:           # the dK/dV pass adds dQ into a zeroed fp32 buffer (rows padded to its query tiles)
-                rows_padded = math.ceil(seqlen_q / pkv.block_m) * pkv.block_m
+            else:           # the dK/dV pass adds dQ into a zeroed fp32 buffer, rows_padded rows per head
                 dq_accum = _zeros_like(qv, (batch, heads_q, rows_padded, pkv.head_dim_padded))
                 fused = (np.uint64(_view("dq_accum", dq_accum).ptr), np.int32(rows_padded))
             self._dkdv((math.ceil(seqlen_k / pkv.block_n), heads_kv * pkv.n_chunks, batch), (pkv.threads,), (

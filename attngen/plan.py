@@ -85,8 +85,9 @@ def smem_bytes(spec: Spec, block_m: int, block_n: int, stages: int) -> int:
 
 
 def tile_list_bytes(spec: Spec, warps: int, block_n: int, seqlen_k: int) -> int:
-    """Shared memory a pattern-schedule kernel adds at launch: the warps' counts and one int per key tile."""
-    if variant_of(spec).schedule != "pattern":
+    """Shared memory a sparse kernel adds at launch: the warps' counts and one int per key tile (a pattern
+    lists its tiles there; a runtime layout copies its CSR row there, so no step reads a global index)."""
+    if variant_of(spec).schedule == "dense":
         return 0
     return 4 * (warps + math.ceil(seqlen_k / block_n))
 

@@ -122,7 +122,7 @@ def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, 
     for warps in (2, 4, 8):
         for other in (32, 64, 128) if kind == "dq" else (32, 64):
             for chunk in _chunks(d, dv, kind):
-                for stages in (2, 1):
+                for stages in (3, 2, 1):
                     block_m, block_n = (16 * warps, other) if kind == "dq" else (other, 16 * warps)
                     p, why = _pass(kind, spec, device, block_m, block_n, warps, chunk, stages)
                     out.append(((block_m, block_n, warps, chunk, stages), p, why))

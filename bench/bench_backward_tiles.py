@@ -43,7 +43,8 @@ def main(argv=None):
     ap.add_argument("--deterministic", action="store_true", help="the two-pass backward (default: dQ with atomics)")
     args = ap.parse_args(argv)
     dev = device_mod.live_device(torch.cuda.current_device())
-    print(f"{'d':>4} {'causal':>6} {'pass':>5} {'tile':>9} {'warps':>5} {'chunk':>5} {'regs':>5} {'spill':>5} {'ms':>8}  rank")
+    print(f"{'d':>4} {'causal':>6} {'pass':>5} {'tile':>9} {'warps':>5} {'chunk':>5} {'stages':>6} {'regs':>5} {'spill':>5} "
+          f"{'ms':>8}  rank")
     for d in (int(x) for x in args.dims.split(",")):
         heads, seqlen = 2048 // d, args.seqlen
         batch = max(1, 16384 // seqlen)
@@ -65,7 +66,8 @@ def main(argv=None):
                     r = binaries[f"backward_{kind}"].resources
                     ms = time_ms(lambda *a: kernels(*a), [(q, k, v, out, lse, dout)], warmup=3, reps=15)
                     print(f"{d:>4} {str(causal):>6} {kind:>5} {cand.block_m:>4}x{cand.block_n:<4} {cand.warps:>5} "
-                          f"{cand.chunk:>5} {r.registers:>5} {str(r.spill_bytes):>5} {ms:>8.3f}  {rank}", flush=True)
+                          f"{cand.chunk:>5} {cand.stages:>6} {r.registers:>5} {str(r.spill_bytes):>5} {ms:>8.3f}  {rank}",
+                          flush=True)
     print(f"# {torch.cuda.get_device_name()}: whole-backward ms with one pass swapped (the other at rank 0)")
 
 

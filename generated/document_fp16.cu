@@ -72,6 +72,11 @@ __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool 
     const int src_bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
 }
+// 4-byte global -> shared copy (through L1); valid = false zero-fills the destination.
+__device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, bool valid) {
+    const int src_bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" :: "n"(PENDING));
@@ -185,9 +190,9 @@ __device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], 
     }
 }
 
+constexpr int PARTIAL_TILE = 1 << 30;            // step list entry flag: the tile needs the element predicate
 // ---- the key tiles one query tile visits, from the pattern's tile predicates -----------------------
 // A tile is kept if some element may be visible; full if every element is (no element mask then).
-constexpr int PARTIAL_TILE = 1 << 30;            // list entry flag: the tile needs the element predicate
 
 __device__ __forceinline__ bool tile_kept(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
     [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;

@@ -15,13 +15,13 @@
 //   block_m:             32
 //   block_n:             128
 //   warps:               8
-//   stages:              2
+//   stages:              3
 //   chunk:               128
 //   n_chunks:            1
 //   head_dim_padded:     128
 //   head_dim_v_padded:   128
 //   smem_row_pad:        8
-//   smem_bytes:          115200
+//   smem_bytes:          132864
 //   regs_estimate:       250
 //   ctas_per_sm:         1
 //   matmul_factor:       2.5
@@ -47,7 +47,7 @@ constexpr int DV         = 128;
 constexpr int BLOCK_M    = 32;   // query rows per step
 constexpr int BLOCK_N    = 128;   // key rows per CTA
 constexpr int WARPS      = 8;
-constexpr int STAGES     = 2;   // streamed tiles in flight
+constexpr int STAGES     = 3;   // streamed tiles in flight
 constexpr int CHUNK      = 128;   // gradient columns per CTA (a CTA per chunk: bounded registers)
 constexpr int THREADS    = WARPS * 32;
 constexpr bool CAUSAL    = true;
@@ -80,6 +80,11 @@ __device__ __forceinline__ unsigned smem_addr(const void* ptr) {
 __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool valid) {
     const int src_bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
+}
+// 4-byte global -> shared copy (through L1); valid = false zero-fills the destination.
+__device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, bool valid) {
+    const int src_bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING> __device__ __forceinline__ void cp_async_wait() {
@@ -469,6 +474,7 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
         return Step{kv_head * group_size + j / max(tiles_per_head, 1), m_start, mode};
     };
 
+    // Q with its rows' LSE and delta, then dO: two cp.async groups per step, nothing waits on a load here.
     auto load_q_tile = [&](int j) {
         const int slot = j % STAGES;
         const Step step = j < n_steps ? step_of(j) : Step{0, 0, MASK_NONE};
@@ -476,18 +482,18 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
         if (j < n_steps) {
             load_tile<BLOCK_M, D, Q_STRIDE, HEAD_DIM>(q_smem + slot * Q_TILE_BYTES,
                 q + batch * q_stride_b + head * q_stride_h + (long long)m_start * q_stride_s, q_stride_s, seqlen_q - m_start, tid);
+            // (rows past the end are zero-filled; the step gives them P = 0 below)
+            const long long stats = ((long long)batch * heads_q + head) * seqlen_q + m_start;
+            for (int row = tid; row < BLOCK_M; row += THREADS) {
+                const bool valid = row < seqlen_q - m_start;
+                cp_async_4(smem_addr(lse_smem + slot * BLOCK_M + row), lse + stats + (valid ? row : 0), valid);
+                cp_async_4(smem_addr(delta_smem + slot * BLOCK_M + row), delta + stats + (valid ? row : 0), valid);
+            }
         }
         cp_async_commit();
         if (j < n_steps) {
             load_tile<BLOCK_M, DV, DO_STRIDE, HEAD_DIM_V>(do_smem + slot * DO_TILE_BYTES,
                 dout + batch * do_stride_b + head * do_stride_h + (long long)m_start * do_stride_s, do_stride_s, seqlen_q - m_start, tid);
-            // The rows' LSE in base 2 (+inf where a row sees nothing or does not exist: P = 0) and delta.
-            const long long stats = ((long long)batch * heads_q + head) * seqlen_q + m_start;
-            for (int row = tid; row < BLOCK_M; row += THREADS) {
-                const float l = row < seqlen_q - m_start ? lse[stats + row] : NEG_INF;
-                lse_smem[slot * BLOCK_M + row] = l == NEG_INF ? POS_INF : l * LOG2E;
-                delta_smem[slot * BLOCK_M + row] = row < seqlen_q - m_start ? delta[stats + row] : 0.f;
-            }
         }
         cp_async_commit();
     };
@@ -514,7 +520,7 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
         const Step step = step_of(j);
         const int m_start = step.m_start;
         head = step.head;
-        cp_async_wait<2 * STAGES - 1>();                                 // K, V and Q_j have landed
+        cp_async_wait<2 * STAGES - 1>();                                 // K, V, Q_j and its LSE, delta
         __syncthreads();
         // S^T: rows are this warp's keys, columns the tile's queries.
         float p[1][BLOCK_M / 8][4];
@@ -523,9 +529,10 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
 #pragma unroll
         for (int nt = 0; nt < BLOCK_M / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
+            for (int e = 0; e < 4; ++e) {   // LSE in base 2; +inf (P = 0) where a query sees nothing or is past the end
                 const int col = nt * 8 + (lane % 4) * 2 + (e & 1);
-                lse_cols[nt][e] = lse_smem[slot * BLOCK_M + col];
+                const float l = lse_smem[slot * BLOCK_M + col];
+                lse_cols[nt][e] = col < seqlen_q - m_start && l != NEG_INF ? l * LOG2E : POS_INF;
                 delta_cols[nt][e] = delta_smem[slot * BLOCK_M + col];
             }
         float grad_factor[BLOCK_M / 8][4];
@@ -535,7 +542,7 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
         unsigned frag[1][BLOCK_M / 16][4];
         to_a_fragments<1, BLOCK_M>(frag, p);
 
-        cp_async_wait<2 * STAGES - 2>();                                 // dO_j and its statistics
+        cp_async_wait<2 * STAGES - 2>();                                 // dO_j
         __syncthreads();
         const unsigned do_tile = do_smem + slot * DO_TILE_BYTES;
         if (has_dv) gemm_frag_b<1, CHUNK, BLOCK_M, DO_STRIDE>(acc_dv, frag, do_tile + chunk * CHUNK * 2, lane);

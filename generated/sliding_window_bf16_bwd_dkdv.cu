@@ -14,13 +14,13 @@
 //   block_m:             32
 //   block_n:             64
 //   warps:               4
-//   stages:              2
+//   stages:              3
 //   chunk:               128
 //   n_chunks:            1
 //   head_dim_padded:     128
 //   head_dim_v_padded:   128
 //   smem_row_pad:        8
-//   smem_bytes:          70144
+//   smem_bytes:          87808
 //   regs_estimate:       250
 //   ctas_per_sm:         2
 //   matmul_factor:       2
@@ -43,7 +43,7 @@ constexpr int DV         = 128;
 constexpr int BLOCK_M    = 32;   // query rows per step
 constexpr int BLOCK_N    = 64;   // key rows per CTA
 constexpr int WARPS      = 4;
-constexpr int STAGES     = 2;   // streamed tiles in flight
+constexpr int STAGES     = 3;   // streamed tiles in flight
 constexpr int CHUNK      = 128;   // gradient columns per CTA (a CTA per chunk: bounded registers)
 constexpr int THREADS    = WARPS * 32;
 constexpr bool CAUSAL    = false;
@@ -76,6 +76,11 @@ __device__ __forceinline__ unsigned smem_addr(const void* ptr) {
 __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool valid) {
     const int src_bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
+}
+// 4-byte global -> shared copy (through L1); valid = false zero-fills the destination.
+__device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, bool valid) {
+    const int src_bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING> __device__ __forceinline__ void cp_async_wait() {
@@ -285,9 +290,9 @@ __device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q
 }
 
 
+constexpr int PARTIAL_TILE = 1 << 30;            // step list entry flag: the tile needs the element predicate
 // ---- the key tiles one query tile visits, from the pattern's tile predicates -----------------------
 // A tile is kept if some element may be visible; full if every element is (no element mask then).
-constexpr int PARTIAL_TILE = 1 << 30;            // list entry flag: the tile needs the element predicate
 
 __device__ __forceinline__ bool tile_kept(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
     [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
@@ -404,23 +409,26 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
     struct Step { int head, m_start; MaskMode mode; };
     const int causal_offset = seqlen_k - seqlen_q;
     const int n_m_tiles = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
-    // The pattern's tile predicates list the pairs (the transposed layout, derived in code), in shared
-    // memory after the tiles; PARTIAL_TILE marks those that need the element predicate.
+    const int q_tiles = n_m_tiles;
+    // Sparse steps are listed in shared memory after the tiles, as item = (head in group) * q_tiles +
+    // query tile, PARTIAL_TILE marking those that need the element predicate.
     int* const warp_counts = reinterpret_cast<int*>(smem_raw + K_TILE_BYTES + V_TILE_BYTES + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES)
                                                     + 2 * STAGES * BLOCK_M * 4);
     int* const tile_list = warp_counts + WARPS;
+    auto step_of = [&](int j) {
+        const int item = tile_list[j] & ~PARTIAL_TILE;
+        const bool partial = (tile_list[j] & PARTIAL_TILE) != 0;
+        return Step{kv_head * group_size + item / q_tiles, item % q_tiles * BLOCK_M, partial ? MASK_PREDICATE : MASK_NONE};
+    };
+    // The pattern's tile predicates list the pairs (the transposed layout, derived in code).
     const int kv_lo = n_start, kv_hi = min(n_start + BLOCK_N, seqlen_k) - 1;
     const int n_steps = list_tiles(tile_list, warp_counts, group_size * n_m_tiles, tid, [&](int item, bool& full) {
         const int h = kv_head * group_size + item / n_m_tiles, q_lo = item % n_m_tiles * BLOCK_M;
         const int q_hi = min(q_lo + BLOCK_M, seqlen_q) - 1;
         return classify_tile(ctx, h, q_lo, q_hi, kv_lo, kv_hi, full);
     });
-    auto step_of = [&](int j) {
-        const int item = tile_list[j] & ~PARTIAL_TILE;
-        const bool partial = (tile_list[j] & PARTIAL_TILE) != 0;
-        return Step{kv_head * group_size + item / n_m_tiles, item % n_m_tiles * BLOCK_M, partial ? MASK_PREDICATE : MASK_NONE};
-    };
 
+    // Q with its rows' LSE and delta, then dO: two cp.async groups per step, nothing waits on a load here.
     auto load_q_tile = [&](int j) {
         const int slot = j % STAGES;
         const Step step = j < n_steps ? step_of(j) : Step{0, 0, MASK_NONE};
@@ -428,18 +436,18 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
         if (j < n_steps) {
             load_tile<BLOCK_M, D, Q_STRIDE, HEAD_DIM>(q_smem + slot * Q_TILE_BYTES,
                 q + batch * q_stride_b + head * q_stride_h + (long long)m_start * q_stride_s, q_stride_s, seqlen_q - m_start, tid);
+            // (rows past the end are zero-filled; the step gives them P = 0 below)
+            const long long stats = ((long long)batch * heads_q + head) * seqlen_q + m_start;
+            for (int row = tid; row < BLOCK_M; row += THREADS) {
+                const bool valid = row < seqlen_q - m_start;
+                cp_async_4(smem_addr(lse_smem + slot * BLOCK_M + row), lse + stats + (valid ? row : 0), valid);
+                cp_async_4(smem_addr(delta_smem + slot * BLOCK_M + row), delta + stats + (valid ? row : 0), valid);
+            }
         }
         cp_async_commit();
         if (j < n_steps) {
             load_tile<BLOCK_M, DV, DO_STRIDE, HEAD_DIM_V>(do_smem + slot * DO_TILE_BYTES,
                 dout + batch * do_stride_b + head * do_stride_h + (long long)m_start * do_stride_s, do_stride_s, seqlen_q - m_start, tid);
-            // The rows' LSE in base 2 (+inf where a row sees nothing or does not exist: P = 0) and delta.
-            const long long stats = ((long long)batch * heads_q + head) * seqlen_q + m_start;
-            for (int row = tid; row < BLOCK_M; row += THREADS) {
-                const float l = row < seqlen_q - m_start ? lse[stats + row] : NEG_INF;
-                lse_smem[slot * BLOCK_M + row] = l == NEG_INF ? POS_INF : l * LOG2E;
-                delta_smem[slot * BLOCK_M + row] = row < seqlen_q - m_start ? delta[stats + row] : 0.f;
-            }
         }
         cp_async_commit();
     };
@@ -466,7 +474,7 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
         const Step step = step_of(j);
         const int m_start = step.m_start;
         head = step.head;
-        cp_async_wait<2 * STAGES - 1>();                                 // K, V and Q_j have landed
+        cp_async_wait<2 * STAGES - 1>();                                 // K, V, Q_j and its LSE, delta
         __syncthreads();
         // S^T: rows are this warp's keys, columns the tile's queries.
         float p[1][BLOCK_M / 8][4];
@@ -475,9 +483,10 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
 #pragma unroll
         for (int nt = 0; nt < BLOCK_M / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
+            for (int e = 0; e < 4; ++e) {   // LSE in base 2; +inf (P = 0) where a query sees nothing or is past the end
                 const int col = nt * 8 + (lane % 4) * 2 + (e & 1);
-                lse_cols[nt][e] = lse_smem[slot * BLOCK_M + col];
+                const float l = lse_smem[slot * BLOCK_M + col];
+                lse_cols[nt][e] = col < seqlen_q - m_start && l != NEG_INF ? l * LOG2E : POS_INF;
                 delta_cols[nt][e] = delta_smem[slot * BLOCK_M + col];
             }
         float grad_factor[BLOCK_M / 8][4];
@@ -487,7 +496,7 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
         unsigned frag[1][BLOCK_M / 16][4];
         to_a_fragments<1, BLOCK_M>(frag, p);
 
-        cp_async_wait<2 * STAGES - 2>();                                 // dO_j and its statistics
+        cp_async_wait<2 * STAGES - 2>();                                 // dO_j
         __syncthreads();
         const unsigned do_tile = do_smem + slot * DO_TILE_BYTES;
         if (has_dv) gemm_frag_b<1, CHUNK, BLOCK_M, DO_STRIDE>(acc_dv, frag, do_tile + chunk * CHUNK * 2, lane);

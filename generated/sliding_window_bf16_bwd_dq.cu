@@ -14,13 +14,13 @@
 //   block_m:             128
 //   block_n:             64
 //   warps:               8
-//   stages:              2
+//   stages:              3
 //   chunk:               128
 //   n_chunks:            1
 //   head_dim_padded:     128
 //   head_dim_v_padded:   128
 //   smem_row_pad:        8
-//   smem_bytes:          139264
+//   smem_bytes:          174080
 //   regs_estimate:       208
 //   ctas_per_sm:         1
 //   matmul_factor:       1.5
@@ -42,7 +42,7 @@ constexpr int DV         = 128;
 constexpr int BLOCK_M    = 128;   // query rows per CTA
 constexpr int BLOCK_N    = 64;   // key rows per step
 constexpr int WARPS      = 8;
-constexpr int STAGES     = 2;   // streamed tiles in flight
+constexpr int STAGES     = 3;   // streamed tiles in flight
 constexpr int CHUNK      = 128;   // gradient columns per CTA (a CTA per chunk: bounded registers)
 constexpr int THREADS    = WARPS * 32;
 constexpr bool CAUSAL    = false;
@@ -75,6 +75,11 @@ __device__ __forceinline__ unsigned smem_addr(const void* ptr) {
 __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool valid) {
     const int src_bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
+}
+// 4-byte global -> shared copy (through L1); valid = false zero-fills the destination.
+__device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, bool valid) {
+    const int src_bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING> __device__ __forceinline__ void cp_async_wait() {
@@ -284,9 +289,9 @@ __device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q
 }
 
 
+constexpr int PARTIAL_TILE = 1 << 30;            // step list entry flag: the tile needs the element predicate
 // ---- the key tiles one query tile visits, from the pattern's tile predicates -----------------------
 // A tile is kept if some element may be visible; full if every element is (no element mask then).
-constexpr int PARTIAL_TILE = 1 << 30;            // list entry flag: the tile needs the element predicate
 
 __device__ __forceinline__ bool tile_kept(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
     [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
