@@ -104,7 +104,6 @@ def build_backward(spec: Spec, device: int | None = None):
     import cupy
 
     from .backward import BackwardKernels, check_backward_support
-    from .plan_backward import make_backward_plan
 
     check_backward_support(spec)
     index = cupy.cuda.runtime.getDevice() if device is None else device

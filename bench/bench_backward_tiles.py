@@ -10,16 +10,14 @@ swapped for each candidate (the other pass at rank 0).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
-import numpy as np
 import torch
 
 import attngen
 from attngen import device as device_mod
 from attngen.backward import BackwardKernels
-from attngen.benchmark import flops, make_inputs, time_ms
+from attngen.benchmark import make_inputs, time_ms
 from attngen.compile import compile_cached
 from attngen.plan_backward import BackwardPlan, pass_candidates, pass_kinds
 from attngen.render import kernel_name, render
