@@ -25,18 +25,21 @@ def plan(spec: Spec, arch: str | None = None) -> Plan:
 MAX_COMPILE_TRIES = 4
 
 
-def plan_and_compile(spec: Spec, device, compile_source):
+def plan_and_compile(spec: Spec, device, compile_source, path: str | None = None):
     """The planner's best candidate that ptxas compiles without spilling.
 
     The register model is an estimate fitted to ptxas; near 255 registers ptxas may still spill, so the
     ranked candidates are compiled in order (at most MAX_COMPILE_TRIES) and the first clean one wins.
-    `compile_source(source, plan)` returns (Binary, anything); returns (plan, source, that pair)."""
+    `compile_source(source, plan)` returns (Binary, anything); returns (plan, source, that pair). `path`
+    ("mma_sync" | "wgmma") keeps only that kernel path's candidates."""
     from .tune import forward_key, load_tuned, tuned_first
 
     if spec.tile is not None:
         ranked = [make_plan(spec, device)]
     else:      # `attngen tune`'s measured winner for this GPU first, when there is one
-        ranked = [c.plan for c in candidates(spec, device) if c.plan is not None]
+        ranked = [c.plan for c in candidates(spec, device) if c.plan is not None and path in (None, c.plan.path)]
+        if not ranked:
+            raise PlanError(f"no {path} candidate fits {spec.name} on {device.arch}")
         ranked = tuned_first(ranked, load_tuned(spec, device.name).get("forward"), forward_key)[:MAX_COMPILE_TRIES]
     rejected = []
     for chosen in ranked:
@@ -50,14 +53,17 @@ def plan_and_compile(spec: Spec, device, compile_source):
     raise PlanError(f"no candidate for {spec.name} on {device.arch} compiles without spills: " + "; ".join(rejected))
 
 
-def build(spec: Spec, device: int | None = None) -> Kernel:
+def build(spec: Spec, device: int | None = None, path: str | None = None) -> Kernel:
     """Plan, render and compile `spec` for a live GPU (the current one by default); cached in memory and
-    on disk (ATTNGEN_CACHE_DIR). Backward-only keys (`deterministic`) do not change the forward kernel."""
+    on disk (ATTNGEN_CACHE_DIR). Backward-only keys (`deterministic`) do not change the forward kernel.
+    `path` forces the kernel path ("mma_sync", or "wgmma" on Hopper); by default the planner chooses."""
     import cupy
 
+    if path not in (None, "mma_sync", "wgmma"):
+        raise ValueError(f"path: got {path!r}; allowed: None | 'mma_sync' | 'wgmma'")
     spec = spec.forward_spec
     index = cupy.cuda.runtime.getDevice() if device is None else device
-    key = (spec, index)
+    key = (spec, index, path)
     with _kernels_lock:
         if key in _kernels:
             return _kernels[key]
@@ -65,7 +71,7 @@ def build(spec: Spec, device: int | None = None) -> Kernel:
         dev = device_mod.live_device(index)
         name = kernel_name(spec)
         chosen, source, (binary, cubin_path) = plan_and_compile(
-            spec, dev, lambda src, _plan: compile_cached(src, spec.name, dev.arch, name))
+            spec, dev, lambda src, chosen: compile_cached(src, spec.name, chosen.target, name), path)
         kernel = Kernel(spec, chosen, source, binary, cubin_path, name)
     with _kernels_lock:
         return _kernels.setdefault(key, kernel)

@@ -111,12 +111,14 @@ def peers():
 
 
 def attngen_kernel(q, causal, tiles="", spec=None):
-    """The kernel for these inputs: the planner's choice, or a BMxBNxWARPSxSTAGES tile override."""
+    """The kernel for these inputs: the planner's choice, or a BMxBNxWARPSxSTAGES[xPATH] tile override
+    (PATH: mma_sync, the default, or wgmma)."""
     spec = spec or spec_for_inputs(q, q, q, causal)
     if tiles:
-        bm, bn, w, st = (int(x) for x in tiles.split("x"))
+        bm, bn, w, st, *path = tiles.split("x")
         fields = {f: getattr(spec, f) for f in ("head_dim", "head_dim_v", "dtype", "causal", "scale")}
-        spec = attngen.Spec(**fields, tile=dict(block_m=bm, block_n=bn, warps=w, stages=st))
+        spec = attngen.Spec(**fields, tile=dict(block_m=int(bm), block_n=int(bn), warps=int(w), stages=int(st),
+                                                path=path[0] if path else "mma_sync"))
     return attngen.build(spec)
 
 

@@ -69,7 +69,7 @@ def build_artifacts(spec: Spec, device) -> dict:
     name = kernel_name(spec)
     try:
         chosen, source, (binary, _) = plan_and_compile(
-            spec, device, lambda src, _plan: (nvrtc_compile(src, spec.name, device.arch, name), None))
+            spec, device, lambda src, chosen: (nvrtc_compile(src, spec.name, chosen.target, name), None))
     except PlanError as exc:
         raise UsageFailure(f"{spec.name}: {exc}") from None
     manifest = {

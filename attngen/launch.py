@@ -17,6 +17,7 @@ from .compile import Binary
 from .plan import Plan
 from .plan import tile_list_bytes
 from .spec import Spec
+from .tma import TensorMapArgument
 from .variant import variant_of
 
 MAX_CACHED_ARRAYS = 64   # device copies of masks, tables and slopes kept per kernel
@@ -165,12 +166,15 @@ class ArgumentBlock:
 
     def __init__(self, handle: int, grid, block, shared_mem: int, args):
         self.handle, self.grid, self.block, self.shared_mem = handle, tuple(grid), tuple(block), shared_mem
-        self.slots = [self.CTYPES[type(a)](a.item()) for a in args]
-        self.pointers = (ctypes.c_void_p * len(args))(*(ctypes.addressof(slot) for slot in self.slots))
+        # numpy scalars become ctypes slots; tensor maps (the Hopper path's q, k, v) are their own slots
+        self.slots = [a if isinstance(a, TensorMapArgument) else self.CTYPES[type(a)](a.item()) for a in args]
+        self.pointers = (ctypes.c_void_p * len(args))(*(
+            slot.address if isinstance(slot, TensorMapArgument) else ctypes.addressof(slot) for slot in self.slots))
         self.lock = threading.Lock()
 
     def launch(self, stream: int, pointers=()) -> None:
-        """Launch on `stream`, first replacing the leading pointer arguments with `pointers`."""
+        """Launch on `stream`, first replacing the leading pointer arguments with `pointers` (a tensor
+        map re-encodes itself for its new address)."""
         from cupy.cuda import driver
 
         with self.lock:
@@ -355,10 +359,26 @@ class Kernel:
             raise ValueError(f"lse: expected a contiguous {qv.kind} float32 array of shape {lse_shape} on device {qv.device}")
         p = self.plan
         grid = (math.ceil(seqlen_q / p.block_m), heads_q, batch)
+        if p.path == "wgmma":     # q, k, v reach the kernel as tensor maps (their strides inside)
+            try:
+                inputs = (
+                    TensorMapArgument("q", self.spec.dtype, qv.ptr, qv.shape, qv.strides, p.block_m),
+                    TensorMapArgument("k", self.spec.dtype, kv.ptr, kv.shape, kv.strides, p.block_n),
+                    TensorMapArgument("v", self.spec.dtype, vv.ptr, vv.shape, vv.strides, p.block_n),
+                    np.uint64(ov.ptr), np.uint64(lv.ptr))
+            except ValueError:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V)
+                from .api import build
+
+                fallback = build(self.spec, qv.device, path="mma_sync")
+                return fallback(q, k, v, scale=scale, out=out, lse=lse, block_mask=block_mask,
+                                alibi_slopes=alibi_slopes, tensors=tensors)
+        else:
+            inputs = (
+                np.uint64(qv.ptr), np.uint64(kv.ptr), np.uint64(vv.ptr), np.uint64(ov.ptr), np.uint64(lv.ptr),
+                *(np.int64(s) for s in qv.strides[:3]), *(np.int64(s) for s in kv.strides[:3]),
+                *(np.int64(s) for s in vv.strides[:3]))
         args = (
-            np.uint64(qv.ptr), np.uint64(kv.ptr), np.uint64(vv.ptr), np.uint64(ov.ptr), np.uint64(lv.ptr),
-            *(np.int64(s) for s in qv.strides[:3]), *(np.int64(s) for s in kv.strides[:3]),
-            *(np.int64(s) for s in vv.strides[:3]), *(np.int64(s) for s in ov.strides[:3]),
+            *inputs, *(np.int64(s) for s in ov.strides[:3]),
             np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
             # Modified scores are already in natural units; otherwise the kernel scales raw q.k.
             np.float32((1.0 if self.variant.score_mods else scale) * math.log2(math.e)),

@@ -811,8 +811,9 @@ class BlockMask:
     Read-only attributes: block_size (R, C); seqlen_q, seqlen_k; num_heads (H, or 1 shared across
     heads); pattern (the Pattern it came from, or None); int32 partial_row_ptr [H*nQb + 1] and
     partial_cols, full_row_ptr and full_cols: row h*nQb + i lists the kv blocks of query block i of
-    head h, ascending. Full blocks have every in-range element visible (no element masking);
-    partial blocks need the element predicate, which the mask remembers (see element_mask()).
+    head h, ascending. Full blocks have every in-range element visible (no element masking: a kernel
+    with a mask_mod skips it there, as FlexAttention does); partial blocks need the element predicate,
+    which the mask remembers (see element_mask()), and a kernel's mask_mod if it has one.
     Build with from_dense, from_predicate or from_pattern; combine with & and |.
     """
 

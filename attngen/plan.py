@@ -27,6 +27,13 @@ REG_SCORE_MODS = 16              # scale, slope, the row/column of each score (f
 REG_ALLOC_GRANULE = 8         # registers are allocated per thread in units of 8
 SMEM_BYTES_PER_CLOCK = 128    # per SM
 
+# The wgmma path (sm_90a): 3 warpgroups of 128 threads, 1 CTA per SM.
+WGMMA_COMPUTE_GROUPS = 2      # 64 query rows each: block_m = 128
+WGMMA_PRODUCER_REGS = 24      # setmaxnreg: the loading warpgroup gives registers back ...
+WGMMA_CONSUMER_REGS = 240     # ... and the compute warpgroups take them (24*128 + 2*240*128 <= 64K)
+WGMMA_REG_OVERHEAD = 48       # descriptors, barrier addresses, row statistics, softmax temporaries
+WGMMA_SMEM_ALIGN = 1024       # tiles start on the 128-byte swizzle's 1024-byte period
+
 # The problem the predicted time refers to (FlashAttention's benchmark shape at seqlen 4096).
 REFERENCE_PROBLEM = dict(batch=4, seqlen_q=4096, seqlen_k=4096, heads=16)
 
@@ -65,6 +72,25 @@ class Plan(WarpLaunch):
     predicted_smem_bytes: float
     predicted_time_us: float
     bound: str                # which term of the cost model dominates: "mma", "hbm" or "smem"
+    path: str = "mma_sync"    # "mma_sync" | "wgmma" (sm_90a: TMA, warpgroups, setmaxnreg)
+
+    @property
+    def mma_warps(self) -> int:
+        """Warps that own query rows (the wgmma path's first warpgroup only loads)."""
+        return self.warps - 4 if self.path == "wgmma" else self.warps
+
+    @property
+    def target(self) -> str:
+        """The NVRTC target: wgmma and setmaxnreg need the arch-specific sm_90a."""
+        return self.arch + "a" if self.path == "wgmma" else self.arch
+
+    @property
+    def producer_registers(self) -> int:
+        return WGMMA_PRODUCER_REGS
+
+    @property
+    def consumer_registers(self) -> int:
+        return WGMMA_CONSUMER_REGS
 
 
 @dataclass(frozen=True)
@@ -75,6 +101,7 @@ class Candidate:
     stages: int
     plan: Plan | None
     reject: str               # empty when the candidate fits
+    path: str = "mma_sync"
 
 
 def smem_bytes(spec: Spec, block_m: int, block_n: int, stages: int) -> int:
@@ -82,6 +109,28 @@ def smem_bytes(spec: Spec, block_m: int, block_n: int, stages: int) -> int:
     q_rows = block_m * (max(d, dv) + SMEM_ROW_PAD)   # the Q tile; the O tile is staged in its place
     kv_rows = stages * block_n * ((d + SMEM_ROW_PAD) + (dv + SMEM_ROW_PAD))
     return (q_rows + kv_rows) * spec.elem_bytes
+
+
+def wgmma_smem_bytes(spec: Spec, block_m: int, block_n: int, stages: int) -> int:
+    """Q tile, the K/V rings (no padding: swizzled), the mbarriers, and 1 KB to align the window."""
+    d, dv = round_up(spec.head_dim, 64), round_up(spec.dv, 64)
+    barriers = round_up((1 + 4 * stages) * 8, 16)
+    return WGMMA_SMEM_ALIGN + (block_m * d + stages * block_n * (d + dv)) * spec.elem_bytes + barriers
+
+
+def wgmma_registers(spec: Spec, block_n: int) -> int:
+    """Per compute thread: the 64 x dv O accumulator, the 64 x block_n S tile and its packed P over 128 threads."""
+    return round_up(spec.dv, 64) // 2 + block_n // 2 + block_n // 4 + WGMMA_REG_OVERHEAD + mask_registers(spec)
+
+
+def wgmma_unsupported(spec: Spec, device: Device) -> str:
+    """Why the wgmma path cannot serve this spec on this device ("" when it can)."""
+    if device.cc != 90:
+        return f"wgmma needs sm_90 (Hopper), not {device.arch}"
+    if spec.head_dim % 64 or spec.dv % 64 or spec.dv > spec.head_dim:
+        return (f"wgmma path: head_dim={spec.head_dim}, head_dim_v={spec.dv} must be multiples of 64 "
+                "with head_dim_v <= head_dim")
+    return ""
 
 
 def tile_list_bytes(spec: Spec, warps: int, block_n: int, seqlen_k: int) -> int:
@@ -132,8 +181,10 @@ def occupancy(device: Device, smem: int, regs: int, threads: int) -> int:
 
 
 def problem_cost(spec: Spec, block_m: int, block_n: int, warps: int, m_tiles: int, device: Device,
-                 ctas_per_sm: int, batch: int, seqlen_q: int, seqlen_k: int, heads: int):
+                 ctas_per_sm: int, batch: int, seqlen_q: int, seqlen_k: int, heads: int, path: str = "mma_sync"):
     """Predicted FLOPs, HBM bytes, shared-memory bytes read and time (us) for one problem."""
+    if path == "wgmma":    # the compute warpgroups read like warps of 64 rows; wgmma runs at the matrix peak
+        warps, m_tiles = WGMMA_COMPUTE_GROUPS, 4
     d, dv = spec.head_dim, spec.dv
     causal_fraction = 0.5 if spec.causal and seqlen_q == seqlen_k else 1.0
     flops = 2.0 * batch * heads * seqlen_q * seqlen_k * (d + dv) * causal_fraction
@@ -155,7 +206,11 @@ def problem_cost(spec: Spec, block_m: int, block_n: int, warps: int, m_tiles: in
     wave_efficiency = waves / math.ceil(waves)
     # Resident warps hide the latency of ldmatrix -> mma -> exp2 chains; about 12 per SM suffice.
     latency_efficiency = min(1.0, 0.7 + 0.3 * ctas_per_sm * warps / 12)
-    t_mma = flops / (device.mma_tflops * 1e12 * latency_efficiency)
+    if path == "wgmma":    # asynchronous warpgroup MMAs with the softmax overlapped: latency is hidden
+        latency_efficiency, rate = 1.0, device.matrix_peak_tflops
+    else:
+        rate = device.mma_tflops
+    t_mma = flops / (rate * 1e12 * latency_efficiency)
     t_hbm = (hbm - l2_rereads) / (device.hbm_gbps * 1e9) + l2_rereads / (device.l2_gbps * 1e9)
     t_smem = smem / (SMEM_BYTES_PER_CLOCK * device.clock_ghz * 1e9 * device.sm_count)
     terms = {"mma": t_mma, "hbm": t_hbm, "smem": t_smem}
@@ -166,13 +221,17 @@ def problem_cost(spec: Spec, block_m: int, block_n: int, warps: int, m_tiles: in
 def predict_us(spec: Spec, plan: Plan, device: Device, batch: int, seqlen_q: int, seqlen_k: int, heads: int) -> float:
     """The cost model's time for `plan` on one problem (the autotuner and the bench compare it with measurements)."""
     return problem_cost(spec, plan.block_m, plan.block_n, plan.warps, plan.m_tiles, device, plan.ctas_per_sm,
-                        batch, seqlen_q, seqlen_k, heads)[3]
+                        batch, seqlen_q, seqlen_k, heads, plan.path)[3]
 
 
-def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int, stages: int) -> Candidate:
+def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int, stages: int,
+             path: str = "mma_sync") -> Candidate:
     """Build the plan for one tile configuration, or say why it does not fit."""
     def reject(why):
-        return Candidate(block_m, block_n, warps, stages, None, why)
+        return Candidate(block_m, block_n, warps, stages, None, why, path)
+
+    if path == "wgmma":
+        return evaluate_wgmma(spec, device, block_m, block_n, warps, stages, reject)
 
     if block_m % (16 * warps):
         return reject(f"block_m={block_m} is not a multiple of 16 rows x warps={warps}")
@@ -205,23 +264,60 @@ def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int,
     return Candidate(block_m, block_n, warps, stages, plan, "")
 
 
-def candidate_grid(spec: Spec):
+def evaluate_wgmma(spec: Spec, device: Device, block_m: int, block_n: int, warps: int, stages: int, reject) -> Candidate:
+    """The wgmma path's plan for one tile configuration (evaluate's checks in its terms)."""
+    why = wgmma_unsupported(spec, device)
+    if why:
+        return reject(why)
+    if (block_m, warps) != (64 * WGMMA_COMPUTE_GROUPS, 4 * (1 + WGMMA_COMPUTE_GROUPS)):
+        return reject(f"wgmma path: block_m={block_m}, warps={warps}; it runs {64 * WGMMA_COMPUTE_GROUPS} rows "
+                      f"on {4 * (1 + WGMMA_COMPUTE_GROUPS)} warps")
+    if block_n % 16 or not 16 <= block_n <= 256:
+        return reject(f"wgmma path: block_n={block_n} must be a multiple of 16 in 16..256")
+    if variant_of(spec).schedule == "runtime" or variant_of(spec).block_table:
+        rows, cols = spec.mask_block_size
+        if rows % block_m or cols % block_n:
+            return reject(f"tiles {block_m}x{block_n} do not divide the mask blocks {rows}x{cols}")
+    smem = wgmma_smem_bytes(spec, block_m, block_n, stages)
+    smem_at_reference = smem + tile_list_bytes(spec, warps, block_n, REFERENCE_PROBLEM["seqlen_k"])
+    if smem_at_reference > device.smem_per_block:
+        return reject(f"shared memory {smem_at_reference} B exceeds the {device.arch} budget of "
+                      f"{device.smem_per_block} B by {smem_at_reference - device.smem_per_block} B")
+    regs = wgmma_registers(spec, block_n)
+    if regs > WGMMA_CONSUMER_REGS:
+        return reject(f"~{regs} registers per compute thread exceed the {WGMMA_CONSUMER_REGS} setmaxnreg gives")
+    ref = REFERENCE_PROBLEM | {"heads": spec.num_heads or REFERENCE_PROBLEM["heads"]}
+    flops, hbm, smem_read, t_us, bound = problem_cost(spec, block_m, block_n, warps, 1, device, 1, **ref, path="wgmma")
+    plan = Plan(device.arch, block_m, block_n, warps, 1, stages, round_up(spec.head_dim, 64), round_up(spec.dv, 64),
+                0, smem, regs, 1, flops, hbm, smem_read, t_us, bound, "wgmma")
+    return Candidate(block_m, block_n, warps, stages, plan, "", "wgmma")
+
+
+def candidate_grid(spec: Spec, device: Device):
+    """(block_m, block_n, warps, stages, path) of every candidate: the mma.sync grid, and on Hopper the
+    wgmma one."""
     for warps in (4, 8):
         for m_tiles in (1, 2):
             for block_n in (32, 64, 128):
                 for stages in (2, 3):
-                    yield 16 * warps * m_tiles, block_n, warps, stages
+                    yield 16 * warps * m_tiles, block_n, warps, stages, "mma_sync"
+    if device.cc == 90:
+        for block_n in (64, 128):      # 128: measured fastest at d64 and d128 (176 lost at d64, 2026-11-22)
+            for stages in (2, 3):
+                yield 64 * WGMMA_COMPUTE_GROUPS, block_n, 4 * (1 + WGMMA_COMPUTE_GROUPS), stages, "wgmma"
 
 
 def rank_key(c: Candidate):
     p = c.plan
-    # Fastest predicted first; among near-ties prefer fewer registers, then less shared memory.
-    return (round(p.predicted_time_us, 1), p.regs_estimate, p.smem_bytes)
+    # Fastest predicted first; among near-ties prefer (wgmma) longer key tiles, whose fixed per-step cost
+    # (barrier waits, the softmax's row reductions) the model leaves out, then fewer registers, then less
+    # shared memory.
+    return (round(p.predicted_time_us, 1), -p.block_n if p.path == "wgmma" else 0, p.regs_estimate, p.smem_bytes)
 
 
 def candidates(spec: Spec, device: Device) -> list[Candidate]:
     """Every candidate, the fitting ones ranked first (best first), then the rejected ones."""
-    evaluated = [evaluate(spec, device, *cfg) for cfg in candidate_grid(spec)]
+    evaluated = [evaluate(spec, device, *cfg) for cfg in candidate_grid(spec, device)]
     fits = sorted((c for c in evaluated if c.plan), key=rank_key)
     return fits + [c for c in evaluated if not c.plan]
 
@@ -229,7 +325,7 @@ def candidates(spec: Spec, device: Device) -> list[Candidate]:
 def make_plan(spec: Spec, device: Device) -> Plan:
     if spec.tile is not None:
         t = spec.tile
-        c = evaluate(spec, device, t.block_m, t.block_n, t.warps, t.stages)
+        c = evaluate(spec, device, t.block_m, t.block_n, t.warps, t.stages, t.path)
         if c.plan is None:
             raise PlanError(f"tile override {t.block_m}x{t.block_n}, {t.warps} warps, {t.stages} stages "
                             f"does not fit {device.arch}: {c.reject}")

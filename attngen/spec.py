@@ -14,7 +14,8 @@ from .errors import SpecError
 
 DTYPES = ("fp16", "bf16")
 HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_STEP = 8, 256, 8
-TILE_KEYS = ("block_m", "block_n", "warps", "stages")
+TILE_KEYS = ("block_m", "block_n", "warps", "stages", "path")
+TILE_PATHS = ("mma_sync", "wgmma")     # the forward kernel paths (wgmma: Hopper, sm_90a)
 MASK_BLOCK_DEFAULT = 128
 MASK_BLOCK_SIZES = (16, 32, 64, 128, 256)
 RUNTIME_MASK_KIND = "runtime"     # a block layout given at call time (a BlockMask), no element predicate
@@ -29,6 +30,7 @@ class TileOverride:
     block_n: int
     warps: int
     stages: int = 2
+    path: str = "mma_sync"    # "mma_sync" | "wgmma" (Hopper)
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,10 @@ def _tile(value):
         v = value.get(key, 2 if key == "stages" else None)
         if not _is_int(v) or not low <= v <= high or v % step:
             raise SpecError(f"tile.{key}", v, f"an int in {low}..{high}" + (f", a multiple of {step}" if step > 1 else ""))
-    return TileOverride(value["block_m"], value["block_n"], value["warps"], value.get("stages", 2))
+    path = value.get("path", "mma_sync")
+    if path not in TILE_PATHS:
+        raise SpecError("tile.path", path, " | ".join(TILE_PATHS))
+    return TileOverride(value["block_m"], value["block_n"], value["warps"], value.get("stages", 2), path)
 
 
 def _mask(value):

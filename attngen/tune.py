@@ -50,7 +50,7 @@ def save_tuned(spec: Spec, gpu_name: str, winners: dict, measurements: list) -> 
 
 
 def forward_key(plan) -> list:
-    return [plan.block_m, plan.block_n, plan.warps, plan.stages]
+    return [plan.block_m, plan.block_n, plan.warps, plan.stages, plan.path]
 
 
 def backward_key(bwd) -> list:
@@ -63,6 +63,19 @@ def tuned_first(ranked: list, winner, key) -> list:
         return ranked
     first = [c for c in ranked if key(c) == list(winner)]
     return first + [c for c in ranked if key(c) != list(winner)]
+
+
+def top_candidates(spec: Spec, device, top: int) -> list:
+    """The planner's `top` best fitting candidates, plus the best of each kernel path not among them (so
+    a measurement can overturn the model's choice of path too)."""
+    from .plan import candidates
+
+    fits = [c for c in candidates(spec, device) if c.plan]
+    chosen = fits[:top]
+    for c in fits[top:]:
+        if c.path not in {x.path for x in chosen}:
+            chosen.append(c)
+    return chosen
 
 
 def tune(spec: Spec, seqlen: int = 4096, tokens: int = 16384, top: int = TUNE_TOP, log=print) -> tuple[list, list]:
@@ -78,7 +91,7 @@ def tune(spec: Spec, seqlen: int = 4096, tokens: int = 16384, top: int = TUNE_TO
     from .compile import compile_cached
     from .device import live_device
     from .launch import Kernel
-    from .plan import candidates, predict_us
+    from .plan import predict_us
     from .plan_backward import BackwardPlan, pass_candidates
     from .render import kernel_name, render
 
@@ -107,16 +120,16 @@ def tune(spec: Spec, seqlen: int = 4096, tokens: int = 16384, top: int = TUNE_TO
             row["measured_us"] = time_ms(run, inputs, warmup=3, reps=20) * 1e3
             row["tflops"] = factor * work / (row["measured_us"] * 1e-6) / 1e12
         rows.append(row)
-        log(f"  {kind:<14} {'x'.join(map(str, config)):<16} {r.registers:>4} regs  predicted "
+        log(f"  {kind:<14} {'x'.join(map(str, config)):<24} {r.registers:>4} regs  predicted "
             + (f"{predicted_us:>9.1f} us" if predicted_us else f"{'-':>12}")
             + (f"  measured {row['measured_us']:>9.1f} us  {row['tflops']:6.1f} TFLOP/s" if row["measured_us"]
                else f"  {row.get('note', '')}"))
         return row
 
     forward = {}
-    for c in [c for c in candidates(spec, device) if c.plan][:top]:
+    for c in top_candidates(spec, device, top):
         source = render(spec, c.plan)
-        binary, path = compile_cached(source, spec.name, device.arch, kernel_name(spec))
+        binary, path = compile_cached(source, spec.name, c.plan.target, kernel_name(spec))
         kernel = Kernel(spec, c.plan, source, binary, path, kernel_name(spec))
         predicted = predict_us(spec, c.plan, device, case.batch, seqlen, seqlen, heads)
         row = measured("forward", forward_key(c.plan), binary, predicted, lambda q, k, v: kernel(q, k, v, **call), 1.0)

@@ -40,8 +40,15 @@ class Variant:
 
     @property
     def predicate_everywhere(self) -> bool:
-        """A user mask_mod has no tile predicate: every visited tile evaluates the element predicate."""
-        return self.mask_mod is not None
+        """A user mask_mod has no tile predicate: every visited tile evaluates the element predicate, unless
+        a runtime BlockMask says which blocks are full (as FlexAttention, full blocks skip the mask_mod)."""
+        return self.mask_mod is not None and self.schedule != "runtime"
+
+    @property
+    def partial_tiles_need_predicate(self) -> bool:
+        """A partial tile evaluates an element predicate only if there is one (the pattern's or a mask_mod):
+        without one, a runtime layout's partial blocks are visible everywhere inside."""
+        return self.mask_expr != "true" or self.mask_mod is not None
 
     @property
     def predicate_cost(self) -> int:

@@ -1,7 +1,7 @@
 """Forward benchmark on FlashAttention's shapes: attngen beside torch SDPA flash and cuDNN, one run.
 
     PYTHONPATH=. python3 bench/bench_forward.py [--seqlens 512,...] [--dims 64,128] [--dtypes bf16,fp16]
-        [--causal false,true] [--tiles 128x64x4x2,...] [--json FILE]
+        [--causal false,true] [--tiles 128x64x4x2,128x128x12x2xwgmma,...] [--json FILE]
 
 batch x seqlen = --tokens (16384), heads = --hidden (2048) / head_dim. Prints a table last.
 """
@@ -25,7 +25,7 @@ def main(argv=None):
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--dtypes", default="bf16,fp16")
     ap.add_argument("--causal", default="false,true")
-    ap.add_argument("--tiles", default="", help="comma-separated BMxBNxWARPSxSTAGES overrides to compare")
+    ap.add_argument("--tiles", default="", help="comma-separated BMxBNxWARPSxSTAGES[xPATH] overrides to compare (PATH: mma_sync | wgmma)")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--json", default="")

@@ -208,6 +208,7 @@ __device__ __forceinline__ void gemm_frag_b(float (&c)[MT][N / 8][4], const unsi
     }
 }
 
+// ---- fp32 accumulators -> packed A-operand fragments ----------------------------------------------
 // The accumulator layout of n-tiles 2kk and 2kk+1 is exactly the A-fragment layout of k-step kk.
 template <int MT, int N>
 __device__ __forceinline__ void to_a_fragments(unsigned (&a)[MT][N / 16][4], const float (&c)[MT][N / 8][4]) {

@@ -5,7 +5,7 @@
 //   dtype:         fp16
 //   causal:        True
 //   head_dim_v:    128
-//   tile:          {'block_m': 64, 'block_n': 64, 'warps': 4, 'stages': 2}
+//   tile:          {'block_m': 64, 'block_n': 64, 'warps': 4, 'stages': 2, 'path': 'mma_sync'}
 //   name:          mla_like_dv_fp16
 // plan (sm_90):
 //   arch:                sm_90
@@ -25,6 +25,7 @@
 //   predicted_smem_bytes: 2.47e+10
 //   predicted_time_us:   858.9
 //   bound:               smem
+//   path:                mma_sync
 //   threads:             128
 // FlashAttention-2 forward: one CTA owns a BLOCK_M-row tile of Q for one (batch, head); K/V tiles of
 // BLOCK_N rows stream through a STAGES-deep cp.async ring in shared memory; S = Q K^T and O += P V run on
@@ -41,6 +42,7 @@ constexpr int DV         = 128;
 constexpr int BLOCK_M    = 64;   // query rows per CTA
 constexpr int BLOCK_N    = 64;   // key rows per pipeline stage
 constexpr int WARPS      = 4;
+constexpr int MMA_WARPS  = 4;   // warps that own query rows
 constexpr int M_TILES    = 1;   // 16-row mma tiles per warp
 constexpr int STAGES     = 2;   // K/V tiles in flight
 constexpr int THREADS    = WARPS * 32;
@@ -55,7 +57,7 @@ constexpr int Q_STRIDE = (D > DV ? D : DV) + ROW_PAD;
 constexpr int K_STRIDE = D + ROW_PAD;
 constexpr int V_STRIDE = DV + ROW_PAD;
 
-static_assert(BLOCK_M == WARPS * WARP_ROWS, "each warp owns WARP_ROWS rows of the Q tile");
+static_assert(BLOCK_M == MMA_WARPS * WARP_ROWS, "each warp owns WARP_ROWS rows of the Q tile");
 static_assert(BLOCK_N % 16 == 0 && D % 16 == 0 && DV % 16 == 0, "mma tiles are 16 wide");
 
 // ---- PTX wrappers: async copies, ldmatrix, mma.sync, fast exp2/log2 --------------------------------
@@ -249,6 +251,7 @@ __device__ __forceinline__ void gemm_frag_b(float (&c)[MT][N / 8][4], const unsi
     }
 }
 
+// ---- fp32 accumulators -> packed A-operand fragments ----------------------------------------------
 // The accumulator layout of n-tiles 2kk and 2kk+1 is exactly the A-fragment layout of k-step kk.
 template <int MT, int N>
 __device__ __forceinline__ void to_a_fragments(unsigned (&a)[MT][N / 16][4], const float (&c)[MT][N / 8][4]) {
@@ -298,9 +301,10 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Turns S into P (packed fp16 A-operand fragments), rescales O, updates max and sum.
-__device__ __forceinline__ void online_softmax(float (&s)[M_TILES][BLOCK_N / 8][4], float (&acc_o)[M_TILES][DV / 8][4],
-                                               RowStats& stats, unsigned (&p_frag)[M_TILES][BLOCK_N / 16][4], float scale_log2) {
+// Turns the scores S of one tile into unnormalised probabilities in place (fp32), updates max and sum,
+// and leaves in correction the factor by which each row's O accumulator must be rescaled.
+__device__ __forceinline__ void softmax_rows(float (&s)[M_TILES][BLOCK_N / 8][4], RowStats& stats,
+                                             float (&correction)[M_TILES][2], float scale_log2) {
 #pragma unroll
     for (int mi = 0; mi < M_TILES; ++mi) {
 #pragma unroll
@@ -311,7 +315,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[M_TILES][BLOCK_N / 8][
             const float new_max = fmaxf(stats.max[mi][r], quad_max(tile_max));
             // A row that has seen only masked keys keeps max -inf; use 0 so exp2 gives 0, not NaN.
             const float max_scaled = new_max == NEG_INF ? 0.f : new_max * scale_log2;
-            const float correction = fast_exp2(stats.max[mi][r] * scale_log2 - max_scaled);
+            correction[mi][r] = fast_exp2(stats.max[mi][r] * scale_log2 - max_scaled);
             stats.max[mi][r] = new_max;
             float row_sum = 0.f;
 #pragma unroll
@@ -320,34 +324,57 @@ __device__ __forceinline__ void online_softmax(float (&s)[M_TILES][BLOCK_N / 8][
                 s[mi][nt][2 * r + 1] = fast_exp2(s[mi][nt][2 * r + 1] * scale_log2 - max_scaled);
                 row_sum += s[mi][nt][2 * r] + s[mi][nt][2 * r + 1];
             }
-            stats.sum[mi][r] = stats.sum[mi][r] * correction + row_sum;
-#pragma unroll
-            for (int nt = 0; nt < DV / 8; ++nt) {
-                acc_o[mi][nt][2 * r] *= correction;
-                acc_o[mi][nt][2 * r + 1] *= correction;
-            }
+            stats.sum[mi][r] = stats.sum[mi][r] * correction[mi][r] + row_sum;
         }
     }
+}
+
+__device__ __forceinline__ void rescale_output(float (&acc_o)[M_TILES][DV / 8][4], const float (&correction)[M_TILES][2]) {
+#pragma unroll
+    for (int mi = 0; mi < M_TILES; ++mi) {
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_o[mi][nt][e] *= correction[mi][e / 2];
+        }
+    }
+}
+
+// Turns S into P (packed fp16 A-operand fragments), rescales O, updates max and sum.
+__device__ __forceinline__ void online_softmax(float (&s)[M_TILES][BLOCK_N / 8][4], float (&acc_o)[M_TILES][DV / 8][4],
+                                               RowStats& stats, unsigned (&p_frag)[M_TILES][BLOCK_N / 16][4], float scale_log2) {
+    float correction[M_TILES][2];
+    softmax_rows(s, stats, correction, scale_log2);
+    rescale_output(acc_o, correction);
     to_a_fragments<M_TILES, BLOCK_N>(p_frag, s);
 }
 
 // ---- epilogue: O = acc / rowsum, LSE = ln(sum exp(scale * s)) --------------------------------------
+// A row that saw no key writes O = 0 and LSE = -inf.
+
+// Row r (0: g, 1: g + 8) of m-tile mi, `row` in the tile: its LSE (one lane of the quad writes it) and
+// the factor 1 / rowsum that normalises its O.
+__device__ __forceinline__ float finish_row(const RowStats& stats, int mi, int r, float* lse_rows, int row, int rows_left,
+                                            float scale_log2, int lane) {
+    constexpr float LN2 = 0.6931471805599453f;
+    const float sum = quad_sum(stats.sum[mi][r]);
+    if (lane % 4 == 0 && row < rows_left) {
+        lse_rows[row] = sum > 0.f ? (stats.max[mi][r] * scale_log2 + fast_log2(sum)) * LN2 : NEG_INF;
+    }
+    return sum > 0.f ? 1.f / sum : 0.f;
+}
+
 // Each warp stages its own rows of O in its own rows of the Q tile (only this warp ever read them),
-// then writes them out with 16-byte stores. A row that saw no key writes O = 0 and LSE = -inf.
+// then writes them out with 16-byte stores.
 __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][DV / 8][4], RowStats& stats, elem_t* o_smem,
                                              elem_t* o_tile, long long o_row_stride, float* lse_rows, int rows_left,
                                              float scale_log2, int warp_row0, int lane) {
-    constexpr float LN2 = 0.6931471805599453f;
 #pragma unroll
     for (int mi = 0; mi < M_TILES; ++mi) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const float sum = quad_sum(stats.sum[mi][r]);
-            const float inv = sum > 0.f ? 1.f / sum : 0.f;
             const int row = warp_row0 + mi * 16 + lane / 4 + r * 8;
-            if (lane % 4 == 0 && row < rows_left) {
-                lse_rows[row] = sum > 0.f ? (stats.max[mi][r] * scale_log2 + fast_log2(sum)) * LN2 : NEG_INF;
-            }
+            const float inv = finish_row(stats, mi, r, lse_rows, row, rows_left, scale_log2, lane);
 #pragma unroll
             for (int nt = 0; nt < DV / 8; ++nt) {
                 const int col = nt * 8 + (lane % 4) * 2;
@@ -414,7 +441,7 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
 
     // Dense schedule: key tiles 0 .. n_tiles-1 in order; only the tail and diagonal ones need a mask.
     auto kv_tile_of = [](int j) { return j; };
-    // How step j masks: partial tiles evaluate the element predicate, tiles cut by the sequence end or the causal diagonal hide those keys, the rest need nothing.
+    // How step j masks: tiles cut by the sequence end or the causal diagonal hide those keys, the rest need nothing.
     auto mask_mode = [&](int j) {
         return j >= n_unmasked ? MASK_BOUNDS : MASK_NONE;
     };

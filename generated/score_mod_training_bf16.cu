@@ -13,26 +13,30 @@
 // plan (sm_90):
 //   arch:                sm_90
 //   block_m:             128
-//   block_n:             32
-//   warps:               4
-//   m_tiles:             2
+//   block_n:             128
+//   warps:               12
+//   m_tiles:             1
 //   stages:              2
 //   head_dim_padded:     64
 //   head_dim_v_padded:   64
-//   smem_row_pad:        8
-//   smem_bytes:          36864
+//   smem_row_pad:        0
+//   smem_bytes:          83024
 //   regs_estimate:       192
-//   ctas_per_sm:         2
+//   ctas_per_sm:         1
 //   predicted_flops:     1.374e+11
 //   predicted_hbm_bytes: 1.141e+09
-//   predicted_smem_bytes: 6.442e+09
-//   predicted_time_us:   238.6
+//   predicted_smem_bytes: 2.684e+09
+//   predicted_time_us:   179.4
 //   bound:               mma
-//   threads:             128
-// FlashAttention-2 forward: one CTA owns a BLOCK_M-row tile of Q for one (batch, head); K/V tiles of
-// BLOCK_N rows stream through a STAGES-deep cp.async ring in shared memory; S = Q K^T and O += P V run on
-// the tensor cores (mma.sync m16n8k16, fp32 accumulation); the softmax is online, in base 2. No
-// seqlen_q x seqlen_k matrix exists anywhere.
+//   path:                wgmma
+//   threads:             384
+// FlashAttention-3-style forward for Hopper (sm_90a): one CTA owns a BLOCK_M-row tile of Q for one
+// (batch, head). Warpgroup 0 is the producer: one thread brings Q and a STAGES-deep ring of K/V tiles
+// in with the tensor memory accelerator (TMA), each tile completing on an mbarrier. Warpgroups 1..
+// compute, 64 query rows each: S = Q K^T with wgmma from shared memory, the online softmax in registers,
+// O += P V with wgmma taking P from registers. Each step issues the next tile's S = Q K^T and this tile's
+// O += P V before it runs the softmax, so the softmax overlaps the tensor cores. A consumer hands each
+// K and V slot back to the producer (an "empty" mbarrier) as soon as its wgmma has read it.
 
 // ---- compile-time shape of this kernel -----------------------------------------------------------
 typedef unsigned short elem_t;          // raw bf16 bits; arithmetic happens in fp32
@@ -42,23 +46,22 @@ constexpr int HEAD_DIM_V = 64;
 constexpr int D          = 64;   // padded to the mma k-step; padding is zero-filled
 constexpr int DV         = 64;
 constexpr int BLOCK_M    = 128;   // query rows per CTA
-constexpr int BLOCK_N    = 32;   // key rows per pipeline stage
-constexpr int WARPS      = 4;
-constexpr int M_TILES    = 2;   // 16-row mma tiles per warp
+constexpr int BLOCK_N    = 128;   // key rows per pipeline stage
+constexpr int WARPS      = 12;   // all warps of the CTA: one loading warpgroup, the rest compute
+constexpr int MMA_WARPS  = 8;   // warps that own query rows
+constexpr int M_TILES    = 1;   // 16-row mma tiles per warp
 constexpr int STAGES     = 2;   // K/V tiles in flight
 constexpr int THREADS    = WARPS * 32;
 constexpr int WARP_ROWS  = 16 * M_TILES;
 constexpr bool CAUSAL    = true;
 #define NEG_INF __int_as_float(0xff800000u)   // -inf without the math headers
 
-// Shared-memory rows are padded by 16 bytes, so the 8 row addresses of each ldmatrix phase fall
-// in 8 different bank groups.
-constexpr int ROW_PAD  = 8;
-constexpr int Q_STRIDE = (D > DV ? D : DV) + ROW_PAD;
-constexpr int K_STRIDE = D + ROW_PAD;
-constexpr int V_STRIDE = DV + ROW_PAD;
+// Tiles are stored in the 128-byte swizzle (see the Hopper piece): column chunks of 64 elements.
+constexpr int CHUNK = 64;
+constexpr int Q_CHUNK_BYTES = BLOCK_M * 128, KV_CHUNK_BYTES = BLOCK_N * 128;
+static_assert(D % CHUNK == 0 && DV % CHUNK == 0 && DV <= D, "head dims are whole chunks; O is staged in the Q tile");
 
-static_assert(BLOCK_M == WARPS * WARP_ROWS, "each warp owns WARP_ROWS rows of the Q tile");
+static_assert(BLOCK_M == MMA_WARPS * WARP_ROWS, "each warp owns WARP_ROWS rows of the Q tile");
 static_assert(BLOCK_N % 16 == 0 && D % 16 == 0 && DV % 16 == 0, "mma tiles are 16 wide");
 
 // ---- PTX wrappers: async copies, ldmatrix, mma.sync, fast exp2/log2 --------------------------------
@@ -121,29 +124,112 @@ __device__ __forceinline__ float fast_log2(float x) {
     return y;
 }
 
-// ---- global -> shared tile copy -------------------------------------------------------------------
-// ROWS x COLS elements (COLS padded to 16) into the shared tile at address dst, row stride STRIDE, 16 bytes
-// per cp.async. Rows at or past rows_left and columns at or past REAL_COLS are zero-filled, so tails and
-// head-dim padding read as 0. Each thread keeps one 16-byte column and walks down the rows, so a copy
-// costs one pointer add; lanes are laid out over a power-of-two row width and the lanes past COLS idle.
-template <int ROWS, int COLS, int STRIDE, int REAL_COLS>
-__device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long long src_row_stride, int rows_left, int tid) {
-    constexpr int CHUNKS_PER_ROW = COLS / 8;
-    constexpr int LANES_PER_ROW = CHUNKS_PER_ROW <= 1 ? 1 : CHUNKS_PER_ROW <= 2 ? 2 : CHUNKS_PER_ROW <= 4 ? 4
-                                : CHUNKS_PER_ROW <= 8 ? 8 : CHUNKS_PER_ROW <= 16 ? 16 : 32;
-    constexpr int ROWS_PER_PASS = THREADS / LANES_PER_ROW;
-    const int row = tid / LANES_PER_ROW, col = tid % LANES_PER_ROW * 8;
-    if (LANES_PER_ROW != CHUNKS_PER_ROW && col >= COLS) return;
-    const elem_t* from = src + row * src_row_stride + col;
-    const long long pass_stride = ROWS_PER_PASS * src_row_stride;
+// ---- Hopper (sm_90a): mbarriers, the tensor memory accelerator, wgmma, register reallocation -------
+// Tiles live in shared memory in the 128-byte-swizzle layout that TMA writes and wgmma reads: a tile of
+// R rows x C columns is C/64 column chunks of R rows x 128 bytes; the 16-byte unit u of row r is stored
+// at unit u ^ (r % 8). Every tile starts on a 1024-byte boundary (the swizzle's period).
+
+// A CUtensorMap (opaque, 128 bytes, encoded on the host by cuTensorMapEncodeTiled), passed by value.
+struct alignas(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+__device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(arrivals));
+}
+// The producer announces the bytes the copies of this phase will bring (and arrives).
+__device__ __forceinline__ void mbarrier_expect_bytes(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+// Blocks until the phase with the given parity has completed.
+__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// One box of a 4-d tensor (head_dim, seqlen, heads, batch) into shared memory at dst; rows past the
+// tensor's end arrive as zeros. Completion (in bytes) is signalled on bar.
+__device__ __forceinline__ void tma_load(unsigned dst, const TensorMap& map, int col, int row, int head, int batch,
+                                         unsigned bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+                 "[%0], [%1, { %2, %3, %4, %5 }], [%6];\n"
+                 :: "r"(dst), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(col), "r"(row), "r"(head),
+                    "r"(batch), "r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned value) {
+    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(value) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(unsigned addr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 { %0, %1, %2, %3 }, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+    return v;
+}
+
+// Register reallocation between warpgroups: the producer gives registers back, the consumers take them.
+template <int REGS> __device__ __forceinline__ void registers_down() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(REGS));
+}
+template <int REGS> __device__ __forceinline__ void registers_up() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(REGS));
+}
+// A barrier among the `threads` threads that use barrier `id` (1..15; 0 is __syncthreads).
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+
+// wgmma shared-memory matrix descriptor for a 128-byte-swizzled operand: start address, the byte
+// distance between 64-element column chunks along M/N (used by N-major operands), and between 8-row
+// groups (1024 bytes). Adding (bytes >> 4) to a descriptor moves its start address.
+__device__ __forceinline__ unsigned long long smem_descriptor(unsigned addr, unsigned chunk_bytes) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (unsigned long long)((chunk_bytes >> 4) & 0x3FFF) << 16
+         | (unsigned long long)(1024 >> 4) << 32 | 1ull << 62;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int PENDING> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(PENDING) : "memory");
+}
+// The accumulators are written asynchronously: this keeps the compiler from moving their reads and
+// writes across a wgmma_wait (it sees them "modified" here).
+template <int N>
+__device__ __forceinline__ void fence_accumulators(float (&d)[N / 8][4]) {
 #pragma unroll
-    for (int i = 0; i < (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS; ++i) {
-        if (ROWS % ROWS_PER_PASS == 0 || row + i * ROWS_PER_PASS < ROWS) {
-            const bool valid = row + i * ROWS_PER_PASS < rows_left && col < REAL_COLS;
-            cp_async_16(dst + ((row + i * ROWS_PER_PASS) * STRIDE + col) * 2, valid ? from : src, valid);
-        }
-        from += pass_stride;
-    }
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e]) :: "memory");
+}
+
+// S[64 x BLOCK_N] (+)= Q[64 x 16] * K[BLOCK_N x 16]^T for one 16-wide k-step: both operands in shared
+// memory, K-major (descriptors); accumulate = 0 overwrites S.
+__device__ __forceinline__ void wgmma_scores(float (&d)[BLOCK_N / 8][4], unsigned long long desc_q,
+                                             unsigned long long desc_k, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+}
+
+// O[64 x DV] += P[64 x 16] * V[16 x DV] for one 16-key step: P in registers (the A-fragment layout of
+// mma.sync, per warp), V in shared memory as stored, [keys][DV] (N-major: transposed by the instruction).
+__device__ __forceinline__ void wgmma_output(float (&d)[DV / 8][4], const unsigned (&p)[4], unsigned long long desc_v) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v), "r"(1));
 }
 
 // ---- run-time values the mask predicates and score modifiers read -------------------------------
@@ -225,63 +311,7 @@ __device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], 
 }
 
 
-// ---- tile matmuls on the tensor cores (mma.sync m16n8k16, fp32 accumulation) ----------------------
-// Each warp computes MT 16-row tiles. Shared operands are 32-bit shared-window addresses of row-major
-// tiles with the given row strides (elements); every per-(mi, nn, kk) offset below is a constant.
-
-// C[MT*16 x N] = A[rows a_row0.. of a_smem][K] * B[N rows of b_smem][K]^T. B stored row-major [n][k] is
-// the column-major B operand, so plain ldmatrix gives B fragments; one x4 load covers two n-tiles.
-template <int MT, int N, int K, int A_STRIDE, int B_STRIDE>
-__device__ __forceinline__ void gemm_abt(float (&c)[MT][N / 8][4], unsigned a_smem, int a_row0, unsigned b_smem, int lane) {
-    const unsigned a_base = a_smem + ((a_row0 + lane % 16) * A_STRIDE + (lane / 16) * 8) * 2;
-    const unsigned b_base = b_smem + ((lane % 8 + (lane / 16) * 8) * B_STRIDE + (lane / 8 % 2) * 8) * 2;
-#pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-        for (int nt = 0; nt < N / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) c[mi][nt][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-        unsigned a[MT][4];
-#pragma unroll
-        for (int mi = 0; mi < MT; ++mi) {
-            ldmatrix_x4(a[mi], a_base + (mi * 16 * A_STRIDE + kk * 16) * 2);
-        }
-#pragma unroll
-        for (int nn = 0; nn < N / 16; ++nn) {
-            unsigned b[4];
-            ldmatrix_x4(b, b_base + (nn * 16 * B_STRIDE + kk * 16) * 2);
-#pragma unroll
-            for (int mi = 0; mi < MT; ++mi) {
-                mma_16x8x16(c[mi][2 * nn], a[mi], b[0], b[1]);
-                mma_16x8x16(c[mi][2 * nn + 1], a[mi], b[2], b[3]);
-            }
-        }
-    }
-}
-
-// C[MT*16 x N] += A[MT*16 x K] (packed A fragments in registers) * B[K rows of b_smem][N]. B is stored
-// row-major [k][n]: the B operand wants it column-major, so ldmatrix.trans transposes the 8x8 pieces.
-template <int MT, int N, int K, int B_STRIDE>
-__device__ __forceinline__ void gemm_frag_b(float (&c)[MT][N / 8][4], const unsigned (&a)[MT][K / 16][4], unsigned b_smem,
-                                            int lane) {
-    const unsigned b_base = b_smem + ((lane % 8 + (lane / 8 % 2) * 8) * B_STRIDE + (lane / 16) * 8) * 2;
-#pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-#pragma unroll
-        for (int dn = 0; dn < N / 16; ++dn) {
-            unsigned b[4];
-            ldmatrix_x4_trans(b, b_base + (kk * 16 * B_STRIDE + dn * 16) * 2);
-#pragma unroll
-            for (int mi = 0; mi < MT; ++mi) {
-                mma_16x8x16(c[mi][2 * dn], a[mi][kk], b[0], b[1]);
-                mma_16x8x16(c[mi][2 * dn + 1], a[mi][kk], b[2], b[3]);
-            }
-        }
-    }
-}
-
+// ---- fp32 accumulators -> packed A-operand fragments ----------------------------------------------
 // The accumulator layout of n-tiles 2kk and 2kk+1 is exactly the A-fragment layout of k-step kk.
 template <int MT, int N>
 __device__ __forceinline__ void to_a_fragments(unsigned (&a)[MT][N / 16][4], const float (&c)[MT][N / 8][4]) {
@@ -331,9 +361,10 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Turns S into P (packed bf16 A-operand fragments), rescales O, updates max and sum.
-__device__ __forceinline__ void online_softmax(float (&s)[M_TILES][BLOCK_N / 8][4], float (&acc_o)[M_TILES][DV / 8][4],
-                                               RowStats& stats, unsigned (&p_frag)[M_TILES][BLOCK_N / 16][4], float scale_log2) {
+// Turns the scores S of one tile into unnormalised probabilities in place (fp32), updates max and sum,
+// and leaves in correction the factor by which each row's O accumulator must be rescaled.
+__device__ __forceinline__ void softmax_rows(float (&s)[M_TILES][BLOCK_N / 8][4], RowStats& stats,
+                                             float (&correction)[M_TILES][2], float scale_log2) {
 #pragma unroll
     for (int mi = 0; mi < M_TILES; ++mi) {
 #pragma unroll
@@ -344,7 +375,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[M_TILES][BLOCK_N / 8][
             const float new_max = fmaxf(stats.max[mi][r], quad_max(tile_max));
             // A row that has seen only masked keys keeps max -inf; use 0 so exp2 gives 0, not NaN.
             const float max_scaled = new_max == NEG_INF ? 0.f : new_max * scale_log2;
-            const float correction = fast_exp2(stats.max[mi][r] * scale_log2 - max_scaled);
+            correction[mi][r] = fast_exp2(stats.max[mi][r] * scale_log2 - max_scaled);
             stats.max[mi][r] = new_max;
             float row_sum = 0.f;
 #pragma unroll
@@ -353,79 +384,116 @@ __device__ __forceinline__ void online_softmax(float (&s)[M_TILES][BLOCK_N / 8][
                 s[mi][nt][2 * r + 1] = fast_exp2(s[mi][nt][2 * r + 1] * scale_log2 - max_scaled);
                 row_sum += s[mi][nt][2 * r] + s[mi][nt][2 * r + 1];
             }
-            stats.sum[mi][r] = stats.sum[mi][r] * correction + row_sum;
-#pragma unroll
-            for (int nt = 0; nt < DV / 8; ++nt) {
-                acc_o[mi][nt][2 * r] *= correction;
-                acc_o[mi][nt][2 * r + 1] *= correction;
-            }
+            stats.sum[mi][r] = stats.sum[mi][r] * correction[mi][r] + row_sum;
         }
     }
+}
+
+__device__ __forceinline__ void rescale_output(float (&acc_o)[M_TILES][DV / 8][4], const float (&correction)[M_TILES][2]) {
+#pragma unroll
+    for (int mi = 0; mi < M_TILES; ++mi) {
+#pragma unroll
+        for (int nt = 0; nt < DV / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_o[mi][nt][e] *= correction[mi][e / 2];
+        }
+    }
+}
+
+// Turns S into P (packed bf16 A-operand fragments), rescales O, updates max and sum.
+__device__ __forceinline__ void online_softmax(float (&s)[M_TILES][BLOCK_N / 8][4], float (&acc_o)[M_TILES][DV / 8][4],
+                                               RowStats& stats, unsigned (&p_frag)[M_TILES][BLOCK_N / 16][4], float scale_log2) {
+    float correction[M_TILES][2];
+    softmax_rows(s, stats, correction, scale_log2);
+    rescale_output(acc_o, correction);
     to_a_fragments<M_TILES, BLOCK_N>(p_frag, s);
 }
 
 // ---- epilogue: O = acc / rowsum, LSE = ln(sum exp(scale * s)) --------------------------------------
-// Each warp stages its own rows of O in its own rows of the Q tile (only this warp ever read them),
-// then writes them out with 16-byte stores. A row that saw no key writes O = 0 and LSE = -inf.
-__device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][DV / 8][4], RowStats& stats, elem_t* o_smem,
-                                             elem_t* o_tile, long long o_row_stride, float* lse_rows, int rows_left,
-                                             float scale_log2, int warp_row0, int lane) {
+// A row that saw no key writes O = 0 and LSE = -inf.
+
+// Row r (0: g, 1: g + 8) of m-tile mi, `row` in the tile: its LSE (one lane of the quad writes it) and
+// the factor 1 / rowsum that normalises its O.
+__device__ __forceinline__ float finish_row(const RowStats& stats, int mi, int r, float* lse_rows, int row, int rows_left,
+                                            float scale_log2, int lane) {
     constexpr float LN2 = 0.6931471805599453f;
+    const float sum = quad_sum(stats.sum[mi][r]);
+    if (lane % 4 == 0 && row < rows_left) {
+        lse_rows[row] = sum > 0.f ? (stats.max[mi][r] * scale_log2 + fast_log2(sum)) * LN2 : NEG_INF;
+    }
+    return sum > 0.f ? 1.f / sum : 0.f;
+}
+
+// Each compute warpgroup stages its 64 rows of O in its own rows of the (swizzled) Q tile, with
+// conflict-free 4-byte stores, then writes them out with 16-byte stores. Call it once every warp of the
+// warpgroup is past its last wgmma (they read those Q rows). q_rows: the warpgroup's first row in column
+// chunk 0; group_thread: 0..127; o_rows / lse_rows / rows_left: counted from the warpgroup's first row.
+__device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][DV / 8][4], RowStats& stats, unsigned q_rows,
+                                             elem_t* o_rows, long long o_row_stride, float* lse_rows, int rows_left,
+                                             float scale_log2, int group_thread, int barrier_id) {
+    const int lane = group_thread % 32, warp_row0 = group_thread / 32 * 16;
 #pragma unroll
-    for (int mi = 0; mi < M_TILES; ++mi) {
+    for (int r = 0; r < 2; ++r) {
+        const int row = warp_row0 + lane / 4 + r * 8;
+        const float inv = finish_row(stats, 0, r, lse_rows, row, rows_left, scale_log2, lane);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float sum = quad_sum(stats.sum[mi][r]);
-            const float inv = sum > 0.f ? 1.f / sum : 0.f;
-            const int row = warp_row0 + mi * 16 + lane / 4 + r * 8;
-            if (lane % 4 == 0 && row < rows_left) {
-                lse_rows[row] = sum > 0.f ? (stats.max[mi][r] * scale_log2 + fast_log2(sum)) * LN2 : NEG_INF;
-            }
-#pragma unroll
-            for (int nt = 0; nt < DV / 8; ++nt) {
-                const int col = nt * 8 + (lane % 4) * 2;
-                *reinterpret_cast<unsigned*>(o_smem + row * Q_STRIDE + col) =
-                    pack2(acc_o[mi][nt][2 * r] * inv, acc_o[mi][nt][2 * r + 1] * inv);
-            }
+        for (int nt = 0; nt < DV / 8; ++nt) {
+            const unsigned unit = (nt % 8) ^ (row % 8);
+            st_shared_u32(q_rows + nt / 8 * Q_CHUNK_BYTES + row * 128 + unit * 16 + (lane % 4) * 4,
+                          pack2(acc_o[0][nt][2 * r] * inv, acc_o[0][nt][2 * r + 1] * inv));
         }
     }
-    __syncwarp();
-    constexpr int CHUNKS_PER_ROW = DV / 8;
+    named_barrier(barrier_id, 128);
+    constexpr int UNITS_PER_ROW = DV / 8;
 #pragma unroll
-    for (int i = 0; i < WARP_ROWS * CHUNKS_PER_ROW / 32; ++i) {
-        const int chunk = lane + i * 32;
-        const int row = warp_row0 + chunk / CHUNKS_PER_ROW, col = chunk % CHUNKS_PER_ROW * 8;
-        if (row < rows_left && col < HEAD_DIM_V) {
-            *reinterpret_cast<uint4*>(o_tile + row * o_row_stride + col) = *reinterpret_cast<const uint4*>(o_smem + row * Q_STRIDE + col);
+    for (int i = 0; i < 64 * UNITS_PER_ROW / 128; ++i) {
+        const int index = group_thread + i * 128;
+        const int row = index / UNITS_PER_ROW, u = index % UNITS_PER_ROW;
+        if (row < rows_left && u * 8 < HEAD_DIM_V) {
+            const uint4 chunk = ld_shared_v4(q_rows + u / 8 * Q_CHUNK_BYTES + row * 128 + ((u % 8) ^ (row % 8)) * 16);
+            *reinterpret_cast<uint4*>(o_rows + row * o_row_stride + u * 8) = chunk;
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
-score_mod_training_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-    elem_t* __restrict__ o, float* __restrict__ lse,
-    long long q_stride_b, long long q_stride_s, long long q_stride_h,
-    long long k_stride_b, long long k_stride_s, long long k_stride_h,
-    long long v_stride_b, long long v_stride_s, long long v_stride_h,
+constexpr int PRODUCER_REGS = 24;   // per thread after setmaxnreg; the compute
+constexpr int CONSUMER_REGS = 240;   // warpgroups take what the producer gives back
+constexpr int Q_TILE_BYTES = BLOCK_M * D * 2, K_TILE_BYTES = BLOCK_N * D * 2, V_TILE_BYTES = BLOCK_N * DV * 2;
+constexpr int K_OFFSET = Q_TILE_BYTES;                                     // STAGES K tiles
+constexpr int V_OFFSET = K_OFFSET + STAGES * K_TILE_BYTES;                 // STAGES V tiles
+constexpr int BARRIER_OFFSET = V_OFFSET + STAGES * V_TILE_BYTES;           // q_full, then per slot: k_full,
+constexpr int BARRIER_BYTES = (1 + 4 * STAGES) * 8;                        // v_full, k_empty, v_empty
+static_assert(BARRIER_OFFSET % 8 == 0, "mbarriers are 8-byte aligned");
+constexpr int TILE_LIST_OFFSET = BARRIER_OFFSET + (BARRIER_BYTES + 15) / 16 * 16;   // then WARPS + n_kv_tiles ints
+static_assert(1024 + TILE_LIST_OFFSET == 83024, "the plan's shared memory is this layout (+1 KB to align)");
+static_assert(D == HEAD_DIM && DV == HEAD_DIM_V, "the wgmma path takes whole 64-column chunks");
+static_assert(Q_TILE_BYTES % 1024 == 0 && K_TILE_BYTES % 1024 == 0 && V_TILE_BYTES % 1024 == 0,
+              "every tile starts on the swizzle's 1024-byte period");
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+score_mod_training_bf16_fwd(const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,
+    const __grid_constant__ TensorMap v_map, elem_t* __restrict__ o, float* __restrict__ lse,
     long long o_stride_b, long long o_stride_s, long long o_stride_h,
     int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2,
     float softmax_scale,
     const float* __restrict__ temperature)
 {
-    extern __shared__ __align__(128) unsigned char smem_raw[];
-    // Shared-window byte addresses of the Q tile (which also stages the O tile) and the K/V rings.
-    constexpr int Q_TILE_BYTES = BLOCK_M * Q_STRIDE * 2, K_TILE_BYTES = BLOCK_N * K_STRIDE * 2;
-    constexpr int V_TILE_BYTES = BLOCK_N * V_STRIDE * 2;
+    // The dynamic window is rounded up to the swizzle's 1024-byte period (the launch adds 1 KB for it).
+    extern __shared__ __align__(1024) unsigned char smem_buffer[];
+    unsigned char* const smem_raw = smem_buffer + (1024 - smem_addr(smem_buffer) % 1024) % 1024;
     const unsigned q_smem = smem_addr(smem_raw);
-    const unsigned k_smem = q_smem + Q_TILE_BYTES;                        // STAGES x [BLOCK_N][K_STRIDE]
-    const unsigned v_smem = k_smem + STAGES * K_TILE_BYTES;               // STAGES x [BLOCK_N][V_STRIDE]
+    const unsigned k_smem = q_smem + K_OFFSET, v_smem = q_smem + V_OFFSET;
+    const unsigned q_full = q_smem + BARRIER_OFFSET;
+    auto k_full = [&](int slot) { return q_full + 8 * (1 + slot); };
+    auto v_full = [&](int slot) { return q_full + 8 * (1 + STAGES + slot); };
+    auto k_empty = [&](int slot) { return q_full + 8 * (1 + 2 * STAGES + slot); };
+    auto v_empty = [&](int slot) { return q_full + 8 * (1 + 3 * STAGES + slot); };
 
     // Heavy query tiles first: under causal masking (and causal-like patterns) the last tiles see the most keys.
     const int m_block = gridDim.x - 1 - blockIdx.x;
     const int head = blockIdx.y, batch = blockIdx.z;
     const int kv_head = head / group_size;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const int warp_row0 = warp * WARP_ROWS;                               // this warp's rows in the tile
     const int m_start = m_block * BLOCK_M;
 
     // What the mask predicates and score modifiers read (ModContext); the ALiBi slope is this head's.
@@ -437,10 +505,6 @@ score_mod_training_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restri
     ctx.softmax_scale = softmax_scale;
     ctx.temperature = temperature;
 
-    const elem_t* q_tile = q + batch * q_stride_b + head * q_stride_h + m_start * q_stride_s;
-    const elem_t* k_head = k + batch * k_stride_b + kv_head * k_stride_h;
-    const elem_t* v_head = v + batch * v_stride_b + kv_head * v_stride_h;
-
     // Key tiles this query tile visits; the first n_unmasked need no element-wise mask.
     const int causal_offset = seqlen_k - seqlen_q;                       // bottom-right alignment
     int n_tiles = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
@@ -449,71 +513,134 @@ score_mod_training_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restri
     n_tiles = max(0, min(n_tiles, (last_key + BLOCK_N) / BLOCK_N));
     n_unmasked = max(0, min(n_unmasked, (m_start + causal_offset + 1) / BLOCK_N));
 
+    if (tid == 0) {
+        mbarrier_init(q_full, 1);
+        for (int slot = 0; slot < STAGES; ++slot) {
+            mbarrier_init(k_full(slot), 1);
+            mbarrier_init(v_full(slot), 1);
+            mbarrier_init(k_empty(slot), MMA_WARPS);                      // lane 0 of every compute warp
+            mbarrier_init(v_empty(slot), MMA_WARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");   // visible to the copy engine
+    }
     // Dense schedule: key tiles 0 .. n_tiles-1 in order; only the tail and diagonal ones need a mask.
     auto kv_tile_of = [](int j) { return j; };
-    // How step j masks: partial tiles evaluate the element predicate, tiles cut by the sequence end or the causal diagonal hide those keys, the rest need nothing.
+    // How step j masks: tiles cut by the sequence end or the causal diagonal hide those keys, the rest need nothing.
     auto mask_mode = [&](int j) {
         return j >= n_unmasked ? MASK_BOUNDS : MASK_NONE;
     };
+    __syncthreads();                                                     // the barriers (and step list) are ready
 
-    // Step j of the schedule: its K tile and V tile into ring slot j % STAGES, one commit group each
-    // (empty past the end, so the wait counts below stay uniform).
-    auto load_kv_tile = [&](int j) {
-        const int slot = j % STAGES;
-        if (j < n_tiles) {
-            const int tile = kv_tile_of(j);
-            load_tile<BLOCK_N, D, K_STRIDE, HEAD_DIM>(k_smem + slot * K_TILE_BYTES,
-                k_head + (long long)tile * BLOCK_N * k_stride_s, k_stride_s, seqlen_k - tile * BLOCK_N, tid);
-        }
-        cp_async_commit();
-        if (j < n_tiles) {
-            const int tile = kv_tile_of(j);
-            load_tile<BLOCK_N, DV, V_STRIDE, HEAD_DIM_V>(v_smem + slot * V_TILE_BYTES,
-                v_head + (long long)tile * BLOCK_N * v_stride_s, v_stride_s, seqlen_k - tile * BLOCK_N, tid);
-        }
-        cp_async_commit();
-    };
-
-    // Prologue: Q, then the first STAGES-1 K/V tiles.
-    load_tile<BLOCK_M, D, Q_STRIDE, HEAD_DIM>(q_smem, q_tile, q_stride_s, seqlen_q - m_start, tid);
-    cp_async_commit();
+    if (warp < 4) {
+        // ---- producer warpgroup: one thread issues every copy ----
+        registers_down<PRODUCER_REGS>();
+        if (tid == 0) {
+            mbarrier_expect_bytes(q_full, Q_TILE_BYTES);
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) load_kv_tile(s);
+            for (int c = 0; c < D / CHUNK; ++c) tma_load(q_smem + c * Q_CHUNK_BYTES, q_map, c * CHUNK, m_start, head, batch, q_full);
+            for (int j = 0; j < n_tiles; ++j) {
+                const int slot = j % STAGES, round = j / STAGES;
+                const int key0 = kv_tile_of(j) * BLOCK_N;
+                if (round > 0) mbarrier_wait(k_empty(slot), (round - 1) & 1);   // step j - STAGES read it
+                mbarrier_expect_bytes(k_full(slot), K_TILE_BYTES);
+#pragma unroll
+                for (int c = 0; c < D / CHUNK; ++c) {
+                    tma_load(k_smem + slot * K_TILE_BYTES + c * KV_CHUNK_BYTES, k_map, c * CHUNK, key0, kv_head, batch, k_full(slot));
+                }
+                if (round > 0) mbarrier_wait(v_empty(slot), (round - 1) & 1);
+                mbarrier_expect_bytes(v_full(slot), V_TILE_BYTES);
+#pragma unroll
+                for (int c = 0; c < DV / CHUNK; ++c) {
+                    tma_load(v_smem + slot * V_TILE_BYTES + c * KV_CHUNK_BYTES, v_map, c * CHUNK, key0, kv_head, batch, v_full(slot));
+                }
+            }
+        }
+        return;
+    }
+
+    // ---- compute warpgroups: 64 query rows each; warp w of the group owns rows 16w..16w+15 of them ----
+    registers_up<CONSUMER_REGS>();
+    const int group = warp / 4 - 1, group_thread = tid % 128;
+    const int group_row0 = group * 64, warp_row0 = group_row0 + warp % 4 * 16;
+    const unsigned long long q_desc = smem_descriptor(q_smem + group_row0 * 128, 16);   // K-major: no chunk stride
+    auto k_desc = [&](int slot) { return smem_descriptor(k_smem + slot * K_TILE_BYTES, 16); };
+    auto v_desc = [&](int slot) { return smem_descriptor(v_smem + slot * V_TILE_BYTES, KV_CHUNK_BYTES); };
 
     float acc_o[M_TILES][DV / 8][4];
     RowStats stats;
     init_accumulators(acc_o, stats);
+    float acc_s[M_TILES][BLOCK_N / 8][4];
+    unsigned p_frag[M_TILES][BLOCK_N / 16][4];
+    float correction[M_TILES][2];
 
-    for (int j = 0; j < n_tiles; ++j) {
-        // Refill the slot tile j-1 used (everyone has finished reading it) with tile j+STAGES-1.
-        __syncthreads();
-        load_kv_tile(j + STAGES - 1);
-
-        const int slot = j % STAGES;
-        cp_async_wait<2 * STAGES - 1>();                                 // Q and K_j have landed
-        __syncthreads();
-        float acc_s[M_TILES][BLOCK_N / 8][4];
-        gemm_abt<M_TILES, BLOCK_N, D, Q_STRIDE, K_STRIDE>(acc_s, q_smem, warp_row0, k_smem + slot * K_TILE_BYTES, lane);
-        apply_score_mods(acc_s, ctx, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N, lane);
+    // S = Q K^T over D / 16 k-steps: chunk c, 16 columns (32 bytes) at a time.
+    auto issue_scores = [&](float (&s)[BLOCK_N / 8][4], int slot) {
+        const unsigned long long k_slot = k_desc(slot);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int offset = (kk / 4 * Q_CHUNK_BYTES + kk % 4 * 32) >> 4, k_offset = (kk / 4 * KV_CHUNK_BYTES + kk % 4 * 32) >> 4;
+            wgmma_scores(s, q_desc + offset, k_slot + k_offset, kk > 0);
+        }
+        wgmma_commit();
+    };
+    // O += P V over BLOCK_N / 16 key steps of 16 rows (2048 bytes) each.
+    auto issue_output = [&](float (&acc)[DV / 8][4], const unsigned (&p)[BLOCK_N / 16][4], int slot) {
+        const unsigned long long v_slot = v_desc(slot);
+#pragma unroll
+        for (int ks = 0; ks < BLOCK_N / 16; ++ks) wgmma_output(acc, p[ks], v_slot + ((ks * 16 * 128) >> 4));
+        wgmma_commit();
+    };
+    // Score modifiers and the mask of step j, then the softmax: S becomes unnormalised P in place.
+    auto scores_to_probabilities = [&](float (&s)[M_TILES][BLOCK_N / 8][4], int j, float (&correction)[M_TILES][2]) {
+        apply_score_mods(s, ctx, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N, lane);
         const MaskMode mode = mask_mode(j);
         if (mode != MASK_NONE) {
-            apply_mask(acc_s, ctx, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N, causal_offset,
-                       mode == MASK_PREDICATE, lane);
+            apply_mask(s, ctx, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N, causal_offset, mode == MASK_PREDICATE, lane);
         }
-        unsigned p_frag[M_TILES][BLOCK_N / 16][4];
-        online_softmax(acc_s, acc_o, stats, p_frag, scale_log2);
+        softmax_rows(s, stats, correction, scale_log2);
+    };
 
-        cp_async_wait<2 * STAGES - 2>();                                 // V_j has landed
-        __syncthreads();
-        gemm_frag_b<M_TILES, DV, BLOCK_N, V_STRIDE>(acc_o, p_frag, v_smem + slot * V_TILE_BYTES, lane);
+    mbarrier_wait(q_full, 0);
+
+    if (n_tiles > 0) {
+        mbarrier_wait(k_full(0), 0);
+        wgmma_fence();
+        issue_scores(acc_s[0], 0);
+        wgmma_wait<0>();
+        fence_accumulators<BLOCK_N>(acc_s[0]);
+        if (lane == 0) mbarrier_arrive(k_empty(0));
+        scores_to_probabilities(acc_s, 0, correction);
+        to_a_fragments<M_TILES, BLOCK_N>(p_frag, acc_s);
     }
-    // Every thread's copies have landed before any warp reuses the Q tile for O: with no key tile at all
-    // (causal rows that see no key) the loop's barriers never ran, and another thread's cp.async of
-    // these Q rows could otherwise land on top of the staged O.
-    cp_async_wait<0>();
-    __syncthreads();
+    for (int j = 1; j < n_tiles; ++j) {
+        const int slot = j % STAGES, prev = (j - 1) % STAGES;
+        mbarrier_wait(k_full(slot), (j / STAGES) & 1);
+        wgmma_fence();
+        issue_scores(acc_s[0], slot);                                    // S_j = Q K_j^T ...
+        mbarrier_wait(v_full(prev), ((j - 1) / STAGES) & 1);
+        issue_output(acc_o[0], p_frag[0], prev);                         // ... while O += P_{j-1} V_{j-1}
+        wgmma_wait<1>();                                                 // S_j is ready
+        fence_accumulators<BLOCK_N>(acc_s[0]);
+        if (lane == 0) mbarrier_arrive(k_empty(slot));
+        scores_to_probabilities(acc_s, j, correction);                   // overlaps P_{j-1} V_{j-1}
+        wgmma_wait<0>();
+        fence_accumulators<DV>(acc_o[0]);
+        if (lane == 0) mbarrier_arrive(v_empty(prev));
+        rescale_output(acc_o, correction);
+        to_a_fragments<M_TILES, BLOCK_N>(p_frag, acc_s);
+    }
+    if (n_tiles > 0) {
+        const int last = (n_tiles - 1) % STAGES;
+        mbarrier_wait(v_full(last), ((n_tiles - 1) / STAGES) & 1);
+        wgmma_fence();
+        issue_output(acc_o[0], p_frag[0], last);
+        wgmma_wait<0>();
+        fence_accumulators<DV>(acc_o[0]);
+    }
 
-    write_output(acc_o, stats, reinterpret_cast<elem_t*>(smem_raw), o + batch * o_stride_b + head * o_stride_h + m_start * o_stride_s, o_stride_s,
-                 lse + ((long long)batch * heads_q + head) * seqlen_q + m_start, seqlen_q - m_start,
-                 scale_log2, warp_row0, lane);
+    named_barrier(1 + group, 128);                                       // the group's Q rows are free
+    const int row0 = m_start + group_row0;
+    write_output(acc_o, stats, q_smem + group_row0 * 128, o + batch * o_stride_b + head * o_stride_h + row0 * o_stride_s,
+                 o_stride_s, lse + ((long long)batch * heads_q + head) * seqlen_q + row0, seqlen_q - row0, scale_log2,
+                 group_thread, 1 + group);
 }

@@ -203,6 +203,7 @@ __device__ __forceinline__ void gemm_frag_b(float (&c)[MT][N / 8][4], const unsi
     }
 }
 
+// ---- fp32 accumulators -> packed A-operand fragments ----------------------------------------------
 // The accumulator layout of n-tiles 2kk and 2kk+1 is exactly the A-fragment layout of k-step kk.
 template <int MT, int N>
 __device__ __forceinline__ void to_a_fragments(unsigned (&a)[MT][N / 16][4], const float (&c)[MT][N / 8][4]) {
@@ -437,7 +438,7 @@ sliding_window_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restric
     int* const tile_list = warp_counts + WARPS;
     n_tiles = list_key_tiles(tile_list, warp_counts, ctx, head, m_start, min(m_start + BLOCK_M, seqlen_q) - 1, tid);
     auto kv_tile_of = [&](int j) { return tile_list[j] & ~PARTIAL_TILE; };
-    auto partial = [&](int j) { return (tile_list[j] & PARTIAL_TILE) != 0; };
+    [[maybe_unused]] auto partial = [&](int j) { return (tile_list[j] & PARTIAL_TILE) != 0; };
     // How step j masks: partial tiles evaluate the element predicate, tiles cut by the sequence end hide those keys, the rest need nothing.
     auto mask_mode = [&](int j) {
         if (partial(j)) return MASK_PREDICATE;

@@ -122,7 +122,7 @@ def test_build_path_compiles_the_tuned_winner_first(tmp_path, monkeypatch):
     spec = attngen.Spec(head_dim=64, causal=True)
     device = dataclasses.replace(preset("sm_90"), name="Test GPU")
     ranked = [c.plan for c in candidates(spec, device) if c.plan]
-    compile_source = lambda source, plan: (nvrtc_compile(source, spec.name, "sm_90", kernel_name(spec)), None)  # noqa: E731
+    compile_source = lambda source, plan: (nvrtc_compile(source, spec.name, plan.target, kernel_name(spec)), None)  # noqa: E731
     untuned, _, _ = plan_and_compile(spec, device, compile_source)
     assert untuned == ranked[0]
     save_tuned(spec, "Test GPU", {"forward": forward_key(ranked[2])}, [])

@@ -95,7 +95,10 @@ def test_tensors_need_an_expression_and_round_trip_through_yaml(tmp_path):
 def test_variants():
     assert variant_of(Spec(head_dim=64)).schedule == "dense"
     v = variant_of(Spec(head_dim=64, mask={"kind": "runtime"}, mask_mod="kv_idx % 2 == 0"))
-    assert v.schedule == "runtime" and v.predicate_everywhere and v.predicate_cost == 1
+    # a runtime BlockMask says which blocks are full: those skip the mask_mod (as in FlexAttention)
+    assert v.schedule == "runtime" and not v.predicate_everywhere and v.partial_tiles_need_predicate
+    assert v.predicate_cost == 1
+    assert not variant_of(Spec(head_dim=64, mask={"kind": "runtime"})).partial_tiles_need_predicate
     v = variant_of(Spec(head_dim=64, mask={"kind": "bigbird", "window": 3, "random_blocks": 1}, softcap=5.0))
     assert v.schedule == "pattern" and v.block_table and v.score_mods
     assert not variant_of(Spec(head_dim=64, mask={"kind": "bigbird", "window": 3})).block_table

@@ -3,7 +3,6 @@
 import importlib
 import json
 import math
-import re
 
 import pytest
 
@@ -37,6 +36,37 @@ def design_regs(dv, block_n, m_tiles):
     return m_tiles * (pad16(dv) // 2 + block_n // 2 + block_n // 4) + 64
 
 
+def pad64(x):
+    return -(-x // 64) * 64
+
+
+def design_smem_wgmma(d, dv, block_m, block_n, stages):
+    """The wgmma path: swizzled (unpadded) tiles, 8-byte mbarriers (5 per stage pair + 1, 16-aligned), 1 KB alignment."""
+    barriers = -(-(1 + 4 * stages) * 8 // 16) * 16
+    return 1024 + (block_m * pad64(d) + stages * block_n * (pad64(d) + pad64(dv))) * ELEM + barriers
+
+
+def design_regs_wgmma(dv, block_n):
+    """Per compute thread of a 64-row warpgroup: O (64 x dv), S (64 x block_n), packed P, over 128 threads."""
+    return pad64(dv) // 2 + block_n // 2 + block_n // 4 + 48
+
+
+def check_budget_formulas(p, d, dv):
+    """The plan's smem and register estimates follow its path's formula."""
+    if p.path == "wgmma":
+        assert p.arch == "sm_90" and p.target == "sm_90a"
+        assert (p.block_m, p.warps, p.mma_warps, p.m_tiles) == (128, 12, 8, 1)
+        assert p.head_dim_padded == pad64(d) == d and p.head_dim_v_padded == pad64(dv) == dv <= d
+        assert p.smem_bytes == design_smem_wgmma(d, dv, p.block_m, p.block_n, p.stages)
+        assert p.regs_estimate == design_regs_wgmma(dv, p.block_n) <= 240
+    else:
+        assert p.path == "mma_sync" and p.target == p.arch and p.mma_warps == p.warps
+        assert p.block_m == 16 * p.warps * p.m_tiles
+        assert p.head_dim_padded == pad16(d) and p.head_dim_v_padded == pad16(dv)
+        assert p.smem_bytes == design_smem(d, dv, p.block_m, p.block_n, p.stages)
+        assert p.regs_estimate == design_regs(dv, p.block_n, p.m_tiles) <= MAX_REGS
+
+
 def test_plan_function_and_module_are_distinct():
     assert callable(attngen.plan)
     assert plan_mod.smem_bytes is smem_bytes
@@ -57,16 +87,17 @@ def test_plan_always_fits(d, dtype, causal, arch):
     assert p.arch == arch
     assert p.smem_bytes <= dev.smem_per_block
     assert p.regs_estimate <= MAX_REGS
-    assert p.block_m == 16 * p.warps * p.m_tiles
     assert p.block_n % 16 == 0 and p.block_n > 0
     assert p.head_dim_padded >= d and p.head_dim_padded % 16 == 0
     assert p.head_dim_v_padded >= d and p.head_dim_v_padded % 16 == 0
     assert p.ctas_per_sm >= 1
     assert p.stages >= 2
     assert p.threads == 32 * p.warps
-    assert p.smem_bytes == smem_bytes(spec, p.block_m, p.block_n, p.stages)
-    assert p.smem_bytes == design_smem(d, d, p.block_m, p.block_n, p.stages)
-    assert p.regs_estimate == design_regs(d, p.block_n, p.m_tiles)
+    if p.path == "mma_sync":
+        assert p.smem_bytes == smem_bytes(spec, p.block_m, p.block_n, p.stages)
+    check_budget_formulas(p, d, d)
+    # Hopper takes the wgmma path wherever it can serve the head dim; other GPUs never do
+    assert (p.path == "wgmma") == (arch == "sm_90" and d % 64 == 0)
     assert p.bound in ("mma", "hbm", "smem")
     assert p.predicted_time_us > 0 and math.isfinite(p.predicted_time_us)
     # the public entry point and make_plan over the preset agree
@@ -79,9 +110,8 @@ def test_plan_fits_with_head_dim_v(d, dv, arch):
     spec = Spec(head_dim=d, head_dim_v=dv, causal=True)
     dev = preset(arch)
     p = attngen.plan(spec, arch=arch)
-    assert p.head_dim_padded == pad16(d) and p.head_dim_v_padded == pad16(dv)
-    assert p.smem_bytes == design_smem(d, dv, p.block_m, p.block_n, p.stages) <= dev.smem_per_block
-    assert p.regs_estimate == design_regs(dv, p.block_n, p.m_tiles) <= MAX_REGS
+    assert p.smem_bytes <= dev.smem_per_block
+    check_budget_formulas(p, d, dv)
 
 
 def test_plan_deterministic():
@@ -111,7 +141,8 @@ def test_candidates(d, arch):
         for causal in (False, True):
             spec = Spec(head_dim=d, dtype=dtype, causal=causal)
             table = candidates(spec, dev)
-            assert len(table) == len({(c.block_m, c.block_n, c.warps, c.stages) for c in table})
+            assert len(table) == len({(c.block_m, c.block_n, c.warps, c.stages, c.path) for c in table})
+            assert any(c.path == "wgmma" for c in table) == (arch == "sm_90")
             fits = [c for c in table if c.plan is not None]
             rejected = [c for c in table if c.plan is None]
             assert fits, "at least one candidate fits"
@@ -121,8 +152,8 @@ def test_candidates(d, arch):
                 assert isinstance(c.reject, str) and c.reject.strip()
             for c in fits:
                 assert c.reject == ""
-                assert (c.plan.block_m, c.plan.block_n, c.plan.warps, c.plan.stages) == \
-                       (c.block_m, c.block_n, c.warps, c.stages)
+                assert (c.plan.block_m, c.plan.block_n, c.plan.warps, c.plan.stages, c.plan.path) == \
+                       (c.block_m, c.block_n, c.warps, c.stages, c.path)
                 assert c.plan.smem_bytes <= dev.smem_per_block
                 assert c.plan.regs_estimate <= MAX_REGS
             # ranked by predicted time (rank_key compares times rounded to 0.1 us, then regs, then smem)
@@ -132,6 +163,11 @@ def test_candidates(d, arch):
             # the best candidate is the plan
             assert fits[0].plan == make_plan(spec, dev)
             for c in table:
+                if c.path == "wgmma":
+                    smem = design_smem_wgmma(d, d, c.block_m, c.block_n, c.stages)
+                    assert (c.plan is None) == (d % 64 != 0 or smem > dev.smem_per_block
+                                                or design_regs_wgmma(d, c.block_n) > 240), (c, smem)
+                    continue
                 smem = design_smem(d, d, c.block_m, c.block_n, c.stages)
                 if c.block_m % (16 * c.warps) or c.block_m // (16 * c.warps) > 2 or c.block_n % 16:
                     assert c.plan is None
@@ -214,7 +250,7 @@ def test_every_fitting_candidate_honoured_as_override(d, arch):
     dev = preset(arch)
     base = Spec(head_dim=d, causal=True)
     for c in candidates(base, dev):
-        tile = {"block_m": c.block_m, "block_n": c.block_n, "warps": c.warps, "stages": c.stages}
+        tile = {"block_m": c.block_m, "block_n": c.block_n, "warps": c.warps, "stages": c.stages, "path": c.path}
         spec = Spec(head_dim=d, causal=True, tile=tile)
         if c.plan is None:
             with pytest.raises(PlanError):
@@ -223,6 +259,30 @@ def test_every_fitting_candidate_honoured_as_override(d, arch):
             p = attngen.plan(spec, arch=arch)
             assert (p.block_m, p.block_n, p.warps, p.stages) == (c.block_m, c.block_n, c.warps, c.stages)
             assert p == c.plan
+
+
+@pytest.mark.parametrize("tile,arch,why", [
+    ({"block_m": 128, "block_n": 128, "warps": 12, "path": "wgmma"}, "sm_80", "needs sm_90"),
+    ({"block_m": 64, "block_n": 128, "warps": 12, "path": "wgmma"}, "sm_90", "block_m=64"),
+    ({"block_m": 128, "block_n": 192, "warps": 12, "path": "wgmma"}, "sm_90", "registers per compute thread"),
+    ({"block_m": 128, "block_n": 256, "warps": 12, "path": "wgmma"}, "sm_90", "shared memory"),
+])
+def test_wgmma_override_rejected(tile, arch, why):
+    with pytest.raises(PlanError, match=why):
+        attngen.plan(Spec(head_dim=128, tile=tile), arch=arch)
+
+
+def test_wgmma_head_dims():
+    """Head dims that are not whole 64-column chunks (or a wider V than K) stay on mma.sync on Hopper."""
+    for d, dv in ((96, 96), (80, 80), (64, 128), (32, 32)):
+        assert attngen.plan(Spec(head_dim=d, head_dim_v=dv), arch="sm_90").path == "mma_sync"
+    with pytest.raises(PlanError, match="multiples of 64"):
+        attngen.plan(Spec(head_dim=96, tile={"block_m": 128, "block_n": 128, "warps": 12, "path": "wgmma"}), arch="sm_90")
+
+
+def test_tile_path_validated():
+    with pytest.raises(SpecError, match="tile.path"):
+        Spec(head_dim=64, tile={"block_m": 128, "block_n": 64, "warps": 4, "path": "tcgen05"})
 
 
 @pytest.mark.parametrize("tile,why", [
@@ -331,7 +391,7 @@ def test_causal_predicted_faster(d, arch, dtype):
     for c in candidates(full, dev):
         if c.plan is None:
             continue
-        cc = plan_mod.evaluate(causal, dev, c.block_m, c.block_n, c.warps, c.stages)
+        cc = plan_mod.evaluate(causal, dev, c.block_m, c.block_n, c.warps, c.stages, c.path)
         assert cc.plan.predicted_time_us < c.plan.predicted_time_us
         assert cc.plan.predicted_flops == pytest.approx(c.plan.predicted_flops / 2)
 

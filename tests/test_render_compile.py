@@ -22,7 +22,7 @@ HEAD_DIMS = (8, 32, 40, 64, 96, 128, 160, 192, 256)
 def compiled(spec, arch):
     plan = attngen.plan(spec, arch=arch)
     source = attngen.render(spec, plan)
-    return plan, source, nvrtc_compile(source, spec.name, arch, kernel_name(spec))
+    return plan, source, nvrtc_compile(source, spec.name, plan.target, kernel_name(spec))
 
 
 def built(spec, arch):
@@ -30,7 +30,7 @@ def built(spec, arch):
     from attngen.api import plan_and_compile
     from attngen.device import preset
 
-    compile_source = lambda source, plan: (nvrtc_compile(source, spec.name, arch, kernel_name(spec)), None)  # noqa: E731
+    compile_source = lambda source, plan: (nvrtc_compile(source, spec.name, plan.target, kernel_name(spec)), None)  # noqa: E731
     plan, source, (binary, _) = plan_and_compile(spec, preset(arch), compile_source)
     return plan, source, binary
 
@@ -47,8 +47,16 @@ def test_every_variant_compiles_without_spills(d, dtype, causal, arch):
     assert r.registers <= 255
     assert binary.cubin[:4] == b"\x7fELF" and ".entry " + kernel_name(spec) in binary.ptx
     # the tensor-core and async-copy instructions the design promises are really there
-    for instruction in ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
-                        "ldmatrix.sync.aligned.m8n8.x4.trans", "cp.async.cg.shared.global", "ex2.approx"):
+    if plan.path == "wgmma":      # Hopper: TMA into mbarrier-tracked stages, warpgroup MMAs, setmaxnreg
+        assert arch == "sm_90" and d % 64 == 0 and binary.arch == "sm_90a"
+        instructions = (f"wgmma.mma_async.sync.aligned.m64n{plan.block_n}k16.f32", f"wgmma.mma_async.sync.aligned.m64n{d}k16.f32",
+                        "cp.async.bulk.tensor.4d.shared::cluster.global", "mbarrier.try_wait.parity",
+                        "setmaxnreg.inc.sync.aligned.u32 240", "setmaxnreg.dec.sync.aligned.u32 24", "ex2.approx")
+    else:
+        assert not (arch == "sm_90" and d % 64 == 0)
+        instructions = ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+                        "ldmatrix.sync.aligned.m8n8.x4.trans", "cp.async.cg.shared.global", "ex2.approx")
+    for instruction in instructions:
         assert instruction in binary.ptx, instruction
     assert (".f16.f16" if dtype == "fp16" else ".bf16.bf16") in binary.ptx
 
