@@ -224,6 +224,21 @@ def predict_us(spec: Spec, plan: Plan, device: Device, batch: int, seqlen_q: int
                         batch, seqlen_q, seqlen_k, heads, plan.path)[3]
 
 
+def layout_fit(spec: Spec, device: Device, block_m: int, block_n: int, warps: int, smem: int) -> tuple[int, str]:
+    """Shared memory with the sparse step list at the reference seqlen, and why the tiles do not fit the
+    mask blocks or the device ("" when they do); both kernel paths check these."""
+    if variant_of(spec).schedule == "runtime" or variant_of(spec).block_table:
+        rows, cols = spec.mask_block_size
+        if rows % block_m or cols % block_n:
+            return smem, f"tiles {block_m}x{block_n} do not divide the mask blocks {rows}x{cols}"
+    # A sparse schedule lists its key tiles in shared memory too (sized at launch; here at the reference seqlen).
+    smem_at_reference = smem + tile_list_bytes(spec, warps, block_n, REFERENCE_PROBLEM["seqlen_k"])
+    if smem_at_reference > device.smem_per_block:
+        return smem_at_reference, (f"shared memory {smem_at_reference} B exceeds the {device.arch} budget of "
+                                   f"{device.smem_per_block} B by {smem_at_reference - device.smem_per_block} B")
+    return smem_at_reference, ""
+
+
 def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int, stages: int,
              path: str = "mma_sync") -> Candidate:
     """Build the plan for one tile configuration, or say why it does not fit."""
@@ -240,16 +255,10 @@ def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int,
         return reject(f"{m_tiles} mma row tiles per warp (at most 2)")
     if block_n % 16:
         return reject(f"block_n={block_n} is not a multiple of 16")
-    if variant_of(spec).schedule == "runtime" or variant_of(spec).block_table:
-        rows, cols = spec.mask_block_size
-        if rows % block_m or cols % block_n:
-            return reject(f"tiles {block_m}x{block_n} do not divide the mask blocks {rows}x{cols}")
     smem = smem_bytes(spec, block_m, block_n, stages)
-    # A pattern schedule lists its key tiles in shared memory too (sized at launch; here at the reference seqlen).
-    smem_at_reference = smem + tile_list_bytes(spec, warps, block_n, REFERENCE_PROBLEM["seqlen_k"])
-    if smem_at_reference > device.smem_per_block:
-        return reject(f"shared memory {smem_at_reference} B exceeds the {device.arch} budget of "
-                      f"{device.smem_per_block} B by {smem_at_reference - device.smem_per_block} B")
+    smem_at_reference, why = layout_fit(spec, device, block_m, block_n, warps, smem)
+    if why:
+        return reject(why)
     regs = regs_estimate(spec, block_n, m_tiles)
     if regs > device.max_regs_per_thread:
         return reject(f"~{regs} registers/thread exceed {device.max_regs_per_thread}")
@@ -274,15 +283,10 @@ def evaluate_wgmma(spec: Spec, device: Device, block_m: int, block_n: int, warps
                       f"on {4 * (1 + WGMMA_COMPUTE_GROUPS)} warps")
     if block_n % 16 or not 16 <= block_n <= 256:
         return reject(f"wgmma path: block_n={block_n} must be a multiple of 16 in 16..256")
-    if variant_of(spec).schedule == "runtime" or variant_of(spec).block_table:
-        rows, cols = spec.mask_block_size
-        if rows % block_m or cols % block_n:
-            return reject(f"tiles {block_m}x{block_n} do not divide the mask blocks {rows}x{cols}")
     smem = wgmma_smem_bytes(spec, block_m, block_n, stages)
-    smem_at_reference = smem + tile_list_bytes(spec, warps, block_n, REFERENCE_PROBLEM["seqlen_k"])
-    if smem_at_reference > device.smem_per_block:
-        return reject(f"shared memory {smem_at_reference} B exceeds the {device.arch} budget of "
-                      f"{device.smem_per_block} B by {smem_at_reference - device.smem_per_block} B")
+    _, why = layout_fit(spec, device, block_m, block_n, warps, smem)
+    if why:
+        return reject(why)
     regs = wgmma_registers(spec, block_n)
     if regs > WGMMA_CONSUMER_REGS:
         return reject(f"~{regs} registers per compute thread exceed the {WGMMA_CONSUMER_REGS} setmaxnreg gives")

@@ -7,7 +7,8 @@ kernel, then random layouts of density 1/8 .. 1, a structured one (the first 8 b
 for the wgmma and the mma.sync kernel. The last column is the time per CTA step and wave: its fall with
 density shows the fixed cost of a CTA (prologue, pipeline fill, epilogue) being amortised.
 """
-import numpy as np, torch, attngen
+import numpy as np
+import attngen
 from attngen.benchmark import make_inputs, time_ms
 from attngen.masks import BlockMask
 b, s, h, d = 4, 4096, 16, 128
