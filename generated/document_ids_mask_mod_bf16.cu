@@ -554,6 +554,10 @@ document_ids_mask_mod_bf16_fwd(const __grid_constant__ TensorMap q_map, const __
             mbarrier_init(v_empty(slot), MMA_WARPS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");   // visible to the copy engine
+        // Q first: it does not depend on the key schedule, so its copy overlaps the building of the step list.
+        mbarrier_expect_bytes(q_full, Q_TILE_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / CHUNK; ++c) tma_load(q_smem + c * Q_CHUNK_BYTES, q_map, c * CHUNK, m_start, head, batch, q_full);
     }
     // Pattern schedule: the mask is code; the CTA lists the kept key tiles of its query rows in shared
     // memory (after the K/V ring) before the first load. Query tiles with no kept tile run no step.
@@ -572,9 +576,6 @@ document_ids_mask_mod_bf16_fwd(const __grid_constant__ TensorMap q_map, const __
         // ---- producer warpgroup: one thread issues every copy ----
         registers_down<PRODUCER_REGS>();
         if (tid == 0) {
-            mbarrier_expect_bytes(q_full, Q_TILE_BYTES);
-#pragma unroll
-            for (int c = 0; c < D / CHUNK; ++c) tma_load(q_smem + c * Q_CHUNK_BYTES, q_map, c * CHUNK, m_start, head, batch, q_full);
             for (int j = 0; j < n_tiles; ++j) {
                 const int slot = j % STAGES, round = j / STAGES;
                 const int key0 = kv_tile_of(j) * BLOCK_N;

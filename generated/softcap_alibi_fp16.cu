@@ -522,6 +522,10 @@ softcap_alibi_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_con
             mbarrier_init(v_empty(slot), MMA_WARPS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");   // visible to the copy engine
+        // Q first: it does not depend on the key schedule, so its copy overlaps the building of the step list.
+        mbarrier_expect_bytes(q_full, Q_TILE_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / CHUNK; ++c) tma_load(q_smem + c * Q_CHUNK_BYTES, q_map, c * CHUNK, m_start, head, batch, q_full);
     }
     // Dense schedule: key tiles 0 .. n_tiles-1 in order; only the tail and diagonal ones need a mask.
     auto kv_tile_of = [](int j) { return j; };
@@ -535,9 +539,6 @@ softcap_alibi_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_con
         // ---- producer warpgroup: one thread issues every copy ----
         registers_down<PRODUCER_REGS>();
         if (tid == 0) {
-            mbarrier_expect_bytes(q_full, Q_TILE_BYTES);
-#pragma unroll
-            for (int c = 0; c < D / CHUNK; ++c) tma_load(q_smem + c * Q_CHUNK_BYTES, q_map, c * CHUNK, m_start, head, batch, q_full);
             for (int j = 0; j < n_tiles; ++j) {
                 const int slot = j % STAGES, round = j / STAGES;
                 const int key0 = kv_tile_of(j) * BLOCK_N;
