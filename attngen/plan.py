@@ -360,21 +360,30 @@ def explain(spec: Spec, device: Device) -> str:
         f"(128 B/clk x {device.clock_ghz:g} GHz x {device.sm_count} SMs)) / wave efficiency, for batch="
         f"{REFERENCE_PROBLEM['batch']} seqlen={REFERENCE_PROBLEM['seqlen_q']} heads="
         f"{spec.num_heads or REFERENCE_PROBLEM['heads']}",
+    ]
+    if device.cc == 90:
+        lines[3:3] = ["path   mma_sync (the formulas below) | wgmma (sm_90a: 1 loading + "
+                      f"{WGMMA_COMPUTE_GROUPS} compute warpgroups, 1 CTA/SM):"]
+        lines += [
+            f"wgmma  smem = {WGMMA_SMEM_ALIGN} + (block_m*d + stages*block_n*(d+dv)) * {eb} + mbarriers B (swizzled, no "
+            f"padding; d, dv whole 64-column chunks); regs ~ dv/2 + block_n/2 + block_n/4 + {WGMMA_REG_OVERHEAD} per "
+            f"compute thread <= {WGMMA_CONSUMER_REGS}; time at {device.matrix_peak_tflops:g} TFLOP/s"]
+    lines += [
         "",
-        f"  {'bm':>4} {'bn':>4} {'warps':>5} {'stg':>3} {'smem B':>8} {'regs':>4} {'cta/SM':>6} "
+        f"  {'path':>8} {'bm':>4} {'bn':>4} {'warps':>5} {'stg':>3} {'smem B':>8} {'regs':>4} {'cta/SM':>6} "
         f"{'GFLOP':>7} {'HBM MB':>7} {'t us':>8} {'bound':>5}  note",
     ]
     if table is None:
-        table = [Candidate(chosen.block_m, chosen.block_n, chosen.warps, chosen.stages, chosen, "")]
+        table = [Candidate(chosen.block_m, chosen.block_n, chosen.warps, chosen.stages, chosen, "", chosen.path)]
         lines.insert(-1, "tile   fixed by the spec's tile override")
     for c in table:
         p = c.plan
         if p is None:
-            lines.append(f"  {c.block_m:>4} {c.block_n:>4} {c.warps:>5} {c.stages:>3} {'':>8} {'':>4} {'':>6} "
+            lines.append(f"  {c.path:>8} {c.block_m:>4} {c.block_n:>4} {c.warps:>5} {c.stages:>3} {'':>8} {'':>4} {'':>6} "
                          f"{'':>7} {'':>7} {'':>8} {'':>5}  rejected: {c.reject}")
             continue
         mark = "<- chosen" if p == chosen else ""
-        lines.append(f"  {p.block_m:>4} {p.block_n:>4} {p.warps:>5} {p.stages:>3} {p.smem_bytes:>8} "
+        lines.append(f"  {p.path:>8} {p.block_m:>4} {p.block_n:>4} {p.warps:>5} {p.stages:>3} {p.smem_bytes:>8} "
                      f"{p.regs_estimate:>4} {p.ctas_per_sm:>6} {p.predicted_flops / 1e9:>7.1f} "
                      f"{p.predicted_hbm_bytes / 1e6:>7.1f} {p.predicted_time_us:>8.1f} {p.bound:>5}  {mark}")
     return "\n".join(lines)

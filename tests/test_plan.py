@@ -308,7 +308,9 @@ def _chosen_row(text):
     rows = [line for line in text.splitlines() if "<- chosen" in line]
     assert len(rows) == 1, text
     assert text.count("<- chosen") == 1
-    return [int(x) for x in rows[0].split()[:7]]
+    path, *numbers = rows[0].split()[:8]
+    assert path in ("mma_sync", "wgmma")
+    return [int(x) for x in numbers]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -331,6 +333,9 @@ def test_explain(d, arch, causal):
     # every candidate is listed; rejected rows say why
     table = candidates(spec, dev)
     assert text.count("rejected: ") == sum(1 for c in table if c.plan is None)
+    # each row names its kernel path; Hopper also states the wgmma budget
+    assert f" {p.path} " in [line for line in text.splitlines() if "<- chosen" in line][0]
+    assert ("wgmma  smem = " in text) == (arch == "sm_90")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
