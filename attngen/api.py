@@ -80,9 +80,10 @@ def build(spec: Spec, device: int | None = None, path: str | None = None) -> Ker
 UNBOUNDED_WINDOW = 1 << 30    # a window side of -1 (FlashAttention's "no limit") as a number
 
 
-def plan_and_compile_backward(spec: Spec, device, compile_source):
-    """Each backward pass's best-ranked candidate that ptxas compiles without spilling (as plan_and_compile).
-    `compile_source(source, kind)` returns (Binary, anything); returns (BackwardPlan, sources, results)."""
+def plan_and_compile_backward(spec: Spec, device, compile_source, path: str | None = None):
+    """Each backward pass's best-ranked candidate that ptxas compiles without spilling (as plan_and_compile);
+    path = "mma_sync" leaves the wgmma dK/dV pass out. `compile_source(source, kind, target)` returns
+    (Binary, anything); returns (BackwardPlan, sources, results)."""
     from .plan_backward import BackwardPlan, make_backward_plan, pass_candidates, pass_kinds
     from .tune import backward_key, load_tuned, tuned_first
 
@@ -91,11 +92,11 @@ def plan_and_compile_backward(spec: Spec, device, compile_source):
     tuned = load_tuned(spec, device.name)
     for kind in pass_kinds(spec):
         name = f"backward_{kind}"
-        ranked = [p for _, p, _ in pass_candidates(kind, spec, device) if p is not None]
+        ranked = [p for _, p, _ in pass_candidates(kind, spec, device) if p is not None and path in (None, p.path)]
         ranked = tuned_first(ranked, tuned.get(name), backward_key)[:MAX_COMPILE_TRIES]
         for candidate in ranked:
             source = render(spec, candidate, name)
-            result = compile_source(source, name)
+            result = compile_source(source, name, candidate.target)
             r = result[0].resources
             if r.stack_frame == 0 and not r.spill_bytes:
                 chosen[kind], sources[name], results[name] = candidate, source, result
@@ -105,22 +106,26 @@ def plan_and_compile_backward(spec: Spec, device, compile_source):
     return BackwardPlan(device.arch, chosen["dq"], chosen["dkdv"]), sources, results
 
 
-def build_backward(spec: Spec, device: int | None = None):
-    """The backward kernels of `spec` (delta, dQ, dK/dV) for a live GPU, cached like build()."""
+def build_backward(spec: Spec, device: int | None = None, path: str | None = None):
+    """The backward kernels of `spec` (delta, dQ, dK/dV) for a live GPU, cached like build(); path =
+    "mma_sync" keeps the dK/dV pass off the wgmma path (the fallback for inputs TMA cannot address)."""
     import cupy
 
     from .backward import BackwardKernels, check_backward_support
 
     check_backward_support(spec)
     index = cupy.cuda.runtime.getDevice() if device is None else device
-    key = ("backward", spec, index)
+    if path not in (None, "mma_sync", "wgmma"):
+        raise ValueError(f"path: got {path!r}; allowed: None | 'mma_sync' | 'wgmma'")
+    key = ("backward", spec, index, path)
     with _kernels_lock:
         if key in _kernels:
             return _kernels[key]
     with cupy.cuda.Device(index):
         dev = device_mod.live_device(index)
         plan, sources, compiled = plan_and_compile_backward(
-            spec, dev, lambda src, kind: compile_cached(src, f"{spec.name}_{kind}", dev.arch, kernel_name(spec, kind)))
+            spec, dev, lambda src, kind, target: compile_cached(src, f"{spec.name}_{kind}", target, kernel_name(spec, kind)),
+            path)
         kernels = BackwardKernels(spec, plan, sources, {k: c[1] for k, c in compiled.items()},
                                   {k: c[0] for k, c in compiled.items()}, build(spec, index))
     with _kernels_lock:

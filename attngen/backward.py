@@ -4,7 +4,9 @@ Launches on the caller's stream: delta = rowsum(dO * O), then dK/dV (a CTA per k
 summing its GQA group's query heads in registers), which by default also adds dQ into a zeroed fp32 buffer
 with atomics, then a conversion of that buffer to dQ. With `deterministic: true` a dQ pass (a CTA per
 query tile and column chunk) runs before dK/dV instead: no atomics anywhere, so the gradients are
-bit-identical run to run.
+bit-identical run to run. On the wgmma path (Hopper) the dK/dV pass reads Q, K, V and dO through tensor
+maps, and the delta kernel writes each query row's (LSE in base 2, delta) pair, padded to whole steps, for
+the producer to copy in one piece.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import math
 
 import numpy as np
 
-from .launch import ELEMENT_ALIGN, _current_stream, _empty_like, _view, check_inputs, ensure_dynamic_smem
+from .launch import (ELEMENT_ALIGN, ArgumentBlock, _current_stream, _empty_like, _stream_handle, _view,
+                     check_inputs, ensure_dynamic_smem)
 from .plan import tile_list_bytes
 from .plan_backward import BackwardPlan
 from .spec import Spec
+from .tma import TensorMapArgument
 from .variant import variant_of
 
 DELTA_ROWS_PER_CTA = 8     # one warp per query row, 256 threads (the delta kernel's launch bounds)
@@ -88,8 +92,6 @@ class BackwardKernels:
                                    ("dv", dv, vv.shape)):
             given = _empty_like(qv, shape, spec.dtype) if given is None else given
             grads[name] = (given, _row_major_view(name, given, shape, spec.dtype, qv))
-        delta = _empty_like(qv, (batch, heads_q, seqlen_q), "fp32")
-        dlv = _view("delta", delta)
         strides = lambda view: tuple(np.int64(s) for s in view.strides[:3])  # noqa: E731
         variant, fwd = self.variant, self.forward
         sizes = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
@@ -111,12 +113,35 @@ class BackwardKernels:
         dkdv_smem = pkv.smem_bytes + (4 * (pkv.warps + (heads_q // heads_kv) * rows_padded // pkv.block_m)
                                       if sparse else 0)
         rows = batch * heads_q * seqlen_q
+        wgmma = pkv.path == "wgmma"
+        if wgmma:
+            try:      # Q, K, V and dO as tensor maps (their strides inside)
+                maps = (TensorMapArgument("q", spec.dtype, qv.ptr, qv.shape, qv.strides, pkv.block_m),
+                        TensorMapArgument("k", spec.dtype, kv.ptr, kv.shape, kv.strides, pkv.block_n),
+                        TensorMapArgument("v", spec.dtype, vv.ptr, vv.shape, vv.strides, pkv.block_n),
+                        TensorMapArgument("dout", spec.dtype, dov.ptr, dov.shape, dov.strides, pkv.block_m))
+            except ValueError:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V)
+                from .api import build_backward
+
+                return build_backward(spec, qv.device, path="mma_sync")(
+                    q, k, v, out, lse, dout, scale=scale, dq=grads["dq"][0], dk=grads["dk"][0], dv=grads["dv"][0],
+                    alibi_slopes=alibi_slopes, tensors=tensors, block_mask=block_mask)
+            # per padded query row: (LSE in base 2, delta)
+            delta = _empty_like(qv, (batch, heads_q, rows_padded, 2), "fp32")
+            dlv = _view("row_stats", delta)
+            delta_args = (np.uint64(lv.ptr), np.uint64(dlv.ptr), *strides(ov), *strides(dov), np.int32(seqlen_q),
+                          np.int32(heads_q), np.int32(rows_padded))
+            delta_rows = batch * heads_q * rows_padded
+        else:
+            delta = _empty_like(qv, (batch, heads_q, seqlen_q), "fp32")
+            dlv = _view("delta", delta)
+            delta_args = (np.uint64(dlv.ptr), *strides(ov), *strides(dov), np.int32(seqlen_q), np.int32(heads_q))
+            delta_rows = rows
         import cupy
 
         with cupy.cuda.Device(qv.device), _current_stream(qv):
-            self._delta((math.ceil(rows / DELTA_ROWS_PER_CTA),), (32 * DELTA_ROWS_PER_CTA,), (
-                np.uint64(ov.ptr), np.uint64(dov.ptr), np.uint64(dlv.ptr), *strides(ov), *strides(dov),
-                np.int32(seqlen_q), np.int32(heads_q), np.int32(rows)))
+            self._delta((math.ceil(delta_rows / DELTA_ROWS_PER_CTA),), (32 * DELTA_ROWS_PER_CTA,), (
+                np.uint64(ov.ptr), np.uint64(dov.ptr), *delta_args, np.int32(delta_rows)))
             inputs = (np.uint64(qv.ptr), np.uint64(kv.ptr), np.uint64(vv.ptr), np.uint64(dov.ptr),
                       np.uint64(lv.ptr), np.uint64(dlv.ptr))
             dqv, dkv, dvv = (grads[n][1] for n in ("dq", "dk", "dv"))
@@ -129,10 +154,16 @@ class BackwardKernels:
             else:           # the dK/dV pass adds dQ into a zeroed fp32 buffer, rows_padded rows per head
                 dq_accum = _zeros_like(qv, (batch, heads_q, rows_padded, pkv.head_dim_padded))
                 fused = (np.uint64(_view("dq_accum", dq_accum).ptr), np.int32(rows_padded))
-            self._dkdv((math.ceil(seqlen_k / pkv.block_n), heads_kv * pkv.n_chunks, batch), (pkv.threads,), (
-                *inputs, np.uint64(dkv.ptr), np.uint64(dvv.ptr), *fused, *strides(qv), *strides(kv), *strides(vv),
-                *strides(dov), *strides(dkv), *strides(dvv), *sizes, *layout_dkdv, *mods),
-                shared_mem=ensure_dynamic_smem(self._dkdv, dkdv_smem, "backward dK/dV: seqlen_q and the GQA group need"))
+            grid = (math.ceil(seqlen_k / pkv.block_n), heads_kv * pkv.n_chunks, batch)
+            dkdv_smem = ensure_dynamic_smem(self._dkdv, dkdv_smem, "backward dK/dV: seqlen_q and the GQA group need")
+            if wgmma:
+                ArgumentBlock(self._dkdv.kernel.ptr, grid, (pkv.threads, 1, 1), dkdv_smem, (
+                    *maps, np.uint64(dlv.ptr), np.uint64(dkv.ptr), np.uint64(dvv.ptr), *fused, *strides(dkv),
+                    *strides(dvv), *sizes, *layout_dkdv, *mods)).launch(_stream_handle(qv))
+            else:
+                self._dkdv(grid, (pkv.threads,), (
+                    *inputs, np.uint64(dkv.ptr), np.uint64(dvv.ptr), *fused, *strides(qv), *strides(kv), *strides(vv),
+                    *strides(dov), *strides(dkv), *strides(dvv), *sizes, *layout_dkdv, *mods), shared_mem=dkdv_smem)
             if pq is None:
                 pairs = rows * (spec.head_dim // 2)
                 self._dq_convert((math.ceil(pairs / CONVERT_THREADS),), (CONVERT_THREADS,), (

@@ -97,8 +97,8 @@ def backward_artifacts(spec: Spec, device, manifest: dict) -> dict:
 
     try:
         check_backward_support(spec)
-        plan, sources, results = plan_and_compile_backward(spec, device, lambda src, kind: (
-            nvrtc_compile(src, f"{spec.name}_{kind}", device.arch, kernel_name(spec, kind)), None))
+        plan, sources, results = plan_and_compile_backward(spec, device, lambda src, kind, target: (
+            nvrtc_compile(src, f"{spec.name}_{kind}", target, kernel_name(spec, kind)), None))
     except (PlanError, ValueError) as exc:
         raise UsageFailure(f"{spec.name}: {exc}") from None
     files, resources = {}, {}

@@ -9,6 +9,11 @@
 Registers bound the accumulators, so wide heads split the gradient columns into chunks, one CTA each;
 every chunk recomputes the scores, which the ranking counts as extra matmul work. Shared memory holds the
 resident tiles plus a STAGES-deep ring of the streamed ones (rows padded like the forward's).
+
+On Hopper (sm_90a) the fused dK/dV pass has a wgmma form, ranked first where it applies (head_dim =
+head_dim_v = 64 or 128): a producer warpgroup brings K/V once and a ring of Q (with the rows' LSE and
+delta) and dO tiles by TMA; two compute warpgroups of 64 keys each hold all of dK and dV in registers
+and run the five matmuls per step as wgmma, dQ included (dS^T goes through swizzled shared memory).
 """
 
 from __future__ import annotations
@@ -18,14 +23,70 @@ from dataclasses import dataclass
 
 from .device import Device
 from .errors import PlanError
-from .plan import SMEM_ROW_PAD, WarpLaunch, occupancy, round_up
+from .plan import (SMEM_ROW_PAD, WGMMA_COMPUTE_GROUPS, WGMMA_CONSUMER_REGS, WGMMA_PRODUCER_REGS, WGMMA_SMEM_ALIGN,
+                   WarpLaunch, occupancy, round_up)
 from .spec import Spec
+from .variant import variant_of
 
 REG_OVERHEAD_BACKWARD = 64     # addresses, counters, ldmatrix fragments in flight (as the forward's)
 DKDV_REGS_PER_CHUNK_COL, DKDV_REGS_PER_QUERY, DKDV_REG_OVERHEAD = 1.25, 1.7, 36
 # The dK/dV pass's measured best CTA size on sm_90 (bench_backward_tiles.py, BENCHMARKS.md): 4 warps (64
 # keys) when it computes dK/dV only, 8 warps (128 keys) when it also adds dQ (half the atomics per FLOP).
 DKDV_WARPS, DKDV_WARPS_FUSED = 4, 8
+# The wgmma dK/dV pass: 64 keys per compute warpgroup (the wgmma M of S^T); steps of 64 queries at head_dim
+# 128 and 128 at 64, so that each step's dQ is two 64 x 64 parts, one per warpgroup.
+WGMMA_BWD_KEYS_PER_GROUP, WGMMA_BWD_STAGES = 64, 2
+WGMMA_BWD_HEAD_DIMS = (64, 128)    # dK and dV (64 + 64 registers per thread at 128) stay in registers
+WGMMA_BWD_REG_OVERHEAD = 40        # descriptors, barrier addresses, the step's LSE/delta, loop state
+
+
+def wgmma_dkdv_unsupported(spec: Spec, device: Device) -> str:
+    """Why the wgmma dK/dV pass cannot serve this spec on this device ("" when it can)."""
+    if device.cc != 90:
+        return f"wgmma needs sm_90 (Hopper), not {device.arch}"
+    if spec.deterministic:
+        return "deterministic: the wgmma pass adds dQ with atomics"
+    if spec.head_dim != spec.dv or spec.head_dim not in WGMMA_BWD_HEAD_DIMS:
+        return f"wgmma backward: head_dim = head_dim_v in {WGMMA_BWD_HEAD_DIMS}, got {spec.head_dim}/{spec.dv}"
+    if variant_of(spec).schedule == "pattern":
+        # ptxas serializes the pass's wgmma behind the pattern's step classification (C7519)
+        return "wgmma backward: pattern masks (as code) run on mma.sync"
+    return ""
+
+
+def wgmma_dkdv_block_m(d: int) -> int:
+    return 64 * 64 * WGMMA_COMPUTE_GROUPS // d
+
+
+def wgmma_dkdv_smem_bytes(d: int, block_m: int, block_n: int, stages: int) -> int:
+    """K and V, a ring of Q and dO tiles with 8 bytes of row statistics per query, two dS^T buffers (one
+    is read by the other warpgroup's dQ while this one writes), then the mbarriers (kv, then per slot q,
+    do, empty) in 16-byte units; plus the 1 KB the launch adds to align to the swizzle period."""
+    tiles = 2 * block_n * d * 2 + stages * (2 * block_m * d * 2 + block_m * 8) + 2 * block_n * block_m * 2
+    barriers = (1 + 3 * stages) * 8
+    return WGMMA_SMEM_ALIGN + tiles + round_up(barriers, 16)
+
+
+def _wgmma_dkdv_pass(spec: Spec, device: Device, stages: int) -> tuple[BackwardPass | None, str]:
+    why = wgmma_dkdv_unsupported(spec, device)
+    if why:
+        return None, why
+    d = spec.head_dim
+    block_m, block_n = wgmma_dkdv_block_m(d), WGMMA_BWD_KEYS_PER_GROUP * WGMMA_COMPUTE_GROUPS
+    if variant_of(spec).schedule == "runtime" or variant_of(spec).block_table:
+        rows, cols = spec.mask_block_size
+        if rows % block_m or cols % block_n:
+            return None, f"tiles {block_m}x{block_n} do not divide the mask blocks {rows}x{cols}"
+    smem = wgmma_dkdv_smem_bytes(d, block_m, block_n, stages)
+    if smem > device.smem_per_block:
+        return None, f"shared memory {smem} B exceeds {device.smem_per_block} B"
+    # dK and dV accumulators (d/2 each per thread), S^T and dP^T (block_m/2 each; dQ's 32 reuse them)
+    regs = d + block_m + WGMMA_BWD_REG_OVERHEAD
+    if regs > WGMMA_CONSUMER_REGS:
+        return None, f"~{regs} registers/thread exceed {WGMMA_CONSUMER_REGS}"
+    warps = 4 * (1 + WGMMA_COMPUTE_GROUPS)
+    return BackwardPass(device.arch, "dkdv", block_m, block_n, warps, stages, d, 1, d, d, 0, smem, regs, 1,
+                        (2 * (d + d) + d) / (2 * d), True, True, "wgmma"), ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +108,20 @@ class BackwardPass(WarpLaunch):
     matmul_factor: float      # matmul work relative to one forward, recomputation included
     fused_dq: bool            # dkdv: also adds dQ with atomics (no dq pass)
     vector_atomics: bool      # sm_90+: red.global.add.v2.f32 (two columns per instruction)
+    path: str = "mma_sync"    # "mma_sync" | "wgmma" (dK/dV on sm_90a)
+
+    @property
+    def target(self) -> str:
+        """The NVRTC target: wgmma and setmaxnreg need the arch-specific sm_90a."""
+        return self.arch + "a" if self.path == "wgmma" else self.arch
+
+    @property
+    def producer_registers(self) -> int:
+        return WGMMA_PRODUCER_REGS
+
+    @property
+    def consumer_registers(self) -> int:
+        return WGMMA_CONSUMER_REGS
 
 
 @dataclass(frozen=True)
@@ -76,8 +151,6 @@ def _chunks(d: int, dv: int, kind: str) -> list[int]:
 
 
 def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stages) -> tuple[BackwardPass | None, str]:
-    from .variant import variant_of
-
     variant = variant_of(spec)
     if variant.schedule == "runtime" or variant.block_table:
         rows, cols = spec.mask_block_size          # a tile must lie inside one block of the layout / table
@@ -115,17 +188,22 @@ def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stag
 
 
 def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, BackwardPass | None, str]]:
-    """((block_m, block_n, warps, chunk, stages), pass or None, why rejected) for every configuration, best
+    """((block_m, block_n, warps, chunk, stages, path), pass or None, why rejected) for every configuration, best
     first. Two warps and a single stage (no overlap of loads and math) exist for small shared memories."""
     d, dv = round_up(spec.head_dim, 16), round_up(spec.dv, 16)
     out = []
+    if kind == "dkdv" and device.cc == 90:
+        for stages in (WGMMA_BWD_STAGES, WGMMA_BWD_STAGES + 1):
+            p, why = _wgmma_dkdv_pass(spec, device, stages)
+            out.append(((wgmma_dkdv_block_m(spec.head_dim), WGMMA_BWD_KEYS_PER_GROUP * WGMMA_COMPUTE_GROUPS,
+                         4 * (1 + WGMMA_COMPUTE_GROUPS), d, stages, "wgmma"), p, why))
     for warps in (2, 4, 8):
         for other in (32, 64, 128) if kind == "dq" else (32, 64):
             for chunk in _chunks(d, dv, kind):
                 for stages in (3, 2, 1):
                     block_m, block_n = (16 * warps, other) if kind == "dq" else (other, 16 * warps)
                     p, why = _pass(kind, spec, device, block_m, block_n, warps, chunk, stages)
-                    out.append(((block_m, block_n, warps, chunk, stages), p, why))
+                    out.append(((block_m, block_n, warps, chunk, stages, "mma_sync"), p, why))
 
     def rank(item):
         p = item[1]
@@ -134,6 +212,8 @@ def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, 
         # overlapped loads, least recomputation, the biggest tile (operand reuse), more CTAs per SM; dK/dV
         # first prefers its measured best warp count
         preferred = 0 if kind == "dq" or p.warps == (DKDV_WARPS_FUSED if p.fused_dq else DKDV_WARPS) else 1
+        if p.path == "wgmma":     # the tensor cores' own path first, its default ring depth before a deeper one
+            return (-math.inf, p.stages != WGMMA_BWD_STAGES)
         return (-p.stages, p.matmul_factor, preferred, -(p.block_m * p.block_n), -p.ctas_per_sm)
     return sorted(out, key=rank)
 
@@ -156,12 +236,12 @@ def explain_backward(spec: Spec, device: Device) -> str:
              f"tile area, then CTAs per SM"]
     for kind in pass_kinds(spec):
         lines.append(f"  {kind}: {'block_m (CTA) x block_n (step)' if kind == 'dq' else 'block_m (step) x block_n (CTA)'}")
-        lines.append(f"    {'':2}{'tile':>9} {'warps':>5} {'chunk':>5} {'stages':>6} {'smem B':>7} {'regs':>5} "
+        lines.append(f"    {'':2}{'tile':>9} {'path':>8} {'warps':>5} {'chunk':>5} {'stages':>6} {'smem B':>7} {'regs':>5} "
                      f"{'CTAs':>4} {'matmul':>6}  note")
         ranked = pass_candidates(kind, spec, device)
-        for i, ((bm, bn, warps, chunk, stages), p, why) in enumerate(ranked):
+        for i, ((bm, bn, warps, chunk, stages, path), p, why) in enumerate(ranked):
             mark = "->" if i == 0 and p else "  "
-            head = f"    {mark}{bm:>4}x{bn:<4} {warps:>5} {chunk:>5} {stages:>6}"
+            head = f"    {mark}{bm:>4}x{bn:<4} {path:>8} {warps:>5} {chunk:>5} {stages:>6}"
             if p:
                 lines.append(f"{head} {p.smem_bytes:>7} {p.regs_estimate:>5} {p.ctas_per_sm:>4} {p.matmul_factor:>6.2f}")
             else:

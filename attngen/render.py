@@ -12,7 +12,7 @@ from .spec import Spec
 from .variant import variant_of
 
 ENTRY_TEMPLATES = {"forward": "forward.cu.j2", "backward_dq": "backward_dq.cu.j2", "backward_dkdv": "backward_dkdv.cu.j2",
-                   "forward_wgmma": "forward_wgmma.cu.j2"}
+                   "forward_wgmma": "forward_wgmma.cu.j2", "backward_dkdv_wgmma": "backward_dkdv_wgmma.cu.j2"}
 KERNEL_SUFFIXES = {"forward": "fwd", "backward_dq": "bwd_dq", "backward_dkdv": "bwd_dkdv", "backward_delta": "bwd_delta",
                    "backward_dq_convert": "bwd_dq_convert"}
 MMA_TYPES = {"bf16": "bf16", "fp16": "f16"}
@@ -55,7 +55,7 @@ def kernel_name(spec: Spec, kind: str = "forward") -> str:
 def render(spec: Spec, plan, kind: str = "forward") -> str:
     """The CUDA C source of one kernel (forward: a Plan; backward_dq / backward_dkdv: that BackwardPass of
     a BackwardPlan); a pure function of (spec, plan)."""
-    entry = "forward_wgmma" if kind == "forward" and plan.path == "wgmma" else kind
+    entry = f"{kind}_wgmma" if plan.path == "wgmma" else kind
     template = environment().get_template(ENTRY_TEMPLATES[entry])
     spec_items = [(k, v) for k, v in spec.to_dict().items() if v is not None and v is not False]
     plan_items = list(plan.to_dict().items())

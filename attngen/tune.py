@@ -54,7 +54,7 @@ def forward_key(plan) -> list:
 
 
 def backward_key(bwd) -> list:
-    return [bwd.block_m, bwd.block_n, bwd.warps, bwd.chunk, bwd.stages]
+    return [bwd.block_m, bwd.block_n, bwd.warps, bwd.chunk, bwd.stages, bwd.path]
 
 
 def tuned_first(ranked: list, winner, key) -> list:
@@ -154,7 +154,7 @@ def tune(spec: Spec, seqlen: int = 4096, tokens: int = 16384, top: int = TUNE_TO
             for kind, bwd in (("backward_dq", dq_pass), ("backward_dkdv", cand)):
                 if bwd is not None:
                     sources[kind] = render(spec, bwd, kind)
-                    binaries[kind], cubins[kind] = compile_cached(sources[kind], f"{spec.name}_{kind}", device.arch,
+                    binaries[kind], cubins[kind] = compile_cached(sources[kind], f"{spec.name}_{kind}", bwd.target,
                                                                   kernel_name(spec, kind))
             kernels = BackwardKernels(spec, BackwardPlan(device.arch, dq_pass, cand), sources, cubins, binaries, fwd)
             row = measured("backward_dkdv", backward_key(cand), binaries["backward_dkdv"], None,

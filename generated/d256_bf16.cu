@@ -158,6 +158,13 @@ __device__ __forceinline__ void tma_load(unsigned dst, const TensorMap& map, int
                     "r"(batch), "r"(bar) : "memory");
 }
 
+// A contiguous copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) into shared memory at
+// dst; completion (in bytes) is signalled on bar.
+__device__ __forceinline__ void bulk_load(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
 __device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned value) {
     asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(value) : "memory");
 }
@@ -203,20 +210,22 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[N / 8][4]) {
 }
 
 // S[64 x BLOCK_N] (+)= Q[64 x 16] * K[BLOCK_N x 16]^T for one 16-wide k-step: both operands in shared
-// memory, K-major (descriptors); accumulate = 0 overwrites S.
-__device__ __forceinline__ void wgmma_scores(float (&d)[BLOCK_N / 8][4], unsigned long long desc_q,
-                                             unsigned long long desc_k, int accumulate) {
+// memory, K-major (descriptors).
+__device__ __forceinline__ void wgmma_scores(float (&d)[8][4], unsigned long long desc_a, unsigned long long desc_b,
+                                          int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
                    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-                 : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
+
 
 // O[64 x DV] += P[64 x 16] * V[16 x DV] for one 16-key step: P in registers (the A-fragment layout of
 // mma.sync, per warp), V in shared memory as stored, [keys][DV] (N-major: transposed by the instruction).
-__device__ __forceinline__ void wgmma_output(float (&d)[DV / 8][4], const unsigned (&p)[4], unsigned long long desc_v) {
+__device__ __forceinline__ void wgmma_output(float (&d)[32][4], const unsigned (&a)[4], unsigned long long desc_b,
+                                          int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
@@ -228,8 +237,9 @@ __device__ __forceinline__ void wgmma_output(float (&d)[DV / 8][4], const unsign
                    "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]), "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]), "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]), "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]),
                    "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]), "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]), "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]), "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]),
                    "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]), "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]), "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]), "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
-                 : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v), "r"(1));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
+
 
 // ---- run-time values the mask predicates and score modifiers read -------------------------------
 __device__ __forceinline__ int floor_div(int a, int b) {           // rounds toward -inf (a may be < 0)
@@ -549,7 +559,7 @@ d256_bf16_fwd(const __grid_constant__ TensorMap q_map, const __grid_constant__ T
     auto issue_output = [&](float (&acc)[DV / 8][4], const unsigned (&p)[BLOCK_N / 16][4], int slot) {
         const unsigned long long v_slot = v_desc(slot);
 #pragma unroll
-        for (int ks = 0; ks < BLOCK_N / 16; ++ks) wgmma_output(acc, p[ks], v_slot + ((ks * 16 * 128) >> 4));
+        for (int ks = 0; ks < BLOCK_N / 16; ++ks) wgmma_output(acc, p[ks], v_slot + ((ks * 16 * 128) >> 4), 1);
         wgmma_commit();
     };
     // Score modifiers and the mask of step j, then the softmax: S becomes unnormalised P in place.

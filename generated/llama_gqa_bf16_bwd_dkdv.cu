@@ -12,30 +12,33 @@
 // plan (sm_90):
 //   arch:                sm_90
 //   kind:                dkdv
-//   block_m:             32
+//   block_m:             64
 //   block_n:             128
-//   warps:               8
-//   stages:              3
+//   warps:               12
+//   stages:              2
 //   chunk:               128
 //   n_chunks:            1
 //   head_dim_padded:     128
 //   head_dim_v_padded:   128
-//   smem_row_pad:        8
-//   smem_bytes:          132864
-//   regs_estimate:       250
+//   smem_row_pad:        0
+//   smem_bytes:          165952
+//   regs_estimate:       232
 //   ctas_per_sm:         1
 //   matmul_factor:       2.5
 //   fused_dq:            True
 //   vector_atomics:      True
-//   threads:             256
-// FlashAttention-2 backward, dK/dV: a CTA holds BLOCK_N keys and values of one (batch, kv head) and CHUNK
-// columns of dK and dV; the query tiles of every query head of its GQA group stream through a STAGES-deep
-// cp.async ring with their dO, LSE and delta. It recomputes P^T = exp(scale * K Q^T - lse) and
-// accumulates dV += P^T dO and dK += dS^T Q with dS^T = P^T * (V dO^T - delta), on the tensor cores. The
-// group's heads are summed in registers: dK and dV need no atomics.
-// dQ comes from this pass too (FlashAttention-2's schedule: 5 tile matmuls per tile pair, not 7): dS^T goes
-// to shared memory and dQ += dS K is added to an fp32 buffer with atomics, so dQ's rounding depends on the
-// order the CTAs add in. The spec key `deterministic: true` selects the separate dQ pass instead.
+//   path:                wgmma
+//   threads:             384
+// FlashAttention-3-style backward for Hopper (sm_90a), dK/dV with dQ: a CTA holds BLOCK_N keys and values
+// of one (batch, kv head). Warpgroup 0 is the producer: one thread brings K and V in once and then a
+// STAGES-deep ring of query tiles of every query head of the GQA group, each as Q (with its rows' LSE
+// and delta) and dO, by the tensor memory accelerator. Warpgroups 1 and 2 own 64 keys each and hold all
+// of dK and dV in registers. Per step, with wgmma:
+//   S^T = K Q^T and dP^T = V dO^T (both from shared memory), P^T = exp(scale S^T - LSE),
+//   dV += P^T dO and dK += dS^T Q (P^T and dS^T = P^T (dP^T - delta) from registers),
+//   dQ += dS K (dS^T of both warpgroups through swizzled shared memory), added to an fp32 buffer with
+//   atomics, so dQ's rounding depends on the order the CTAs add in.
+// A slot is handed back to the producer when the step's last wgmma has read it.
 
 // ---- compile-time shape of this backward kernel ----------------------------------------------------
 typedef unsigned short elem_t;          // raw bf16 bits; arithmetic happens in fp32
@@ -44,10 +47,10 @@ constexpr int HEAD_DIM   = 128;   // as given
 constexpr int HEAD_DIM_V = 128;
 constexpr int D          = 128;   // padded to the mma k-step; padding is zero-filled
 constexpr int DV         = 128;
-constexpr int BLOCK_M    = 32;   // query rows per step
+constexpr int BLOCK_M    = 64;   // query rows per step
 constexpr int BLOCK_N    = 128;   // key rows per CTA
-constexpr int WARPS      = 8;
-constexpr int STAGES     = 3;   // streamed tiles in flight
+constexpr int WARPS      = 12;
+constexpr int STAGES     = 2;   // streamed tiles in flight
 constexpr int CHUNK      = 128;   // gradient columns per CTA (a CTA per chunk: bounded registers)
 constexpr int THREADS    = WARPS * 32;
 constexpr bool CAUSAL    = true;
@@ -56,7 +59,7 @@ constexpr bool CAUSAL    = true;
 constexpr float LOG2E = 1.4426950408889634f;
 
 // Shared-memory rows are padded by 16 bytes (conflict-free ldmatrix, as in the forward).
-constexpr int ROW_PAD   = 8;
+constexpr int ROW_PAD   = 0;
 constexpr int Q_STRIDE  = D + ROW_PAD;
 constexpr int K_STRIDE  = D + ROW_PAD;
 constexpr int V_STRIDE  = DV + ROW_PAD;
@@ -126,83 +129,179 @@ __device__ __forceinline__ float fast_log2(float x) {
     return y;
 }
 
-// ---- global -> shared tile copy -------------------------------------------------------------------
-// ROWS x COLS elements (COLS padded to 16) into the shared tile at address dst, row stride STRIDE, 16 bytes
-// per cp.async. Rows at or past rows_left and columns at or past REAL_COLS are zero-filled, so tails and
-// head-dim padding read as 0. Each thread keeps one 16-byte column and walks down the rows, so a copy
-// costs one pointer add; lanes are laid out over a power-of-two row width and the lanes past COLS idle.
-template <int ROWS, int COLS, int STRIDE, int REAL_COLS>
-__device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long long src_row_stride, int rows_left, int tid) {
-    constexpr int CHUNKS_PER_ROW = COLS / 8;
-    constexpr int LANES_PER_ROW = CHUNKS_PER_ROW <= 1 ? 1 : CHUNKS_PER_ROW <= 2 ? 2 : CHUNKS_PER_ROW <= 4 ? 4
-                                : CHUNKS_PER_ROW <= 8 ? 8 : CHUNKS_PER_ROW <= 16 ? 16 : 32;
-    constexpr int ROWS_PER_PASS = THREADS / LANES_PER_ROW;
-    const int row = tid / LANES_PER_ROW, col = tid % LANES_PER_ROW * 8;
-    if (LANES_PER_ROW != CHUNKS_PER_ROW && col >= COLS) return;
-    const elem_t* from = src + row * src_row_stride + col;
-    const long long pass_stride = ROWS_PER_PASS * src_row_stride;
-#pragma unroll
-    for (int i = 0; i < (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS; ++i) {
-        if (ROWS % ROWS_PER_PASS == 0 || row + i * ROWS_PER_PASS < ROWS) {
-            const bool valid = row + i * ROWS_PER_PASS < rows_left && col < REAL_COLS;
-            cp_async_16(dst + ((row + i * ROWS_PER_PASS) * STRIDE + col) * 2, valid ? from : src, valid);
-        }
-        from += pass_stride;
-    }
+// ---- Hopper (sm_90a): mbarriers, the tensor memory accelerator, wgmma, register reallocation -------
+// Tiles live in shared memory in the 128-byte-swizzle layout that TMA writes and wgmma reads: a tile of
+// R rows x C columns is C/64 column chunks of R rows x 128 bytes; the 16-byte unit u of row r is stored
+// at unit u ^ (r % 8). Every tile starts on a 1024-byte boundary (the swizzle's period).
+
+// A CUtensorMap (opaque, 128 bytes, encoded on the host by cuTensorMapEncodeTiled), passed by value.
+struct alignas(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+__device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(arrivals));
+}
+// The producer announces the bytes the copies of this phase will bring (and arrives).
+__device__ __forceinline__ void mbarrier_expect_bytes(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+// Blocks until the phase with the given parity has completed.
+__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
 }
 
-// ---- tile matmuls on the tensor cores (mma.sync m16n8k16, fp32 accumulation) ----------------------
-// Each warp computes MT 16-row tiles. Shared operands are 32-bit shared-window addresses of row-major
-// tiles with the given row strides (elements); every per-(mi, nn, kk) offset below is a constant.
-
-// C[MT*16 x N] = A[rows a_row0.. of a_smem][K] * B[N rows of b_smem][K]^T. B stored row-major [n][k] is
-// the column-major B operand, so plain ldmatrix gives B fragments; one x4 load covers two n-tiles.
-template <int MT, int N, int K, int A_STRIDE, int B_STRIDE>
-__device__ __forceinline__ void gemm_abt(float (&c)[MT][N / 8][4], unsigned a_smem, int a_row0, unsigned b_smem, int lane) {
-    const unsigned a_base = a_smem + ((a_row0 + lane % 16) * A_STRIDE + (lane / 16) * 8) * 2;
-    const unsigned b_base = b_smem + ((lane % 8 + (lane / 16) * 8) * B_STRIDE + (lane / 8 % 2) * 8) * 2;
-#pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-        for (int nt = 0; nt < N / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) c[mi][nt][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-        unsigned a[MT][4];
-#pragma unroll
-        for (int mi = 0; mi < MT; ++mi) {
-            ldmatrix_x4(a[mi], a_base + (mi * 16 * A_STRIDE + kk * 16) * 2);
-        }
-#pragma unroll
-        for (int nn = 0; nn < N / 16; ++nn) {
-            unsigned b[4];
-            ldmatrix_x4(b, b_base + (nn * 16 * B_STRIDE + kk * 16) * 2);
-#pragma unroll
-            for (int mi = 0; mi < MT; ++mi) {
-                mma_16x8x16(c[mi][2 * nn], a[mi], b[0], b[1]);
-                mma_16x8x16(c[mi][2 * nn + 1], a[mi], b[2], b[3]);
-            }
-        }
-    }
+// One box of a 4-d tensor (head_dim, seqlen, heads, batch) into shared memory at dst; rows past the
+// tensor's end arrive as zeros. Completion (in bytes) is signalled on bar.
+__device__ __forceinline__ void tma_load(unsigned dst, const TensorMap& map, int col, int row, int head, int batch,
+                                         unsigned bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+                 "[%0], [%1, { %2, %3, %4, %5 }], [%6];\n"
+                 :: "r"(dst), "l"(reinterpret_cast<unsigned long long>(&map)), "r"(col), "r"(row), "r"(head),
+                    "r"(batch), "r"(bar) : "memory");
 }
 
-// C[MT*16 x N] += A[MT*16 x K] (packed A fragments in registers) * B[K rows of b_smem][N]. B is stored
-// row-major [k][n]: the B operand wants it column-major, so ldmatrix.trans transposes the 8x8 pieces.
-template <int MT, int N, int K, int B_STRIDE>
-__device__ __forceinline__ void gemm_frag_b(float (&c)[MT][N / 8][4], const unsigned (&a)[MT][K / 16][4], unsigned b_smem,
-                                            int lane) {
-    const unsigned b_base = b_smem + ((lane % 8 + (lane / 8 % 2) * 8) * B_STRIDE + (lane / 16) * 8) * 2;
+// A contiguous copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) into shared memory at
+// dst; completion (in bytes) is signalled on bar.
+__device__ __forceinline__ void bulk_load(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned value) {
+    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(value) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(unsigned addr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 { %0, %1, %2, %3 }, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+    return v;
+}
+
+// Register reallocation between warpgroups: the producer gives registers back, the consumers take them.
+template <int REGS> __device__ __forceinline__ void registers_down() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(REGS));
+}
+template <int REGS> __device__ __forceinline__ void registers_up() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(REGS));
+}
+// A barrier among the `threads` threads that use barrier `id` (1..15; 0 is __syncthreads).
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+
+// wgmma shared-memory matrix descriptor for a 128-byte-swizzled operand: start address, the byte
+// distance between 64-element column chunks along M/N (used by N-major operands), and between 8-row
+// groups (1024 bytes). Adding (bytes >> 4) to a descriptor moves its start address.
+__device__ __forceinline__ unsigned long long smem_descriptor(unsigned addr, unsigned chunk_bytes) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (unsigned long long)((chunk_bytes >> 4) & 0x3FFF) << 16
+         | (unsigned long long)(1024 >> 4) << 32 | 1ull << 62;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int PENDING> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(PENDING) : "memory");
+}
+// The accumulators are written asynchronously: this keeps the compiler from moving their reads and
+// writes across a wgmma_wait (it sees them "modified" here).
+template <int N>
+__device__ __forceinline__ void fence_accumulators(float (&d)[N / 8][4]) {
 #pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
+    for (int j = 0; j < N / 8; ++j)
 #pragma unroll
-        for (int dn = 0; dn < N / 16; ++dn) {
-            unsigned b[4];
-            ldmatrix_x4_trans(b, b_base + (kk * 16 * B_STRIDE + dn * 16) * 2);
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e]) :: "memory");
+}
+
+// S^T[64 keys x BLOCK_M] (+)= K[64 x 16] Q[BLOCK_M x 16]^T, and dP^T likewise from V and dO: both
+// operands K-major in shared memory.
+__device__ __forceinline__ void wgmma_scores(float (&d)[8][4], unsigned long long desc_a, unsigned long long desc_b,
+                                          int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+
+// dV[64 keys x D] += P^T[64 x 16 queries] dO[16 x D], and dK from dS^T and Q: the A operand from registers,
+// B as stored, [queries][D] (N-major).
+__device__ __forceinline__ void wgmma_gradient(float (&d)[16][4], const unsigned (&a)[4], unsigned long long desc_b,
+                                          int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+
+
+// dQ[64 queries x 64] (+)= dS[64 x 16 keys] K[16 keys x 64]: dS read from dS^T as stored, [keys][queries]
+// (M-major), and K as stored, [keys][D] (N-major).
+__device__ __forceinline__ void wgmma_dq(float (&d)[8][4], unsigned long long desc_a, unsigned long long desc_b,
+                                          int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+
+// ---- backward tile helpers -------------------------------------------------------------------------
+// The two bf16 halves of a register as floats.
+__device__ __forceinline__ float unpack_lo(unsigned x) { return __uint_as_float(x << 16); }
+__device__ __forceinline__ float unpack_hi(unsigned x) { return __uint_as_float(x & 0xffff0000u); }
+// A warp's 16-row accumulator tile C[16 x N]: element e of n-tile nt sits at row lane/4 (+8 for e >= 2),
+// column nt*8 + 2*(lane%4) + (e&1).
+
+// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2(nt, e)
+// is element (nt, e)'s, +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
+// (A callable: a kernel may read the statistics from shared memory where they are used.)
+template <int N, typename LseLog2>
+__device__ __forceinline__ void probabilities(float (&s)[1][N / 8][4], float scale_log2, LseLog2 lse_log2) {
 #pragma unroll
-            for (int mi = 0; mi < MT; ++mi) {
-                mma_16x8x16(c[mi][2 * dn], a[mi][kk], b[0], b[1]);
-                mma_16x8x16(c[mi][2 * dn + 1], a[mi][kk], b[2], b[3]);
+    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[0][nt][e] = fast_exp2(s[0][nt][e] * scale_log2 - lse_log2(nt, e));
+}
+
+// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta(nt, e) =
+// rowsum(dO * O) of the element's query; grad_factor = d(modified score) / d(scaled score), 1 without a softcap).
+template <int N, typename Delta>
+__device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const float (&p)[1][N / 8][4], Delta delta,
+                                                const float (&grad_factor)[N / 8][4]) {
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta(nt, e)) * grad_factor[nt][e];
+}
+
+// Writes a warp's 16 x CHUNK fp32 accumulator, times `factor`, as bf16 rows of dst (row stride
+// row_stride elements), rows < rows_left and columns < cols_left only.
+__device__ __forceinline__ void store_rows(const float (&acc)[1][CHUNK / 8][4], float factor, elem_t* dst,
+                                           long long row_stride, int rows_left, int cols_left, int lane) {
+#pragma unroll
+    for (int nt = 0; nt < CHUNK / 8; ++nt) {
+        const int col = nt * 8 + (lane % 4) * 2;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = lane / 4 + r * 8;
+            if (row < rows_left && col < cols_left) {
+                *reinterpret_cast<unsigned*>(dst + row * row_stride + col) =
+                    pack2(acc[0][nt][2 * r] * factor, acc[0][nt][2 * r + 1] * factor);
             }
         }
     }
@@ -220,52 +319,6 @@ __device__ __forceinline__ void to_a_fragments(unsigned (&a)[MT][N / 16][4], con
             a[mi][kk][1] = pack2(c[mi][2 * kk][2], c[mi][2 * kk][3]);
             a[mi][kk][2] = pack2(c[mi][2 * kk + 1][0], c[mi][2 * kk + 1][1]);
             a[mi][kk][3] = pack2(c[mi][2 * kk + 1][2], c[mi][2 * kk + 1][3]);
-        }
-    }
-}
-
-// ---- backward tile helpers -------------------------------------------------------------------------
-// The two bf16 halves of a register as floats.
-__device__ __forceinline__ float unpack_lo(unsigned x) { return __uint_as_float(x << 16); }
-__device__ __forceinline__ float unpack_hi(unsigned x) { return __uint_as_float(x & 0xffff0000u); }
-// A warp's 16-row accumulator tile C[16 x N]: element e of n-tile nt sits at row lane/4 (+8 for e >= 2),
-// column nt*8 + 2*(lane%4) + (e&1).
-
-// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2 is
-// +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
-template <int N>
-__device__ __forceinline__ void probabilities(float (&s)[1][N / 8][4], float scale_log2, const float (&lse_log2)[N / 8][4]) {
-#pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][nt][e] = fast_exp2(s[0][nt][e] * scale_log2 - lse_log2[nt][e]);
-}
-
-// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta = rowsum(dO * O)
-// of each query; grad_factor = d(modified score) / d(scaled score), 1 without a softcap).
-template <int N>
-__device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const float (&p)[1][N / 8][4],
-                                                const float (&delta)[N / 8][4], const float (&grad_factor)[N / 8][4]) {
-#pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta[nt][e]) * grad_factor[nt][e];
-}
-
-// Writes a warp's 16 x CHUNK fp32 accumulator, times `factor`, as bf16 rows of dst (row stride
-// row_stride elements), rows < rows_left and columns < cols_left only.
-__device__ __forceinline__ void store_rows(const float (&acc)[1][CHUNK / 8][4], float factor, elem_t* dst,
-                                           long long row_stride, int rows_left, int cols_left, int lane) {
-#pragma unroll
-    for (int nt = 0; nt < CHUNK / 8; ++nt) {
-        const int col = nt * 8 + (lane % 4) * 2;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = lane / 4 + r * 8;
-            if (row < rows_left && col < cols_left) {
-                *reinterpret_cast<unsigned*>(dst + row * row_stride + col) =
-                    pack2(acc[0][nt][2 * r] * factor, acc[0][nt][2 * r + 1] * factor);
-            }
         }
     }
 }
@@ -321,40 +374,6 @@ __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float 
     }
 }
 
-// ---- dQ from the dK/dV pass: dQ += dS K, added to an fp32 buffer with atomics -----------------------
-// The buffer is [batch][query head][query rows, padded to BLOCK_M][D]: padded rows and columns receive
-// zeros (P is 0 there, K's padding is zero-filled), so no adds are bounds-checked.
-constexpr int DS_STRIDE = BLOCK_M + ROW_PAD;               // dS^T in shared memory: [BLOCK_N keys][DS_STRIDE]
-constexpr int DS_TILE_BYTES = BLOCK_N * DS_STRIDE * 2;
-constexpr int DQ_ROW_TILES = BLOCK_M / 16;
-constexpr int DQ_ROW_STEP = WARPS < DQ_ROW_TILES ? WARPS : DQ_ROW_TILES;  // warps on distinct row tiles
-constexpr int DQ_COL_STEP = WARPS / DQ_ROW_STEP;                          // warps sharing a row tile
-constexpr int DQ_COLS = CHUNK % 32 == 0 ? 32 : 16;          // dQ columns per accumulator (bounded registers)
-static_assert(WARPS % DQ_ROW_STEP == 0 && DQ_ROW_TILES % DQ_ROW_STEP == 0, "warps split the dQ rows evenly");
-
-// A warp's packed 16 x N fragments (rows row0.., the accumulator layout) to a row-major tile.
-template <int N, int STRIDE>
-__device__ __forceinline__ void store_fragments(unsigned smem, int row0, const unsigned (&a)[1][N / 16][4], int lane) {
-    const unsigned base = smem + ((row0 + lane / 4) * STRIDE + (lane % 4) * 2) * 2;
-#pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
-#pragma unroll
-        for (int half = 0; half < 4; ++half) {   // (row, +8 rows, +8 columns, both), as to_a_fragments packs them
-            const unsigned addr = base + ((half % 2) * 8 * STRIDE + kk * 16 + (half / 2) * 8) * 2;
-            asm volatile("st.shared.b32 [%0], %1;\n" :: "r"(addr), "r"(a[0][kk][half]));
-        }
-    }
-}
-
-// A fragments of rows row0..row0+15 of A = T^T, where T[K][rows] is stored row-major: ldmatrix.trans
-// reads each 8x8 piece of T transposed. Piece i (lanes 8i..8i+7) covers A rows +8*(i%2), k +8*(i/2).
-template <int K, int STRIDE>
-__device__ __forceinline__ void load_transposed_a(unsigned (&a)[1][K / 16][4], unsigned smem, int row0, int lane) {
-    const unsigned base = smem + ((lane % 8 + (lane / 16) * 8) * STRIDE + row0 + (lane / 8 % 2) * 8) * 2;
-#pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) ldmatrix_x4_trans(a[0][kk], base + kk * 16 * STRIDE * 2);
-}
-
 // dst[row][col] += acc for a warp's 16 x N accumulator tile (row stride D floats).
 template <int N>
 __device__ __forceinline__ void atomic_add_rows(float* dst, const float (&acc)[1][N / 8][4], int lane) {
@@ -367,35 +386,22 @@ __device__ __forceinline__ void atomic_add_rows(float* dst, const float (&acc)[1
         }
 }
 
-// dQ[rows of the step][this chunk's columns] += dS K over the CTA's keys: dS^T (all warps' keys) is in
-// shared memory, so each warp takes whole 16-row tiles of queries and DQ_COLS columns at a time.
-__device__ __forceinline__ void add_dq(float* dq_rows, unsigned ds_smem, unsigned k_chunk_smem, int warp, int lane) {
-#pragma unroll
-    for (int rt = warp % DQ_ROW_STEP; rt < DQ_ROW_TILES; rt += DQ_ROW_STEP) {
-        unsigned ds[1][BLOCK_N / 16][4];
-        load_transposed_a<BLOCK_N, DS_STRIDE>(ds, ds_smem, rt * 16, lane);
-#pragma unroll 1
-        for (int cg = warp / DQ_ROW_STEP; cg < CHUNK / DQ_COLS; cg += DQ_COL_STEP) {
-            float acc[1][DQ_COLS / 8][4];
-#pragma unroll
-            for (int nt = 0; nt < DQ_COLS / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[0][nt][e] = 0.f;
-            gemm_frag_b<1, DQ_COLS, BLOCK_N, K_STRIDE>(acc, ds, k_chunk_smem + cg * DQ_COLS * 2, lane);
-            atomic_add_rows<DQ_COLS>(dq_rows + rt * 16 * D + cg * DQ_COLS, acc, lane);
-        }
-    }
-}
-
-// One warp per query row: delta = sum over the value dims of dO * O, in fp32.
+// One warp per query row, rows padded to whole steps: row_stats[row] = (LSE in base 2, delta = sum over the
+// value dims of dO * O), in fp32. Rows past the end, and rows that see no key, get (+inf, 0): P = 0 there.
 extern "C" __global__ void __launch_bounds__(256)
-llama_gqa_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, float* __restrict__ delta,
+llama_gqa_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout,
+    const float* __restrict__ lse, float2* __restrict__ row_stats,
     long long o_stride_b, long long o_stride_s, long long o_stride_h,
-    long long do_stride_b, long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q, int rows)
+    long long do_stride_b, long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q,
+    int rows_padded, int rows)
 {
     const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
-    const int i = row % seqlen_q, head = row / seqlen_q % heads_q, batch = row / seqlen_q / heads_q;
+    const int i = row % rows_padded, head = row / rows_padded % heads_q, batch = row / rows_padded / heads_q;
+    if (i >= seqlen_q) {
+        if (lane == 0) row_stats[row] = make_float2(POS_INF, 0.f);
+        return;
+    }
     const elem_t* o_row = o + batch * o_stride_b + i * o_stride_s + head * o_stride_h;
     const elem_t* do_row = dout + batch * do_stride_b + i * do_stride_s + head * do_stride_h;
     float sum = 0.f;
@@ -406,7 +412,10 @@ llama_gqa_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict_
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) delta[row] = sum;     // [batch][head][query], like lse
+    if (lane == 0) {
+        const float l = lse[((long long)batch * heads_q + head) * seqlen_q + i];
+        row_stats[row] = make_float2(l != NEG_INF ? l * LOG2E : POS_INF, sum);
+    }
 }
 
 // dQ = scale * the fp32 buffer the dK/dV pass added to, as bf16 in the caller's layout; one
@@ -425,32 +434,55 @@ llama_gqa_bf16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __rest
     *reinterpret_cast<unsigned*>(dq + batch * dq_stride_b + s * dq_stride_s + head * dq_stride_h + col) = pack2(x[0] * scale, x[1] * scale);
 }
 
+constexpr int MMA_WARPS = WARPS - 4;                  // two compute warpgroups of 64 keys
+constexpr int PRODUCER_REGS = 24;   // per thread after setmaxnreg
+constexpr int CONSUMER_REGS = 240;
+constexpr int SWIZZLE_COLS = 64;                      // a swizzled tile is column chunks of 64 elements
+constexpr int Q_CHUNK_BYTES = BLOCK_M * 128, KV_CHUNK_BYTES = BLOCK_N * 128;
+constexpr int DS_TILE_BYTES = BLOCK_N * BLOCK_M * 2;  // dS^T, [keys][queries], swizzled like the tiles
+constexpr int STATS_BYTES = BLOCK_M * 8;              // (LSE in base 2, delta) per query row
+constexpr int V_OFFSET = K_TILE_BYTES;
+constexpr int Q_OFFSET = V_OFFSET + V_TILE_BYTES;                          // STAGES Q tiles
+constexpr int DO_OFFSET = Q_OFFSET + STAGES * Q_TILE_BYTES;                // STAGES dO tiles
+constexpr int DS_OFFSET = DO_OFFSET + STAGES * DO_TILE_BYTES;              // 2 dS^T buffers
+constexpr int STATS_OFFSET = DS_OFFSET + 2 * DS_TILE_BYTES;                // STAGES x BLOCK_M float2
+constexpr int BARRIER_OFFSET = STATS_OFFSET + STAGES * STATS_BYTES;        // kv_full, then per slot:
+constexpr int BARRIER_BYTES = (1 + 3 * STAGES) * 8;                        // q_full, do_full, slot_empty
+constexpr int STEP_LIST_OFFSET = BARRIER_OFFSET + (BARRIER_BYTES + 15) / 16 * 16;   // then WARPS + steps ints
+static_assert(1024 + STEP_LIST_OFFSET == 165952, "the plan's shared memory is this layout (+1 KB to align)");
+// dQ of a step is 2 parts of 64 x 64, one per compute warpgroup: the two column chunks at D = 128 (64-query
+// steps), the two row halves at D = 64 (128-query steps).
+constexpr int DQ_ROW_PARTS = BLOCK_M / 64, DQ_COL_PARTS = D / SWIZZLE_COLS;
+static_assert(D == DV && CHUNK == D && D % SWIZZLE_COLS == 0 && BLOCK_M % 64 == 0 && BLOCK_N == 2 * 64
+              && DQ_ROW_PARTS * DQ_COL_PARTS == 2, "the wgmma pass: 64 keys per compute warpgroup, dQ in two parts");
+static_assert(ROW_PAD == 0 && Q_TILE_BYTES % 1024 == 0 && K_TILE_BYTES % 1024 == 0,
+              "every tile starts on the swizzle's 1024-byte period");
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-    const elem_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    elem_t* __restrict__ dk, elem_t* __restrict__ dv, float* __restrict__ dq_accum, int dq_rows_padded,    long long q_stride_b, long long q_stride_s, long long q_stride_h,
-    long long k_stride_b, long long k_stride_s, long long k_stride_h,
-    long long v_stride_b, long long v_stride_s, long long v_stride_h,
-    long long do_stride_b, long long do_stride_s, long long do_stride_h,
+llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,
+    const __grid_constant__ TensorMap v_map, const __grid_constant__ TensorMap do_map,
+    const float2* __restrict__ row_stats, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
+    float* __restrict__ dq_accum, int dq_rows_padded,
     long long dk_stride_b, long long dk_stride_s, long long dk_stride_h,
     long long dv_stride_b, long long dv_stride_s, long long dv_stride_h,
     int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2, float scale)
 {
-    extern __shared__ __align__(128) unsigned char smem_raw[];
-    const unsigned k_smem = smem_addr(smem_raw);
-    const unsigned v_smem = k_smem + K_TILE_BYTES;
-    const unsigned q_smem = v_smem + V_TILE_BYTES;                      // STAGES x [BLOCK_M][Q_STRIDE]
-    const unsigned do_smem = q_smem + STAGES * Q_TILE_BYTES;             // STAGES x [BLOCK_M][DO_STRIDE]
-    float* const lse_smem = reinterpret_cast<float*>(smem_raw + K_TILE_BYTES + V_TILE_BYTES
-                                                     + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES));   // STAGES x [BLOCK_M]
-    float* const delta_smem = lse_smem + STAGES * BLOCK_M;
-    const unsigned ds_smem = smem_addr(delta_smem + STAGES * BLOCK_M);  // [BLOCK_N][DS_STRIDE]
-    constexpr int N_CHUNKS = (D > DV ? D : DV) / CHUNK;
+    // The dynamic window is rounded up to the swizzle's 1024-byte period (the launch adds 1 KB for it).
+    extern __shared__ __align__(1024) unsigned char smem_buffer[];
+    unsigned char* const smem_raw = smem_buffer + (1024 - smem_addr(smem_buffer) % 1024) % 1024;
+    const unsigned k_smem = smem_addr(smem_raw), v_smem = k_smem + V_OFFSET;
+    auto q_tile = [&](int slot) { return k_smem + Q_OFFSET + slot * Q_TILE_BYTES; };
+    auto do_tile = [&](int slot) { return k_smem + DO_OFFSET + slot * DO_TILE_BYTES; };
+    auto ds_tile = [&](int buffer) { return k_smem + DS_OFFSET + buffer * DS_TILE_BYTES; };
+    const float2* const stats_smem = reinterpret_cast<const float2*>(smem_raw + STATS_OFFSET);
+    const unsigned kv_full = k_smem + BARRIER_OFFSET;
+    auto q_full = [&](int slot) { return kv_full + 8 * (1 + slot); };
+    auto do_full = [&](int slot) { return kv_full + 8 * (1 + STAGES + slot); };
+    auto slot_empty = [&](int slot) { return kv_full + 8 * (1 + 2 * STAGES + slot); };
 
-    const int n_block = blockIdx.x;
-    const int kv_head = blockIdx.y / N_CHUNKS, chunk = blockIdx.y % N_CHUNKS, batch = blockIdx.z;
+    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const int warp_row0 = warp * 16, n_start = n_block * BLOCK_N;
+    const int n_start = n_block * BLOCK_N;
 
     int head = kv_head * group_size;                                     // the step's query head (ModContext)
     // What the mask predicates and score modifiers read (ModContext); the ALiBi slope is this head's.
@@ -460,7 +492,23 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
     ctx.seqlen_k = seqlen_k;
     ctx.num_heads = heads_q;
 
-    // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
+    if (tid == 0) {
+        mbarrier_init(kv_full, 1);
+        for (int slot = 0; slot < STAGES; ++slot) {
+            mbarrier_init(q_full(slot), 1);
+            mbarrier_init(do_full(slot), 1);
+            mbarrier_init(slot_empty(slot), MMA_WARPS);                  // lane 0 of every compute warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");   // visible to the copy engine
+        // K and V first: they do not depend on the step list, so their copy overlaps its building.
+        mbarrier_expect_bytes(kv_full, K_TILE_BYTES + V_TILE_BYTES);
+#pragma unroll
+        for (int c = 0; c < D / SWIZZLE_COLS; ++c) {
+            tma_load(k_smem + c * KV_CHUNK_BYTES, k_map, c * SWIZZLE_COLS, n_start, kv_head, batch, kv_full);
+            tma_load(v_smem + c * KV_CHUNK_BYTES, v_map, c * SWIZZLE_COLS, n_start, kv_head, batch, kv_full);
+        }
+    }
+// Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
     const int causal_offset = seqlen_k - seqlen_q;
@@ -475,101 +523,136 @@ llama_gqa_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__
         return Step{kv_head * group_size + j / max(tiles_per_head, 1), m_start, mode};
     };
 
-    // Q with its rows' LSE and delta, then dO: two cp.async groups per step, nothing waits on a load here.
-    auto load_q_tile = [&](int j) {
-        const int slot = j % STAGES;
-        const Step step = j < n_steps ? step_of(j) : Step{0, 0, MASK_NONE};
-        const int head = step.head, m_start = step.m_start;
-        if (j < n_steps) {
-            load_tile<BLOCK_M, D, Q_STRIDE, HEAD_DIM>(q_smem + slot * Q_TILE_BYTES,
-                q + batch * q_stride_b + head * q_stride_h + (long long)m_start * q_stride_s, q_stride_s, seqlen_q - m_start, tid);
-            // (rows past the end are zero-filled; the step gives them P = 0 below)
-            const long long stats = ((long long)batch * heads_q + head) * seqlen_q + m_start;
-            for (int row = tid; row < BLOCK_M; row += THREADS) {
-                const bool valid = row < seqlen_q - m_start;
-                cp_async_4(smem_addr(lse_smem + slot * BLOCK_M + row), lse + stats + (valid ? row : 0), valid);
-                cp_async_4(smem_addr(delta_smem + slot * BLOCK_M + row), delta + stats + (valid ? row : 0), valid);
+    __syncthreads();                                                     // the barriers (and step list) are ready
+
+    if (warp < 4) {
+        // ---- producer warpgroup: one thread issues every copy ----
+        registers_down<PRODUCER_REGS>();
+        if (tid == 0) {
+            for (int j = 0; j < n_steps; ++j) {
+                const int slot = j % STAGES, round = j / STAGES;
+                const Step step = step_of(j);
+                if (round > 0) mbarrier_wait(slot_empty(slot), (round - 1) & 1);   // step j - STAGES is done
+                mbarrier_expect_bytes(q_full(slot), Q_TILE_BYTES + STATS_BYTES);
+#pragma unroll
+                for (int c = 0; c < D / SWIZZLE_COLS; ++c) {
+                    tma_load(q_tile(slot) + c * Q_CHUNK_BYTES, q_map, c * SWIZZLE_COLS, step.m_start, step.head, batch, q_full(slot));
+                }
+                bulk_load(smem_addr(stats_smem + slot * BLOCK_M),
+                          row_stats + ((long long)batch * heads_q + step.head) * dq_rows_padded + step.m_start, STATS_BYTES, q_full(slot));
+                mbarrier_expect_bytes(do_full(slot), DO_TILE_BYTES);
+#pragma unroll
+                for (int c = 0; c < DV / SWIZZLE_COLS; ++c) {
+                    tma_load(do_tile(slot) + c * Q_CHUNK_BYTES, do_map, c * SWIZZLE_COLS, step.m_start, step.head, batch, do_full(slot));
+                }
             }
         }
-        cp_async_commit();
-        if (j < n_steps) {
-            load_tile<BLOCK_M, DV, DO_STRIDE, HEAD_DIM_V>(do_smem + slot * DO_TILE_BYTES,
-                dout + batch * do_stride_b + head * do_stride_h + (long long)m_start * do_stride_s, do_stride_s, seqlen_q - m_start, tid);
-        }
-        cp_async_commit();
-    };
+        return;
+    }
 
-    load_tile<BLOCK_N, D, K_STRIDE, HEAD_DIM>(k_smem, k + batch * k_stride_b + kv_head * k_stride_h + (long long)n_start * k_stride_s,
-                                              k_stride_s, seqlen_k - n_start, tid);
-    load_tile<BLOCK_N, DV, V_STRIDE, HEAD_DIM_V>(v_smem, v + batch * v_stride_b + kv_head * v_stride_h + (long long)n_start * v_stride_s,
-                                                 v_stride_s, seqlen_k - n_start, tid);
-    cp_async_commit();
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) load_q_tile(s);
+    // ---- compute warpgroups: 64 keys each; warp w of the group owns keys 16w..16w+15 of them ----
+    registers_up<CONSUMER_REGS>();
+    const int group = warp / 4 - 1, group_key0 = group * 64, warp_key0 = group_key0 + warp % 4 * 16;
+    // K-major operands advance 16 columns (32 bytes) per k-step within a chunk; N-/M-major ones 16 rows (2 KB).
+    auto k_major_step = [](int kk, int chunk_bytes) { return (kk / 4 * chunk_bytes + kk % 4 * 32) >> 4; };
+    constexpr int ROWS_STEP = (16 * 128) >> 4;
+    const unsigned long long k_rows = smem_descriptor(k_smem + group_key0 * 128, 16);   // this group's keys
+    const unsigned long long v_rows = smem_descriptor(v_smem + group_key0 * 128, 16);
 
-    float acc_dk[1][CHUNK / 8][4], acc_dv[1][CHUNK / 8][4];
+    float acc_dk[1][D / 8][4], acc_dv[1][DV / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < CHUNK / 8; ++nt)
+    for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dk[0][nt][e] = acc_dv[0][nt][e] = 0.f;
-    const bool has_dk = chunk * CHUNK < D, has_dv = chunk * CHUNK < DV;
 
+    mbarrier_wait(kv_full, 0);
     for (int j = 0; j < n_steps; ++j) {
-        __syncthreads();
-        load_q_tile(j + STAGES - 1);
-        const int slot = j % STAGES;
+        const int slot = j % STAGES, parity = (j / STAGES) & 1;
         const Step step = step_of(j);
         const int m_start = step.m_start;
         head = step.head;
-        cp_async_wait<2 * STAGES - 1>();                                 // K, V, Q_j and its LSE, delta
-        __syncthreads();
-        // S^T: rows are this warp's keys, columns the tile's queries.
-        float p[1][BLOCK_M / 8][4];
-        gemm_abt<1, BLOCK_M, D, K_STRIDE, Q_STRIDE>(p, k_smem, warp_row0, q_smem + slot * Q_TILE_BYTES, lane);
-        float lse_cols[BLOCK_M / 8][4], delta_cols[BLOCK_M / 8][4];
+        // S^T = K Q^T, then dP^T = V dO^T: both in flight while P^T is computed.
+        float p[1][BLOCK_M / 8][4], ds[1][BLOCK_M / 8][4];
+        mbarrier_wait(q_full(slot), parity);
+        wgmma_fence();
+        const unsigned long long q_k_major = smem_descriptor(q_tile(slot), 16);
 #pragma unroll
-        for (int nt = 0; nt < BLOCK_M / 8; ++nt)
+        for (int kk = 0; kk < D / 16; ++kk) {
+            wgmma_scores(p[0], k_rows + k_major_step(kk, KV_CHUNK_BYTES), q_k_major + k_major_step(kk, Q_CHUNK_BYTES), kk > 0);
+        }
+        wgmma_commit();
+        mbarrier_wait(do_full(slot), parity);
+        const unsigned long long do_k_major = smem_descriptor(do_tile(slot), 16);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {   // LSE in base 2; +inf (P = 0) where a query sees nothing or is past the end
-                const int col = nt * 8 + (lane % 4) * 2 + (e & 1);
-                const float l = lse_smem[slot * BLOCK_M + col];
-                lse_cols[nt][e] = col < seqlen_q - m_start && l != NEG_INF ? l * LOG2E : POS_INF;
-                delta_cols[nt][e] = delta_smem[slot * BLOCK_M + col];
-            }
+        for (int kk = 0; kk < DV / 16; ++kk) {
+            wgmma_scores(ds[0], v_rows + k_major_step(kk, KV_CHUNK_BYTES), do_k_major + k_major_step(kk, Q_CHUNK_BYTES), kk > 0);
+        }
+        wgmma_commit();
+
+        // P^T from S^T while dP^T runs, then dS^T; both become A fragments (their fp32 forms die here).
+        wgmma_wait<1>();                                                 // S^T
+        fence_accumulators<BLOCK_M>(p[0]);
+        // The columns' (LSE in base 2, delta), read from shared memory where used (fewer live registers).
+        const float2* const column_stats = stats_smem + slot * BLOCK_M + (lane % 4) * 2;
+        auto column_lse = [&](int nt, int e) { return column_stats[nt * 8 + (e & 1)].x; };   // +inf past the end
+        auto column_delta = [&](int nt, int e) { return column_stats[nt * 8 + (e & 1)].y; };
         float grad_factor[BLOCK_M / 8][4];
-        recompute_scores<BLOCK_M, true>(p, grad_factor, ctx, head, n_start + warp_row0, m_start, causal_offset,
+        recompute_scores<BLOCK_M, true>(p, grad_factor, ctx, head, n_start + warp_key0, m_start, causal_offset,
                                         step.mode, lane);
-        probabilities<BLOCK_M>(p, scale_log2, lse_cols);
-        unsigned frag[1][BLOCK_M / 16][4];
-        to_a_fragments<1, BLOCK_M>(frag, p);
+        probabilities<BLOCK_M>(p, scale_log2, column_lse);
+        wgmma_wait<0>();                                                 // dP^T
+        fence_accumulators<BLOCK_M>(ds[0]);
+        score_gradients<BLOCK_M>(ds, p, column_delta, grad_factor);
+        unsigned p_frag[1][BLOCK_M / 16][4], ds_frag[1][BLOCK_M / 16][4];
+        to_a_fragments<1, BLOCK_M>(p_frag, p);
+        to_a_fragments<1, BLOCK_M>(ds_frag, ds);
 
-        cp_async_wait<2 * STAGES - 2>();                                 // dO_j
-        __syncthreads();
-        const unsigned do_tile = do_smem + slot * DO_TILE_BYTES;
-        if (has_dv) gemm_frag_b<1, CHUNK, BLOCK_M, DO_STRIDE>(acc_dv, frag, do_tile + chunk * CHUNK * 2, lane);
-        if (has_dk) {
-            float ds[1][BLOCK_M / 8][4];
-            gemm_abt<1, BLOCK_M, DV, V_STRIDE, DO_STRIDE>(ds, v_smem, warp_row0, do_tile, lane);
-            score_gradients<BLOCK_M>(ds, p, delta_cols, grad_factor);
-            to_a_fragments<1, BLOCK_M>(frag, ds);
-            store_fragments<BLOCK_M, DS_STRIDE>(ds_smem, warp_row0, frag, lane);
-            gemm_frag_b<1, CHUNK, BLOCK_M, Q_STRIDE>(acc_dk, frag, q_smem + slot * Q_TILE_BYTES + chunk * CHUNK * 2, lane);
-        }
-        __syncthreads();                                                 // every warp's keys of dS^T
-        if (has_dk) {   // this chunk's columns of dQ (the buffer is scaled when converted)
-            add_dq(dq_accum + (((long long)batch * heads_q + head) * dq_rows_padded + m_start) * D + chunk * CHUNK,
-                   ds_smem, k_smem + chunk * CHUNK * 2, warp, lane);
-        }
-    }
-    cp_async_wait<0>();
+        // dV += P^T dO and dK += dS^T Q (dO and Q as stored: N-major).
+        wgmma_fence();
+        const unsigned long long do_n_major = smem_descriptor(do_tile(slot), Q_CHUNK_BYTES);
+        const unsigned long long q_n_major = smem_descriptor(q_tile(slot), Q_CHUNK_BYTES);
+#pragma unroll
+        for (int ks = 0; ks < BLOCK_M / 16; ++ks) wgmma_gradient(acc_dv[0], p_frag[0][ks], do_n_major + ks * ROWS_STEP, 1);
+#pragma unroll
+        for (int ks = 0; ks < BLOCK_M / 16; ++ks) wgmma_gradient(acc_dk[0], ds_frag[0][ks], q_n_major + ks * ROWS_STEP, 1);
+        wgmma_commit();
 
-    const int rows_left = seqlen_k - n_start - warp_row0;
-    if (has_dk) {   // dK = scale * dS^T Q (dS is the gradient of the scaled scores)
-        store_rows(acc_dk, scale, dk + batch * dk_stride_b + kv_head * dk_stride_h + (long long)(n_start + warp_row0) * dk_stride_s
-                   + chunk * CHUNK, dk_stride_s, rows_left, HEAD_DIM - chunk * CHUNK, lane);
+        // dS^T to shared memory for dQ, [keys][queries] swizzled: the pair of queries (c, c+1) of key row r
+        // sits in chunk c / 64, 16-byte unit c / 8 % 8 ^ r % 8.
+        const unsigned ds_rows = ds_tile(j % 2) + (warp_key0 + lane / 4) * 128 + (lane % 4) * 4;
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+#pragma unroll
+            for (int half = 0; half < 4; ++half) {   // (row, +8 rows, +8 columns, both), as to_a_fragments packs them
+                const int unit = 2 * kk + half / 2;
+                st_shared_u32(ds_rows + unit / 8 * KV_CHUNK_BYTES + (half % 2) * 8 * 128 + ((unit % 8 ^ lane / 4) << 4),
+                              ds_frag[0][kk][half]);
+            }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // visible to the tensor cores' reads
+
+        // dQ += dS K over both groups' keys, one 64 x 64 part per group.
+        named_barrier(1, 2 * 128);                                       // both groups' dS^T are stored
+        const int dq_row0 = group % DQ_ROW_PARTS * 64, dq_col0 = group / DQ_ROW_PARTS * 64;
+        const unsigned long long ds_m_major = smem_descriptor(ds_tile(j % 2) + dq_row0 / 64 * KV_CHUNK_BYTES, KV_CHUNK_BYTES);
+        const unsigned long long k_n_major = smem_descriptor(k_smem + dq_col0 / 64 * KV_CHUNK_BYTES, KV_CHUNK_BYTES);
+        float acc_dq[1][SWIZZLE_COLS / 8][4];
+#pragma unroll
+        for (int ks = 0; ks < BLOCK_N / 16; ++ks) wgmma_dq(acc_dq[0], ds_m_major + ks * ROWS_STEP, k_n_major + ks * ROWS_STEP, ks > 0);
+        wgmma_commit();
+        wgmma_wait<0>();                                                 // dV, dK and dQ of this step
+        fence_accumulators<DV>(acc_dv[0]);
+        fence_accumulators<D>(acc_dk[0]);
+        fence_accumulators<SWIZZLE_COLS>(acc_dq[0]);
+        if (lane == 0) mbarrier_arrive(slot_empty(slot));                // Q, dO and the row statistics are read
+        // rows m_start + dq_row0 + 16 (warp % 4) .. (the buffer is scaled when converted)
+        atomic_add_rows<SWIZZLE_COLS>(dq_accum + (((long long)batch * heads_q + head) * dq_rows_padded + m_start + dq_row0 + warp % 4 * 16) * D
+                                      + dq_col0, acc_dq, lane);
     }
-    if (has_dv) {
-        store_rows(acc_dv, 1.f, dv + batch * dv_stride_b + kv_head * dv_stride_h + (long long)(n_start + warp_row0) * dv_stride_s
-                   + chunk * CHUNK, dv_stride_s, rows_left, HEAD_DIM_V - chunk * CHUNK, lane);
-    }
+
+    // dK = scale * dS^T Q (dS is the gradient of the scaled scores); rows past seqlen_k are not stored.
+    const int rows_left = seqlen_k - n_start - warp_key0;
+    store_rows(acc_dk, scale, dk + batch * dk_stride_b + kv_head * dk_stride_h + (long long)(n_start + warp_key0) * dk_stride_s,
+               dk_stride_s, rows_left, HEAD_DIM, lane);
+    store_rows(acc_dv, 1.f, dv + batch * dv_stride_b + kv_head * dv_stride_h + (long long)(n_start + warp_key0) * dv_stride_s,
+               dv_stride_s, rows_left, HEAD_DIM_V, lane);
 }

@@ -28,6 +28,7 @@
 //   matmul_factor:       2.5
 //   fused_dq:            True
 //   vector_atomics:      True
+//   path:                mma_sync
 //   threads:             256
 // FlashAttention-2 backward, dK/dV: a CTA holds BLOCK_N keys and values of one (batch, kv head) and CHUNK
 // columns of dK and dV; the query tiles of every query head of its GQA group stream through a STAGES-deep
@@ -232,25 +233,26 @@ __device__ __forceinline__ float unpack_hi(unsigned x) { return __uint_as_float(
 // A warp's 16-row accumulator tile C[16 x N]: element e of n-tile nt sits at row lane/4 (+8 for e >= 2),
 // column nt*8 + 2*(lane%4) + (e&1).
 
-// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2 is
-// +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
-template <int N>
-__device__ __forceinline__ void probabilities(float (&s)[1][N / 8][4], float scale_log2, const float (&lse_log2)[N / 8][4]) {
+// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2(nt, e)
+// is element (nt, e)'s, +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
+// (A callable: a kernel may read the statistics from shared memory where they are used.)
+template <int N, typename LseLog2>
+__device__ __forceinline__ void probabilities(float (&s)[1][N / 8][4], float scale_log2, LseLog2 lse_log2) {
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][nt][e] = fast_exp2(s[0][nt][e] * scale_log2 - lse_log2[nt][e]);
+        for (int e = 0; e < 4; ++e) s[0][nt][e] = fast_exp2(s[0][nt][e] * scale_log2 - lse_log2(nt, e));
 }
 
-// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta = rowsum(dO * O)
-// of each query; grad_factor = d(modified score) / d(scaled score), 1 without a softcap).
-template <int N>
-__device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const float (&p)[1][N / 8][4],
-                                                const float (&delta)[N / 8][4], const float (&grad_factor)[N / 8][4]) {
+// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta(nt, e) =
+// rowsum(dO * O) of the element's query; grad_factor = d(modified score) / d(scaled score), 1 without a softcap).
+template <int N, typename Delta>
+__device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const float (&p)[1][N / 8][4], Delta delta,
+                                                const float (&grad_factor)[N / 8][4]) {
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta[nt][e]) * grad_factor[nt][e];
+        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta(nt, e)) * grad_factor[nt][e];
 }
 
 // Writes a warp's 16 x CHUNK fp32 accumulator, times `factor`, as bf16 rows of dst (row stride
@@ -413,9 +415,11 @@ __device__ __forceinline__ void add_dq(float* dq_rows, unsigned ds_smem, unsigne
 
 // One warp per query row: delta = sum over the value dims of dO * O, in fp32.
 extern "C" __global__ void __launch_bounds__(256)
-score_mod_training_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, float* __restrict__ delta,
+score_mod_training_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout,
+    float* __restrict__ delta,
     long long o_stride_b, long long o_stride_s, long long o_stride_h,
-    long long do_stride_b, long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q, int rows)
+    long long do_stride_b, long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q,
+    int rows)
 {
     const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
@@ -488,7 +492,7 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
     ctx.softmax_scale = softmax_scale;
     ctx.temperature = temperature;
 
-    // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
+// Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
     const int causal_offset = seqlen_k - seqlen_q;
@@ -502,6 +506,7 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
         const MaskMode mode = CAUSAL && m_start + causal_offset < n_start + BLOCK_N - 1 ? MASK_BOUNDS : MASK_NONE;
         return Step{kv_head * group_size + j / max(tiles_per_head, 1), m_start, mode};
     };
+
 
     // Q with its rows' LSE and delta, then dO: two cp.async groups per step, nothing waits on a load here.
     auto load_q_tile = [&](int j) {
@@ -567,7 +572,7 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
         float grad_factor[BLOCK_M / 8][4];
         recompute_scores<BLOCK_M, true>(p, grad_factor, ctx, head, n_start + warp_row0, m_start, causal_offset,
                                         step.mode, lane);
-        probabilities<BLOCK_M>(p, scale_log2, lse_cols);
+        probabilities<BLOCK_M>(p, scale_log2, [&](int nt, int e) { return lse_cols[nt][e]; });
         unsigned frag[1][BLOCK_M / 16][4];
         to_a_fragments<1, BLOCK_M>(frag, p);
 
@@ -578,7 +583,7 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
         if (has_dk) {
             float ds[1][BLOCK_M / 8][4];
             gemm_abt<1, BLOCK_M, DV, V_STRIDE, DO_STRIDE>(ds, v_smem, warp_row0, do_tile, lane);
-            score_gradients<BLOCK_M>(ds, p, delta_cols, grad_factor);
+            score_gradients<BLOCK_M>(ds, p, [&](int nt, int e) { return delta_cols[nt][e]; }, grad_factor);
             to_a_fragments<1, BLOCK_M>(frag, ds);
             store_fragments<BLOCK_M, DS_STRIDE>(ds_smem, warp_row0, frag, lane);
             gemm_frag_b<1, CHUNK, BLOCK_M, Q_STRIDE>(acc_dk, frag, q_smem + slot * Q_TILE_BYTES + chunk * CHUNK * 2, lane);

@@ -161,6 +161,13 @@ __device__ __forceinline__ void tma_load(unsigned dst, const TensorMap& map, int
                     "r"(batch), "r"(bar) : "memory");
 }
 
+// A contiguous copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) into shared memory at
+// dst; completion (in bytes) is signalled on bar.
+__device__ __forceinline__ void bulk_load(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
 __device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned value) {
     asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(value) : "memory");
 }
@@ -206,9 +213,9 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[N / 8][4]) {
 }
 
 // S[64 x BLOCK_N] (+)= Q[64 x 16] * K[BLOCK_N x 16]^T for one 16-wide k-step: both operands in shared
-// memory, K-major (descriptors); accumulate = 0 overwrites S.
-__device__ __forceinline__ void wgmma_scores(float (&d)[BLOCK_N / 8][4], unsigned long long desc_q,
-                                             unsigned long long desc_k, int accumulate) {
+// memory, K-major (descriptors).
+__device__ __forceinline__ void wgmma_scores(float (&d)[16][4], unsigned long long desc_a, unsigned long long desc_b,
+                                          int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
@@ -216,12 +223,14 @@ __device__ __forceinline__ void wgmma_scores(float (&d)[BLOCK_N / 8][4], unsigne
                    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
                    "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
                    "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-                 : "l"(desc_q), "l"(desc_k), "r"(accumulate));
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
+
 
 // O[64 x DV] += P[64 x 16] * V[16 x DV] for one 16-key step: P in registers (the A-fragment layout of
 // mma.sync, per warp), V in shared memory as stored, [keys][DV] (N-major: transposed by the instruction).
-__device__ __forceinline__ void wgmma_output(float (&d)[DV / 8][4], const unsigned (&p)[4], unsigned long long desc_v) {
+__device__ __forceinline__ void wgmma_output(float (&d)[16][4], const unsigned (&a)[4], unsigned long long desc_b,
+                                          int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
@@ -229,8 +238,9 @@ __device__ __forceinline__ void wgmma_output(float (&d)[DV / 8][4], const unsign
                    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
                    "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
                    "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-                 : "r"(p[0]), "r"(p[1]), "r"(p[2]), "r"(p[3]), "l"(desc_v), "r"(1));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
+
 
 // ---- run-time values the mask predicates and score modifiers read -------------------------------
 __device__ __forceinline__ int floor_div(int a, int b) {           // rounds toward -inf (a may be < 0)
@@ -611,7 +621,7 @@ sliding_window_bf16_fwd(const __grid_constant__ TensorMap q_map, const __grid_co
     auto issue_output = [&](float (&acc)[DV / 8][4], const unsigned (&p)[BLOCK_N / 16][4], int slot) {
         const unsigned long long v_slot = v_desc(slot);
 #pragma unroll
-        for (int ks = 0; ks < BLOCK_N / 16; ++ks) wgmma_output(acc, p[ks], v_slot + ((ks * 16 * 128) >> 4));
+        for (int ks = 0; ks < BLOCK_N / 16; ++ks) wgmma_output(acc, p[ks], v_slot + ((ks * 16 * 128) >> 4), 1);
         wgmma_commit();
     };
     // Score modifiers and the mask of step j, then the softmax: S becomes unnormalised P in place.

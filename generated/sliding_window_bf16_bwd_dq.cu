@@ -26,6 +26,7 @@
 //   matmul_factor:       1.5
 //   fused_dq:            False
 //   vector_atomics:      True
+//   path:                mma_sync
 //   threads:             256
 // FlashAttention-2 backward, first launch: delta = rowsum(dO * O) per query row; second launch: dQ.
 // A dQ CTA owns BLOCK_M query rows of one (batch, head) and CHUNK columns of dQ; K/V tiles stream
@@ -226,25 +227,26 @@ __device__ __forceinline__ float unpack_hi(unsigned x) { return __uint_as_float(
 // A warp's 16-row accumulator tile C[16 x N]: element e of n-tile nt sits at row lane/4 (+8 for e >= 2),
 // column nt*8 + 2*(lane%4) + (e&1).
 
-// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2 is
-// +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
-template <int N>
-__device__ __forceinline__ void probabilities(float (&s)[1][N / 8][4], float scale_log2, const float (&lse_log2)[N / 8][4]) {
+// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2(nt, e)
+// is element (nt, e)'s, +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
+// (A callable: a kernel may read the statistics from shared memory where they are used.)
+template <int N, typename LseLog2>
+__device__ __forceinline__ void probabilities(float (&s)[1][N / 8][4], float scale_log2, LseLog2 lse_log2) {
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][nt][e] = fast_exp2(s[0][nt][e] * scale_log2 - lse_log2[nt][e]);
+        for (int e = 0; e < 4; ++e) s[0][nt][e] = fast_exp2(s[0][nt][e] * scale_log2 - lse_log2(nt, e));
 }
 
-// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta = rowsum(dO * O)
-// of each query; grad_factor = d(modified score) / d(scaled score), 1 without a softcap).
-template <int N>
-__device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const float (&p)[1][N / 8][4],
-                                                const float (&delta)[N / 8][4], const float (&grad_factor)[N / 8][4]) {
+// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta(nt, e) =
+// rowsum(dO * O) of the element's query; grad_factor = d(modified score) / d(scaled score), 1 without a softcap).
+template <int N, typename Delta>
+__device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const float (&p)[1][N / 8][4], Delta delta,
+                                                const float (&grad_factor)[N / 8][4]) {
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta[nt][e]) * grad_factor[nt][e];
+        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta(nt, e)) * grad_factor[nt][e];
 }
 
 // Writes a warp's 16 x CHUNK fp32 accumulator, times `factor`, as bf16 rows of dst (row stride
@@ -372,9 +374,11 @@ __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float 
 
 // One warp per query row: delta = sum over the value dims of dO * O, in fp32.
 extern "C" __global__ void __launch_bounds__(256)
-sliding_window_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, float* __restrict__ delta,
+sliding_window_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout,
+    float* __restrict__ delta,
     long long o_stride_b, long long o_stride_s, long long o_stride_h,
-    long long do_stride_b, long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q, int rows)
+    long long do_stride_b, long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q,
+    int rows)
 {
     const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
@@ -507,13 +511,13 @@ sliding_window_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restric
         gemm_abt<1, BLOCK_N, D, Q_STRIDE, K_STRIDE>(p, q_smem, warp_row0, k_smem + slot * K_TILE_BYTES, lane);
         recompute_scores<BLOCK_N, false>(p, grad_factor, ctx, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N,
                                          causal_offset, mask_mode(j), lane);
-        probabilities<BLOCK_N>(p, scale_log2, lse_log2);
+        probabilities<BLOCK_N>(p, scale_log2, [&](int nt, int e) { return lse_log2[nt][e]; });
 
         cp_async_wait<2 * STAGES - 2>();                                 // V_j has landed
         __syncthreads();
         float ds[1][BLOCK_N / 8][4];
         gemm_abt<1, BLOCK_N, DV, DO_STRIDE, V_STRIDE>(ds, do_smem, warp_row0, v_smem + slot * V_TILE_BYTES, lane);
-        score_gradients<BLOCK_N>(ds, p, delta_rows, grad_factor);
+        score_gradients<BLOCK_N>(ds, p, [&](int nt, int e) { return delta_rows[nt][e]; }, grad_factor);
         unsigned ds_frag[1][BLOCK_N / 16][4];
         to_a_fragments<1, BLOCK_N>(ds_frag, ds);
         gemm_frag_b<1, CHUNK, BLOCK_N, K_STRIDE>(acc_dq, ds_frag, k_smem + slot * K_TILE_BYTES + chunk * CHUNK * 2, lane);

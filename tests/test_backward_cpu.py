@@ -69,13 +69,38 @@ def test_backward_plan_fits_every_head_dim(d, arch, deterministic):
     for p in plan.passes.values():
         assert p.smem_bytes <= device.smem_per_block and p.regs_estimate <= 255
         assert p.head_dim_padded % p.chunk == 0 and p.head_dim_v_padded % p.chunk == 0
-    assert plan.dkdv.block_n == 16 * plan.dkdv.warps and plan.dkdv.fused_dq == (not deterministic)
+    wgmma = arch == "sm_90" and not deterministic and d in (64, 128)
+    assert plan.dkdv.path == ("wgmma" if wgmma else "mma_sync") and plan.dkdv.target == arch + ("a" if wgmma else "")
+    assert plan.dkdv.block_n == (128 if wgmma else 16 * plan.dkdv.warps) and plan.dkdv.fused_dq == (not deterministic)
     assert plan.dkdv.vector_atomics == (arch == "sm_90")
     if deterministic:
         assert plan.dq.block_m == 16 * plan.dq.warps
     text = explain_backward(spec, device)
     assert ("dq:" in text) == deterministic and "dkdv:" in text and text.count("->") == len(plan.passes)
     assert ("no atomics (deterministic)" in text) == deterministic and ("dQ added with fp32 atomics" in text) != deterministic
+
+
+def test_wgmma_backward_plan_formulas_and_refusals():
+    """The wgmma dK/dV pass: 128 keys (two compute warpgroups of 64) per CTA, steps of 8192 / head_dim queries,
+    the shared-memory formula of its layout, and the specs it leaves to mma.sync."""
+    from attngen.plan_backward import _wgmma_dkdv_pass, wgmma_dkdv_smem_bytes
+
+    h100 = preset("sm_90")
+    for d in (64, 128):
+        p, why = _wgmma_dkdv_pass(attngen.Spec(head_dim=d), h100, 2)
+        assert why == "" and (p.block_m, p.block_n, p.warps, p.chunk, p.n_chunks) == (8192 // d, 128, 12, d, 1)
+        tiles = 2 * 128 * d * 2 + 2 * (2 * p.block_m * d * 2 + p.block_m * 8) + 2 * 128 * p.block_m * 2
+        assert p.smem_bytes == wgmma_dkdv_smem_bytes(d, p.block_m, 128, 2) == 1024 + tiles + 64
+        assert p.regs_estimate <= 240 and p.matmul_factor == 2.5 and p.target == "sm_90a"
+    refusals = [(attngen.Spec(head_dim=256), h100, "head_dim"), (attngen.Spec(head_dim=128, head_dim_v=64), h100, "head_dim"),
+                (attngen.Spec(head_dim=128, deterministic=True), h100, "deterministic"),
+                (attngen.Spec(head_dim=128), preset("sm_80"), "sm_90"),
+                (attngen.Spec(head_dim=128, mask={"kind": "runtime", "block_size": 64}), h100, "mask blocks"),
+                (attngen.Spec(head_dim=128, mask={"kind": "sliding_window", "left": 256, "right": 0}), h100, "pattern")]
+    for spec, device, word in refusals:
+        p, why = _wgmma_dkdv_pass(spec, device, 2)
+        assert p is None and word in why
+    assert "wgmma" in explain_backward(attngen.Spec(head_dim=128), h100)
 
 
 BACKWARD_VARIANTS = [dict(head_dim=d, dtype=t, causal=c) for d in (8, 32, 64, 96, 128, 160, 256)
@@ -104,8 +129,8 @@ def test_backward_kernels_compile_without_spills(fields, arch):
     from attngen.api import plan_and_compile_backward
 
     spec = attngen.Spec(**fields)
-    plan, sources, results = plan_and_compile_backward(spec, preset(arch), lambda source, kind: (
-        nvrtc_compile(source, f"{spec.name}_{kind}", arch, kernel_name(spec, kind)), None))
+    plan, sources, results = plan_and_compile_backward(spec, preset(arch), lambda source, kind, target: (
+        nvrtc_compile(source, f"{spec.name}_{kind}", target, kernel_name(spec, kind)), None))
     assert set(results) == {f"backward_{kind}" for kind in plan.passes}
     dkdv = sources["backward_dkdv"]
     if spec.deterministic:

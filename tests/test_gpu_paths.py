@@ -124,3 +124,76 @@ def test_build_path_keyword_and_expanded_kv():
     out, lse = attngen.build(spec)(q, k, v)
     torch.cuda.synchronize()
     check(q, k.contiguous(), v.contiguous(), out, lse, True, "bf16")
+
+
+# ---- the backward's two dK/dV paths (wgmma where it applies: head_dim = head_dim_v = 64 or 128) ----------
+
+def check_backward_path(path, seed, batch, sq, sk, hq, hkv, d, dtype="bf16", causal=False, transposed=False,
+                        block_mask=None, expand_kv=False):
+    """build_backward(path=) gradients, written over NaN-poisoned buffers, against float64 with the DESIGN.md
+    criterion (the same-dtype baseline is the framework's autograd of naive attention)."""
+    from attngen.checking import framework_attention
+    from attngen.reference import acceptance_check, attention_reference_backward
+    from test_gpu_backward import to64
+
+    q, k, v = random_inputs(seed, batch, sq, sk, hq, hkv, d, d, dtype)
+    if transposed:     # [b, h, s, d] storage seen as [b, s, h, d]
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    if expand_kv:      # stride-0 heads: the copy engine may refuse them, the mma.sync pass takes over
+        k, v = k.expand(batch, sk, hq, d), v.expand(batch, sk, hq, d)
+    mask = {"kind": "runtime", "block_size": 128} if block_mask is not None else None
+    spec = attngen.Spec(head_dim=d, dtype=dtype, causal=causal, mask=mask, backward=True)
+    kernels = attngen.build_backward(spec, path=path)
+    assert kernels.plan.dkdv.path == path
+    out, lse = attngen.build(spec)(q, k, v, block_mask=block_mask)
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    dout = torch.randn(batch, sq, hq, d, generator=gen, device="cuda", dtype=q.dtype)
+    grads = [poisoned(shape, q.dtype) for shape in ((batch, sq, hq, d), (batch, sk, k.shape[2], d), (batch, sk, k.shape[2], d))]
+    kernels(q, k, v, out, lse, dout, dq=grads[0], dk=grads[1], dv=grads[2], block_mask=block_mask)
+    torch.cuda.synchronize()
+    if expand_kv:      # the gradient of the expanded tensors is per query head; compare on contiguous copies
+        k, v = k.contiguous(), v.contiguous()
+    element = block_mask.element_mask() if block_mask is not None else None
+    same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    framework_attention(*same, causal, 1 / d ** 0.5, mask=element).backward(dout)
+    ref = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), causal=causal, mask=element)
+    for name, mine, theirs, r in zip(("dq", "dk", "dv"), grads, same, ref):
+        ok, err, bound = acceptance_check(to64(mine), to64(theirs.grad), r)
+        assert ok, f"{path} {name}: max|grad - ref64| = {err:.3g} > bound {bound:.3g}"
+
+
+def test_backward_planner_picks_wgmma_on_hopper():
+    for d, causal in ((64, False), (128, False), (128, True)):
+        spec = attngen.Spec(head_dim=d, dtype="bf16", causal=causal, backward=True)
+        assert attngen.build_backward(spec).plan.dkdv.path == "wgmma"
+    assert attngen.build_backward(attngen.Spec(head_dim=256, backward=True)).plan.dkdv.path == "mma_sync"
+    with pytest.raises(ValueError, match="path"):
+        attngen.build_backward(attngen.Spec(head_dim=128, backward=True), path="tcgen05")
+
+
+@pytest.mark.parametrize("path", ["wgmma", "mma_sync"])
+@pytest.mark.parametrize("d,causal", [(64, False), (128, False), (128, True)])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (113, 203), (203, 113), (1, 300), (300, 17), (1000, 1000)])
+def test_backward_paths_over_tails(path, d, causal, dtype, sq, sk):
+    check_backward_path(path, sq * 7 + sk, 2, sq, sk, 4, 2, d, dtype, causal)
+
+
+@pytest.mark.parametrize("path", ["wgmma", "mma_sync"])
+@pytest.mark.parametrize("hq,hkv", [(8, 1), (16, 2)], ids=["mqa", "gqa8"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_paths_gqa_and_strided_inputs(path, hq, hkv, causal):
+    check_backward_path(path, 9100 + hq, 2, 517, 300, hq, hkv, 128, causal=causal, transposed=True)
+
+
+@pytest.mark.parametrize("path", ["wgmma", "mma_sync"])
+def test_backward_paths_runtime_block_mask(path):
+    sq, sk, hq = 600, 700, 4
+    layout = np.random.default_rng(5).random((hq, -(-sq // 128), -(-sk // 128))) < 0.4
+    layout[:, 0, :] = False     # a query block that sees nothing: its dQ rows are zero
+    block_mask = attngen.BlockMask.from_dense(layout, sq, sk, block_size=(128, 128))
+    check_backward_path(path, 9200, 2, sq, sk, hq, 2, 128, block_mask=block_mask)
+
+
+def test_backward_wgmma_falls_back_for_expanded_kv():
+    check_backward_path("wgmma", 9300, 2, 300, 300, 4, 1, 128, causal=True, expand_kv=True)
