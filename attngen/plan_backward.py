@@ -60,9 +60,11 @@ def wgmma_dkdv_block_m(d: int) -> int:
 
 def wgmma_dkdv_smem_bytes(d: int, block_m: int, block_n: int, stages: int) -> int:
     """K and V, a ring of Q and dO tiles with 8 bytes of row statistics per query, two dS^T buffers (one
-    is read by the other warpgroup's dQ while this one writes), then the mbarriers (kv, then per slot q,
-    do, empty) in 16-byte units; plus the 1 KB the launch adds to align to the swizzle period."""
-    tiles = 2 * block_n * d * 2 + stages * (2 * block_m * d * 2 + block_m * 8) + 2 * block_n * block_m * 2
+    is read by the other warpgroup's dQ while this one writes), two fp32 64 x 64 dQ parts (staged for the
+    bulk reduction), then the mbarriers (kv, then per slot q, do, empty) in 16-byte units; plus the 1 KB
+    the launch adds to align to the swizzle period."""
+    tiles = (2 * block_n * d * 2 + stages * (2 * block_m * d * 2 + block_m * 8) + 2 * block_n * block_m * 2
+             + WGMMA_COMPUTE_GROUPS * 64 * 64 * 4)
     barriers = (1 + 3 * stages) * 8
     return WGMMA_SMEM_ALIGN + tiles + round_up(barriers, 16)
 

@@ -21,7 +21,7 @@
 //   head_dim_padded:     128
 //   head_dim_v_padded:   128
 //   smem_row_pad:        0
-//   smem_bytes:          165952
+//   smem_bytes:          198720
 //   regs_estimate:       232
 //   ctas_per_sm:         1
 //   matmul_factor:       2.5
@@ -36,8 +36,9 @@
 // of dK and dV in registers. Per step, with wgmma:
 //   S^T = K Q^T and dP^T = V dO^T (both from shared memory), P^T = exp(scale S^T - LSE),
 //   dV += P^T dO and dK += dS^T Q (P^T and dS^T = P^T (dP^T - delta) from registers),
-//   dQ += dS K (dS^T of both warpgroups through swizzled shared memory), added to an fp32 buffer with
-//   atomics, so dQ's rounding depends on the order the CTAs add in.
+//   dQ += dS K (dS^T of both warpgroups through swizzled shared memory): each warpgroup stages its 64 x 64
+//   part in shared memory and the copy engine adds it to an fp32 buffer in one bulk reduction
+//   (cp.reduce.async.bulk), so dQ's rounding depends on the order the CTAs add in.
 // A slot is handed back to the producer when the step's last wgmma has read it.
 
 // ---- compile-time shape of this backward kernel ----------------------------------------------------
@@ -174,6 +175,25 @@ __device__ __forceinline__ void bulk_load(unsigned dst, const void* src, unsigne
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                  :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
+
+// dst[0 .. bytes/4) += src[...] in fp32, done by the copy engine at L2; completion is tracked per thread
+// in bulk groups (commit, then wait until the source is read or the whole add is done).
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, unsigned src, unsigned bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 :: "l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int PENDING> __device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(PENDING) : "memory");
+}
+template <int PENDING> __device__ __forceinline__ void bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(PENDING) : "memory");
+}
+__device__ __forceinline__ void st_shared_v4(unsigned addr, float a, float b, float c, float d) {
+    asm volatile("st.shared.v4.f32 [%0], { %1, %2, %3, %4 };\n" :: "r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+// Makes this thread's ordinary shared-memory writes visible to the async proxy (wgmma, bulk copies).
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 __device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned value) {
     asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(value) : "memory");
@@ -374,18 +394,6 @@ __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float 
     }
 }
 
-// dst[row][col] += acc for a warp's 16 x N accumulator tile (row stride D floats).
-template <int N>
-__device__ __forceinline__ void atomic_add_rows(float* dst, const float (&acc)[1][N / 8][4], int lane) {
-#pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float* const p = dst + (lane / 4 + r * 8) * D + nt * 8 + (lane % 4) * 2;
-            asm volatile("red.global.add.v2.f32 [%0], { %1, %2 };\n" :: "l"(p), "f"(acc[0][nt][2 * r]), "f"(acc[0][nt][2 * r + 1]) : "memory");
-        }
-}
-
 // One warp per query row, rows padded to whole steps: row_stats[row] = (LSE in base 2, delta = sum over the
 // value dims of dO * O), in fp32. Rows past the end, and rows that see no key, get (+inf, 0): P = 0 there.
 extern "C" __global__ void __launch_bounds__(256)
@@ -420,6 +428,13 @@ llama_gqa_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict_
 
 // dQ = scale * the fp32 buffer the dK/dV pass added to, as bf16 in the caller's layout; one
 // thread per pair of columns.
+// The buffer is [batch][head][query rows / 64][D / 64] tiles of 64 x 64 floats, each in the order the wgmma
+// accumulators of a warpgroup hold them (see the dK/dV pass): float (nt * 128 + thread) * 4 + e is element e
+// of n-tile nt of `thread`, i.e. row 16 * warp + lane / 4 + 8 * (e / 2), column 8 * nt + 2 * (lane % 4) + e % 2.
+__device__ __forceinline__ long long dq_accum_offset(long long head_rows, int s, int col) {
+    const int thread = s % 64 / 16 * 32 + s % 8 * 4 + col % 8 / 2, e = s % 16 / 8 * 2;
+    return ((head_rows + s) / 64 * (D / 64) + col / 64) * 4096 + (col % 64 / 8 * 128 + thread) * 4 + e;
+}
 extern "C" __global__ void __launch_bounds__(256)
 llama_gqa_bf16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
     long long dq_stride_b, long long dq_stride_s, long long dq_stride_h, int seqlen_q, int heads_q, int rows_padded,
@@ -430,7 +445,7 @@ llama_gqa_bf16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __rest
     const int col = (int)(i % (HEAD_DIM / 2)) * 2;
     const long long row = i / (HEAD_DIM / 2);                        // over [batch][head][query]
     const int s = (int)(row % seqlen_q), head = (int)(row / seqlen_q % heads_q), batch = (int)(row / seqlen_q / heads_q);
-    const float* x = dq_accum + (((long long)batch * heads_q + head) * rows_padded + s) * D + col;
+    const float* x = dq_accum + dq_accum_offset(((long long)batch * heads_q + head) * rows_padded, s, col);
     *reinterpret_cast<unsigned*>(dq + batch * dq_stride_b + s * dq_stride_s + head * dq_stride_h + col) = pack2(x[0] * scale, x[1] * scale);
 }
 
@@ -445,11 +460,13 @@ constexpr int V_OFFSET = K_TILE_BYTES;
 constexpr int Q_OFFSET = V_OFFSET + V_TILE_BYTES;                          // STAGES Q tiles
 constexpr int DO_OFFSET = Q_OFFSET + STAGES * Q_TILE_BYTES;                // STAGES dO tiles
 constexpr int DS_OFFSET = DO_OFFSET + STAGES * DO_TILE_BYTES;              // 2 dS^T buffers
-constexpr int STATS_OFFSET = DS_OFFSET + 2 * DS_TILE_BYTES;                // STAGES x BLOCK_M float2
+constexpr int DQ_PART_BYTES = 64 * 64 * 4;                                 // a warpgroup's dQ part, fp32
+constexpr int DQ_OFFSET = DS_OFFSET + 2 * DS_TILE_BYTES;                   // 2 dQ parts
+constexpr int STATS_OFFSET = DQ_OFFSET + 2 * DQ_PART_BYTES;                // STAGES x BLOCK_M float2
 constexpr int BARRIER_OFFSET = STATS_OFFSET + STAGES * STATS_BYTES;        // kv_full, then per slot:
 constexpr int BARRIER_BYTES = (1 + 3 * STAGES) * 8;                        // q_full, do_full, slot_empty
 constexpr int STEP_LIST_OFFSET = BARRIER_OFFSET + (BARRIER_BYTES + 15) / 16 * 16;   // then WARPS + steps ints
-static_assert(1024 + STEP_LIST_OFFSET == 165952, "the plan's shared memory is this layout (+1 KB to align)");
+static_assert(1024 + STEP_LIST_OFFSET == 198720, "the plan's shared memory is this layout (+1 KB to align)");
 // dQ of a step is 2 parts of 64 x 64, one per compute warpgroup: the two column chunks at D = 128 (64-query
 // steps), the two row halves at D = 64 (128-query steps).
 constexpr int DQ_ROW_PARTS = BLOCK_M / 64, DQ_COL_PARTS = D / SWIZZLE_COLS;
@@ -552,7 +569,7 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
 
     // ---- compute warpgroups: 64 keys each; warp w of the group owns keys 16w..16w+15 of them ----
     registers_up<CONSUMER_REGS>();
-    const int group = warp / 4 - 1, group_key0 = group * 64, warp_key0 = group_key0 + warp % 4 * 16;
+    const int group = warp / 4 - 1, group_thread = tid % 128, group_key0 = group * 64, warp_key0 = group_key0 + warp % 4 * 16;
     // K-major operands advance 16 columns (32 bytes) per k-step within a chunk; N-/M-major ones 16 rows (2 KB).
     auto k_major_step = [](int kk, int chunk_bytes) { return (kk / 4 * chunk_bytes + kk % 4 * 32) >> 4; };
     constexpr int ROWS_STEP = (16 * 128) >> 4;
@@ -628,7 +645,7 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
                 st_shared_u32(ds_rows + unit / 8 * KV_CHUNK_BYTES + (half % 2) * 8 * 128 + ((unit % 8 ^ lane / 4) << 4),
                               ds_frag[0][kk][half]);
             }
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // visible to the tensor cores' reads
+        fence_async_shared();                                            // visible to the tensor cores' reads
 
         // dQ += dS K over both groups' keys, one 64 x 64 part per group.
         named_barrier(1, 2 * 128);                                       // both groups' dS^T are stored
@@ -644,10 +661,27 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
         fence_accumulators<D>(acc_dk[0]);
         fence_accumulators<SWIZZLE_COLS>(acc_dq[0]);
         if (lane == 0) mbarrier_arrive(slot_empty(slot));                // Q, dO and the row statistics are read
-        // rows m_start + dq_row0 + 16 (warp % 4) .. (the buffer is scaled when converted)
-        atomic_add_rows<SWIZZLE_COLS>(dq_accum + (((long long)batch * heads_q + head) * dq_rows_padded + m_start + dq_row0 + warp % 4 * 16) * D
-                                      + dq_col0, acc_dq, lane);
+        // The part goes to shared memory in accumulator order (16 bytes per thread and n-tile: no bank
+        // conflicts), then to its 64 x 64 tile of the buffer, which keeps that order (the conversion reads
+        // it so; the buffer is scaled there too).
+        const unsigned dq_stage = k_smem + DQ_OFFSET + group * DQ_PART_BYTES;
+        if (group_thread == 0) bulk_wait_read<0>();                     // the previous step's part was read
+        named_barrier(2 + group, 128);
+#pragma unroll
+        for (int nt = 0; nt < SWIZZLE_COLS / 8; ++nt) {
+            st_shared_v4(dq_stage + (nt * 128 + group_thread) * 16, acc_dq[0][nt][0], acc_dq[0][nt][1], acc_dq[0][nt][2],
+                         acc_dq[0][nt][3]);
+        }
+        fence_async_shared();
+        named_barrier(2 + group, 128);
+        if (group_thread == 0) {
+            const long long tile = (((long long)batch * heads_q + head) * dq_rows_padded + m_start + dq_row0) / 64 * (D / 64)
+                                   + dq_col0 / 64;
+            bulk_reduce_add_f32(dq_accum + tile * (DQ_PART_BYTES / 4), dq_stage, DQ_PART_BYTES);
+            bulk_commit();
+        }
     }
+    if (group_thread == 0) bulk_wait<0>();                              // every add is done before the CTA exits
 
     // dK = scale * dS^T Q (dS is the gradient of the scaled scores); rows past seqlen_k are not stored.
     const int rows_left = seqlen_k - n_start - warp_key0;

@@ -434,6 +434,9 @@ softcap_alibi_fp16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restr
 
 // dQ = scale * the fp32 buffer the dK/dV pass added to, as fp16 in the caller's layout; one
 // thread per pair of columns.
+__device__ __forceinline__ long long dq_accum_offset(long long head_rows, int s, int col) {   // [rows][D]
+    return (head_rows + s) * D + col;
+}
 extern "C" __global__ void __launch_bounds__(256)
 softcap_alibi_fp16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
     long long dq_stride_b, long long dq_stride_s, long long dq_stride_h, int seqlen_q, int heads_q, int rows_padded,
@@ -444,7 +447,7 @@ softcap_alibi_fp16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __
     const int col = (int)(i % (HEAD_DIM / 2)) * 2;
     const long long row = i / (HEAD_DIM / 2);                        // over [batch][head][query]
     const int s = (int)(row % seqlen_q), head = (int)(row / seqlen_q % heads_q), batch = (int)(row / seqlen_q / heads_q);
-    const float* x = dq_accum + (((long long)batch * heads_q + head) * rows_padded + s) * D + col;
+    const float* x = dq_accum + dq_accum_offset(((long long)batch * heads_q + head) * rows_padded, s, col);
     *reinterpret_cast<unsigned*>(dq + batch * dq_stride_b + s * dq_stride_s + head * dq_stride_h + col) = pack2(x[0] * scale, x[1] * scale);
 }
 

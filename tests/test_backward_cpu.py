@@ -89,7 +89,7 @@ def test_wgmma_backward_plan_formulas_and_refusals():
     for d in (64, 128):
         p, why = _wgmma_dkdv_pass(attngen.Spec(head_dim=d), h100, 2)
         assert why == "" and (p.block_m, p.block_n, p.warps, p.chunk, p.n_chunks) == (8192 // d, 128, 12, d, 1)
-        tiles = 2 * 128 * d * 2 + 2 * (2 * p.block_m * d * 2 + p.block_m * 8) + 2 * 128 * p.block_m * 2
+        tiles = 2 * 128 * d * 2 + 2 * (2 * p.block_m * d * 2 + p.block_m * 8) + 2 * 128 * p.block_m * 2 + 2 * 64 * 64 * 4
         assert p.smem_bytes == wgmma_dkdv_smem_bytes(d, p.block_m, 128, 2) == 1024 + tiles + 64
         assert p.regs_estimate <= 240 and p.matmul_factor == 2.5 and p.target == "sm_90a"
     refusals = [(attngen.Spec(head_dim=256), h100, "head_dim"), (attngen.Spec(head_dim=128, head_dim_v=64), h100, "head_dim"),
@@ -135,8 +135,12 @@ def test_backward_kernels_compile_without_spills(fields, arch):
     dkdv = sources["backward_dkdv"]
     if spec.deterministic:
         assert "red.global.add" not in dkdv and "bwd_delta(" in sources["backward_dq"]
+    elif plan.dkdv.path == "wgmma":     # dQ parts added by the copy engine, one bulk reduction per warpgroup and step
+        assert "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32" in dkdv and "red.global.add" not in dkdv
+        assert "wgmma.mma_async" in dkdv and plan.dkdv.target == "sm_90a"
     else:     # dQ from the dK/dV pass: the atomics (vector ones on sm_90), delta and the conversion with it
         assert ("red.global.add.v2.f32" in dkdv) == (arch == "sm_90") and "red.global.add" in dkdv
+    if not spec.deterministic:
         assert f"{spec.name}_bwd_delta(" in dkdv and f"{spec.name}_bwd_dq_convert(" in dkdv
     for kind, bwd in plan.passes.items():
         kind = f"backward_{kind}"
