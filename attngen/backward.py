@@ -12,10 +12,11 @@ the producer to copy in one piece.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 
-from .launch import (ELEMENT_ALIGN, ArgumentBlock, _current_stream, _empty_like, _stream_handle, _view,
+from .launch import (ELEMENT_ALIGN, MAX_SIGNATURES, ArgumentBlock, _current_stream, _empty_like, _stream_handle, _view,
                      check_inputs, ensure_dynamic_smem)
 from .plan import tile_list_bytes
 from .plan_backward import BackwardPlan
@@ -58,6 +59,16 @@ class BackwardKernels:
             dq_module, self._dq = dkdv_module, None
             self._dq_convert = dkdv_module.get_function(kernel_name(spec, "backward_dq_convert"))
         self._delta = dq_module.get_function(kernel_name(spec, "backward_delta"))
+        self._untileable = set()             # input layouts TMA refused (wgmma dK/dV: use mma.sync)
+        self._encodings = {}                 # (argument, layout, box) -> its tensor maps' bytes per address
+
+    def _tensor_map(self, name, view, box_rows):
+        """A tensor map for this call; a layout and address seen before reuse their encoding (~7 us each)."""
+        key = (name, view.shape, view.strides, box_rows)
+        if key not in self._encodings and len(self._encodings) >= 4 * MAX_SIGNATURES:
+            self._encodings.clear()
+        encodings = self._encodings.setdefault(key, OrderedDict())
+        return TensorMapArgument(name, self.spec.dtype, view.ptr, view.shape, view.strides, box_rows, encodings)
 
     def _kv_major_args(self, block_mask, device):
         """The BlockMask's kv-major block-CSR (query blocks per key block, per head) on the device: the
@@ -115,14 +126,16 @@ class BackwardKernels:
         rows = batch * heads_q * seqlen_q
         wgmma = pkv.path == "wgmma"
         if wgmma:
+            layouts = (qv.shape, qv.strides, kv.shape, kv.strides, vv.shape, vv.strides, dov.strides)
             try:      # Q, K, V and dO as tensor maps (their strides inside)
-                maps = (TensorMapArgument("q", spec.dtype, qv.ptr, qv.shape, qv.strides, pkv.block_m),
-                        TensorMapArgument("k", spec.dtype, kv.ptr, kv.shape, kv.strides, pkv.block_n),
-                        TensorMapArgument("v", spec.dtype, vv.ptr, vv.shape, vv.strides, pkv.block_n),
-                        TensorMapArgument("dout", spec.dtype, dov.ptr, dov.shape, dov.strides, pkv.block_m))
+                if layouts in self._untileable:
+                    raise ValueError("known untileable")
+                maps = (self._tensor_map("q", qv, pkv.block_m), self._tensor_map("k", kv, pkv.block_n),
+                        self._tensor_map("v", vv, pkv.block_n), self._tensor_map("dout", dov, pkv.block_m))
             except ValueError:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V)
                 from .api import build_backward
 
+                self._untileable.add(layouts)    # later calls skip the encoding attempt
                 return build_backward(spec, qv.device, path="mma_sync")(
                     q, k, v, out, lse, dout, scale=scale, dq=grads["dq"][0], dk=grads["dk"][0], dv=grads["dv"][0],
                     alibi_slopes=alibi_slopes, tensors=tensors, block_mask=block_mask)

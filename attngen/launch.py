@@ -212,6 +212,7 @@ class Kernel:
         self._function.max_dynamic_shared_size_bytes = plan.smem_bytes
         self._handle = self._function.kernel.ptr         # the CUfunction behind CuPy's RawKernel
         self._signatures = {}                             # torch input signature -> ArgumentBlock
+        self._untileable = set()                          # input layouts TMA refused (wgmma path: use mma.sync)
         self.variant = variant_of(spec)
         self._arrays = {}
 
@@ -360,7 +361,10 @@ class Kernel:
         p = self.plan
         grid = (math.ceil(seqlen_q / p.block_m), heads_q, batch)
         if p.path == "wgmma":     # q, k, v reach the kernel as tensor maps (their strides inside)
+            layouts = (qv.shape, qv.strides, kv.shape, kv.strides, vv.shape, vv.strides)
             try:
+                if layouts in self._untileable:
+                    raise ValueError("known untileable")
                 inputs = (
                     TensorMapArgument("q", self.spec.dtype, qv.ptr, qv.shape, qv.strides, p.block_m),
                     TensorMapArgument("k", self.spec.dtype, kv.ptr, kv.shape, kv.strides, p.block_n),
@@ -369,6 +373,7 @@ class Kernel:
             except ValueError:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V)
                 from .api import build
 
+                self._untileable.add(layouts)    # later calls skip the encoding attempt
                 fallback = build(self.spec, qv.device, path="mma_sync")
                 return fallback(q, k, v, scale=scale, out=out, lse=lse, block_mask=block_mask,
                                 alibi_slopes=alibi_slopes, tensors=tensors)

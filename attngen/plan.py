@@ -43,11 +43,25 @@ def round_up(x: int, m: int) -> int:
 
 
 class WarpLaunch:
-    """What a plan of `warps` warps per CTA adds to its fields (shared by the forward and backward plans)."""
+    """What a plan of `warps` warps per CTA on `arch` and a `path` adds to its fields (shared by the forward
+    and backward plans)."""
 
     @property
     def threads(self) -> int:
         return 32 * self.warps
+
+    @property
+    def target(self) -> str:
+        """The NVRTC target: wgmma and setmaxnreg need the arch-specific sm_90a."""
+        return self.arch + "a" if self.path == "wgmma" else self.arch
+
+    @property
+    def producer_registers(self) -> int:
+        return WGMMA_PRODUCER_REGS
+
+    @property
+    def consumer_registers(self) -> int:
+        return WGMMA_CONSUMER_REGS
 
     def to_dict(self) -> dict:
         return asdict(self) | {"threads": self.threads}
@@ -78,19 +92,6 @@ class Plan(WarpLaunch):
     def mma_warps(self) -> int:
         """Warps that own query rows (the wgmma path's first warpgroup only loads)."""
         return self.warps - 4 if self.path == "wgmma" else self.warps
-
-    @property
-    def target(self) -> str:
-        """The NVRTC target: wgmma and setmaxnreg need the arch-specific sm_90a."""
-        return self.arch + "a" if self.path == "wgmma" else self.arch
-
-    @property
-    def producer_registers(self) -> int:
-        return WGMMA_PRODUCER_REGS
-
-    @property
-    def consumer_registers(self) -> int:
-        return WGMMA_CONSUMER_REGS
 
 
 @dataclass(frozen=True)

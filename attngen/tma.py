@@ -39,7 +39,7 @@ class TensorMapArgument:
     elements, the last one 1), copied in boxes of BOX_COLUMNS x box_rows. Assigning `value` a new base
     address re-encodes the map (so an ArgumentBlock can swap pointers like any other argument)."""
 
-    def __init__(self, name: str, dtype: str, ptr: int, shape, strides, box_rows: int):
+    def __init__(self, name: str, dtype: str, ptr: int, shape, strides, box_rows: int, encodings=None):
         batch, seqlen, heads, dim = shape
         elem = 2
         self.name = name
@@ -51,7 +51,9 @@ class TensorMapArgument:
         self._strides = (ctypes.c_uint64 * 3)(strides[1] * elem, strides[2] * elem, strides[0] * elem)
         self._box = (ctypes.c_uint32 * 4)(BOX_COLUMNS, box_rows, 1, 1)
         self._element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
-        self._encoded = OrderedDict()    # base address -> the map's bytes (callers reuse buffers)
+        # base address -> the map's bytes (callers reuse buffers); `encodings` shares them between arguments
+        # of one layout and box
+        self._encoded = OrderedDict() if encodings is None else encodings
         self.value = ptr
 
     @property
