@@ -525,7 +525,7 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
             tma_load(v_smem + c * KV_CHUNK_BYTES, v_map, c * SWIZZLE_COLS, n_start, kv_head, batch, kv_full);
         }
     }
-// Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
+    // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
     const int causal_offset = seqlen_k - seqlen_q;

@@ -495,7 +495,7 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
     ctx.softmax_scale = softmax_scale;
     ctx.temperature = temperature;
 
-// Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
+    // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
     const int causal_offset = seqlen_k - seqlen_q;

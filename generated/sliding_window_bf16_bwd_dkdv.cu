@@ -409,7 +409,7 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
 
     unsigned char* const step_list_smem = smem_raw + K_TILE_BYTES + V_TILE_BYTES + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES)
                                           + 2 * STAGES * BLOCK_M * 4;   // after the tiles
-// Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
+    // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
     const int causal_offset = seqlen_k - seqlen_q;

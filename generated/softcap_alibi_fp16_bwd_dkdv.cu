@@ -490,7 +490,7 @@ softcap_alibi_fp16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restri
     ctx.softmax_scale = softmax_scale;
     ctx.alibi_slope = alibi_slopes[batch * alibi_batch_stride + head];
 
-// Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
+    // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
     const int causal_offset = seqlen_k - seqlen_q;
