@@ -223,6 +223,10 @@ def explain_backward(spec: Spec, device: Device) -> str:
            "one pass, dQ added with fp32 atomics (deterministic: true gives a separate dQ pass)")
     lines = [f"backward on {device.arch}: {how}; ranked by matmul work (chunks recompute the scores), then "
              f"tile area, then CTAs per SM"]
+    if device.cc == 90:
+        lines.append("  sm_90: the wgmma dK/dV pass first where it applies (dQ added by bulk reductions; build keeps it "
+                     "only if ptxas reports no spills); smem = 1024 + 2*block_n*d*2 + stages*(2*block_m*d*2 + 8*block_m) "
+                     "+ 2*block_n*block_m*2 + 2*64*64*4 + mbarriers")
     for kind in pass_kinds(spec):
         lines.append(f"  {kind}: {'block_m (CTA) x block_n (step)' if kind == 'dq' else 'block_m (step) x block_n (CTA)'}")
         lines.append(f"    {'':2}{'tile':>9} {'path':>8} {'warps':>5} {'chunk':>5} {'stages':>6} {'smem B':>7} {'regs':>5} "
