@@ -11,6 +11,7 @@ the producer to copy in one piece.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 
@@ -130,9 +131,12 @@ class BackwardKernels:
             try:      # Q, K, V and dO as tensor maps (their strides inside)
                 if layouts in self._untileable:
                     raise ValueError("known untileable")
+                if sparse and dkdv_smem > _smem_optin(qv.device):
+                    raise ValueError("the step list does not fit beside the wgmma pass's tiles")
                 maps = (self._tensor_map("q", qv, pkv.block_m), self._tensor_map("k", kv, pkv.block_n),
                         self._tensor_map("v", vv, pkv.block_n), self._tensor_map("dout", dov, pkv.block_m))
-            except ValueError:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V)
+            except ValueError:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V), or a
+                # step list longer than the wgmma pass's shared memory leaves room for (mma.sync's tiles are smaller)
                 from .api import build_backward
 
                 self._untileable.add(layouts)    # later calls skip the encoding attempt
@@ -183,6 +187,14 @@ class BackwardKernels:
                     fused[0], np.uint64(dqv.ptr), *strides(dqv), np.int32(seqlen_q), np.int32(heads_q), fused[1],
                     np.float32(scale), np.int64(pairs)))
         return grads["dq"][0], grads["dk"][0], grads["dv"][0]
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin(device: int) -> int:
+    """The most dynamic shared memory a block of this GPU may opt in to."""
+    import cupy
+
+    return cupy.cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"]
 
 
 def _zeros_like(ref, shape):
