@@ -149,7 +149,9 @@ def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: boo
     """The spec a call needs: head dims and dtype from the inputs, the modifiers from the keywords; heads,
     scale and ALiBi slopes stay run-time values. A window (left, right) becomes a sliding-window mask
     (causal clips right to 0), as FlashAttention's window_size does."""
-    qv, vv = _view("q", q), _view("v", v)
+    qv, kv, vv = _view("q", q), _view("k", k), _view("v", v)
+    if len({qv.kind, kv.kind, vv.kind}) > 1:
+        raise TypeError(f"q, k, v: expected one array library, got q {qv.kind}, k {kv.kind}, v {vv.kind}")
     if len(qv.shape) != 4 or len(vv.shape) != 4:
         raise ValueError(f"q, v: expected 4 dims [batch, seqlen, heads, head_dim], got {qv.shape} and {vv.shape}")
     if not isinstance(causal, bool):
@@ -166,11 +168,15 @@ def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: boo
         extra["mask"] = {"kind": "sliding_window", "left": left, "right": 0 if causal else right}
         causal = False
     if block_mask is not None:
+        _check_block_mask(block_mask)
         if window is not None or causal:
             raise ValueError("block_mask: give the whole mask in the BlockMask (causal/window as its pattern), "
                              "not together with causal=True or window=")
         rows, cols = block_mask.block_size
         extra["mask"] = {"kind": "runtime", "block_size": rows if rows == cols else [rows, cols]}
+        element = block_mask.kernel_predicate()     # partial blocks evaluate it: exactly element_mask()
+        if element is not None:
+            extra["mask"]["element"] = element.to_dict()
     try:
         return Spec(head_dim=qv.shape[3], head_dim_v=vv.shape[3], dtype=qv.dtype, causal=causal, **extra)
     except SpecError as exc:
@@ -237,7 +243,7 @@ def _spec_for_call(q, k, v, causal, **keywords) -> Spec:
                causal, type(causal), tuple((w, type(w)) for w in window) if isinstance(window, (list, tuple)) else window,
                keywords["softcap"], type(keywords["softcap"]), keywords["alibi"], keywords["deterministic"],
                type(keywords["deterministic"]),
-               None if keywords["block_mask"] is None else tuple(keywords["block_mask"].block_size))
+               _block_mask_key(keywords["block_mask"]))
         spec = _call_specs.get(key)
     except (AttributeError, TypeError):        # unusual arguments: no memo, spec_for_inputs explains
         key, spec = None, None
@@ -248,6 +254,22 @@ def _spec_for_call(q, k, v, causal, **keywords) -> Spec:
                 _call_specs.clear()
             _call_specs[key] = spec
     return spec
+
+
+def _check_block_mask(block_mask) -> None:
+    from .masks import BlockMask
+
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask: expected an attngen.BlockMask (BlockMask.from_dense / from_predicate / "
+                        f"from_pattern), got {type(block_mask).__module__}.{type(block_mask).__name__}")
+
+
+def _block_mask_key(block_mask):
+    """What a call's spec takes from its BlockMask: the block size and the partial blocks' predicate."""
+    if block_mask is None:
+        return None
+    _check_block_mask(block_mask)
+    return tuple(block_mask.block_size), block_mask.kernel_predicate()
 
 
 def _device_index(x) -> int:
@@ -265,4 +287,5 @@ def _needs_grad(*tensors) -> bool:
         return False
     import torch
 
-    return any(t.requires_grad for t in tensors) and torch.is_grad_enabled()
+    # k or v may be of another library: check_inputs refuses the mix with a TypeError naming them
+    return any(getattr(t, "requires_grad", False) is True for t in tensors) and torch.is_grad_enabled()

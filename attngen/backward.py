@@ -23,6 +23,7 @@ from .plan import tile_list_bytes
 from .plan_backward import BackwardPlan
 from .spec import Spec
 from .tma import TensorMapArgument
+from .uploads import UPLOADS
 from .variant import variant_of
 
 DELTA_ROWS_PER_CTA = 8     # one warp per query row, 256 threads (the delta kernel's launch bounds)
@@ -71,15 +72,15 @@ class BackwardKernels:
         encodings = self._encodings.setdefault(key, OrderedDict())
         return TensorMapArgument(name, self.spec.dtype, view.ptr, view.shape, view.strides, box_rows, encodings)
 
-    def _kv_major_args(self, block_mask, device):
+    def _kv_major_args(self, block_mask, qv, keep):
         """The BlockMask's kv-major block-CSR (query blocks per key block, per head) on the device: the
-        transposed layout the dK/dV pass walks."""
+        transposed layout the dK/dV pass walks (cached per mask and stream, as the forward's)."""
         def arrays():
             t = block_mask.transposed()
             return [t.full_col_ptr, t.full_rows, t.partial_col_ptr, t.partial_rows]
 
-        ptrs = self.forward._device_arrays(("kv_major", id(block_mask)), block_mask, arrays, device)
-        return (*(np.uint64(a.data.ptr) for a in ptrs), np.int32(block_mask.num_heads), np.int32(block_mask.n_kv_blocks))
+        pointers = UPLOADS.pointers(("kv_major", id(block_mask)), block_mask, arrays, qv, keep)
+        return (*(np.uint64(p) for p in pointers), np.int32(block_mask.num_heads), np.int32(block_mask.n_kv_blocks))
 
     def __repr__(self):
         passes = ", ".join(f"{kind} {p.block_m}x{p.block_n} chunk {p.chunk}" for kind, p in self.plan.passes.items())
@@ -94,7 +95,9 @@ class BackwardKernels:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
         o_shape = (batch, seqlen_q, heads_q, spec.dv)
-        ov, dov = _row_major_view("out", out, o_shape, spec.dtype, qv), _row_major_view("dout", dout, o_shape, spec.dtype, qv)
+        vector = self.variant.global_vector
+        ov = _row_major_view("out", out, o_shape, spec.dtype, qv, vector)
+        dov = _row_major_view("dout", dout, o_shape, spec.dtype, qv, vector)
         lv = _view("lse", lse)
         if lv.kind != qv.kind or lv.shape != (batch, heads_q, seqlen_q) or lv.dtype not in ("float32", "torch.float32") \
                 or lv.strides != (heads_q * seqlen_q, seqlen_q, 1) or lv.device != qv.device:
@@ -103,17 +106,18 @@ class BackwardKernels:
         for name, given, shape in (("dq", dq, qv.shape), ("dk", dk, kv.shape[:3] + (spec.head_dim,)),
                                    ("dv", dv, vv.shape)):
             given = _empty_like(qv, shape, spec.dtype) if given is None else given
-            grads[name] = (given, _row_major_view(name, given, shape, spec.dtype, qv))
+            grads[name] = (given, _row_major_view(name, given, shape, spec.dtype, qv, vector))
         strides = lambda view: tuple(np.int64(s) for s in view.strides[:3])  # noqa: E731
         variant, fwd = self.variant, self.forward
         sizes = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
                  # modified scores are recomputed in natural units, as the forward's
                  np.float32((1.0 if variant.score_mods else scale) * math.log2(math.e)), np.float32(scale))
-        layout_dq = fwd._mask_args(block_mask, seqlen_q, seqlen_k, heads_q, qv.device)
-        layout_dkdv = self._kv_major_args(block_mask, qv.device) if layout_dq else ()
+        keep = []      # per-call device buffers: held until the launches are queued on their stream
+        layout_dq = fwd._mask_args(block_mask, seqlen_q, seqlen_k, heads_q, qv, keep)
+        layout_dkdv = self._kv_major_args(block_mask, qv, keep) if layout_dq else ()
         mods = (*((np.float32(scale),) if variant.score_mods else ()),
-                  *fwd._alibi_args(alibi_slopes, batch, heads_q, qv),
-                  *fwd._block_table_args(seqlen_q, seqlen_k, qv.device),
+                  *fwd._alibi_args(alibi_slopes, batch, heads_q, qv, keep),
+                  *fwd._block_table_args(seqlen_q, seqlen_k, qv, keep),
                   *fwd._tensor_args(tensors, (batch, heads_q, seqlen_q, seqlen_k), qv))
         # sparse kernels list their steps in shared memory: key tiles per query tile (dQ), pairs of (query
         # head of the group, query tile) per key tile (dK/dV)
@@ -182,7 +186,7 @@ class BackwardKernels:
                     *inputs, np.uint64(dkv.ptr), np.uint64(dvv.ptr), *fused, *strides(qv), *strides(kv), *strides(vv),
                     *strides(dov), *strides(dkv), *strides(dvv), *sizes, *layout_dkdv, *mods), shared_mem=dkdv_smem)
             if pq is None:
-                pairs = rows * (spec.head_dim // 2)
+                pairs = rows * ((spec.head_dim + 1) // 2)       # an odd head dim's last pair has one column
                 self._dq_convert((math.ceil(pairs / CONVERT_THREADS),), (CONVERT_THREADS,), (
                     fused[0], np.uint64(dqv.ptr), *strides(dqv), np.int32(seqlen_q), np.int32(heads_q), fused[1],
                     np.float32(scale), np.int64(pairs)))
@@ -206,13 +210,17 @@ def _zeros_like(ref, shape):
     return buffer
 
 
-def _row_major_view(name, x, shape, dtype, ref):
+def _row_major_view(name, x, shape, dtype, ref, vector=None):
     """A view of an [b, s, h, d] argument: same library and device as q, the spec's dtype, last dim
-    contiguous, 16-byte aligned rows (any other strides)."""
+    contiguous, rows aligned for the kernels' global accesses of `vector` elements (the variant's
+    global_vector), any other strides. By default ELEMENT_ALIGN (16-byte rows) where d is a multiple of it,
+    else 1: kernels whose head dims are not multiples of 8 move single elements."""
     view = _view(name, x)
+    if vector is None:
+        vector = ELEMENT_ALIGN if shape[-1] % ELEMENT_ALIGN == 0 else 1
     if view.kind != ref.kind or view.shape != tuple(shape) or view.dtype != dtype or view.strides[-1] != 1 \
-            or any(s % ELEMENT_ALIGN for s in view.strides[:-1]) or view.ptr % 16 or view.device != ref.device:
+            or any(s % vector for s in view.strides[:-1]) or view.ptr % (2 * vector) or view.device != ref.device:
         raise ValueError(f"{name}: expected a {ref.kind} {dtype} array of shape {list(shape)} on device {ref.device}, "
-                         f"last dim contiguous, rows 16-byte aligned; got {view.dtype} {list(view.shape)} "
+                         f"last dim contiguous, rows {2 * vector}-byte aligned; got {view.dtype} {list(view.shape)} "
                          f"with strides {view.strides}")
     return view

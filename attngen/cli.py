@@ -3,24 +3,58 @@ one line that names the field."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
+import shutil
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import click
 
 from . import __version__
 from .compile import atomic_write, nvrtc_compile, nvrtc_version
-from .device import PRESETS, live_device, preset
-from .errors import PlanError, SpecError
+from .device import ARCH_VARIANTS, PRESETS, live_device, preset
+from .errors import CompileError, PlanError, SpecError
 from .plan import REFERENCE_PROBLEM, explain, make_plan
 from .render import kernel_name
 from .spec import Spec
 
 
+ARCHS = " | ".join([*PRESETS, *ARCH_VARIANTS])
+
+
 class UsageFailure(click.ClickException):
+    """Exit code 2 and one line on stderr: the contract for bad specs, arguments and environments."""
+
     exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))     # one line, whatever the message quoted
+
+
+class OneLineErrors(click.Group):
+    """click's own usage errors (a missing argument, an unknown option) also as one line, without the
+    usage text."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise UsageFailure(exc.format_message()) from None
+
+
+@contextlib.contextmanager
+def warnings_as_lines():
+    """A warning (e.g. an unwritable cache folder) is one line on stderr, not Python's two."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *_: click.echo(
+            f"{category.__name__}: {' '.join(str(message).split())}", err=True)
+        yield
 
 
 def load_spec(path: str) -> Spec:
@@ -29,7 +63,33 @@ def load_spec(path: str) -> Spec:
     except (SpecError, PlanError) as exc:
         raise UsageFailure(f"{path}: {exc}") from None
     except OSError as exc:
-        raise UsageFailure(f"{path}: cannot read the spec ({exc.strerror})") from None
+        raise UsageFailure(f"{path}: cannot read the spec ({exc.strerror or type(exc).__name__})") from None
+
+
+def compile_failure(where: str, exc: CompileError) -> UsageFailure:
+    """NVRTC's refusal as one line: the first line of the error and the log's first error; the full log
+    sits beside the saved source."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    error = next((line.strip() for line in exc.log.splitlines() if "error" in line), "")
+    return UsageFailure(f"{where}: {first}" + (f"; first error: {error[:200]}" if error else ""))
+
+
+def require_gpu(command: str) -> None:
+    """check, bench and tune run kernels (and time them against PyTorch): say what is missing in one line
+    before anything starts."""
+    try:
+        import cupy
+
+        count, why = cupy.cuda.runtime.getDeviceCount(), "no device"
+    except Exception as exc:  # no driver, no CUDA runtime, a driver older than CuPy's runtime
+        count, why = 0, " ".join(str(exc).split())[:160] or type(exc).__name__
+    if count < 1:
+        raise UsageFailure(f"{command}: needs a CUDA GPU; none is usable here ({why})")
+    try:
+        import torch  # noqa: F401
+    except Exception as exc:  # not installed, or installed without its libraries
+        raise UsageFailure(f"{command}: needs PyTorch (pip install 'attngen[torch]'); importing it failed "
+                           f"({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 def resolve_device(arch: str | None):
@@ -38,7 +98,7 @@ def resolve_device(arch: str | None):
         try:
             return preset(arch)
         except SpecError:
-            raise UsageFailure(f"--arch: got {arch!r}; allowed: {' | '.join(PRESETS)}") from None
+            raise UsageFailure(f"--arch: got {arch[:40]!r}; allowed: {ARCHS}") from None
     try:
         return live_device()
     except Exception:  # no GPU or driver: offline build for the Hopper preset
@@ -53,13 +113,15 @@ def plan_or_fail(spec, device, path):
         raise UsageFailure(f"{path}: {exc}") from None
 
 
-arch_option = click.option("--arch", default=None, help=f"target: {' | '.join(PRESETS)} (default: the current GPU)")
+arch_option = click.option("--arch", default=None, help=f"target: {ARCHS} (default: the current GPU)")
 
 
-@click.group()
+@click.group(cls=OneLineErrors)
 @click.version_option(__version__, prog_name="attngen")
-def main():
+@click.pass_context
+def main(ctx):
     """attngen: attention-kernel compiler (spec -> plan -> CUDA C -> NVRTC -> launch)."""
+    ctx.with_resource(warnings_as_lines())
 
 
 def build_artifacts(spec: Spec, device) -> dict:
@@ -72,6 +134,8 @@ def build_artifacts(spec: Spec, device) -> dict:
             spec, device, lambda src, chosen: (nvrtc_compile(src, spec.name, chosen.target, name), None))
     except PlanError as exc:
         raise UsageFailure(f"{spec.name}: {exc}") from None
+    except CompileError as exc:
+        raise compile_failure(spec.name, exc) from None
     manifest = {
         "attngen_version": __version__,
         "kernel": name,
@@ -101,6 +165,8 @@ def backward_artifacts(spec: Spec, device, manifest: dict) -> dict:
             nvrtc_compile(src, f"{spec.name}_{kind}", target, kernel_name(spec, kind)), None))
     except (PlanError, ValueError) as exc:
         raise UsageFailure(f"{spec.name}: {exc}") from None
+    except CompileError as exc:
+        raise compile_failure(spec.name, exc) from None
     files, resources = {}, {}
     for kind in plan.passes:
         kind, suffix = f"backward_{kind}", f"_bwd_{kind}"
@@ -114,17 +180,17 @@ def backward_artifacts(spec: Spec, device, manifest: dict) -> dict:
 
 @main.command()
 @click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", "out_dir", default="build", show_default=True,
               help="folder for NAME.cu, NAME.cubin, NAME.ptx, NAME.json")
 @arch_option
 def build(spec_path, out_dir, arch):
     """Plan, render and compile a spec offline (no GPU needed with --arch)."""
     spec = load_spec(spec_path)
+    out = Path(out_dir)
+    check_out_dir(out)                          # before the compile: a bad -o should not cost its wait
     device = resolve_device(arch)
     artifacts = build_artifacts(spec, device)   # everything is produced before anything is written
-    out = Path(out_dir)
-    for suffix, data in artifacts.items():
-        atomic_write(out / f"{spec.name}{suffix}", data)
+    write_outputs(out, {f"{spec.name}{suffix}": data for suffix, data in artifacts.items()})
     manifest = json.loads(artifacts[".json"])
     r, p = manifest["resources"], manifest["plan"]
     spills = (f"{r['spill_bytes']} spill bytes" if r["spill_bytes"] is not None
@@ -139,6 +205,62 @@ def build(spec_path, out_dir, arch):
             click.echo(f"  backward {kind}: tiles {bp['block_m']}x{bp['block_n']}, {bp['warps']} warps, chunk "
                        f"{bp['chunk']}, {bp['smem_bytes']} B smem, {br['registers']} registers -> "
                        f"{out}/{spec.name}_bwd_{kind}.{{cu,cubin,ptx}}")
+
+
+def check_out_dir(out: Path) -> None:
+    """-o must be a folder or a path where one can be made: not a file, not under a file."""
+    if out.exists() and not out.is_dir():
+        raise UsageFailure(f"-o: {str(out)!r} is a file; allowed: a folder (existing, or one to create)")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if not out.exists() and above is not None and not above.is_dir():
+        raise UsageFailure(f"-o: {str(out)!r} lies under the file {str(above)!r}; allowed: a folder "
+                           "(existing, or one to create)")
+
+
+def write_outputs(out: Path, files: dict) -> None:
+    """All of `files` (name -> bytes) land in `out`, or none do and `out` is as it was: they are written
+    to a temporary folder inside `out` (same file system) and renamed into place once all are written;
+    a failure while renaming puts back what was there."""
+    made = []                                   # folders this call creates, innermost first
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        made.append(folder)
+    staging, placed, saved = None, [], []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".attngen-build-", dir=out))
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        for name in files:
+            if (out / name).is_dir():
+                raise IsADirectoryError(errno.EISDIR, f"a folder is in the way of {name}", str(out / name))
+        for name in files:                      # the manifest (.json) comes last: it vouches for the rest
+            target = out / name
+            if target.exists() or target.is_symlink():
+                os.replace(target, staging / f"{name}.previous")
+                saved.append(name)
+            os.replace(staging / name, target)
+            placed.append(name)
+    except OSError as exc:
+        for name in placed:
+            with contextlib.suppress(OSError):
+                os.unlink(out / name)
+        kept = []                               # previous files that could not be put back
+        for name in saved:
+            try:
+                os.replace(staging / f"{name}.previous", out / name)
+            except OSError:
+                kept.append(name)
+        if staging is not None and not kept:
+            shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        reason = exc.strerror or type(exc).__name__
+        outcome = (f"the previous {', '.join(kept)} are in {str(staging)!r}" if kept else "nothing was written")
+        raise UsageFailure(f"-o {str(out)!r}: cannot write the outputs ({reason}); {outcome}") from None
+    shutil.rmtree(staging, ignore_errors=True)  # the previous files' copies
 
 
 @main.command("plan")
@@ -185,7 +307,13 @@ def check(spec_path, seed):
     from .checking import check_spec
 
     spec = load_spec(spec_path)
-    ok = check_spec(spec, seed=seed, echo=click.echo)
+    require_gpu("check")
+    try:
+        ok = check_spec(spec, seed=seed, echo=click.echo)
+    except (PlanError, ValueError) as exc:      # SpecError is a ValueError
+        raise UsageFailure(f"{spec_path}: {exc}") from None
+    except CompileError as exc:
+        raise compile_failure(spec_path, exc) from None
     sys.exit(0 if ok else 1)
 
 
@@ -225,6 +353,7 @@ def bench(spec_path, suite, dtype, seqlens, tokens, peers, backward, json_path, 
         spec = load_spec(spec_path)
         cases = spec_cases(spec, lengths or (1024, 2048, 4096, 8192), tokens)
         with_backward = spec.backward if backward is None else backward
+    require_gpu("bench")
     modes = ("fwd", "fwd+bwd") if with_backward else ("fwd",)
     rows = []
     for i, case in enumerate(cases, 1):
@@ -233,8 +362,13 @@ def bench(spec_path, suite, dtype, seqlens, tokens, peers, backward, json_path, 
             rows += bench_case(case, modes, chosen, log=lambda line: click.echo(f"    {line}", err=True))
         except (SpecError, PlanError, ValueError) as exc:
             raise UsageFailure(f"{case.label}: {exc}") from None
+        except CompileError as exc:
+            raise compile_failure(case.label, exc) from None
     if json_path:
-        atomic_write(Path(json_path), (json.dumps(rows, indent=1) + "\n").encode())
+        try:
+            atomic_write(Path(json_path), (json.dumps(rows, indent=1) + "\n").encode())
+        except OSError as exc:
+            raise UsageFailure(f"--json {json_path!r}: cannot write it ({exc.strerror or type(exc).__name__})") from None
     if plot_path:
         plot_rows(rows, plot_path)
     click.echo(format_rows(rows))
@@ -252,11 +386,16 @@ def tune(spec_path, seqlen, tokens, top):
     spec = load_spec(spec_path)
     if seqlen < 1 or tokens < 1 or top < 1:
         raise UsageFailure(f"--seqlen, --tokens, --top: expected positive ints, got {seqlen}, {tokens}, {top}")
+    require_gpu("tune")
     click.echo(f"{spec.name}: tuning at seqlen {seqlen}, batch x seqlen {tokens}, top {top} candidates")
     try:
         paths, rows = run_tune(spec, seqlen, tokens, top, log=click.echo)
     except (PlanError, ValueError) as exc:
         raise UsageFailure(f"{spec_path}: {exc}") from None
+    except CompileError as exc:
+        raise compile_failure(spec_path, exc) from None
+    except OSError as exc:                      # the tuned winners could not be saved in the cache folder
+        raise UsageFailure(f"{spec_path}: cannot save the tuned choice ({exc.strerror or type(exc).__name__})") from None
     for kind in dict.fromkeys(r["kind"] for r in rows):
         timed = [r for r in rows if r["kind"] == kind and r["measured_us"]]
         best, first = min(timed, key=lambda r: r["measured_us"]), timed[0]

@@ -7,18 +7,25 @@ given an explicit -arch, so attngen compiles through it everywhere and loads the
 
 from __future__ import annotations
 
+import atexit
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import struct
+import sys
 import tempfile
+import threading
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import CompileError
 
-COMPILE_OPTIONS = ("-std=c++17", "--use_fast_math", "--ptxas-options=-v", "-lineinfo")
+# --no-source-include: nothing is read from the source's folder (the sources include no file at all).
+COMPILE_OPTIONS = ("-std=c++17", "--use_fast_math", "--ptxas-options=-v", "-lineinfo", "--no-source-include")
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,9 @@ class Binary:
 def nvrtc_version() -> str:
     from cupy_backends.cuda.libs import nvrtc
 
+    while _pending_warnings:
+        warn_unwritable(*_pending_warnings.pop())
+
     major, minor = nvrtc.getVersion()
     return f"{major}.{minor}"
 
@@ -89,6 +99,67 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+_warned_folders: set[str] = set()
+_private: dict[str, Path] = {}
+_private_lock = threading.Lock()
+_pending_warnings: list = []          # (folder, error, consequence) to warn about on first use
+
+
+def warn_unwritable(folder: Path, exc: OSError, what: str) -> None:
+    """One warning per process and folder: a cache that cannot be written slows calls down, it does not
+    stop them."""
+    key = str(folder)
+    if key in _warned_folders:
+        return
+    _warned_folders.add(key)
+    reason = exc.strerror or type(exc).__name__
+    warnings.warn(f"attngen: cannot write the cache folder {key} ({reason}); {what}", RuntimeWarning, stacklevel=3)
+
+
+def private_folder() -> Path:
+    """A folder of this process's own under the system temp dir (removed at exit), for files CuPy must load
+    from a path when the cache folder cannot be written."""
+    with _private_lock:
+        if "dir" not in _private:
+            _private["dir"] = Path(tempfile.mkdtemp(prefix="attngen-"))
+            atexit.register(shutil.rmtree, _private["dir"], True)
+        return _private["dir"]
+
+
+def _folder_usable(folder: str) -> bool:
+    """Could `folder` be created and written? Looks only; creates nothing."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def _prepare_cupy_cache() -> None:
+    """CuPy creates its kernel cache folder (CUPY_CACHE_DIR, default ~/.cupy/kernel_cache) when it is
+    imported, and the import fails where that folder cannot be made (HOME read-only, or a file). Point
+    it at a private temp folder first, so that attngen (which needs CuPy even for offline NVRTC) still
+    works. CuPy reads the variable once, at import: afterwards there is nothing to do."""
+    if "cupy" in sys.modules:
+        return
+    folder = os.environ.get("CUPY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cupy", "kernel_cache")
+    if _folder_usable(folder):
+        return
+    try:
+        fallback = private_folder() / "cupy"
+    except OSError:
+        return                                   # nowhere better: CuPy's own error will say why
+    os.environ["CUPY_CACHE_DIR"] = str(fallback)
+    # Said on first use (nvrtc_version), not here: a warning raised during `import attngen` points nowhere.
+    _pending_warnings.append((Path(folder), OSError(errno.EACCES, "not a folder that can be made or written"),
+                              f"CuPy's kernel cache goes to {fallback} for this process"))
+
+
+_prepare_cupy_cache()
+
+
 def cache_key(source: str, arch: str, options: tuple[str, ...], version: str) -> str:
     h = hashlib.sha256()
     for part in (source, arch, "\0".join(options), version):
@@ -109,7 +180,10 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~umask)                 # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass                                      # keep the write's own error, not the cleanup's
         raise
 
 
@@ -126,8 +200,10 @@ def nvrtc_compile(source: str, name: str, arch: str, kernel_name: str,
             nvrtc.compileProgram(prog, [f"-arch={arch}", *options])
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(prog)
-            src_path = _dump_failed_source(source, name, key)
-            raise CompileError(f"NVRTC failed to compile {name} for {arch} ({exc}); source: {src_path}\n{log}") from None
+            src_path = _dump_failed_source(source, name, key, log)
+            raise CompileError(f"NVRTC failed to compile {name} for {arch} ({exc}); source: "
+                               f"{src_path or 'not saved (no writable folder)'}\n{log}",
+                               log=log, source_path=src_path) from None
         log = nvrtc.getProgramLog(prog)
         cubin = nvrtc.getCUBIN(prog)
         ptx = nvrtc.getPTX(prog)
@@ -147,7 +223,7 @@ def nvrtc_errors(source: str, name: str) -> str | None:
 
     prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
     try:
-        nvrtc.compileProgram(prog, ["-arch=compute_80", "-std=c++17"])
+        nvrtc.compileProgram(prog, ["-arch=compute_80", "-std=c++17", "--no-source-include"])
         return None
     except nvrtc.NVRTCError:
         return nvrtc.getProgramLog(prog)
@@ -206,26 +282,63 @@ def _complete_elf(cubin: bytes) -> bytes:
     return cubin + b"\0" * max(0, end - len(cubin))
 
 
-def _dump_failed_source(source: str, name: str, key: str) -> Path:
-    path = cache_dir() / "failed" / f"{name}-{key}.cu"
-    atomic_write(path, source.encode())
-    return path
+def _dump_failed_source(source: str, name: str, key: str, log: str = "") -> Path | None:
+    """Keep the source NVRTC refused (and its log beside it) for the error message; in the cache, else in
+    the private temp folder. Never raises: the compile error is what the caller must see."""
+    folder = cache_dir() / "failed"
+    for attempt in (folder, None):
+        try:
+            where = attempt if attempt is not None else private_folder() / "failed"
+            path = where / f"{name}-{key}.cu"
+            atomic_write(path, source.encode())
+            atomic_write(path.with_suffix(".log"), log.encode())
+            return path
+        except OSError as exc:
+            if attempt is not None:
+                warn_unwritable(cache_dir(), exc, "the failed source goes to a private temp folder")
+    return None
+
+
+def _cached_entry(cubin_path: Path, meta_path: Path, arch: str, version: str, key: str) -> Binary | None:
+    """The cache entry if it is whole: its meta parses and the cubin has the recorded length and sha256.
+    Anything else (missing, truncated, garbage, swapped files) is a miss; the caller rebuilds and
+    overwrites it."""
+    try:
+        meta = json.loads(meta_path.read_bytes())
+        cubin = cubin_path.read_bytes()
+        resources = meta["resources"]
+        numbers = [resources[f] for f in ("registers", "stack_frame", "static_smem")]
+        spills = [resources[f] for f in ("spill_stores", "spill_loads")]
+        whole = (len(cubin) == meta["cubin_bytes"] and hashlib.sha256(cubin).hexdigest() == meta["cubin_sha256"]
+                 and isinstance(meta["log"], str) and set(resources) == set(Resources.__dataclass_fields__)
+                 and all(type(v) is int for v in numbers) and all(v is None or type(v) is int for v in spills))
+        return Binary(arch, cubin, "", meta["log"], Resources(**resources), version, key) if whole else None
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable, not JSON (or not UTF-8), wrong shape
+        return None
 
 
 def compile_cached(source: str, name: str, arch: str, kernel_name: str,
                    options: tuple[str, ...] = COMPILE_OPTIONS) -> tuple[Binary, Path]:
     """nvrtc_compile behind a disk cache keyed on source, options, arch and NVRTC version.
 
-    Returns the binary and the path of its cubin in the cache (CuPy loads it from there)."""
+    Returns the binary and the path of its cubin (CuPy loads it from there): in the cache, or, where the
+    cache folder cannot be written, in a private temp folder of this process (with one warning)."""
     version = nvrtc_version()
     key = cache_key(source, arch, options, version)
     folder = cache_dir() / "kernels"
     cubin_path, meta_path = folder / f"{key}.cubin", folder / f"{key}.json"
-    if cubin_path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        binary = Binary(arch, cubin_path.read_bytes(), "", meta["log"], Resources(**meta["resources"]), version, key)
-        return binary, cubin_path
+    cached = _cached_entry(cubin_path, meta_path, arch, version, key)
+    if cached is not None:
+        return cached, cubin_path
     binary = nvrtc_compile(source, name, arch, kernel_name, options)
-    atomic_write(cubin_path, binary.cubin)
-    atomic_write(meta_path, json.dumps({"log": binary.log, "resources": asdict(binary.resources)}).encode())
-    return binary, cubin_path
+    meta = {"log": binary.log, "resources": asdict(binary.resources), "cubin_bytes": len(binary.cubin),
+            "cubin_sha256": hashlib.sha256(binary.cubin).hexdigest()}
+    try:
+        atomic_write(cubin_path, binary.cubin)       # the cubin first: meta without it is a miss, not a hit
+        atomic_write(meta_path, json.dumps(meta).encode())
+        return binary, cubin_path
+    except OSError as exc:
+        warn_unwritable(cache_dir(), exc, "compiled kernels are kept in a private temp folder for this process")
+    private = private_folder() / f"{key}.cubin"
+    atomic_write(private, binary.cubin)
+    return binary, private

@@ -49,10 +49,14 @@ PRESETS = {
 }
 
 
+ARCH_VARIANTS = {"sm_90a": "sm_90"}   # arch-specific targets (wgmma, setmaxnreg) and the preset they use
+
+
 def preset(arch: str) -> Device:
-    key = arch.rstrip("a") if arch.endswith("a") else arch
+    """The preset of sm_80, sm_86, sm_89, sm_90 or sm_90a (exactly: no other suffix is a real target)."""
+    key = ARCH_VARIANTS.get(arch, arch) if isinstance(arch, str) else None
     if key not in PRESETS:
-        raise SpecError("arch", arch, " | ".join(PRESETS))
+        raise SpecError("arch", arch, " | ".join([*PRESETS, *ARCH_VARIANTS]))
     return PRESETS[key]
 
 

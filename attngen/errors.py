@@ -6,7 +6,13 @@ class SpecError(ValueError):
 
     def __init__(self, field: str, value, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"spec field '{field}': got {value!r}; allowed: {allowed}")
+        super().__init__(f"spec field '{field}': got {shown(value)}; allowed: {allowed}")
+
+
+def shown(value, limit: int = 120) -> str:
+    """repr(value), cut to `limit` characters: a message names a bad value, it does not reprint a file."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class PlanError(ValueError):
@@ -14,4 +20,9 @@ class PlanError(ValueError):
 
 
 class CompileError(RuntimeError):
-    """NVRTC rejected a rendered kernel; the message carries the log and the path of the source."""
+    """NVRTC rejected a rendered kernel; the message carries the log and the path of the source (also
+    as the attributes `log` and `source_path`; the path is None where no folder could take the file)."""
+
+    def __init__(self, message: str, *, log: str = "", source_path=None):
+        self.log, self.source_path = log, source_path
+        super().__init__(message)

@@ -7,6 +7,7 @@ themselves (zero copy), and the launch goes to the caller's current stream (torc
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import threading
 from typing import NamedTuple
@@ -18,10 +19,10 @@ from .plan import Plan
 from .plan import tile_list_bytes
 from .spec import Spec
 from .tma import TensorMapArgument
+from .uploads import UPLOADS, stream_handle
 from .variant import variant_of
-
-MAX_CACHED_ARRAYS = 64   # device copies of masks, tables and slopes kept per kernel
-ELEMENT_ALIGN = 8   # cp.async moves 16 bytes = 8 elements: row starts must be 16-byte aligned
+ELEMENT_ALIGN = 8   # a vector kernel's cp.async moves 16 bytes = 8 elements: its row starts must be 16-byte
+                    # aligned (kernels whose head dims are not multiples of 8 move elements: any row start)
 
 
 class TensorView(NamedTuple):
@@ -58,6 +59,7 @@ def _view(name: str, x) -> TensorView:
 def check_inputs(spec: Spec, q, k, v):
     """Validate q, k, v against the spec and each other; return their views and the problem sizes."""
     views = {name: _view(name, x) for name, x in (("q", q), ("k", k), ("v", v))}
+    vector = variant_of(spec).global_vector            # elements per global access: ELEMENT_ALIGN or 1
     kinds = {vw.kind for vw in views.values()}
     if len(kinds) > 1:
         raise TypeError(f"q, k, v: expected one array library, got {sorted(kinds)}")
@@ -68,9 +70,10 @@ def check_inputs(spec: Spec, q, k, v):
             raise TypeError(f"{name}: expected dtype {spec.dtype} (the built kernel's), got {vw.dtype}")
         if vw.strides[-1] != 1:
             raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {vw.strides}")
-        if any(s % ELEMENT_ALIGN for s in vw.strides[:-1]) or vw.ptr % 16:
-            raise ValueError(f"{name}: row starts must be 16-byte aligned (strides multiples of {ELEMENT_ALIGN} "
-                             f"elements), got strides {vw.strides} at address 0x{vw.ptr:x}")
+        if any(s % vector for s in vw.strides[:-1]) or vw.ptr % (2 * vector):
+            raise ValueError(f"{name}: row starts must be {2 * vector}-byte aligned (strides multiples of {vector} "
+                             f"elements: this kernel's head dims are multiples of {vector}), got strides {vw.strides} "
+                             f"at address 0x{vw.ptr:x}")
     devices = {vw.device for vw in views.values()}
     if len(devices) > 1:
         raise ValueError(f"q, k, v: expected one device, got devices {sorted(devices)}")
@@ -83,6 +86,9 @@ def check_inputs(spec: Spec, q, k, v):
     seqlen_k, heads_kv = kv.shape[1], kv.shape[2]
     if vv.shape[:3] != (batch, seqlen_k, heads_kv) or vv.shape[3] != spec.dv:
         raise ValueError(f"v: expected shape [{batch}, {seqlen_k}, {heads_kv}, {spec.dv}], got {vv.shape}")
+    for name, n in (("q", heads_q), ("k", heads_kv)):
+        if n < 1:
+            raise ValueError(f"{name}: expected at least 1 head (dim 2), got shape {views[name].shape}")
     if heads_q % heads_kv:
         raise ValueError(f"q/k: heads_q={heads_q} must be a multiple of heads_kv={heads_kv} (GQA/MQA)")
     if spec.num_heads is not None and heads_q != spec.num_heads:
@@ -127,12 +133,7 @@ def _torch_stream(device: int):
 
 
 def _raw_torch_stream(device: int) -> int:
-    import torch
-
-    try:
-        return torch._C._cuda_getCurrentRawStream(device)      # what torch's own launchers use (~0.2 us)
-    except AttributeError:
-        return torch.cuda.current_stream(device).cuda_stream
+    return stream_handle("torch", device)
 
 
 def _torch_signature(q, k, v, scale):
@@ -146,11 +147,7 @@ def _torch_signature(q, k, v, scale):
 
 def _stream_handle(ref: TensorView) -> int:
     """The raw handle of the caller's current stream: torch's for torch tensors, CuPy's for CuPy arrays."""
-    if ref.kind == "torch":
-        return _raw_torch_stream(ref.device)
-    import cupy
-
-    return cupy.cuda.get_current_stream(ref.device).ptr
+    return stream_handle(ref.kind, ref.device)
 
 
 class ArgumentBlock:
@@ -200,6 +197,18 @@ def ensure_dynamic_smem(function, smem: int, who: str) -> int:
     return smem
 
 
+@functools.lru_cache(maxsize=64)
+def _block_table_bits(pattern, seqlen_q: int, seqlen_k: int) -> np.ndarray:
+    """A pattern's block table as uint32 bits [heads or 1][q blocks][words]: bit j of word w is kv block 32w + j."""
+    table = pattern.block_table(seqlen_q, seqlen_k)
+    words = -(-table.shape[2] // 32)
+    padded = np.zeros(table.shape[:2] + (words * 32,), dtype=bool)
+    padded[..., :table.shape[2]] = table
+    bits = np.packbits(padded, axis=-1, bitorder="little").view("<u4")
+    bits.setflags(write=False)
+    return bits
+
+
 class Kernel:
     """A compiled forward kernel. Call it as kernel(q, k, v) -> (out, lse)."""
 
@@ -214,10 +223,10 @@ class Kernel:
         self._signatures = {}                             # torch input signature -> ArgumentBlock
         self._untileable = set()                          # input layouts TMA refused (wgmma path: use mma.sync)
         self.variant = variant_of(spec)
-        self._arrays = {}
 
-    def _mask_args(self, block_mask, seqlen_q, seqlen_k, heads_q, device):
-        """The block-CSR arguments of a runtime-layout kernel (device copies cached per mask), or ()."""
+    def _mask_args(self, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep):
+        """The block-CSR arguments of a runtime-layout kernel (device copies cached per mask and stream),
+        or (); the copies' buffers go to `keep` (see UploadCache.pointers)."""
         schedule = self.variant.schedule
         if schedule != "runtime":
             if block_mask is not None:
@@ -238,45 +247,31 @@ class Kernel:
         if (block_mask.seqlen_q, block_mask.seqlen_k) != (seqlen_q, seqlen_k):
             raise ValueError(f"block_mask: built for seqlens ({block_mask.seqlen_q}, {block_mask.seqlen_k}), "
                              f"the inputs have ({seqlen_q}, {seqlen_k})")
-        if (block_mask.pattern is not None and block_mask.counts()["partial"]
-                and block_mask.pattern.cuda_expr() != "true" and self.spec.mask_mod is None):
-            raise ValueError("block_mask: its partial blocks need the element predicate of "
-                             f"{block_mask.pattern.name}, which a runtime-layout kernel cannot evaluate (it treats "
-                             "kept blocks as visible inside); build the kernel with the pattern as its mask")
+        if self.spec.mask_mod is None:      # the kernel must compute exactly block_mask.element_mask()
+            needed, built = block_mask.kernel_predicate(), self.spec.mask_element
+            if needed != built:
+                inside = "visible everywhere" if needed is None else f"masked by {needed.name}"
+                evaluates = "nothing" if built is None else built.name
+                wanted = {"kind": "runtime"} | ({} if needed is None else {"element": needed.to_dict()})
+                raise ValueError(f"block_mask: its partial blocks are {inside}, but this kernel evaluates "
+                                 f"{evaluates} there; build it with mask: {wanted} (attngen.attention does)")
         if block_mask.num_heads not in (1, heads_q):
             raise ValueError(f"block_mask: {block_mask.num_heads} heads; expected 1 or heads_q={heads_q}")
-        arrays = self._device_arrays(("csr", id(block_mask)), block_mask, lambda: [
-            block_mask.full_row_ptr, block_mask.full_cols, block_mask.partial_row_ptr, block_mask.partial_cols], device)
+        pointers = UPLOADS.pointers(("csr", id(block_mask)), block_mask, lambda: [
+            block_mask.full_row_ptr, block_mask.full_cols, block_mask.partial_row_ptr, block_mask.partial_cols], qv, keep)
         n_q_blocks = -(-seqlen_q // block_mask.block_size[0])
-        return (*(np.uint64(a.data.ptr) for a in arrays), np.int32(block_mask.num_heads), np.int32(n_q_blocks))
+        return (*(np.uint64(p) for p in pointers), np.int32(block_mask.num_heads), np.int32(n_q_blocks))
 
-    def _device_arrays(self, key, owner, make, device):
-        """Device copies (int32/uint32) of host arrays, cached while `owner` is the same object."""
-        import cupy
-
-        cached = self._arrays.get((key, device))
-        if cached is None or not (cached[0] is owner or cached[0] == owner):
-            if len(self._arrays) >= MAX_CACHED_ARRAYS:
-                self._arrays.clear()
-            with cupy.cuda.Device(device):
-                arrays = [cupy.asarray(np.ascontiguousarray(a)) for a in make()]
-            cached = self._arrays[(key, device)] = (owner, arrays)
-        return cached[1]
-
-    def _block_table_args(self, seqlen_q, seqlen_k, device):
+    def _block_table_args(self, seqlen_q, seqlen_k, qv, keep):
         """The pattern's block table as bits [heads or 1][q blocks][words] on the device (cached per seqlens)."""
         if not self.variant.block_table:
             return ()
         pattern = self.spec.mask_pattern
-        table = pattern.block_table(seqlen_q, seqlen_k)
-        words = -(-table.shape[2] // 32)
-        padded = np.zeros(table.shape[:2] + (words * 32,), dtype=bool)
-        padded[..., :table.shape[2]] = table
-        bits = np.packbits(padded, axis=-1, bitorder="little").view("<u4")       # bit j of word w: block 32w + j
-        (arr,) = self._device_arrays(("table", seqlen_q, seqlen_k), pattern, lambda: [bits], device)
-        return (np.uint64(arr.data.ptr), np.int32(table.shape[0]), np.int32(table.shape[1]), np.int32(words))
+        bits = _block_table_bits(pattern, seqlen_q, seqlen_k)
+        (pointer,) = UPLOADS.pointers(("table", seqlen_q, seqlen_k), pattern, lambda: [bits], qv, keep)
+        return (np.uint64(pointer), *(np.int32(n) for n in bits.shape))
 
-    def _alibi_args(self, slopes, batch, heads_q, qv):
+    def _alibi_args(self, slopes, batch, heads_q, qv, keep):
         """(pointer, batch stride) of the ALiBi slopes: [heads_q] or [batch, heads_q] float32, or the
         standard slopes for heads_q when none are given."""
         if not self.variant.alibi:
@@ -286,8 +281,8 @@ class Kernel:
         if slopes is None:
             from .reference import alibi_slopes
 
-            (arr,) = self._device_arrays(("alibi", heads_q), heads_q, lambda: [alibi_slopes(heads_q)], qv.device)
-            return (np.uint64(arr.data.ptr), np.int32(0))
+            (pointer,) = UPLOADS.pointers(("alibi", heads_q), heads_q, lambda: [alibi_slopes(heads_q)], qv, keep)
+            return (np.uint64(pointer), np.int32(0))
         sv = _view("alibi_slopes", slopes)
         if sv.kind != qv.kind or sv.dtype not in ("float32", "torch.float32") or sv.device != qv.device \
                 or sv.shape not in ((heads_q,), (batch, heads_q)) or sv.strides[-1] != 1 \
@@ -339,21 +334,23 @@ class Kernel:
         scale = self.spec.softmax_scale if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
+        keep = []      # per-call device buffers: held until the launch is queued on their stream
         extra_args = (
-            *self._mask_args(block_mask, seqlen_q, seqlen_k, heads_q, qv.device),
+            *self._mask_args(block_mask, seqlen_q, seqlen_k, heads_q, qv, keep),
             *((np.float32(scale),) if self.variant.score_mods else ()),
-            *self._alibi_args(alibi_slopes, batch, heads_q, qv),
-            *self._block_table_args(seqlen_q, seqlen_k, qv.device),
+            *self._alibi_args(alibi_slopes, batch, heads_q, qv, keep),
+            *self._block_table_args(seqlen_q, seqlen_k, qv, keep),
             *self._tensor_args(tensors, (batch, heads_q, seqlen_q, seqlen_k), qv),
         )
         out_shape, lse_shape = (batch, seqlen_q, heads_q, self.spec.dv), (batch, heads_q, seqlen_q)
         out = _empty_like(qv, out_shape, self.spec.dtype) if out is None else out
         lse = _empty_like(qv, lse_shape, "fp32") if lse is None else lse
         ov, lv = _view("out", out), _view("lse", lse)
+        vector = self.variant.global_vector
         if ov.kind != qv.kind or ov.shape != out_shape or ov.dtype != self.spec.dtype or ov.strides[-1] != 1 \
-                or any(s % ELEMENT_ALIGN for s in ov.strides[:-1]) or ov.ptr % 16 or ov.device != qv.device:
+                or any(s % vector for s in ov.strides[:-1]) or ov.ptr % (2 * vector) or ov.device != qv.device:
             raise ValueError(f"out: expected a {qv.kind} {self.spec.dtype} array of shape {out_shape} on device "
-                             f"{qv.device}, last dim contiguous, rows 16-byte aligned")
+                             f"{qv.device}, last dim contiguous, rows {2 * vector}-byte aligned")
         lse_strides = (heads_q * seqlen_q, seqlen_q, 1)
         if lv.kind != qv.kind or lv.shape != lse_shape or lv.dtype not in ("float32", "torch.float32") \
                 or lv.strides != lse_strides or lv.device != qv.device:
@@ -416,7 +413,7 @@ class Kernel:
         import torch
 
         pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr())
-        if (pointers[0] | pointers[1] | pointers[2]) % 16:
+        if (pointers[0] | pointers[1] | pointers[2]) % (2 * self.variant.global_vector):
             self._signatures.clear()                      # the general path explains the misalignment
             return self(q, k, v)
         device = q.device

@@ -565,10 +565,15 @@ class Document(Pattern):
 def _load_layout(source, field: str) -> np.ndarray:
     """A read-only bool [H or 1, nQb, nKb] array from an array or an .npy path."""
     if isinstance(source, (str, Path)):
+        path = str(source)
         try:
-            source = np.load(source, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise SpecError(field, str(source), f"a readable .npy file ({exc})") from None
+            source = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:   # EOFError: an empty or truncated file
+            reason = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {str(exc)[:100]}"
+            raise SpecError(field, path, f"a readable .npy file (reading it failed: {reason})") from None
+        if not isinstance(source, np.ndarray):          # an .npz archive opens as a mapping of arrays
+            source.close()
+            raise SpecError(field, path, "a .npy file holding one array (not an .npz archive)")
     blocks = np.asarray(source)
     zero_one = np.issubdtype(blocks.dtype, np.integer) and np.isin(blocks, (0, 1)).all()
     if blocks.dtype != bool and not zero_one:
@@ -786,7 +791,11 @@ def _reduce_blocks(fn, num_heads, seqlen_q, seqlen_k, block_size):
             q_idx = np.arange(i * rows, min((i + 1) * rows, seqlen_q))[:, None]
             for k0 in range(0, seqlen_k, span):
                 kv_idx = np.arange(k0, min(k0 + span, seqlen_k))[None, :]
-                visible = np.broadcast_to(fn(h, q_idx, kv_idx), (q_idx.size, kv_idx.size))
+                result = np.asarray(fn(h, q_idx, kv_idx))
+                if result.dtype != np.bool_:   # e.g. q_idx - kv_idx: nonzero reads as True, keeping every block
+                    raise TypeError(f"fn: the predicate returned dtype {result.dtype}; allowed: bool (write it as "
+                                    "a comparison, e.g. q_idx >= kv_idx)")
+                visible = np.broadcast_to(result, (q_idx.size, kv_idx.size))
                 starts = np.arange(0, kv_idx.size, cols)
                 blocks = slice(k0 // cols, k0 // cols + starts.size)
                 kept[h, i, blocks] = np.logical_or.reduceat(visible.any(axis=0), starts)
@@ -814,21 +823,28 @@ class BlockMask:
     head h, ascending. Full blocks have every in-range element visible (no element masking: a kernel
     with a mask_mod skips it there, as FlexAttention does); partial blocks need the element predicate,
     which the mask remembers (see element_mask()), and a kernel's mask_mod if it has one.
+    partial_predicate says what decides visibility inside partial blocks: None (every element of a kept
+    block is visible: from_dense), a Pattern (a kernel evaluates it as code) or a Python function
+    (from_predicate: no kernel can evaluate it; see kernel_predicate()).
     Build with from_dense, from_predicate or from_pattern; combine with & and |.
     """
 
     def __init__(self, kept, full, *, seqlen_q, seqlen_k, block_size=DEFAULT_BLOCK_SIZE,
-                 element=None, pattern=None):
+                 element=None, pattern=None, partial_predicate=None):
         """kept, full: bool [H, nQb, nKb] with full implying kept; element(h, q_idx, kv_idx) -> bool
-        (default: every element of a kept block is visible)."""
+        (default: every element of a kept block is visible); partial_predicate: the Pattern or Python
+        function `element` amounts to inside partial blocks (None: the default element)."""
         self.block_size = _block_size(block_size)
         self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
         self.num_heads = kept.shape[0]
         self.pattern = pattern
+        self.partial_predicate = partial_predicate
         self._kept, self._full = np.array(kept, dtype=bool), np.array(full, dtype=bool)
         for arr in (self._kept, self._full):
             arr.setflags(write=False)
         self.partial_row_ptr, self.partial_cols = _csr(self._kept & ~self._full)
+        if not len(self.partial_cols):     # no partial blocks: the element is the block lookup itself
+            self.partial_predicate = None
         self.full_row_ptr, self.full_cols = _csr(self._full)
         self._element = element or self._block_lookup
         self._frozen = True
@@ -870,7 +886,8 @@ class BlockMask:
         kept, full = _reduce_blocks(fn, num_heads, seqlen_q, seqlen_k, block_size)
         element = lambda h, q_idx, kv_idx: np.broadcast_to(  # noqa: E731
             fn(h, q_idx, kv_idx), np.broadcast_shapes(np.shape(q_idx), np.shape(kv_idx)))
-        return cls(kept, full, seqlen_q=seqlen_q, seqlen_k=seqlen_k, block_size=block_size, element=element)
+        return cls(kept, full, seqlen_q=seqlen_q, seqlen_k=seqlen_k, block_size=block_size, element=element,
+                   partial_predicate=fn)
 
     @classmethod
     def from_pattern(cls, pattern: Pattern, seqlen_q: int, seqlen_k: int, num_heads: int | None = None,
@@ -884,7 +901,7 @@ class BlockMask:
         mask = cls.from_predicate(fn, seqlen_q, seqlen_k, pattern.heads, block_size)
         kept, full = (np.broadcast_to(a, (num_heads,) + a.shape[1:]) for a in (mask._kept, mask._full))
         return cls(kept, full, seqlen_q=mask.seqlen_q, seqlen_k=mask.seqlen_k, block_size=mask.block_size,
-                   element=mask._element, pattern=pattern)
+                   element=mask._element, pattern=pattern, partial_predicate=pattern)
 
     # ---- combination --------------------------------------------------------------------------------
     def _combine(self, other: BlockMask, op) -> BlockMask:
@@ -899,8 +916,23 @@ class BlockMask:
         element = lambda h, q_idx, kv_idx: op(self._head_element(h, q_idx, kv_idx),  # noqa: E731
                                               other._head_element(h, q_idx, kv_idx))
         pattern = op(self.pattern, other.pattern) if self.pattern and other.pattern else None
-        return BlockMask(op(self._kept, other._kept), op(self._full, other._full), seqlen_q=self.seqlen_q,
-                         seqlen_k=self.seqlen_k, block_size=self.block_size, element=element, pattern=pattern)
+        mine, theirs = self.partial_predicate, other.partial_predicate
+        full_self, full_other = self._full, other._full
+        if mine is None and theirs is None:
+            predicate = None
+        elif mine is None or theirs is None:
+            # One side's kept blocks are visible everywhere: inside them the result is the other side's
+            # predicate (and), or everything (or: those blocks become full, so no predicate runs there).
+            predicate = theirs if mine is None else mine
+            if op is operator.or_:
+                full_self, full_other = (self._kept, full_other) if mine is None else (full_self, other._kept)
+        elif isinstance(mine, Pattern) and isinstance(theirs, Pattern):
+            predicate = op(mine, theirs)
+        else:
+            predicate = element          # a Python function on either side: so is the result
+        return BlockMask(op(self._kept, other._kept), op(full_self, full_other), seqlen_q=self.seqlen_q,
+                         seqlen_k=self.seqlen_k, block_size=self.block_size, element=element, pattern=pattern,
+                         partial_predicate=predicate)
 
     def __and__(self, other):
         return self._combine(other, operator.and_)
@@ -942,6 +974,25 @@ class BlockMask:
         q_idx, kv_idx = np.arange(q0, q1)[:, None], np.arange(k0, k1)[None, :]
         return np.stack([np.broadcast_to(self._element(h, q_idx, kv_idx), (q1 - q0, k1 - k0))
                          for h in range(self.num_heads)])
+
+    def kernel_predicate(self):
+        """The Pattern a kernel must evaluate inside this mask's partial blocks to compute exactly
+        element_mask(), or None when no element predicate is needed (no partial blocks, or partial blocks
+        visible everywhere). ValueError when the predicate cannot become code (a Python function, or a
+        pattern backed by a block table), saying how to express the mask instead."""
+        predicate = self.partial_predicate
+        if predicate is None or not (self._kept & ~self._full).any():
+            return None
+        if not isinstance(predicate, Pattern):
+            raise ValueError(
+                "block_mask: its partial blocks need the element predicate of a Python function "
+                "(BlockMask.from_predicate), which a kernel cannot evaluate; build the mask with "
+                "BlockMask.from_pattern (patterns combine with & and |), or build a spec with "
+                "mask: {kind: runtime} and the predicate as its mask_mod")
+        if table_parts(predicate):
+            raise ValueError(f"block_mask: its partial blocks need the element predicate of {predicate.name}, "
+                             "which reads a block table; build a spec with that pattern as its mask instead")
+        return predicate
 
     def transposed(self) -> KVMajorCSR:
         """The same blocks as kv-major CSR (per head, per kv block: query blocks ascending)."""

@@ -361,6 +361,10 @@ def explain(spec: Spec, device: Device) -> str:
         f"(128 B/clk x {device.clock_ghz:g} GHz x {device.sm_count} SMs)) / wave efficiency, for batch="
         f"{REFERENCE_PROBLEM['batch']} seqlen={REFERENCE_PROBLEM['seqlen_q']} heads="
         f"{spec.num_heads or REFERENCE_PROBLEM['heads']}",
+        "io     " + ("16 B global accesses (cp.async) per 8 columns; rows 16-byte aligned"
+                     if variant_of(spec).global_vector > 1 else
+                     "head dims off the multiples of 8: element loads and stores up to the real head dim (rows "
+                     "2-byte aligned; shared memory zero past it); no wgmma path"),
     ]
     if device.cc == 90:
         lines[3:3] = ["path   mma_sync (the formulas below) | wgmma (sm_90a: 1 loading + "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -10,16 +11,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SpecError
+from .errors import SpecError, shown
 
 DTYPES = ("fp16", "bf16")
-HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_STEP = 8, 256, 8
+HEAD_DIM_MIN, HEAD_DIM_MAX = 1, 256   # FlashAttention's range: kernels pad to 16 inside their loads and stores
 TILE_KEYS = ("block_m", "block_n", "warps", "stages", "path")
 TILE_PATHS = ("mma_sync", "wgmma")     # the forward kernel paths (wgmma: Hopper, sm_90a)
 MASK_BLOCK_DEFAULT = 128
 MASK_BLOCK_SIZES = (16, 32, 64, 128, 256)
 RUNTIME_MASK_KIND = "runtime"     # a block layout given at call time (a BlockMask), no element predicate
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")   # used with fullmatch: "$" would allow a trailing "\n"
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,15 @@ class Spec:
         return pattern_from_dict(pattern_fields(self.mask))
 
     @property
+    def mask_element(self):
+        """The pattern a runtime layout's partial blocks evaluate (`mask: {kind: runtime, element: ...}`), or None."""
+        if self.mask is None or self.mask.get("kind") != RUNTIME_MASK_KIND or "element" not in self.mask:
+            return None
+        from .masks import pattern_from_dict
+
+        return pattern_from_dict(self.mask["element"], "mask.element")
+
+    @property
     def mask_block_size(self) -> tuple[int, int]:
         """(rows, cols) of the block-sparse layout; 128 x 128 unless the mask says otherwise."""
         size = (self.mask or {}).get("block_size", MASK_BLOCK_DEFAULT)
@@ -123,19 +133,66 @@ class Spec:
             if key not in allowed:
                 raise SpecError(str(key), data[key], "a known key: " + ", ".join(allowed))
         if "head_dim" not in data:
-            raise SpecError("head_dim", None, "required: an int in 8..256, a multiple of 8")
+            raise SpecError("head_dim", None, f"required: an int in {HEAD_DIM_MIN}..{HEAD_DIM_MAX}")
         return cls(**data)
 
     @classmethod
     def from_yaml(cls, path) -> "Spec":
+        """Load a spec file: UTF-8, YAML's safe subset, each key once per mapping. A layout mask's relative
+        `path` is taken from the spec file's folder (a spec travels with its layouts), not the working one."""
         import yaml  # PyYAML; imported here so the package imports without it
 
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
         try:
-            data = yaml.safe_load(text)
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise SpecError("<yaml>", str(path), f"UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start} "
+                            "is not UTF-8)") from None
+        try:
+            data = yaml.load(text, Loader=_unique_key_loader())
         except yaml.YAMLError as exc:
-            raise SpecError("<yaml>", str(path), f"valid YAML ({exc})".replace("\n", " ")) from None
+            message = " ".join(str(exc).split())
+            message = message if len(message) <= 200 else message[:200] + "..."
+            raise SpecError("<yaml>", str(path), f"valid YAML ({message})") from None
+        if isinstance(data, dict) and isinstance(data.get("mask"), dict):
+            data = data | {"mask": _layout_paths_from(data["mask"], Path(path).absolute().parent)}
         return cls.from_dict(data)
+
+
+@functools.lru_cache(maxsize=1)
+def _unique_key_loader():
+    """yaml.SafeLoader, refusing a key given twice in one mapping (PyYAML would keep the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = {}
+                for key_node, _ in node.value:   # the node's own keys: a merge (<<) may be overridden
+                    if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                    if key in seen:
+                        raise SpecError(str(key), f"given twice (lines {seen[key]} and {line})",
+                                        "each key once per mapping")
+                    seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def _layout_paths_from(mask, folder: Path):
+    """The mask section with every layout's relative `path` made absolute from `folder` (nested and/or
+    parts included)."""
+    if isinstance(mask, list):
+        return [_layout_paths_from(part, folder) for part in mask]
+    if not isinstance(mask, dict):
+        return mask
+    out = {key: _layout_paths_from(value, folder) for key, value in mask.items()}
+    path = out.get("path")
+    if out.get("kind") == "layout" and isinstance(path, str) and path and not Path(path).is_absolute():
+        out["path"] = str(folder / path)
+    return out
 
 
 # ---- validation -----------------------------------------------------------------------------------
@@ -145,8 +202,8 @@ def _is_int(value) -> bool:
 
 
 def _head_dim(field, value):
-    if not _is_int(value) or not HEAD_DIM_MIN <= value <= HEAD_DIM_MAX or value % HEAD_DIM_STEP:
-        raise SpecError(field, value, f"an int in {HEAD_DIM_MIN}..{HEAD_DIM_MAX}, a multiple of {HEAD_DIM_STEP}")
+    if not _is_int(value) or not HEAD_DIM_MIN <= value <= HEAD_DIM_MAX:
+        raise SpecError(field, value, f"an int in {HEAD_DIM_MIN}..{HEAD_DIM_MAX}")
     return value
 
 
@@ -203,21 +260,87 @@ def _mask(value):
         raise SpecError("mask", value, "a mapping with a 'kind' key (see attngen.masks)")
     value = dict(value)
     size = value.get("block_size", MASK_BLOCK_DEFAULT)
-    sizes = [size] if isinstance(size, int) and not isinstance(size, bool) else size
-    if not isinstance(sizes, (list, tuple)) or len(sizes) not in (1, 2) or any(
+    sizes = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 2 or any(   # [64] is neither form
             isinstance(x, bool) or x not in MASK_BLOCK_SIZES for x in sizes):
         raise SpecError("mask.block_size", size, f"one of {MASK_BLOCK_SIZES} or a [rows, cols] pair of them")
     if value.get("kind") == RUNTIME_MASK_KIND:
-        unknown = set(value) - {"kind", "block_size"}
+        unknown = set(value) - {"kind", "block_size", "element"}
         if unknown:
             raise SpecError(f"mask.{sorted(unknown)[0]}", value[sorted(unknown)[0]],
-                            "only 'kind' and 'block_size' for a runtime block layout")
+                            "only 'kind', 'block_size' and 'element' for a runtime block layout")
+        if "element" in value:    # the pattern partial blocks evaluate (BlockMask.kernel_predicate())
+            from .masks import pattern_from_dict, table_parts
+
+            element = pattern_from_dict(value["element"], "mask.element")
+            if table_parts(element):
+                raise SpecError("mask.element", element.name, "a pattern without a block table (layout, bigbird)")
+            value["element"] = element.to_dict()
         return value
     from .masks import check_kernel_pattern, pattern_from_dict
 
     pattern = pattern_from_dict(pattern_fields(value))   # raises SpecError naming the mask field
     check_kernel_pattern(pattern, tuple(sizes) * (2 if len(sizes) == 1 else 1))
     return value
+
+
+# A named tensor becomes a kernel parameter, a ModContext member and a local of the expression functions,
+# so its name must not collide with anything the generated C++ (or the language) already means.
+CPP_KEYWORDS = frozenset("""
+    alignas alignof and and_eq asm auto bitand bitor bool break case catch char char8_t char16_t char32_t class
+    compl concept const consteval constexpr constinit const_cast continue co_await co_return co_yield decltype
+    default delete do double dynamic_cast else enum explicit export extern false final float for friend goto if
+    import inline int long module mutable namespace new noexcept not not_eq nullptr operator or or_eq override
+    private protected public register reinterpret_cast requires restrict return short signed sizeof static
+    static_assert static_cast struct switch template this thread_local throw true try typedef typeid typename
+    union unsigned using virtual void volatile wchar_t while xor xor_eq _Bool _Complex _Imaginary
+    """.split())
+_MATH_BASES = """sqrt rsqrt cbrt exp exp2 exp10 expm1 log log2 log10 log1p pow sin cos tan asin acos atan atan2 sinh
+    cosh tanh asinh acosh atanh fabs floor ceil trunc round rint nearbyint fmod remainder fmin fmax fma fdim erf
+    erfc lgamma tgamma hypot copysign ldexp frexp modf""".split()
+CUDA_NAMES = frozenset(_MATH_BASES + [b + "f" for b in _MATH_BASES] + """abs min max isnan isinf isfinite signbit
+    threadIdx blockIdx blockDim gridDim warpSize dim3 half half2 nv_bfloat16 nv_bfloat162 size_t ptrdiff_t
+    int8_t int16_t int32_t int64_t uint8_t uint16_t uint32_t uint64_t printf malloc free memcpy memset
+    assert""".split())
+_VECTOR_TYPE_RE = re.compile(r"(u?char|u?short|u?int|u?long|u?longlong|float|double)[1-4]|make_\w+")
+_TENSOR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
+_TENSOR_NAME_RULE = ("a C identifier of at most 32 characters that is not a C++ keyword, a CUDA or math name, or a "
+                     "name the generated kernel uses, and does not start with '__' or 'attngen_'")
+
+
+@functools.lru_cache(maxsize=1)
+def generated_names() -> frozenset:
+    """Every identifier in the C++ of the kernel templates (Jinja tags, comments and strings left out):
+    a tensor of one of these names would shadow or redeclare it somewhere in a kernel."""
+    from .render import templates_dir
+
+    names = set()
+    for path in sorted(templates_dir().rglob("*.j2")):
+        text = re.sub(r"\{#.*?#\}|\{\{.*?\}\}|\{%.*?%\}", " ", path.read_text(), flags=re.S)
+        text = re.sub(r'"(?:[^"\\\n]|\\.)*"|/\*.*?\*/|//[^\n]*', " ", text, flags=re.S)
+        names.update(re.findall(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*", text))
+    return frozenset(names)
+
+
+def _tensor_names(tensors: dict | None) -> dict | None:
+    """Whitelist rule for the names of `tensors:` (their declarations are checked by validate_tensors)."""
+    from .expressions import RESERVED_NAMES
+
+    for name in tensors or {}:
+        if not isinstance(name, str) or not _TENSOR_NAME_RE.fullmatch(name):
+            why = "is not such an identifier"
+        elif name in CPP_KEYWORDS:
+            why = "is a C++ keyword"
+        elif name in CUDA_NAMES or _VECTOR_TYPE_RE.fullmatch(name):
+            why = "is a CUDA or math name"
+        elif name in RESERVED_NAMES or name in generated_names():
+            why = "is a name the generated kernel uses"
+        elif name.startswith(("__", "attngen_")):
+            why = "starts with a reserved prefix"
+        else:
+            continue
+        raise SpecError("tensors", name, f"{_TENSOR_NAME_RULE} ({shown(name, 40)} {why})")
+    return tensors
 
 
 def pattern_fields(mask: dict) -> dict:
@@ -249,7 +372,7 @@ def _validated(values: dict) -> dict:
             raise SpecError(flag, values[flag], "true or false")
     from .expressions import validate_expression, validate_tensors
 
-    out["tensors"] = validate_tensors(values["tensors"])
+    out["tensors"] = _tensor_names(validate_tensors(values["tensors"]))
     out["score_mod"] = validate_expression("score_mod", values["score_mod"], out["tensors"])
     out["mask_mod"] = validate_expression("mask_mod", values["mask_mod"], out["tensors"])
     out["score_mod_grad"] = validate_expression("score_mod_grad", values["score_mod_grad"], out["tensors"])
@@ -265,7 +388,7 @@ def _validated(values: dict) -> dict:
     name = values["name"]
     if name is None:
         name = _default_name(out)
-    elif not isinstance(name, str) or not _NAME_RE.match(name):
+    elif not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise SpecError("name", name, "an identifier: letters, digits and '_', at most 64 characters")
     out["name"] = name
     return out

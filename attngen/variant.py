@@ -7,6 +7,10 @@ Schedules:
 - ``pattern``: the mask is code. Each CTA classifies every key tile with the pattern's tile predicates
   (kept / full) and lists the kept ones in shared memory; no index tensor is read.
 - ``runtime``: the kept blocks come from a BlockMask's block-CSR tensors given at call time.
+
+Global I/O (``global_vector``): head dims that are multiples of 8 move 16 bytes per access; any other head
+dim (FlashAttention takes 1..256) moves single elements, bounded by the real head dim, so nothing past it
+is read or written and no padded copy is made.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 
 from .expressions import TensorDecl, tensor_decls
 from .spec import Spec
+
+VECTOR_ELEMENTS = 8     # a 16-byte global access moves 8 fp16/bf16 elements
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class Variant:
     softcap: float | None
     alibi: bool
     tensors: tuple[TensorDecl, ...]
+    global_vector: int                  # elements per global load/store of q, k, v, o and the gradients (below)
 
     @property
     def score_mods(self) -> bool:
@@ -62,8 +69,9 @@ def variant_of(spec: Spec) -> Variant:
     pattern = spec.mask_pattern
     if spec.mask is None:
         schedule, mask_expr, kept, full = "dense", "true", "true", "true"
-    elif pattern is None:
-        schedule, mask_expr, kept, full = "runtime", "true", "true", "true"
+    elif pattern is None:     # a runtime layout: its partial blocks evaluate the element pattern, if any
+        element = spec.mask_element
+        schedule, mask_expr, kept, full = "runtime", "true" if element is None else element.cuda_expr(), "true", "true"
     else:
         schedule, mask_expr = "pattern", pattern.cuda_expr()
         kept, full = pattern.cuda_tile_expr()
@@ -72,4 +80,13 @@ def variant_of(spec: Spec) -> Variant:
         mask_block=spec.mask_block_size if schedule == "runtime" else (0, 0),
         block_table=pattern is not None and pattern.table_block_size is not None,
         mask_mod=spec.mask_mod, score_mod=spec.score_mod, score_mod_grad=spec.score_mod_grad, softcap=spec.softcap, alibi=spec.alibi,
-        tensors=tensor_decls(spec.tensors))
+        tensors=tensor_decls(spec.tensors), global_vector=global_vector(spec))
+
+
+def global_vector(spec: Spec) -> int:
+    """Elements per global access of the head-dim rows: VECTOR_ELEMENTS (16-byte cp.async and stores; rows
+    16-byte aligned) when both head dims are multiples of it, else 1 (element by element, bounded by the real
+    head dim; rows need only the element's alignment). Shared memory is padded to 16 columns either way."""
+    if spec.head_dim % VECTOR_ELEMENTS == 0 and spec.dv % VECTOR_ELEMENTS == 0:
+        return VECTOR_ELEMENTS
+    return 1

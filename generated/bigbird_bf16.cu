@@ -47,6 +47,7 @@ constexpr int STAGES     = 2;   // K/V tiles in flight
 constexpr int THREADS    = WARPS * 32;
 constexpr int WARP_ROWS  = 16 * M_TILES;
 constexpr bool CAUSAL    = false;
+constexpr int GLOBAL_VECTOR = 8;   // elements per global access of a row: 8 (16 bytes), or 1 for head dims off the multiples of 8
 #define NEG_INF __int_as_float(0xff800000u)   // -inf without the math headers
 
 // Shared-memory rows are padded by 16 bytes, so the 8 row addresses of each ldmatrix phase fall
@@ -119,10 +120,36 @@ __device__ __forceinline__ float fast_log2(float x) {
     return y;
 }
 
+// ---- global <-> shared row chunks ------------------------------------------------------------------
+// Rows move in chunks of 8 elements (16 bytes of shared memory). With GLOBAL_VECTOR = 8 a chunk is one
+// 16-byte global access; with GLOBAL_VECTOR = 1 (a head dim off the multiples of 8: rows need only 2-byte
+// alignment) it is up to 8 element accesses, and only the first `count` elements of the chunk exist in
+// global memory: they are read or written, nothing past them.
+
+// The first `count` elements at `from` (count <= 0: none), zeros after them, as one chunk.
+__device__ __forceinline__ uint4 load_chunk(const elem_t* from, int count) {
+    unsigned words[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        if (c < count) words[c / 2] |= (unsigned)from[c] << (16 * (c % 2));
+    }
+    return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// The first `count` elements of a chunk to `to` (element stores, nothing past them).
+__device__ __forceinline__ void store_chunk(elem_t* to, const uint4& chunk, int count) {
+    const unsigned words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        if (c < count) to[c] = (elem_t)(words[c / 2] >> (16 * (c % 2)));
+    }
+}
+
 // ---- global -> shared tile copy -------------------------------------------------------------------
-// ROWS x COLS elements (COLS padded to 16) into the shared tile at address dst, row stride STRIDE, 16 bytes
-// per cp.async. Rows at or past rows_left and columns at or past REAL_COLS are zero-filled, so tails and
-// head-dim padding read as 0. Each thread keeps one 16-byte column and walks down the rows, so a copy
+// ROWS x COLS elements (COLS padded to 16) into the shared tile at address dst, row stride STRIDE, a chunk
+// of 8 columns per copy (16 bytes per cp.async, or element loads stored as one chunk). Rows at or past
+// rows_left and columns at or past REAL_COLS are zero-filled, so tails and head-dim padding read as 0 and
+// are never read from global memory. Each thread keeps one chunk column and walks down the rows, so a copy
 // costs one pointer add; lanes are laid out over a power-of-two row width and the lanes past COLS idle.
 template <int ROWS, int COLS, int STRIDE, int REAL_COLS>
 __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long long src_row_stride, int rows_left, int tid) {
@@ -134,11 +161,22 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long 
     if (LANES_PER_ROW != CHUNKS_PER_ROW && col >= COLS) return;
     const elem_t* from = src + row * src_row_stride + col;
     const long long pass_stride = ROWS_PER_PASS * src_row_stride;
-#pragma unroll
-    for (int i = 0; i < (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS; ++i) {
+    constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    // cp.async holds no registers: every pass in flight. Element loads hold theirs until stored to shared
+    // memory: 4 passes at a time, so that wide tiles do not spill beside the accumulators.
+#pragma unroll (GLOBAL_VECTOR == 8 ? PASSES : 4)
+    for (int i = 0; i < PASSES; ++i) {
         if (ROWS % ROWS_PER_PASS == 0 || row + i * ROWS_PER_PASS < ROWS) {
-            const bool valid = row + i * ROWS_PER_PASS < rows_left && col < REAL_COLS;
-            cp_async_16(dst + ((row + i * ROWS_PER_PASS) * STRIDE + col) * 2, valid ? from : src, valid);
+            const bool row_valid = row + i * ROWS_PER_PASS < rows_left;
+            const unsigned to = dst + ((row + i * ROWS_PER_PASS) * STRIDE + col) * 2;
+            if constexpr (GLOBAL_VECTOR == 8) {
+                const bool valid = row_valid && col < REAL_COLS;
+                cp_async_16(to, valid ? from : src, valid);
+            } else {
+                const uint4 chunk = load_chunk(from, row_valid ? REAL_COLS - col : 0);
+                asm volatile("st.shared.v4.b32 [%0], { %1, %2, %3, %4};\n"
+                             :: "r"(to), "r"(chunk.x), "r"(chunk.y), "r"(chunk.z), "r"(chunk.w));
+            }
         }
         from += pass_stride;
     }
@@ -429,7 +467,8 @@ __device__ __forceinline__ float finish_row(const RowStats& stats, int mi, int r
 }
 
 // Each warp stages its own rows of O in its own rows of the Q tile (only this warp ever read them),
-// then writes them out with 16-byte stores.
+// then writes them out a chunk of 8 columns at a time (16-byte stores; element stores up to HEAD_DIM_V
+// when GLOBAL_VECTOR is 1).
 __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][DV / 8][4], RowStats& stats, elem_t* o_smem,
                                              elem_t* o_tile, long long o_row_stride, float* lse_rows, int rows_left,
                                              float scale_log2, int warp_row0, int lane) {
@@ -454,7 +493,12 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][DV / 8][4],
         const int chunk = lane + i * 32;
         const int row = warp_row0 + chunk / CHUNKS_PER_ROW, col = chunk % CHUNKS_PER_ROW * 8;
         if (row < rows_left && col < HEAD_DIM_V) {
-            *reinterpret_cast<uint4*>(o_tile + row * o_row_stride + col) = *reinterpret_cast<const uint4*>(o_smem + row * Q_STRIDE + col);
+            const uint4 chunk = *reinterpret_cast<const uint4*>(o_smem + row * Q_STRIDE + col);
+            if constexpr (GLOBAL_VECTOR == 8) {
+                *reinterpret_cast<uint4*>(o_tile + row * o_row_stride + col) = chunk;
+            } else {
+                store_chunk(o_tile + row * o_row_stride + col, chunk, HEAD_DIM_V - col);
+            }
         }
     }
 }

@@ -50,6 +50,7 @@ constexpr int STAGES     = 2;   // K/V tiles in flight
 constexpr int THREADS    = WARPS * 32;
 constexpr int WARP_ROWS  = 16 * M_TILES;
 constexpr bool CAUSAL    = false;
+constexpr int GLOBAL_VECTOR = 8;   // elements per global access of a row: 8 (16 bytes), or 1 for head dims off the multiples of 8
 #define NEG_INF __int_as_float(0xff800000u)   // -inf without the math headers
 
 // Tiles are stored in the 128-byte swizzle (see the Hopper piece): column chunks of 64 elements.

@@ -55,6 +55,7 @@ constexpr int STAGES     = 2;   // streamed tiles in flight
 constexpr int CHUNK      = 128;   // gradient columns per CTA (a CTA per chunk: bounded registers)
 constexpr int THREADS    = WARPS * 32;
 constexpr bool CAUSAL    = true;
+constexpr int GLOBAL_VECTOR = 8;   // elements per global access of a row: 8 (16 bytes), or 1 for head dims off the multiples of 8
 #define NEG_INF __int_as_float(0xff800000u)   // -inf without the math headers
 #define POS_INF __int_as_float(0x7f800000u)
 constexpr float LOG2E = 1.4426950408889634f;
@@ -310,7 +311,8 @@ __device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const 
 }
 
 // Writes a warp's 16 x CHUNK fp32 accumulator, times `factor`, as bf16 rows of dst (row stride
-// row_stride elements), rows < rows_left and columns < cols_left only.
+// row_stride elements), rows < rows_left and columns < cols_left only: a 4-byte store per pair of columns,
+// or (GLOBAL_VECTOR 1: rows 2-byte aligned, cols_left maybe odd) a 2-byte store per column.
 __device__ __forceinline__ void store_rows(const float (&acc)[1][CHUNK / 8][4], float factor, elem_t* dst,
                                            long long row_stride, int rows_left, int cols_left, int lane) {
 #pragma unroll
@@ -320,8 +322,14 @@ __device__ __forceinline__ void store_rows(const float (&acc)[1][CHUNK / 8][4], 
         for (int r = 0; r < 2; ++r) {
             const int row = lane / 4 + r * 8;
             if (row < rows_left && col < cols_left) {
-                *reinterpret_cast<unsigned*>(dst + row * row_stride + col) =
-                    pack2(acc[0][nt][2 * r] * factor, acc[0][nt][2 * r + 1] * factor);
+                const unsigned pair = pack2(acc[0][nt][2 * r] * factor, acc[0][nt][2 * r + 1] * factor);
+                elem_t* const to = dst + row * row_stride + col;
+                if constexpr (GLOBAL_VECTOR == 8) {
+                    *reinterpret_cast<unsigned*>(to) = pair;
+                } else {
+                    to[0] = (elem_t)pair;
+                    if (col + 1 < cols_left) to[1] = (elem_t)(pair >> 16);
+                }
             }
         }
     }
@@ -413,10 +421,14 @@ llama_gqa_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict_
     const elem_t* o_row = o + batch * o_stride_b + i * o_stride_s + head * o_stride_h;
     const elem_t* do_row = dout + batch * do_stride_b + i * do_stride_s + head * do_stride_h;
     float sum = 0.f;
-    for (int col = lane * 2; col < HEAD_DIM_V; col += 64) {
-        const unsigned a = *reinterpret_cast<const unsigned*>(o_row + col);
-        const unsigned b = *reinterpret_cast<const unsigned*>(do_row + col);
-        sum += unpack_lo(a) * unpack_lo(b) + unpack_hi(a) * unpack_hi(b);
+    if constexpr (GLOBAL_VECTOR == 8) {          // pairs of columns, 4-byte loads
+        for (int col = lane * 2; col < HEAD_DIM_V; col += 64) {
+            const unsigned a = *reinterpret_cast<const unsigned*>(o_row + col);
+            const unsigned b = *reinterpret_cast<const unsigned*>(do_row + col);
+            sum += unpack_lo(a) * unpack_lo(b) + unpack_hi(a) * unpack_hi(b);
+        }
+    } else {                                     // the real columns only, one element per load
+        for (int col = lane; col < HEAD_DIM_V; col += 32) sum += unpack_lo(o_row[col]) * unpack_lo(do_row[col]);
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
@@ -427,7 +439,7 @@ llama_gqa_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict_
 }
 
 // dQ = scale * the fp32 buffer the dK/dV pass added to, as bf16 in the caller's layout; one
-// thread per pair of columns.
+// thread per pair of columns, (HEAD_DIM + 1) / 2 pairs per row (`pairs` counts them over all rows).
 // The buffer is [batch][head][query rows / 64][D / 64] tiles of 64 x 64 floats, each in the order the wgmma
 // accumulators of a warpgroup hold them (see the dK/dV pass): float (nt * 128 + thread) * 4 + e is element e
 // of n-tile nt of `thread`, i.e. row 16 * warp + lane / 4 + 8 * (e / 2), column 8 * nt + 2 * (lane % 4) + e % 2.
@@ -440,13 +452,21 @@ llama_gqa_bf16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __rest
     long long dq_stride_b, long long dq_stride_s, long long dq_stride_h, int seqlen_q, int heads_q, int rows_padded,
     float scale, long long pairs)
 {
+    constexpr int PAIRS_PER_ROW = (HEAD_DIM + 1) / 2;               // an odd head dim's last pair has one real column
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= pairs) return;
-    const int col = (int)(i % (HEAD_DIM / 2)) * 2;
-    const long long row = i / (HEAD_DIM / 2);                        // over [batch][head][query]
+    const int col = (int)(i % PAIRS_PER_ROW) * 2;
+    const long long row = i / PAIRS_PER_ROW;                         // over [batch][head][query]
     const int s = (int)(row % seqlen_q), head = (int)(row / seqlen_q % heads_q), batch = (int)(row / seqlen_q / heads_q);
     const float* x = dq_accum + dq_accum_offset(((long long)batch * heads_q + head) * rows_padded, s, col);
-    *reinterpret_cast<unsigned*>(dq + batch * dq_stride_b + s * dq_stride_s + head * dq_stride_h + col) = pack2(x[0] * scale, x[1] * scale);
+    const unsigned pair = pack2(x[0] * scale, x[1] * scale);        // x[1] past HEAD_DIM: the buffer's zero padding
+    elem_t* const to = dq + batch * dq_stride_b + s * dq_stride_s + head * dq_stride_h + col;
+    if constexpr (GLOBAL_VECTOR == 8) {
+        *reinterpret_cast<unsigned*>(to) = pair;
+    } else {                                                         // 2-byte aligned rows: element stores, real columns only
+        to[0] = (elem_t)pair;
+        if (col + 1 < HEAD_DIM) to[1] = (elem_t)(pair >> 16);
+    }
 }
 
 constexpr int MMA_WARPS = WARPS - 4;                  // two compute warpgroups of 64 keys
@@ -514,7 +534,7 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
         for (int slot = 0; slot < STAGES; ++slot) {
             mbarrier_init(q_full(slot), 1);
             mbarrier_init(do_full(slot), 1);
-            mbarrier_init(slot_empty(slot), MMA_WARPS);                  // lane 0 of every compute warp
+            mbarrier_init(slot_empty(slot), MMA_WARPS * 32);             // every compute thread
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");   // visible to the copy engine
         // K and V first: they do not depend on the step list, so their copy overlaps its building.
@@ -529,14 +549,18 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
     const int causal_offset = seqlen_k - seqlen_q;
+    // Keys past seqlen_k are zero rows: their dK/dV rows are never stored, but their dS^T feeds dQ, and an
+    // unmasked S = 0 there gives P = exp(-LSE) = inf when every real score is very negative, then
+    // dQ += inf * 0 = NaN. So the last key tile always masks its bounds.
+    const bool keys_tail = n_start + BLOCK_N > seqlen_k;
     const int n_m_tiles = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
     // Every query tile, or under causal masking those whose last row's aligned position reaches n_start.
     const int m_first = CAUSAL ? min(n_m_tiles, max(0, (n_start - causal_offset) / BLOCK_M)) : 0;
     const int tiles_per_head = n_m_tiles - m_first;
     const int n_steps = group_size * tiles_per_head;
-    auto step_of = [&](int j) {   // keys past seqlen_k give rows that are never stored: only the diagonal masks
+    auto step_of = [&](int j) {
         const int m_start = (m_first + j % max(tiles_per_head, 1)) * BLOCK_M;
-        const MaskMode mode = CAUSAL && m_start + causal_offset < n_start + BLOCK_N - 1 ? MASK_BOUNDS : MASK_NONE;
+        const MaskMode mode = keys_tail || (CAUSAL && m_start + causal_offset < n_start + BLOCK_N - 1) ? MASK_BOUNDS : MASK_NONE;
         return Step{kv_head * group_size + j / max(tiles_per_head, 1), m_start, mode};
     };
 
@@ -660,7 +684,11 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
         fence_accumulators<DV>(acc_dv[0]);
         fence_accumulators<D>(acc_dk[0]);
         fence_accumulators<SWIZZLE_COLS>(acc_dq[0]);
-        if (lane == 0) mbarrier_arrive(slot_empty(slot));                // Q, dO and the row statistics are read
+        // Q, dO and the row statistics are read. Every thread read statistics (ld.shared) and arrives itself:
+        // its reads are then ordered before its arrive (release), and so before the producer's next bulk
+        // copy into the slot (after its acquiring wait), in the memory model and for compute-sanitizer's
+        // racecheck alike (which does not carry a warp's lane-0 arrive over to its other lanes' reads).
+        mbarrier_arrive(slot_empty(slot));
         // The part goes to shared memory in accumulator order (16 bytes per thread and n-tile: no bank
         // conflicts), then to its 64 x 64 tile of the buffer, which keeps that order (the conversion reads
         // it so; the buffer is scaled there too).

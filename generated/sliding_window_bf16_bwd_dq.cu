@@ -47,6 +47,7 @@ constexpr int STAGES     = 3;   // streamed tiles in flight
 constexpr int CHUNK      = 128;   // gradient columns per CTA (a CTA per chunk: bounded registers)
 constexpr int THREADS    = WARPS * 32;
 constexpr bool CAUSAL    = false;
+constexpr int GLOBAL_VECTOR = 8;   // elements per global access of a row: 8 (16 bytes), or 1 for head dims off the multiples of 8
 #define NEG_INF __int_as_float(0xff800000u)   // -inf without the math headers
 #define POS_INF __int_as_float(0x7f800000u)
 constexpr float LOG2E = 1.4426950408889634f;
@@ -122,10 +123,36 @@ __device__ __forceinline__ float fast_log2(float x) {
     return y;
 }
 
+// ---- global <-> shared row chunks ------------------------------------------------------------------
+// Rows move in chunks of 8 elements (16 bytes of shared memory). With GLOBAL_VECTOR = 8 a chunk is one
+// 16-byte global access; with GLOBAL_VECTOR = 1 (a head dim off the multiples of 8: rows need only 2-byte
+// alignment) it is up to 8 element accesses, and only the first `count` elements of the chunk exist in
+// global memory: they are read or written, nothing past them.
+
+// The first `count` elements at `from` (count <= 0: none), zeros after them, as one chunk.
+__device__ __forceinline__ uint4 load_chunk(const elem_t* from, int count) {
+    unsigned words[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        if (c < count) words[c / 2] |= (unsigned)from[c] << (16 * (c % 2));
+    }
+    return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// The first `count` elements of a chunk to `to` (element stores, nothing past them).
+__device__ __forceinline__ void store_chunk(elem_t* to, const uint4& chunk, int count) {
+    const unsigned words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        if (c < count) to[c] = (elem_t)(words[c / 2] >> (16 * (c % 2)));
+    }
+}
+
 // ---- global -> shared tile copy -------------------------------------------------------------------
-// ROWS x COLS elements (COLS padded to 16) into the shared tile at address dst, row stride STRIDE, 16 bytes
-// per cp.async. Rows at or past rows_left and columns at or past REAL_COLS are zero-filled, so tails and
-// head-dim padding read as 0. Each thread keeps one 16-byte column and walks down the rows, so a copy
+// ROWS x COLS elements (COLS padded to 16) into the shared tile at address dst, row stride STRIDE, a chunk
+// of 8 columns per copy (16 bytes per cp.async, or element loads stored as one chunk). Rows at or past
+// rows_left and columns at or past REAL_COLS are zero-filled, so tails and head-dim padding read as 0 and
+// are never read from global memory. Each thread keeps one chunk column and walks down the rows, so a copy
 // costs one pointer add; lanes are laid out over a power-of-two row width and the lanes past COLS idle.
 template <int ROWS, int COLS, int STRIDE, int REAL_COLS>
 __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long long src_row_stride, int rows_left, int tid) {
@@ -137,11 +164,22 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long 
     if (LANES_PER_ROW != CHUNKS_PER_ROW && col >= COLS) return;
     const elem_t* from = src + row * src_row_stride + col;
     const long long pass_stride = ROWS_PER_PASS * src_row_stride;
-#pragma unroll
-    for (int i = 0; i < (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS; ++i) {
+    constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    // cp.async holds no registers: every pass in flight. Element loads hold theirs until stored to shared
+    // memory: 4 passes at a time, so that wide tiles do not spill beside the accumulators.
+#pragma unroll (GLOBAL_VECTOR == 8 ? PASSES : 4)
+    for (int i = 0; i < PASSES; ++i) {
         if (ROWS % ROWS_PER_PASS == 0 || row + i * ROWS_PER_PASS < ROWS) {
-            const bool valid = row + i * ROWS_PER_PASS < rows_left && col < REAL_COLS;
-            cp_async_16(dst + ((row + i * ROWS_PER_PASS) * STRIDE + col) * 2, valid ? from : src, valid);
+            const bool row_valid = row + i * ROWS_PER_PASS < rows_left;
+            const unsigned to = dst + ((row + i * ROWS_PER_PASS) * STRIDE + col) * 2;
+            if constexpr (GLOBAL_VECTOR == 8) {
+                const bool valid = row_valid && col < REAL_COLS;
+                cp_async_16(to, valid ? from : src, valid);
+            } else {
+                const uint4 chunk = load_chunk(from, row_valid ? REAL_COLS - col : 0);
+                asm volatile("st.shared.v4.b32 [%0], { %1, %2, %3, %4};\n"
+                             :: "r"(to), "r"(chunk.x), "r"(chunk.y), "r"(chunk.z), "r"(chunk.w));
+            }
         }
         from += pass_stride;
     }
@@ -250,7 +288,8 @@ __device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const 
 }
 
 // Writes a warp's 16 x CHUNK fp32 accumulator, times `factor`, as bf16 rows of dst (row stride
-// row_stride elements), rows < rows_left and columns < cols_left only.
+// row_stride elements), rows < rows_left and columns < cols_left only: a 4-byte store per pair of columns,
+// or (GLOBAL_VECTOR 1: rows 2-byte aligned, cols_left maybe odd) a 2-byte store per column.
 __device__ __forceinline__ void store_rows(const float (&acc)[1][CHUNK / 8][4], float factor, elem_t* dst,
                                            long long row_stride, int rows_left, int cols_left, int lane) {
 #pragma unroll
@@ -260,8 +299,14 @@ __device__ __forceinline__ void store_rows(const float (&acc)[1][CHUNK / 8][4], 
         for (int r = 0; r < 2; ++r) {
             const int row = lane / 4 + r * 8;
             if (row < rows_left && col < cols_left) {
-                *reinterpret_cast<unsigned*>(dst + row * row_stride + col) =
-                    pack2(acc[0][nt][2 * r] * factor, acc[0][nt][2 * r + 1] * factor);
+                const unsigned pair = pack2(acc[0][nt][2 * r] * factor, acc[0][nt][2 * r + 1] * factor);
+                elem_t* const to = dst + row * row_stride + col;
+                if constexpr (GLOBAL_VECTOR == 8) {
+                    *reinterpret_cast<unsigned*>(to) = pair;
+                } else {
+                    to[0] = (elem_t)pair;
+                    if (col + 1 < cols_left) to[1] = (elem_t)(pair >> 16);
+                }
             }
         }
     }
@@ -386,10 +431,14 @@ sliding_window_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __rest
     const elem_t* o_row = o + batch * o_stride_b + i * o_stride_s + head * o_stride_h;
     const elem_t* do_row = dout + batch * do_stride_b + i * do_stride_s + head * do_stride_h;
     float sum = 0.f;
-    for (int col = lane * 2; col < HEAD_DIM_V; col += 64) {
-        const unsigned a = *reinterpret_cast<const unsigned*>(o_row + col);
-        const unsigned b = *reinterpret_cast<const unsigned*>(do_row + col);
-        sum += unpack_lo(a) * unpack_lo(b) + unpack_hi(a) * unpack_hi(b);
+    if constexpr (GLOBAL_VECTOR == 8) {          // pairs of columns, 4-byte loads
+        for (int col = lane * 2; col < HEAD_DIM_V; col += 64) {
+            const unsigned a = *reinterpret_cast<const unsigned*>(o_row + col);
+            const unsigned b = *reinterpret_cast<const unsigned*>(do_row + col);
+            sum += unpack_lo(a) * unpack_lo(b) + unpack_hi(a) * unpack_hi(b);
+        }
+    } else {                                     // the real columns only, one element per load
+        for (int col = lane; col < HEAD_DIM_V; col += 32) sum += unpack_lo(o_row[col]) * unpack_lo(do_row[col]);
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);

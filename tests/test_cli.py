@@ -42,7 +42,7 @@ def test_plan_prints_the_table_with_the_chosen_row(tmp_path):
 
 
 @pytest.mark.parametrize("text,field", [
-    ("head_dim: 12\n", "head_dim"),
+    ("head_dim: 300\n", "head_dim"),
     ("head_dim: 64\ndtype: fp32\n", "dtype"),
     ("head_dim: 64\nwindow: 3\n", "window"),
     ("head_dim: 64\ncausal: maybe\n", "causal"),

@@ -167,7 +167,7 @@ def test_bad_arguments_raise_before_launch():
         attngen.attention(*(torch.randn(1, 8, 2, 128, device="cuda", dtype=torch.float16)[..., ::2]
                             for _ in range(3)))
     with pytest.raises(ValueError, match="head_dim"):
-        attngen.attention(*(torch.randn(1, 8, 2, 12, device="cuda", dtype=torch.float16) for _ in range(3)))
+        attngen.attention(*(torch.randn(1, 8, 2, 300, device="cuda", dtype=torch.float16) for _ in range(3)))
 
 
 def test_resource_report_survives_the_cuda_compute_cache():

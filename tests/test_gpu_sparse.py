@@ -156,5 +156,5 @@ def test_runtime_kernel_refuses_pattern_masks_with_partial_blocks():
     kernel = attngen.build(attngen.Spec(head_dim=64, dtype="bf16", mask={"kind": "runtime"}))
     q, k, v = inputs(1, 1, 256, 256, 2, 2, 64)
     window = BlockMask.from_pattern(masks.SlidingWindow(100, 0), 256, 256)
-    with pytest.raises(ValueError, match="element predicate"):
+    with pytest.raises(ValueError, match="partial blocks are masked by sliding_window_100_0.*'element'"):
         kernel(q, k, v, block_mask=window)

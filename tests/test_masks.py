@@ -605,7 +605,9 @@ def test_and_or_of_block_masks():
         for combined, op in ((x & y, np.logical_and), (x | y, np.logical_or)):
             check_csr(combined)
             np.testing.assert_array_equal(combined.kept_blocks(), op(x.kept_blocks(), y.kept_blocks()))
-            np.testing.assert_array_equal(combined.full_blocks(), op(x.full_blocks(), y.full_blocks()))
+            # or: a block kept by a from_dense mask is visible everywhere, so it becomes full
+            promote = lambda m: m.kept_blocks() if op is np.logical_or and m.partial_predicate is None else m.full_blocks()  # noqa: E731
+            np.testing.assert_array_equal(combined.full_blocks(), op(promote(x), promote(y)))
             elements = op(x.element_mask(), y.element_mask())
             np.testing.assert_array_equal(combined.element_mask(), elements)
             # full blocks are truly full; every visible element lies in a kept block
@@ -768,3 +770,39 @@ def test_reference_mask_errors():
         attention_reference(q, k, v, mask=BlockMask.from_pattern(Causal(), 6, 9))
     with pytest.raises(ValueError, match="num_heads 1 or 4"):
         attention_reference(q, k, v, mask=BlockMask.from_dense(np.ones((2, 1, 1), bool), 6, 8))
+
+
+def _kernel_view(mask: BlockMask) -> np.ndarray:
+    """What a runtime-layout kernel computes from a mask: full blocks visible, partial blocks through
+    kernel_predicate() (everything when None), other blocks hidden."""
+    rows, cols = mask.block_size
+    q_idx, kv_idx = np.arange(mask.seqlen_q)[:, None], np.arange(mask.seqlen_k)[None, :]
+    predicate = mask.kernel_predicate()
+    out = []
+    for h in range(mask.num_heads):
+        kept = mask.kept_blocks()[h][q_idx // rows, kv_idx // cols]
+        full = mask.full_blocks()[h][q_idx // rows, kv_idx // cols]
+        inside = True if predicate is None else predicate.element(h, q_idx, kv_idx, mask.seqlen_q, mask.seqlen_k)
+        out.append(full | (kept & inside))
+    return np.stack(out)
+
+
+def test_kernel_predicate_is_exact_for_every_constructor_and_combination():
+    """Issue 12 finding 2: a kernel given a BlockMask computes exactly element_mask(), or the mask is refused."""
+    sq, sk, block = 300, 260, (64, 64)
+    causal = BlockMask.from_pattern(Causal(), sq, sk, block_size=block)
+    window = BlockMask.from_pattern(SlidingWindow(70, 10), sq, sk, block_size=block)
+    dense_all = BlockMask.from_dense(np.ones((5, 5), bool), sq, sk, block)
+    dense_some = BlockMask.from_dense(np.random.default_rng(3).random((5, 5)) < 0.5, sq, sk, block)
+    aligned = BlockMask.from_predicate(lambda h, q, k: (q // 64) >= (k // 64), sq, sk, block_size=block)
+    causal_fn = BlockMask.from_predicate(lambda h, q, k: k <= q + sk - sq, sq, sk, block_size=block)
+    exact = [causal, window, dense_all, dense_some, aligned]
+    for x in exact:
+        for y in exact:
+            for m in (x, x & y, x | y):
+                np.testing.assert_array_equal(_kernel_view(m), m.element_mask())
+    assert (causal & dense_all).kernel_predicate() == Causal()
+    assert (dense_some | window).kernel_predicate() == SlidingWindow(70, 10)
+    for opaque in (causal_fn, causal_fn & dense_all, dense_some | causal_fn, causal_fn & causal):
+        with pytest.raises(ValueError, match="Python function"):
+            opaque.kernel_predicate()

@@ -35,7 +35,7 @@ def test_head_dim_is_keyword_only():
         Spec(64)
 
 
-_BAD_DIMS = [7, 0, -8, 4, 264, 512, 12, 100, 255, "64", 64.0, True, False, [64]]
+_BAD_DIMS = [0, -8, -1, 257, 264, 512, "64", 64.0, True, False, [64]]   # 1..256 all fit (tests/test_head_dims.py)
 
 
 @pytest.mark.parametrize("field,bad", [("head_dim", b) for b in _BAD_DIMS + [None]]
@@ -46,7 +46,7 @@ def test_head_dim_rejected(field, bad):
     assert err.value is bad or err.value == bad
     msg = str(err)
     assert repr(bad) in msg
-    assert "8..256" in msg and "multiple of 8" in msg
+    assert "1..256" in msg
 
 
 @pytest.mark.parametrize("d", list(range(8, 257, 8)))
@@ -65,8 +65,8 @@ def test_head_dim_v_explicit():
 
 
 def test_head_dim_v_error_mentions_value():
-    err = _raises("head_dim_v", head_dim=64, head_dim_v=20)
-    assert "20" in str(err)
+    err = _raises("head_dim_v", head_dim=64, head_dim_v=300)
+    assert "300" in str(err)
 
 
 # ---- dtype / causal -------------------------------------------------------------------------------
@@ -377,9 +377,9 @@ def test_from_yaml_unknown_key(tmp_path):
 
 
 def test_from_yaml_bad_value(tmp_path):
-    info = yaml_spec_error(tmp_path, "head_dim: 60\n")
+    info = yaml_spec_error(tmp_path, "head_dim: 600\n")
     assert info.value.field == "head_dim"
-    assert "60" in str(info.value)
+    assert "600" in str(info.value)
 
 
 @pytest.mark.parametrize("text", ["head_dim: [64\n", "head_dim: 64\n  dtype: : bf16\n", "{a: 1\n", "a: 'x\n"])

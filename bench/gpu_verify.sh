@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device call that verifies correctness: every GPU test file as its own pytest process (they compile
+# in parallel; one kernel cache), beside the compute-sanitizer matrix (bench/sanitize.py), then an optional
+# benchmark once the GPU is quiet. Logs are bundled into $OUT/logs.tgz; $OUT/summary.txt has the tails.
+# Env: TEST_TIMEOUT (s, default 420), SAN_TIMEOUT (s, default 420), SAN_JOBS (default 6), SAN_ARGS,
+#      BENCH (a command run at the end, e.g. "python3 bench/bench_backward.py --seqlens 8192"), TESTS (files).
+set -o pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1 ATTNGEN_CACHE_DIR=${ATTNGEN_CACHE_DIR:-/tmp/attngen-cache}
+OUT=${OUT:-/tmp/out}; LOGS=$(mktemp -d); mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > "$LOGS/gpu.txt"
+TESTS=${TESTS:-$(ls tests/test_gpu_*.py)}
+for f in $TESTS; do
+  (timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -rf -p no:cacheprovider "$f" > "$LOGS/$(basename "$f" .py).log" 2>&1;
+   echo "rc=$?" >> "$LOGS/$(basename "$f" .py).log") &
+done
+if [ "${SAN_TIMEOUT:-420}" != 0 ]; then
+  (timeout "${SAN_TIMEOUT:-420}" python3 bench/sanitize.py --jobs "${SAN_JOBS:-6}" --out "$LOGS/sanitize" ${SAN_ARGS:-} \
+     > "$LOGS/sanitize.log" 2>&1; echo "rc=$?" >> "$LOGS/sanitize.log") &
+fi
+wait
+if [ -n "${BENCH:-}" ]; then
+  timeout "${BENCH_TIMEOUT:-150}" bash -c "$BENCH" > "$LOGS/bench.log" 2>&1; echo "rc=$?" >> "$LOGS/bench.log"
+fi
+{
+  cat "$LOGS/gpu.txt"
+  for f in "$LOGS"/test_gpu_*.log; do echo "== $(basename "$f")"; grep -E "passed|failed|error|FAILED|ERROR|rc=" "$f" | tail -12; done
+  [ -f "$LOGS/sanitize.log" ] && { echo "== sanitize"; tail -40 "$LOGS/sanitize.log"; }
+  [ -f "$LOGS/bench.log" ] && { echo "== bench"; tail -30 "$LOGS/bench.log"; }
+} > "$OUT/summary.txt"
+tar -czf "$OUT/logs.tgz" -C "$LOGS" .
+cat "$OUT/summary.txt"
