@@ -980,8 +980,8 @@ class BlockMask:
         element_mask(), or None when no element predicate is needed (no partial blocks, or partial blocks
         visible everywhere). ValueError when the predicate cannot become code (a Python function, or a
         pattern backed by a block table), saying how to express the mask instead."""
-        predicate = self.partial_predicate
-        if predicate is None or not (self._kept & ~self._full).any():
+        predicate = self.partial_predicate       # None already when there is no partial block (__init__)
+        if predicate is None:
             return None
         if not isinstance(predicate, Pattern):
             raise ValueError(
