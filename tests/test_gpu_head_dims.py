@@ -17,7 +17,7 @@ import pytest
 
 import attngen
 from attngen.checking import framework_attention
-from attngen.reference import acceptance_check, attention_reference_backward
+from attngen.reference import acceptance_check_gradient, attention_reference_backward
 from test_gpu_backward import check_gradients, to64
 from test_gpu_forward import check
 
@@ -159,10 +159,13 @@ def run_backward(seed, batch, sq, sk, hq, hkv, d, dv, dtype, causal, determinist
     same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     framework_attention(*same, causal, scale).backward(dout)
     ref = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), causal=causal, scale=scale)
-    for (name, (given, storage)), mine, theirs, r in zip(grads.items(), result, same, ref):
+    # at head dims below 8 the algorithm itself (delta from the rounded O) may err past 2x the framework
+    algorithm = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), causal=causal, scale=scale,
+                                             algorithm_dtype=dtype)
+    for (name, (given, storage)), mine, theirs, r, a in zip(grads.items(), result, same, ref, algorithm):
         assert mine is given
         assert_border_kept(storage, given.shape[-1], name)
-        ok, err, bound = acceptance_check(to64(mine), to64(theirs.grad), r)
+        ok, err, bound = acceptance_check_gradient(to64(mine), to64(theirs.grad), a, r)
         assert ok, f"{name}: max|grad - ref64| = {err:.3g} > bound {bound:.3g} ({sq}x{sk}, {layout})"
     if causal and sq > sk:
         assert torch.all(result[0][:, :sq - sk] == 0), "rows that see no key have dQ = 0"

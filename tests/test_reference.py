@@ -427,3 +427,24 @@ def test_option_errors():
         round_to_dtype(q, "float16")
     with pytest.raises(TypeError, match="q must be a floating-point array"):
         attention_reference(q.astype(np.int32), k, v)
+
+
+def test_algorithm_baseline_of_the_backward():
+    """attention_reference_backward(algorithm_dtype=) rounds where FlashAttention's backward does (O for delta,
+    P and dS before their matmuls, the gradients); acceptance_check_gradient bounds by the worse baseline. At
+    head dim 1 the algorithm alone errs past twice the framework's error for some inputs (issue 12)."""
+    from attngen.reference import acceptance_check_gradient, attention_reference_backward, round_to_dtype
+
+    rng = np.random.default_rng(12)
+    q, k, v, dout = (rng.standard_normal(s) for s in ((2, 40, 2, 1), (2, 60, 2, 1), (2, 60, 2, 1), (2, 40, 2, 1)))
+    q, k, v, dout = (round_to_dtype(x, "bf16").astype(np.float64) for x in (q, k, v, dout))
+    exact = attention_reference_backward(q, k, v, dout, causal=True)
+    algorithm = attention_reference_backward(q, k, v, dout, causal=True, algorithm_dtype="bf16")
+    for e, a in zip(exact, algorithm):
+        assert np.array_equal(a, round_to_dtype(a, "bf16"))               # every gradient is a bf16 value
+        assert 0 < np.max(np.abs(a - e)) < 0.05 * max(1.0, np.max(np.abs(e)))
+    # the worse baseline bounds: the algorithm's own result passes, a gradient off by 10 % fails
+    ok, _, _ = acceptance_check_gradient(algorithm[0], exact[0], algorithm[0], exact[0])
+    assert ok
+    ok, _, _ = acceptance_check_gradient(exact[0] * 1.1, exact[0], algorithm[0], exact[0])
+    assert not ok
