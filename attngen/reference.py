@@ -352,7 +352,7 @@ def attention_reference(q, k, v, *, causal: bool = False, scale: float | None = 
 
 def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: float | None = None,
                                  mask=None, softcap=None, alibi_slopes=None, mask_mod=None, score_mod=None,
-                                 score_mod_grad=None, algorithm_dtype: str | None = None):
+                                 score_mod_grad=None, algorithm_dtype: str | None = None, out=None):
     """float64 gradients (dq, dk, dv) of attention_reference's output against dout [b, sq, hq, dv]:
     with s = scale q.k (masked) and P = softmax(s): dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
     dQ = scale dS K, dK = scale dS^T Q; the query heads of a GQA group add into their kv head. Rows that
@@ -361,7 +361,9 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
     score_mod_grad(x, b, h, q_idx, kv_idx) at its input x; a mask_mod only hides pairs.
     algorithm_dtype ('fp16' | 'bf16'): FlashAttention's backward evaluated at its own rounding points in that
     dtype instead: delta from the stored (rounded) O, P and dS rounded before their matmuls, the gradients
-    rounded; the rest exact. The same-dtype baseline of acceptance_check_gradient."""
+    rounded; the rest exact. The same-dtype baseline of acceptance_check_gradient. `out` [b, sq, hq, dv]:
+    the forward output the backward was given (delta = rowsum(dO * out), as the kernels compute it), so the
+    forward's own rounding enters the baseline too; default: the exact O (rounded with algorithm_dtype)."""
     if score_mod is not None and score_mod_grad is None:
         raise ValueError("score_mod_grad: required with a score_mod (its derivative)")
     q, k, v, dims = _check_inputs(q, k, v)
@@ -376,6 +378,7 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
         lambda x: round_to_dtype(x, algorithm_dtype).astype(np.float64))
     qg = _group_heads(q.astype(np.float64), dims.heads_kv)            # [b, s, hkv, g, d]
     dog = _group_heads(dout, dims.heads_kv)
+    given_out = None if out is None else _group_heads(np.asarray(out, dtype=np.float64), dims.heads_kv)
     k, v = k.astype(np.float64), v.astype(np.float64)
     dq = np.zeros(qg.shape)
     dk, dv = np.zeros(k.shape), np.zeros(v.shape)
@@ -404,8 +407,8 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
             do = np.moveaxis(dog[b, r0:r1], 0, -2)                           # [hkv, g, r, dv]
             vt = np.moveaxis(v[b], 0, -2)[:, None]                           # [hkv, 1, c, dv]
             dp = do @ np.swapaxes(vt, -1, -2)                                # [hkv, g, r, c]
-            out = rounded(p @ vt)                                            # [hkv, g, r, dv]
-            ds = p * (dp - (do * out).sum(axis=-1, keepdims=True))
+            o = rounded(p @ vt) if given_out is None else np.moveaxis(given_out[b, r0:r1], 0, -2)   # [hkv, g, r, dv]
+            ds = p * (dp - (do * o).sum(axis=-1, keepdims=True))
             if score_mod is not None:
                 ds = ds * mod_grad
             if softcap is not None:

@@ -161,7 +161,7 @@ def run_backward(seed, batch, sq, sk, hq, hkv, d, dv, dtype, causal, determinist
     ref = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), causal=causal, scale=scale)
     # at head dims below 8 the algorithm itself (delta from the rounded O) may err past 2x the framework
     algorithm = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), causal=causal, scale=scale,
-                                             algorithm_dtype=dtype)
+                                             algorithm_dtype=dtype, out=to64(out))
     for (name, (given, storage)), mine, theirs, r, a in zip(grads.items(), result, same, ref, algorithm):
         assert mine is given
         assert_border_kept(storage, given.shape[-1], name)

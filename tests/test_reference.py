@@ -448,3 +448,19 @@ def test_algorithm_baseline_of_the_backward():
     assert ok
     ok, _, _ = acceptance_check_gradient(exact[0] * 1.1, exact[0], algorithm[0], exact[0])
     assert not ok
+
+
+def test_algorithm_baseline_takes_delta_from_the_given_output():
+    """out=: delta = rowsum(dO * out) of the output the backward was given (the forward's rounding enters)."""
+    from attngen.reference import attention_reference, attention_reference_backward
+
+    rng = np.random.default_rng(13)
+    q, k, v, dout = (rng.standard_normal(s) for s in ((1, 9, 2, 7), (1, 11, 1, 7), (1, 11, 1, 7), (1, 9, 2, 7)))
+    exact_out, _ = attention_reference(q, k, v, causal=True)
+    exact = attention_reference_backward(q, k, v, dout, causal=True)
+    given = attention_reference_backward(q, k, v, dout, causal=True, out=exact_out)
+    for e, g in zip(exact, given):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+    shifted = attention_reference_backward(q, k, v, dout, causal=True, out=exact_out + 1e-3)
+    assert np.max(np.abs(shifted[0] - exact[0])) > 1e-5                   # dQ moves with delta
+    np.testing.assert_allclose(shifted[2], exact[2], rtol=1e-12, atol=1e-12)   # dV does not depend on it
