@@ -12,7 +12,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, spec: Spec, call: dict):
-        from .api import build
+        from .build import build
 
         out, lse = build(spec, q.device.index)(q, k, v, **call)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -22,7 +22,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        from .api import build_backward
+        from .build import build_backward
 
         q, k, v, out, lse = ctx.saved_tensors
         # Autograd may hand over an expanded or strided gradient; the kernels want 16-byte aligned rows.

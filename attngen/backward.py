@@ -44,10 +44,14 @@ def check_backward_support(spec: Spec) -> None:
 class BackwardKernels:
     """The backward kernels of one spec on one device."""
 
-    def __init__(self, spec: Spec, plan: BackwardPlan, sources: dict, cubin_paths: dict, binaries: dict, forward):
+    def __init__(self, spec: Spec, plan: BackwardPlan, sources: dict, cubin_paths: dict, binaries: dict, forward,
+                 fallback=None):
+        """forward: the forward Kernel (its argument helpers); fallback: () -> the mma.sync BackwardKernels of
+        the same spec, for inputs the wgmma dK/dV pass cannot take (the build layer supplies it)."""
         import cupy
 
         self.spec, self.plan, self.sources, self.binaries = spec, plan, sources, binaries
+        self._fallback = fallback
         self.forward = forward          # the forward Kernel: its argument helpers (slopes, tables, tensors)
         self.variant = variant_of(spec)
         from .render import kernel_name
@@ -139,12 +143,13 @@ class BackwardKernels:
                     raise ValueError("the step list does not fit beside the wgmma pass's tiles")
                 maps = (self._tensor_map("q", qv, pkv.block_m), self._tensor_map("k", kv, pkv.block_n),
                         self._tensor_map("v", vv, pkv.block_n), self._tensor_map("dout", dov, pkv.block_m))
-            except ValueError:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V), or a
-                # step list longer than the wgmma pass's shared memory leaves room for (mma.sync's tiles are smaller)
-                from .api import build_backward
-
+            except ValueError as exc:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V),
+                # or a step list longer than the wgmma pass's shared memory leaves room for (mma.sync's tiles are smaller)
+                if self._fallback is None:
+                    raise ValueError(f"backward: the Hopper dK/dV pass cannot take these inputs ({exc}); build the "
+                                     "backward with path='mma_sync'") from None
                 self._untileable.add(layouts)    # later calls skip the encoding attempt
-                return build_backward(spec, qv.device, path="mma_sync")(
+                return self._fallback()(
                     q, k, v, out, lse, dout, scale=scale, dq=grads["dq"][0], dk=grads["dk"][0], dv=grads["dv"][0],
                     alibi_slopes=alibi_slopes, tensors=tensors, block_mask=block_mask)
             # per padded query row: (LSE in base 2, delta)

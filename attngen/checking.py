@@ -226,7 +226,7 @@ def expression_evaluator(spec, tensors, seqlen_q, seqlen_k):
     import cupy
 
     from .expressions import tensor_decls
-    from .render import render_piece
+    from .jinja_env import render_piece
 
     decls = tensor_decls(spec.tensors)
     source = render_piece("pieces/expression_eval.cu.j2", tensors=decls, score_mod=spec.score_mod,

@@ -394,7 +394,7 @@ def validate_expression(field: str, expr, tensors: dict | None) -> str | None:
 def _compile_errors(field: str, expr: str, decls: tuple[TensorDecl, ...]) -> str | None:
     """NVRTC's complaints about the expression, trimmed to the lines that point into it (or None)."""
     from .compile import nvrtc_errors
-    from .render import render_piece
+    from .jinja_env import render_piece
 
     source = render_piece("pieces/expression_probe.cuh.j2", field=field, expr=expr, tensors=decls)
     log = nvrtc_errors(source, f"{field}_probe")

@@ -212,7 +212,10 @@ def _block_table_bits(pattern, seqlen_q: int, seqlen_k: int) -> np.ndarray:
 class Kernel:
     """A compiled forward kernel. Call it as kernel(q, k, v) -> (out, lse)."""
 
-    def __init__(self, spec: Spec, plan: Plan, source: str, binary: Binary, cubin_path, kernel_name: str):
+    def __init__(self, spec: Spec, plan: Plan, source: str, binary: Binary, cubin_path, kernel_name: str,
+                 fallback=None):
+        """fallback: () -> the mma.sync Kernel of the same spec, for inputs a wgmma kernel's tensor maps
+        cannot describe (the build layer supplies it; None: such inputs are refused)."""
         import cupy
 
         self.spec, self.plan, self.source, self.binary, self.kernel_name = spec, plan, source, binary, kernel_name
@@ -223,6 +226,7 @@ class Kernel:
         self._signatures = {}                             # torch input signature -> ArgumentBlock
         self._untileable = set()                          # input layouts TMA refused (wgmma path: use mma.sync)
         self.variant = variant_of(spec)
+        self._fallback = fallback
 
     def _mask_args(self, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep):
         """The block-CSR arguments of a runtime-layout kernel (device copies cached per mask and stream),
@@ -367,13 +371,13 @@ class Kernel:
                     TensorMapArgument("k", self.spec.dtype, kv.ptr, kv.shape, kv.strides, p.block_n),
                     TensorMapArgument("v", self.spec.dtype, vv.ptr, vv.shape, vv.strides, p.block_n),
                     np.uint64(ov.ptr), np.uint64(lv.ptr))
-            except ValueError:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V)
-                from .api import build
-
+            except ValueError as exc:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V)
+                if self._fallback is None:
+                    raise ValueError(f"q, k, v: the Hopper kernel's copy engine cannot address these layouts ({exc}); "
+                                     "build the kernel with path='mma_sync'") from None
                 self._untileable.add(layouts)    # later calls skip the encoding attempt
-                fallback = build(self.spec, qv.device, path="mma_sync")
-                return fallback(q, k, v, scale=scale, out=out, lse=lse, block_mask=block_mask,
-                                alibi_slopes=alibi_slopes, tensors=tensors)
+                return self._fallback()(q, k, v, scale=scale, out=out, lse=lse, block_mask=block_mask,
+                                        alibi_slopes=alibi_slopes, tensors=tensors)
         else:
             inputs = (
                 np.uint64(qv.ptr), np.uint64(kv.ptr), np.uint64(vv.ptr), np.uint64(ov.ptr), np.uint64(lv.ptr),

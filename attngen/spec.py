@@ -312,7 +312,7 @@ _TENSOR_NAME_RULE = ("a C identifier of at most 32 characters that is not a C++ 
 def generated_names() -> frozenset:
     """Every identifier in the C++ of the kernel templates (Jinja tags, comments and strings left out):
     a tensor of one of these names would shadow or redeclare it somewhere in a kernel."""
-    from .render import templates_dir
+    from .jinja_env import templates_dir
 
     names = set()
     for path in sorted(templates_dir().rglob("*.j2")):

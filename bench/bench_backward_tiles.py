@@ -29,7 +29,7 @@ def kernels_for(spec, dev, dq, dkdv):
         if bwd is None:
             continue
         sources[kind] = render(spec, bwd, kind)
-        binaries[kind], paths[kind] = compile_cached(sources[kind], f"{spec.name}_{kind}", dev.arch, kernel_name(spec, kind))
+        binaries[kind], paths[kind] = compile_cached(sources[kind], f"{spec.name}_{kind}", bwd.target, kernel_name(spec, kind))
     return BackwardKernels(spec, BackwardPlan(dev.arch, dq, dkdv), sources, paths, binaries, attngen.build(spec)), binaries
 
 

@@ -86,7 +86,7 @@ def test_plot_rows_writes_a_png(tmp_path):
 
 
 def test_tuned_entries_merge_and_put_the_winner_first(tmp_path, monkeypatch):
-    from attngen.tune import forward_key, load_tuned, save_tuned, tuned_first, tuned_path
+    from attngen.tuned import forward_key, load_tuned, save_tuned, tuned_first, tuned_path
 
     monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
     spec = attngen.Spec(head_dim=64, causal=True)
@@ -116,7 +116,7 @@ def test_build_path_compiles_the_tuned_winner_first(tmp_path, monkeypatch):
     from attngen.compile import nvrtc_compile
     from attngen.plan import candidates
     from attngen.render import kernel_name
-    from attngen.tune import forward_key, save_tuned
+    from attngen.tuned import forward_key, save_tuned
 
     monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
     spec = attngen.Spec(head_dim=64, causal=True)

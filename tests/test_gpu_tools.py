@@ -49,18 +49,18 @@ def test_tune_remembers_a_winner_that_build_uses(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["tune", str(spec_path), "--seqlen", "1024", "--tokens", "4096", "--top", "3"])
     assert result.exit_code == 0, result.output
     assert "forward: fastest" in result.output and "backward_dkdv: fastest" in result.output
-    from attngen.tune import load_tuned
+    from attngen.tuned import load_tuned
 
     spec = attngen.Spec.from_yaml(spec_path)
     winners = load_tuned(spec, torch.cuda.get_device_name())
     assert set(winners) == {"forward", "backward_dkdv"}
     kernel = attngen.build(spec)
-    from attngen.tune import forward_key
+    from attngen.tuned import forward_key
 
     assert forward_key(kernel.plan) == winners["forward"]
     assert "mma_sync" in result.output and "wgmma" in result.output    # both paths' best are measured on Hopper
     bwd = attngen.build_backward(spec).plan.dkdv
-    from attngen.tune import backward_key
+    from attngen.tuned import backward_key
 
     assert backward_key(bwd) == winners["backward_dkdv"]
 

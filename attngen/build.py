@@ -1,0 +1,131 @@
+"""The build layer: the one place kernels are planned, rendered, compiled (spill retries) and wrapped, and
+where a kernel learns its fallback (the mma.sync kernel of the same spec, for inputs the Hopper path's copy
+engine cannot address). Below the public API: api, autograd and the tools call it; it calls nothing above.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+from . import device as device_mod
+from .compile import compile_cached
+from .errors import PlanError
+from .launch import Kernel
+from .plan import candidates, make_plan
+from .render import kernel_name, render
+from .spec import Spec
+
+_kernels: dict = {}
+_kernels_lock = threading.Lock()
+
+
+MAX_COMPILE_TRIES = 4
+
+
+def plan_and_compile(spec: Spec, device, compile_source, path: str | None = None):
+    """The planner's best candidate that ptxas compiles without spilling.
+
+    The register model is an estimate fitted to ptxas; near 255 registers ptxas may still spill, so the
+    ranked candidates are compiled in order (at most MAX_COMPILE_TRIES) and the first clean one wins.
+    `compile_source(source, plan)` returns (Binary, anything); returns (plan, source, that pair). `path`
+    ("mma_sync" | "wgmma") keeps only that kernel path's candidates."""
+    from .tuned import forward_key, load_tuned, tuned_first
+
+    if spec.tile is not None:
+        ranked = [make_plan(spec, device)]
+    else:      # `attngen tune`'s measured winner for this GPU first, when there is one
+        ranked = [c.plan for c in candidates(spec, device) if c.plan is not None and path in (None, c.plan.path)]
+        if not ranked:
+            raise PlanError(f"no {path} candidate fits {spec.name} on {device.arch}")
+        ranked = tuned_first(ranked, load_tuned(spec, device.name).get("forward"), forward_key)[:MAX_COMPILE_TRIES]
+    rejected = []
+    for chosen in ranked:
+        source = render(spec, chosen)
+        result = compile_source(source, chosen)
+        r = result[0].resources
+        if r.stack_frame == 0 and not r.spill_bytes:
+            return chosen, source, result
+        rejected.append(f"{chosen.block_m}x{chosen.block_n}x{chosen.warps}x{chosen.stages}: "
+                        f"{r.spill_bytes} spill bytes, {r.stack_frame} B stack frame")
+    raise PlanError(f"no candidate for {spec.name} on {device.arch} compiles without spills: " + "; ".join(rejected))
+
+
+def build(spec: Spec, device: int | None = None, path: str | None = None) -> Kernel:
+    """Plan, render and compile `spec` for a live GPU (the current one by default); cached in memory and
+    on disk (ATTNGEN_CACHE_DIR). Backward-only keys (`deterministic`) do not change the forward kernel.
+    `path` forces the kernel path ("mma_sync", or "wgmma" on Hopper); by default the planner chooses."""
+    import cupy
+
+    if path not in (None, "mma_sync", "wgmma"):
+        raise ValueError(f"path: got {path!r}; allowed: None | 'mma_sync' | 'wgmma'")
+    spec = spec.forward_spec
+    index = cupy.cuda.runtime.getDevice() if device is None else device
+    key = (spec, index, path)
+    with _kernels_lock:
+        if key in _kernels:
+            return _kernels[key]
+    with cupy.cuda.Device(index):
+        dev = device_mod.live_device(index)
+        name = kernel_name(spec)
+        chosen, source, (binary, cubin_path) = plan_and_compile(
+            spec, dev, lambda src, chosen: compile_cached(src, spec.name, chosen.target, name), path)
+        # inputs the copy engine cannot address (stride-0 K/V, say) run on the mma.sync kernel instead
+        fallback = functools.partial(build, spec, index, "mma_sync") if chosen.path == "wgmma" else None
+        kernel = Kernel(spec, chosen, source, binary, cubin_path, name, fallback=fallback)
+    with _kernels_lock:
+        return _kernels.setdefault(key, kernel)
+
+
+def plan_and_compile_backward(spec: Spec, device, compile_source, path: str | None = None):
+    """Each backward pass's best-ranked candidate that ptxas compiles without spilling (as plan_and_compile);
+    path = "mma_sync" leaves the wgmma dK/dV pass out. `compile_source(source, kind, target)` returns
+    (Binary, anything); returns (BackwardPlan, sources, results)."""
+    from .plan_backward import BackwardPlan, make_backward_plan, pass_candidates, pass_kinds
+    from .tuned import backward_key, load_tuned, tuned_first
+
+    make_backward_plan(spec, device)                 # raises PlanError when nothing fits
+    chosen, sources, results = {"dq": None}, {}, {}
+    tuned = load_tuned(spec, device.name)
+    for kind in pass_kinds(spec):
+        name = f"backward_{kind}"
+        ranked = [p for _, p, _ in pass_candidates(kind, spec, device) if p is not None and path in (None, p.path)]
+        ranked = tuned_first(ranked, tuned.get(name), backward_key)[:MAX_COMPILE_TRIES]
+        for candidate in ranked:
+            source = render(spec, candidate, name)
+            result = compile_source(source, name, candidate.target)
+            r = result[0].resources
+            if r.stack_frame == 0 and not r.spill_bytes:
+                chosen[kind], sources[name], results[name] = candidate, source, result
+                break
+        else:
+            raise PlanError(f"no {kind} backward candidate for {spec.name} on {device.arch} compiles without spills")
+    return BackwardPlan(device.arch, chosen["dq"], chosen["dkdv"]), sources, results
+
+
+def build_backward(spec: Spec, device: int | None = None, path: str | None = None):
+    """The backward kernels of `spec` (delta, dQ, dK/dV) for a live GPU, cached like build(); path =
+    "mma_sync" keeps the dK/dV pass off the wgmma path (the fallback for inputs TMA cannot address)."""
+    import cupy
+
+    from .backward import BackwardKernels, check_backward_support
+
+    check_backward_support(spec)
+    index = cupy.cuda.runtime.getDevice() if device is None else device
+    if path not in (None, "mma_sync", "wgmma"):
+        raise ValueError(f"path: got {path!r}; allowed: None | 'mma_sync' | 'wgmma'")
+    key = ("backward", spec, index, path)
+    with _kernels_lock:
+        if key in _kernels:
+            return _kernels[key]
+    with cupy.cuda.Device(index):
+        dev = device_mod.live_device(index)
+        plan, sources, compiled = plan_and_compile_backward(
+            spec, dev, lambda src, kind, target: compile_cached(src, f"{spec.name}_{kind}", target, kernel_name(spec, kind)),
+            path)
+        fallback = (functools.partial(build_backward, spec, index, "mma_sync") if plan.dkdv.path == "wgmma"
+                    else None)
+        kernels = BackwardKernels(spec, plan, sources, {k: c[1] for k, c in compiled.items()},
+                                  {k: c[0] for k, c in compiled.items()}, build(spec, index), fallback=fallback)
+    with _kernels_lock:
+        return _kernels.setdefault(key, kernels)
