@@ -1,4 +1,4 @@
-"""`attngen check`: run a built kernel against the float64 reference (DESIGN.md criterion) on the GPU."""
+"""`attngen check`: run a built kernel against the float64 reference (ARCHITECTURE.md criterion) on the GPU."""
 
 from __future__ import annotations
 

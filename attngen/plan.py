@@ -1,6 +1,6 @@
 """Plan: tile sizes chosen from an explicit shared-memory / register budget, with a cost model.
 
-The model (DESIGN.md): FlashAttention's bound Bc = ceil(M / 4d), Br = min(Bc, d) is the starting
+The model (ARCHITECTURE.md): FlashAttention's bound Bc = ceil(M / 4d), Br = min(Bc, d) is the starting
 point; the real kernel keeps a Q tile of block_m rows and `stages` K/V tiles of block_n rows in shared
 memory, each warp owns 16 * m_tiles rows of the Q tile and holds its fp32 O accumulator and S tile in
 registers. Every candidate is checked against the device's opt-in shared memory and 255 registers per

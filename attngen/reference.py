@@ -1,6 +1,6 @@
 """NumPy reference attention: the float64 ground truth the kernels are checked against.
 
-Semantics (DESIGN.md, "Public contract"):
+Semantics (ARCHITECTURE.md, "Public contract"):
 
 - q [batch, seqlen_q, heads_q, head_dim], k [batch, seqlen_k, heads_kv, head_dim],
   v [batch, seqlen_k, heads_kv, head_dim_v]; query head h reads kv head h // (heads_q // heads_kv).

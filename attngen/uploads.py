@@ -1,7 +1,7 @@
 """Per-call device data: host arrays a launch reads (block layouts, pattern block tables, ALiBi slopes),
 uploaded where and when the launch can rely on them.
 
-Rules (DESIGN.md, per-call data):
+Rules (ARCHITECTURE.md, per-call data):
 - A copy is made with the inputs' own framework on the launch's stream: torch's current stream for torch
   tensors (through a pinned staging buffer, asynchronously), CuPy's current stream for CuPy arrays. The
   kernel, launched next on that stream, is ordered after the copy.

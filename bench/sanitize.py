@@ -10,7 +10,7 @@ Two modes.
 
 - `--workload NAME` runs one small workload in this process: it builds its kernels, runs each on fresh random
   inputs (outputs poisoned with NaN), a forward and, where the family has one, a backward, synchronizes, and
-  checks every result against the float64 reference with DESIGN.md's criterion
+  checks every result against the float64 reference with ARCHITECTURE.md's criterion
   (max|out - ref64| <= 2 * max|same-dtype framework - ref64| + 1e-5; LSE -inf exactly where no key is seen).
   A run under the sanitizer is thereby also a correctness run. Exit 0 when every check passed, 3 when one
   failed, 2 on an exception; a workload that needs a Hopper GPU prints a SKIP line and exits 0 elsewhere.
@@ -189,7 +189,7 @@ def checker_mask(sq, sk) -> np.ndarray:
 
 def check_forward(ctx, label, out, lse, q, k, v, *, dtype, causal=False, scale=None, mask=None, lse_tol=5e-3,
                   **mods):
-    """DESIGN.md's criterion on out; LSE: -inf exactly where the reference's is, the rest within lse_tol."""
+    """ARCHITECTURE.md's criterion on out; LSE: -inf exactly where the reference's is, the rest within lse_tol."""
     from attngen.reference import acceptance_check, attention_reference, attention_same_dtype_reference
 
     ctx.torch.cuda.synchronize()
@@ -233,7 +233,7 @@ FLASH_OVERFLOW_TOLERANCE = (5.0, (1e-3, 1e-3, 1e-3))   # FlashAttention's test_f
 
 def check_backward(ctx, label, grads, q, k, v, dout, *, causal=False, scale=None, mask=None, softcap=None,
                    alibi_slopes=None, mask_mod=None, score_mod=None, score_mod_grad=None, tolerance=None):
-    """DESIGN.md's criterion on dq, dk, dv against float64, bounded by the framework's same-dtype error;
+    """ARCHITECTURE.md's criterion on dq, dk, dv against float64, bounded by the framework's same-dtype error;
     tolerance=(factor, (slack_dq, slack_dk, slack_dv)) replaces its 2x + 1e-5 (every gradient finite)."""
     from attngen.reference import acceptance_check, attention_reference_backward
 
@@ -361,7 +361,7 @@ def tails_large_scores(ctx):
     """FlashAttention's test_flash_attn_bwd_overflow shape: q x 5, k x 3, v x 3, fp16, full, batch 2, 5 heads,
     seqlen 1, 2 and 3 (rows past seqlen inside every tile), d64 and d128, forward and backward on each
     dK/dV path (issue 12 finding 3: dQ NaN). The gradients are checked as that test does: finite, and
-    within 5x the framework's error + 1e-3; at these magnitudes DESIGN.md's 2x + 1e-5 is below
+    within 5x the framework's error + 1e-3; at these magnitudes ARCHITECTURE.md's 2x + 1e-5 is below
     fp32 rounding of gradients that are exactly 0 (seqlen 1)."""
     for d in (64, 128):
         spec = _spec(head_dim=d, dtype="fp16")

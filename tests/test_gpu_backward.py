@@ -1,4 +1,4 @@
-"""GPU tests of the backward kernels and autograd: dq, dk, dv against float64 with the DESIGN.md criterion
+"""GPU tests of the backward kernels and autograd: dq, dk, dv against float64 with the ARCHITECTURE.md criterion
 applied to each gradient (the same-dtype baseline is PyTorch's bf16/fp16 autograd of naive attention),
 determinism, autograd plumbing, and a small transformer block trained beside torch SDPA."""
 

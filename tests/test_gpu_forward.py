@@ -1,4 +1,4 @@
-"""GPU acceptance tests of the forward kernel (DESIGN.md criterion against the float64 reference).
+"""GPU acceptance tests of the forward kernel (ARCHITECTURE.md criterion against the float64 reference).
 
 Marked `gpu`: skipped where no GPU is present (CI), run on the lent H100/H200."""
 
@@ -37,7 +37,7 @@ def poisoned(shape, dtype):
 
 
 def check(q, k, v, out, lse, causal, dtype, scale=None):
-    """DESIGN.md's criterion on out, and lse against the float64 LSE (-inf exactly where no key is seen)."""
+    """ARCHITECTURE.md's criterion on out, and lse against the float64 LSE (-inf exactly where no key is seen)."""
     q64, k64, v64 = to64(q), to64(k), to64(v)
     ref, ref_lse = attention_reference(q64, k64, v64, causal=causal, scale=scale)
     same, _ = attention_same_dtype_reference(q64, k64, v64, causal=causal, scale=scale, dtype=dtype)

@@ -1,5 +1,5 @@
 """GPU tests of the head dims FlashAttention takes besides the multiples of 8 (any of 1..256, head_dim_v
-likewise), forward and backward, against the float64 reference with DESIGN.md's criterion.
+likewise), forward and backward, against the float64 reference with ARCHITECTURE.md's criterion.
 
 Such kernels load and store single elements up to the real head dim (shared memory stays padded to 16
 columns, zero past the real ones), so they take rows at any 2-byte boundary. Inputs come contiguous, as

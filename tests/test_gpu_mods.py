@@ -1,5 +1,5 @@
 """GPU tests of the score modifiers (softcap, ALiBi, score_mod) and mask_mod, with named tensors,
-against the float64 reference given the same modifiers as numpy functions (DESIGN.md criterion)."""
+against the float64 reference given the same modifiers as numpy functions (ARCHITECTURE.md criterion)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """GPU tests of the two forward paths side by side on Hopper: the wgmma path (TMA, warpgroups,
 setmaxnreg; sm_90a) and the mma.sync path, each forced by a tile override, against the float64
-reference (DESIGN.md criterion). The other GPU tests run whichever path the planner picks (wgmma for
+reference (ARCHITECTURE.md criterion). The other GPU tests run whichever path the planner picks (wgmma for
 head dims that are whole 64-column chunks on an H100/H200), so both stay covered."""
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_build_path_keyword_and_expanded_kv():
 
 def check_backward_path(path, seed, batch, sq, sk, hq, hkv, d, dtype="bf16", causal=False, transposed=False,
                         block_mask=None, expand_kv=False):
-    """build_backward(path=) gradients, written over NaN-poisoned buffers, against float64 with the DESIGN.md
+    """build_backward(path=) gradients, written over NaN-poisoned buffers, against float64 with the ARCHITECTURE.md
     criterion (the same-dtype baseline is the framework's autograd of naive attention)."""
     from attngen.checking import framework_attention
     from attngen.reference import acceptance_check, attention_reference_backward

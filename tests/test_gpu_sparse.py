@@ -1,5 +1,5 @@
 """GPU tests of the block-sparse forward: runtime block layouts (block-CSR read by the kernel) and mask
-patterns compiled into the kernel as code, against the float64 reference (DESIGN.md criterion)."""
+patterns compiled into the kernel as code, against the float64 reference (ARCHITECTURE.md criterion)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """GPU stress test (issue 12, finding 1): three threads, each on its own stream with its own spec, masks and
 per-call tensors rebuilt for every call, the legacy default stream held busy, and every result checked
-against the float64 reference (DESIGN.md criterion) once everything has finished.
+against the float64 reference (ARCHITECTURE.md criterion) once everything has finished.
 
 What makes a launcher bug show here:
 
@@ -8,7 +8,7 @@ What makes a launcher bug show here:
   handle 0, which is also CuPy's null stream). The threads' streams are non-blocking, so their kernels do not
   wait for it; but a per-call buffer the launcher writes on another library's default stream (a block layout,
   a block table, the standard ALiBi slopes, a zeroed dQ buffer) is written only after that sleep, i.e. after
-  the kernel that reads it has run. DESIGN.md ("Per-call data"): every buffer a launch reads is written on the
+  the kernel that reads it has run. ARCHITECTURE.md ("Per-call data"): every buffer a launch reads is written on the
   launch's stream.
 - A short sleep on the thread's own stream before every call keeps that call's kernels queued while the host
   goes on: the call's BlockMask and slopes tensor are dropped and garbage-collected, and the next masks are
@@ -101,7 +101,7 @@ def busy_legacy_stream():
 
 
 def forward_problems(rec) -> list[str]:
-    """DESIGN.md's criterion on out; LSE -inf exactly where the reference's is, the rest within LSE_TOL."""
+    """ARCHITECTURE.md's criterion on out; LSE -inf exactly where the reference's is, the rest within LSE_TOL."""
     q, k, v = (to64(x) for x in rec["qkv"])
     mask = rec["mask"]() if callable(rec["mask"]) else rec["mask"]
     mods = rec.get("mods", {})
@@ -122,7 +122,7 @@ def forward_problems(rec) -> list[str]:
 
 
 def backward_problems(rec) -> list[str]:
-    """DESIGN.md's criterion on dq, dk, dv: float64 reference, bounded by the same-dtype framework's error."""
+    """ARCHITECTURE.md's criterion on dq, dk, dv: float64 reference, bounded by the same-dtype framework's error."""
     import torch
 
     from attngen.checking import framework_attention

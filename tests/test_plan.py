@@ -27,7 +27,7 @@ def pad16(x):
 
 
 def design_smem(d, dv, block_m, block_n, stages):
-    """DESIGN.md's formula, recomputed independently of attngen.plan."""
+    """ARCHITECTURE.md's formula, recomputed independently of attngen.plan."""
     dp, dvp = pad16(d), pad16(dv)
     return (block_m * (max(dp, dvp) + 8) + stages * block_n * ((dp + 8) + (dvp + 8))) * ELEM
 
