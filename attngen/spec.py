@@ -394,6 +394,29 @@ def _validated(values: dict) -> dict:
     return out
 
 
+MASK_NAME_MAX = 40     # longer mask names keep their start and a hash of the whole
+
+
+def _mask_name(mask: dict) -> str:
+    """The mask's part of a default name: the pattern's name with its parameters, or runtime, its block size
+    and its element pattern."""
+    from .masks import pattern_from_dict
+
+    if mask.get("kind") == RUNTIME_MASK_KIND:
+        rows, cols = (lambda s: (s, s) if isinstance(s, int) else tuple(s))(mask.get("block_size", MASK_BLOCK_DEFAULT))
+        name = f"runtime{rows}" + (f"x{cols}" if cols != rows else "")
+        if "element" in mask:
+            name += "_" + pattern_from_dict(mask["element"], "mask.element").name
+    else:
+        name = pattern_from_dict(pattern_fields(mask)).name
+    name = re.sub(r"\W+", "_", name).strip("_")
+    if "[" in json.dumps({k: v for k, v in mask.items() if k != "block_size"}):   # lists are named by count only
+        name += "_" + hashlib.sha1(json.dumps(mask, sort_keys=True).encode()).hexdigest()[:6]
+    if len(name) > MASK_NAME_MAX:
+        name = name[:MASK_NAME_MAX - 7] + "_" + hashlib.sha1(name.encode()).hexdigest()[:6]
+    return name
+
+
 def _default_name(v: dict) -> str:
     parts = [f"d{v['head_dim']}"]
     if v["head_dim_v"] != v["head_dim"]:
@@ -401,8 +424,8 @@ def _default_name(v: dict) -> str:
     parts.append(v["dtype"])
     if v["causal"]:
         parts.append("causal")
-    if v["mask"] is not None:
-        parts.append(str(v["mask"].get("kind", "mask")))
+    if v["mask"] is not None:     # with its parameters: two windows of different sizes differ in name
+        parts.append(_mask_name(v["mask"]))
     if v["softcap"] is not None:
         parts.append(f"softcap{v['softcap']:g}".replace(".", "p"))
     if v["alibi"]:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -417,3 +418,17 @@ def test_from_yaml_not_a_mapping(tmp_path, text):
 def test_spec_error_is_exported():
     assert attngen.SpecError is SpecError
     assert issubclass(SpecError, ValueError)
+
+
+def test_default_names_carry_the_mask_parameters():
+    """Two masks of different parameters give different kernel names (profiles and errors tell them apart)."""
+    def name(mask):
+        return Spec(head_dim=64, mask=mask).name
+
+    assert name({"kind": "sliding_window", "left": 1024}) == "attn_d64_bf16_sliding_window_1024_0"
+    assert name({"kind": "sliding_window", "left": 1024}) != name({"kind": "sliding_window", "left": 512})
+    assert name({"kind": "document", "seq_lens": [100, 200]}) != name({"kind": "document", "seq_lens": [150, 150]})
+    assert name({"kind": "runtime", "block_size": 64}) == "attn_d64_bf16_runtime64"
+    assert name({"kind": "runtime", "block_size": 64, "element": {"kind": "causal"}}) == "attn_d64_bf16_runtime64_causal"
+    long = name({"kind": "and", "of": [{"kind": "sliding_window", "left": 100 + i} for i in range(6)]})
+    assert re.fullmatch(r"attn_d64_bf16_\w{1,40}", long)
