@@ -23,7 +23,7 @@ from .plan import tile_list_bytes
 from .plan_backward import BackwardPlan
 from .spec import Spec
 from .tma import TensorMapArgument
-from .uploads import UPLOADS
+from .arguments import kv_major_layout_args, layout_args, modifier_args
 from .variant import variant_of
 
 DELTA_ROWS_PER_CTA = 8     # one warp per query row, 256 threads (the delta kernel's launch bounds)
@@ -44,15 +44,14 @@ def check_backward_support(spec: Spec) -> None:
 class BackwardKernels:
     """The backward kernels of one spec on one device."""
 
-    def __init__(self, spec: Spec, plan: BackwardPlan, sources: dict, cubin_paths: dict, binaries: dict, forward,
+    def __init__(self, spec: Spec, plan: BackwardPlan, sources: dict, cubin_paths: dict, binaries: dict,
                  fallback=None):
-        """forward: the forward Kernel (its argument helpers); fallback: () -> the mma.sync BackwardKernels of
-        the same spec, for inputs the wgmma dK/dV pass cannot take (the build layer supplies it)."""
+        """fallback: () -> the mma.sync BackwardKernels of the same spec, for inputs the wgmma dK/dV pass
+        cannot take (the build layer supplies it)."""
         import cupy
 
         self.spec, self.plan, self.sources, self.binaries = spec, plan, sources, binaries
         self._fallback = fallback
-        self.forward = forward          # the forward Kernel: its argument helpers (slopes, tables, tensors)
         self.variant = variant_of(spec)
         from .render import kernel_name
 
@@ -75,16 +74,6 @@ class BackwardKernels:
             self._encodings.clear()
         encodings = self._encodings.setdefault(key, OrderedDict())
         return TensorMapArgument(name, self.spec.dtype, view.ptr, view.shape, view.strides, box_rows, encodings)
-
-    def _kv_major_args(self, block_mask, qv, keep):
-        """The BlockMask's kv-major block-CSR (query blocks per key block, per head) on the device: the
-        transposed layout the dK/dV pass walks (cached per mask and stream, as the forward's)."""
-        def arrays():
-            t = block_mask.transposed()
-            return [t.full_col_ptr, t.full_rows, t.partial_col_ptr, t.partial_rows]
-
-        pointers = UPLOADS.pointers(("kv_major", id(block_mask)), block_mask, arrays, qv, keep)
-        return (*(np.uint64(p) for p in pointers), np.int32(block_mask.num_heads), np.int32(block_mask.n_kv_blocks))
 
     def __repr__(self):
         passes = ", ".join(f"{kind} {p.block_m}x{p.block_n} chunk {p.chunk}" for kind, p in self.plan.passes.items())
@@ -112,17 +101,14 @@ class BackwardKernels:
             given = _empty_like(qv, shape, spec.dtype) if given is None else given
             grads[name] = (given, _row_major_view(name, given, shape, spec.dtype, qv, vector))
         strides = lambda view: tuple(np.int64(s) for s in view.strides[:3])  # noqa: E731
-        variant, fwd = self.variant, self.forward
+        variant = self.variant
         sizes = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
                  # modified scores are recomputed in natural units, as the forward's
                  np.float32((1.0 if variant.score_mods else scale) * math.log2(math.e)), np.float32(scale))
         keep = []      # per-call device buffers: held until the launches are queued on their stream
-        layout_dq = fwd._mask_args(block_mask, seqlen_q, seqlen_k, heads_q, qv, keep)
-        layout_dkdv = self._kv_major_args(block_mask, qv, keep) if layout_dq else ()
-        mods = (*((np.float32(scale),) if variant.score_mods else ()),
-                  *fwd._alibi_args(alibi_slopes, batch, heads_q, qv, keep),
-                  *fwd._block_table_args(seqlen_q, seqlen_k, qv, keep),
-                  *fwd._tensor_args(tensors, (batch, heads_q, seqlen_q, seqlen_k), qv))
+        layout_dq = layout_args(spec, variant, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep)
+        layout_dkdv = kv_major_layout_args(block_mask, qv, keep) if layout_dq else ()
+        mods = modifier_args(spec, variant, scale, alibi_slopes, tensors, (batch, heads_q, seqlen_q, seqlen_k), qv, keep)
         # sparse kernels list their steps in shared memory: key tiles per query tile (dQ), pairs of (query
         # head of the group, query tile) per key tile (dK/dV)
         sparse = variant.schedule != "dense"

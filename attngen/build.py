@@ -126,6 +126,6 @@ def build_backward(spec: Spec, device: int | None = None, path: str | None = Non
         fallback = (functools.partial(build_backward, spec, index, "mma_sync") if plan.dkdv.path == "wgmma"
                     else None)
         kernels = BackwardKernels(spec, plan, sources, {k: c[1] for k, c in compiled.items()},
-                                  {k: c[0] for k, c in compiled.items()}, build(spec, index), fallback=fallback)
+                                  {k: c[0] for k, c in compiled.items()}, fallback=fallback)
     with _kernels_lock:
         return _kernels.setdefault(key, kernels)

@@ -7,10 +7,8 @@ themselves (zero copy), and the launch goes to the caller's current stream (torc
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 import threading
-from typing import NamedTuple
 
 import numpy as np
 
@@ -19,41 +17,13 @@ from .plan import Plan
 from .plan import tile_list_bytes
 from .spec import Spec
 from .tma import TensorMapArgument
-from .uploads import UPLOADS, stream_handle
+from .arguments import layout_args, modifier_args
+from .interop import TensorView, _view  # noqa: F401  (TensorView: the launchers' view of an input)
+from .uploads import stream_handle
 from .variant import variant_of
+
 ELEMENT_ALIGN = 8   # a vector kernel's cp.async moves 16 bytes = 8 elements: its row starts must be 16-byte
                     # aligned (kernels whose head dims are not multiples of 8 move elements: any row start)
-
-
-class TensorView(NamedTuple):
-    """What the launcher needs of one tensor, whatever library it came from (a tuple: cheap to make)."""
-
-    kind: str             # "torch" | "cupy"
-    ptr: int
-    shape: tuple
-    strides: tuple        # in elements
-    dtype: str            # "fp16" | "bf16" | other names for error messages
-    device: int
-    obj: object
-
-
-_TORCH_DTYPE_NAMES = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}
-
-
-def _view(name: str, x) -> TensorView:
-    module = type(x).__module__.split(".")[0]
-    if module == "torch":
-        if not x.is_cuda:
-            raise ValueError(f"{name}: expected a CUDA tensor, got one on {x.device}")
-        dtype = str(x.dtype)
-        return TensorView("torch", x.data_ptr(), tuple(x.shape), x.stride(), _TORCH_DTYPE_NAMES.get(dtype, dtype),
-                          x.get_device(), x)
-    if module == "cupy":
-        itemsize = x.dtype.itemsize
-        dtype = {"float16": "fp16"}.get(x.dtype.name, x.dtype.name)
-        strides = tuple(s // itemsize for s in x.strides)
-        return TensorView("cupy", x.data.ptr, tuple(x.shape), strides, dtype, x.device.id, x)
-    raise TypeError(f"{name}: expected a torch CUDA tensor or a CuPy array, got {type(x).__name__}")
 
 
 def check_inputs(spec: Spec, q, k, v):
@@ -197,18 +167,6 @@ def ensure_dynamic_smem(function, smem: int, who: str) -> int:
     return smem
 
 
-@functools.lru_cache(maxsize=64)
-def _block_table_bits(pattern, seqlen_q: int, seqlen_k: int) -> np.ndarray:
-    """A pattern's block table as uint32 bits [heads or 1][q blocks][words]: bit j of word w is kv block 32w + j."""
-    table = pattern.block_table(seqlen_q, seqlen_k)
-    words = -(-table.shape[2] // 32)
-    padded = np.zeros(table.shape[:2] + (words * 32,), dtype=bool)
-    padded[..., :table.shape[2]] = table
-    bits = np.packbits(padded, axis=-1, bitorder="little").view("<u4")
-    bits.setflags(write=False)
-    return bits
-
-
 class Kernel:
     """A compiled forward kernel. Call it as kernel(q, k, v) -> (out, lse)."""
 
@@ -227,91 +185,6 @@ class Kernel:
         self._untileable = set()                          # input layouts TMA refused (wgmma path: use mma.sync)
         self.variant = variant_of(spec)
         self._fallback = fallback
-
-    def _mask_args(self, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep):
-        """The block-CSR arguments of a runtime-layout kernel (device copies cached per mask and stream),
-        or (); the copies' buffers go to `keep` (see UploadCache.pointers)."""
-        schedule = self.variant.schedule
-        if schedule != "runtime":
-            if block_mask is not None:
-                why = ("was built without a mask" if schedule == "dense" else
-                       f"evaluates its mask ({self.spec.mask_pattern.name}) as code; build a spec with "
-                       "mask: {kind: runtime} to pass a layout")
-                raise ValueError(f"block_mask: this kernel {why}")
-            return ()
-        from .masks import BlockMask
-
-        if block_mask is None:
-            raise ValueError("block_mask: this kernel's mask is a runtime block layout; pass an attngen.BlockMask")
-        if not isinstance(block_mask, BlockMask):
-            raise TypeError(f"block_mask: expected an attngen.BlockMask, got {type(block_mask).__name__}")
-        if tuple(block_mask.block_size) != tuple(self.spec.mask_block_size):
-            raise ValueError(f"block_mask: block size {tuple(block_mask.block_size)} differs from the built "
-                             f"kernel's {tuple(self.spec.mask_block_size)}")
-        if (block_mask.seqlen_q, block_mask.seqlen_k) != (seqlen_q, seqlen_k):
-            raise ValueError(f"block_mask: built for seqlens ({block_mask.seqlen_q}, {block_mask.seqlen_k}), "
-                             f"the inputs have ({seqlen_q}, {seqlen_k})")
-        if self.spec.mask_mod is None:      # the kernel must compute exactly block_mask.element_mask()
-            needed, built = block_mask.kernel_predicate(), self.spec.mask_element
-            if needed != built:
-                inside = "visible everywhere" if needed is None else f"masked by {needed.name}"
-                evaluates = "nothing" if built is None else built.name
-                wanted = {"kind": "runtime"} | ({} if needed is None else {"element": needed.to_dict()})
-                raise ValueError(f"block_mask: its partial blocks are {inside}, but this kernel evaluates "
-                                 f"{evaluates} there; build it with mask: {wanted} (attngen.attention does)")
-        if block_mask.num_heads not in (1, heads_q):
-            raise ValueError(f"block_mask: {block_mask.num_heads} heads; expected 1 or heads_q={heads_q}")
-        pointers = UPLOADS.pointers(("csr", id(block_mask)), block_mask, lambda: [
-            block_mask.full_row_ptr, block_mask.full_cols, block_mask.partial_row_ptr, block_mask.partial_cols], qv, keep)
-        n_q_blocks = -(-seqlen_q // block_mask.block_size[0])
-        return (*(np.uint64(p) for p in pointers), np.int32(block_mask.num_heads), np.int32(n_q_blocks))
-
-    def _block_table_args(self, seqlen_q, seqlen_k, qv, keep):
-        """The pattern's block table as bits [heads or 1][q blocks][words] on the device (cached per seqlens)."""
-        if not self.variant.block_table:
-            return ()
-        pattern = self.spec.mask_pattern
-        bits = _block_table_bits(pattern, seqlen_q, seqlen_k)
-        (pointer,) = UPLOADS.pointers(("table", seqlen_q, seqlen_k), pattern, lambda: [bits], qv, keep)
-        return (np.uint64(pointer), *(np.int32(n) for n in bits.shape))
-
-    def _alibi_args(self, slopes, batch, heads_q, qv, keep):
-        """(pointer, batch stride) of the ALiBi slopes: [heads_q] or [batch, heads_q] float32, or the
-        standard slopes for heads_q when none are given."""
-        if not self.variant.alibi:
-            if slopes is not None:
-                raise ValueError("alibi_slopes: this kernel was built without alibi (spec.alibi is false)")
-            return ()
-        if slopes is None:
-            from .reference import alibi_slopes
-
-            (pointer,) = UPLOADS.pointers(("alibi", heads_q), heads_q, lambda: [alibi_slopes(heads_q)], qv, keep)
-            return (np.uint64(pointer), np.int32(0))
-        sv = _view("alibi_slopes", slopes)
-        if sv.kind != qv.kind or sv.dtype not in ("float32", "torch.float32") or sv.device != qv.device \
-                or sv.shape not in ((heads_q,), (batch, heads_q)) or sv.strides[-1] != 1 \
-                or (len(sv.shape) == 2 and sv.strides[0] != heads_q):
-            raise ValueError(f"alibi_slopes: expected a contiguous {qv.kind} float32 array of shape [{heads_q}] or "
-                             f"[{batch}, {heads_q}] on device {qv.device}, got {sv.dtype} {sv.shape}")
-        return (np.uint64(sv.ptr), np.int32(heads_q if len(sv.shape) == 2 else 0))
-
-    def _tensor_args(self, tensors, sizes, qv):
-        """Pointers of the named tensors the expressions read, checked against their declarations."""
-        declared = {t.name: t for t in self.variant.tensors}
-        given = dict(tensors or {})
-        if set(given) != set(declared):
-            raise ValueError(f"tensors: expected {sorted(declared) or 'none'} (the spec's), got {sorted(given)}")
-        args = []
-        for name, decl in declared.items():
-            tv = _view(f"tensors[{name!r}]", given[name])
-            shape = decl.sizes(*sizes)
-            contiguous = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
-            if tv.kind != qv.kind or tv.dtype not in (decl.dtype, f"torch.{decl.dtype}") or tv.shape != shape \
-                    or tv.strides != contiguous or tv.device != qv.device:
-                raise ValueError(f"tensors[{name!r}]: expected a contiguous {qv.kind} {decl.dtype} array of shape "
-                                 f"{list(shape)} on device {qv.device}, got {tv.dtype} {list(tv.shape)}")
-            args.append(np.uint64(tv.ptr))
-        return tuple(args)
 
     @property
     def resources(self):
@@ -340,11 +213,9 @@ class Kernel:
             raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
         keep = []      # per-call device buffers: held until the launch is queued on their stream
         extra_args = (
-            *self._mask_args(block_mask, seqlen_q, seqlen_k, heads_q, qv, keep),
-            *((np.float32(scale),) if self.variant.score_mods else ()),
-            *self._alibi_args(alibi_slopes, batch, heads_q, qv, keep),
-            *self._block_table_args(seqlen_q, seqlen_k, qv, keep),
-            *self._tensor_args(tensors, (batch, heads_q, seqlen_q, seqlen_k), qv),
+            *layout_args(self.spec, self.variant, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep),
+            *modifier_args(self.spec, self.variant, scale, alibi_slopes, tensors, (batch, heads_q, seqlen_q, seqlen_k),
+                           qv, keep),
         )
         out_shape, lse_shape = (batch, seqlen_q, heads_q, self.spec.dv), (batch, heads_q, seqlen_q)
         out = _empty_like(qv, out_shape, self.spec.dtype) if out is None else out

@@ -106,7 +106,7 @@ def tune(spec: Spec, seqlen: int = 4096, tokens: int = 16384, top: int = TUNE_TO
                     sources[kind] = render(spec, bwd, kind)
                     binaries[kind], cubins[kind] = compile_cached(sources[kind], f"{spec.name}_{kind}", bwd.target,
                                                                   kernel_name(spec, kind))
-            kernels = BackwardKernels(spec, BackwardPlan(device.arch, dq_pass, cand), sources, cubins, binaries, fwd)
+            kernels = BackwardKernels(spec, BackwardPlan(device.arch, dq_pass, cand), sources, cubins, binaries)
             row = measured("backward_dkdv", backward_key(cand), binaries["backward_dkdv"], None,
                            lambda *_: kernels(q, k, v, out, lse, dout, **call), 2.5)
             if row["measured_us"]:

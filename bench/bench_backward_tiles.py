@@ -30,7 +30,7 @@ def kernels_for(spec, dev, dq, dkdv):
             continue
         sources[kind] = render(spec, bwd, kind)
         binaries[kind], paths[kind] = compile_cached(sources[kind], f"{spec.name}_{kind}", bwd.target, kernel_name(spec, kind))
-    return BackwardKernels(spec, BackwardPlan(dev.arch, dq, dkdv), sources, paths, binaries, attngen.build(spec)), binaries
+    return BackwardKernels(spec, BackwardPlan(dev.arch, dq, dkdv), sources, paths, binaries), binaries
 
 
 def main(argv=None):
