@@ -1,12 +1,11 @@
 """attngen: an attention-kernel compiler (spec -> plan -> CUDA C -> NVRTC -> launch)."""
 
-__version__ = "0.1.0"
-
-from .device import Device  # noqa: E402
+from .version import __version__  # noqa: F401
+from .planner.device import Device  # noqa: E402
 from .errors import CompileError, PlanError, SpecError  # noqa: E402
 from .spec import Spec  # noqa: E402
 from .masks import BlockMask  # noqa: E402
-from .render import render  # noqa: E402
+from .codegen.render import render  # noqa: E402
 from .api import attention, attention_backward, build, build_backward, plan  # noqa: E402
 
 __all__ = ["Spec", "BlockMask", "Device", "plan", "render", "build", "build_backward", "attention", "attention_backward",

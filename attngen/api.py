@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from . import device as device_mod
+from .planner import device as device_mod
 from .build import build, build_backward, plan_and_compile, plan_and_compile_backward  # noqa: F401  (public)
 from .errors import SpecError
-from .launch import _view
-from .plan import Plan, make_plan
+from .runtime.launch import _view
+from .planner.forward import Plan, make_plan
 from .spec import Spec
 
 

@@ -34,7 +34,7 @@ class AttentionFunction(torch.autograd.Function):
 
 def attention_with_grad(spec: Spec, q, k, v, call: dict):
     """Refuses up front (before the forward runs) what the backward kernels do not cover."""
-    from .backward import check_backward_support
+    from .runtime.backward import check_backward_support
 
     check_backward_support(spec)
     return AttentionFunction.apply(q, k, v, spec, call)

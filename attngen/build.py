@@ -8,12 +8,12 @@ from __future__ import annotations
 import functools
 import threading
 
-from . import device as device_mod
-from .compile import compile_cached
+from .planner import device as device_mod
+from .codegen.compile import compile_cached
 from .errors import PlanError
-from .launch import Kernel
-from .plan import candidates, make_plan
-from .render import kernel_name, render
+from .runtime.launch import Kernel
+from .planner.forward import candidates, make_plan
+from .codegen.render import kernel_name, render
 from .spec import Spec
 
 _kernels: dict = {}
@@ -81,7 +81,7 @@ def plan_and_compile_backward(spec: Spec, device, compile_source, path: str | No
     """Each backward pass's best-ranked candidate that ptxas compiles without spilling (as plan_and_compile);
     path = "mma_sync" leaves the wgmma dK/dV pass out. `compile_source(source, kind, target)` returns
     (Binary, anything); returns (BackwardPlan, sources, results)."""
-    from .plan_backward import BackwardPlan, make_backward_plan, pass_candidates, pass_kinds
+    from .planner.backward import BackwardPlan, make_backward_plan, pass_candidates, pass_kinds
     from .tuned import backward_key, load_tuned, tuned_first
 
     make_backward_plan(spec, device)                 # raises PlanError when nothing fits
@@ -108,7 +108,7 @@ def build_backward(spec: Spec, device: int | None = None, path: str | None = Non
     "mma_sync" keeps the dK/dV pass off the wgmma path (the fallback for inputs TMA cannot address)."""
     import cupy
 
-    from .backward import BackwardKernels, check_backward_support
+    from .runtime.backward import BackwardKernels, check_backward_support
 
     check_backward_support(spec)
     index = cupy.cuda.runtime.getDevice() if device is None else device

@@ -393,10 +393,12 @@ def validate_expression(field: str, expr, tensors: dict | None) -> str | None:
 @functools.lru_cache(maxsize=128)
 def _compile_errors(field: str, expr: str, decls: tuple[TensorDecl, ...]) -> str | None:
     """NVRTC's complaints about the expression, trimmed to the lines that point into it (or None)."""
-    from .compile import nvrtc_errors
-    from .jinja_env import render_piece
+    from .codegen.compile import nvrtc_errors
+    from .codegen.jinja_env import render_piece
+    from .codegen.modifiers import ActiveModifiers
 
-    source = render_piece("pieces/expression_probe.cuh.j2", field=field, expr=expr, tensors=decls)
+    source = render_piece("pieces/expression_probe.cuh.j2", field=field, expr=expr, tensors=decls,
+                          mods=ActiveModifiers())
     log = nvrtc_errors(source, f"{field}_probe")
     if log is None:
         return None

@@ -102,11 +102,6 @@ class Spec:
         return (size, size) if isinstance(size, int) else tuple(size)
 
     @property
-    def dv(self) -> int:
-        """head_dim_v, never None."""
-        return self.head_dim_v
-
-    @property
     def softmax_scale(self) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
 
@@ -312,7 +307,7 @@ _TENSOR_NAME_RULE = ("a C identifier of at most 32 characters that is not a C++ 
 def generated_names() -> frozenset:
     """Every identifier in the C++ of the kernel templates (Jinja tags, comments and strings left out):
     a tensor of one of these names would shadow or redeclare it somewhere in a kernel."""
-    from .jinja_env import templates_dir
+    from .codegen.jinja_env import templates_dir
 
     names = set()
     for path in sorted(templates_dir().rglob("*.j2")):

@@ -1,6 +1,6 @@
 """The tuner's store: the winners `attngen tune` measured, per spec, GPU and attngen version, in
 <cache>/tuned/<key>.json (atomic writes). The build layer reads it (a remembered winner is compiled first);
-the tool that measures is attngen.tune.
+the tool that measures is attngen.tools.tune.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from . import __version__
-from .compile import atomic_write, cache_dir
+from .version import __version__
+from .codegen.compile import atomic_write, cache_dir
 from .spec import Spec
 
 

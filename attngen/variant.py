@@ -87,6 +87,6 @@ def global_vector(spec: Spec) -> int:
     """Elements per global access of the head-dim rows: VECTOR_ELEMENTS (16-byte cp.async and stores; rows
     16-byte aligned) when both head dims are multiples of it, else 1 (element by element, bounded by the real
     head dim; rows need only the element's alignment). Shared memory is padded to 16 columns either way."""
-    if spec.head_dim % VECTOR_ELEMENTS == 0 and spec.dv % VECTOR_ELEMENTS == 0:
+    if spec.head_dim % VECTOR_ELEMENTS == 0 and spec.head_dim_v % VECTOR_ELEMENTS == 0:
         return VECTOR_ELEMENTS
     return 1

@@ -18,7 +18,7 @@ import sys
 import torch
 
 import attngen
-from attngen.benchmark import flops, forward_backward, make_inputs, sdpa, time_ms
+from attngen.tools.benchmark import flops, forward_backward, make_inputs, sdpa, time_ms
 
 
 def main(argv=None):

@@ -12,12 +12,12 @@ import sys
 import torch
 
 import attngen
-from attngen.benchmark import flops, make_inputs, time_ms
-from attngen.backward import BackwardKernels
-from attngen.plan_backward import BackwardPlan, _wgmma_dkdv_pass
-from attngen.render import render, kernel_name
-from attngen.compile import compile_cached
-from attngen.device import live_device
+from attngen.tools.benchmark import flops, make_inputs, time_ms
+from attngen.runtime.backward import BackwardKernels
+from attngen.planner.backward import BackwardPlan, _wgmma_dkdv_pass
+from attngen.codegen.render import render, kernel_name
+from attngen.codegen.compile import compile_cached
+from attngen.planner.device import live_device
 
 PATCHES = {
     "base": [],

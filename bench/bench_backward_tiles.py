@@ -15,12 +15,12 @@ import sys
 import torch
 
 import attngen
-from attngen import device as device_mod
-from attngen.backward import BackwardKernels
-from attngen.benchmark import make_inputs, time_ms
-from attngen.compile import compile_cached
-from attngen.plan_backward import BackwardPlan, pass_candidates, pass_kinds
-from attngen.render import kernel_name, render
+from attngen.planner import device as device_mod
+from attngen.runtime.backward import BackwardKernels
+from attngen.tools.benchmark import make_inputs, time_ms
+from attngen.codegen.compile import compile_cached
+from attngen.planner.backward import BackwardPlan, pass_candidates, pass_kinds
+from attngen.codegen.render import kernel_name, render
 
 
 def kernels_for(spec, dev, dq, dkdv):

@@ -16,7 +16,7 @@ import time
 import torch
 
 import attngen
-from attngen.benchmark import format_table, measure
+from attngen.tools.benchmark import format_table, measure
 
 
 def main(argv=None):

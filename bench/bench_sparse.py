@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import attngen
-from attngen.benchmark import forward_backward, make_inputs, time_ms
+from attngen.tools.benchmark import forward_backward, make_inputs, time_ms
 from attngen.masks import BlockMask, Causal, SlidingWindow
 
 BLOCK = 128

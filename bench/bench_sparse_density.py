@@ -9,7 +9,7 @@ density shows the fixed cost of a CTA (prologue, pipeline fill, epilogue) being 
 """
 import numpy as np
 import attngen
-from attngen.benchmark import make_inputs, time_ms
+from attngen.tools.benchmark import make_inputs, time_ms
 from attngen.masks import BlockMask
 b, s, h, d = 4, 4096, 16, 128
 inputs = make_inputs(b, s, h, h, d, "bf16")

@@ -190,7 +190,7 @@ def checker_mask(sq, sk) -> np.ndarray:
 def check_forward(ctx, label, out, lse, q, k, v, *, dtype, causal=False, scale=None, mask=None, lse_tol=5e-3,
                   **mods):
     """ARCHITECTURE.md's criterion on out; LSE: -inf exactly where the reference's is, the rest within lse_tol."""
-    from attngen.reference import acceptance_check, attention_reference, attention_same_dtype_reference
+    from attngen.tools.reference import acceptance_check, attention_reference, attention_same_dtype_reference
 
     ctx.torch.cuda.synchronize()
     q64, k64, v64 = to64(q), to64(k), to64(v)
@@ -212,9 +212,9 @@ def check_forward(ctx, label, out, lse, q, k, v, *, dtype, causal=False, scale=N
 
 def framework_grads(q, k, v, dout, causal, scale, **mods):
     """The same-dtype baseline of the gradient criterion: naive attention's autograd in q's dtype
-    (attngen.checking.framework_attention), on the CPU so that the sanitizer sees no torch kernels of the
+    (attngen.tools.checking.framework_attention), on the CPU so that the sanitizer sees no torch kernels of the
     check (a torch build without half matmuls on the CPU falls back to the GPU)."""
-    from attngen.checking import framework_attention
+    from attngen.tools.checking import framework_attention
 
     for device in ("cpu", "cuda"):
         try:
@@ -235,7 +235,7 @@ def check_backward(ctx, label, grads, q, k, v, dout, *, causal=False, scale=None
                    alibi_slopes=None, mask_mod=None, score_mod=None, score_mod_grad=None, tolerance=None):
     """ARCHITECTURE.md's criterion on dq, dk, dv against float64, bounded by the framework's same-dtype error;
     tolerance=(factor, (slack_dq, slack_dk, slack_dv)) replaces its 2x + 1e-5 (every gradient finite)."""
-    from attngen.reference import acceptance_check, attention_reference_backward
+    from attngen.tools.reference import acceptance_check, attention_reference_backward
 
     ctx.torch.cuda.synchronize()
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -265,8 +265,8 @@ def forward_case(ctx, label, spec, path, sizes, *, qkv=None, call=None, mask=Non
     if path is not None and kernel.plan.path != path:
         ctx.record(label, False, f"asked for path {path}, the kernel is {kernel.plan.path}")
     batch, sq, sk, hq, hkv = sizes
-    q, k, v = qkv if qkv is not None else ctx.qkv(batch, sq, sk, hq, hkv, spec.head_dim, spec.dv, spec.dtype)
-    out = ctx.poisoned((batch, sq, hq, spec.dv), spec.dtype)
+    q, k, v = qkv if qkv is not None else ctx.qkv(batch, sq, sk, hq, hkv, spec.head_dim, spec.head_dim_v, spec.dtype)
+    out = ctx.poisoned((batch, sq, hq, spec.head_dim_v), spec.dtype)
     lse = ctx.poisoned((batch, hq, sq), "fp32")
     kernel(q, k, v, out=out, lse=lse, **(call or {}))
     check_forward(ctx, f"{label} fwd[{kernel.plan.path}]", out, lse, q, k, v, dtype=spec.dtype,
@@ -542,7 +542,7 @@ def softcap_alibi(ctx):
     import torch
 
     from attngen.masks import SlidingWindow
-    from attngen.reference import alibi_slopes
+    from attngen.tools.reference import alibi_slopes
 
     spec = _spec(head_dim=128, dtype="bf16", softcap=20.0, scale=0.5, alibi=True,
                  mask={"kind": "sliding_window", "left": 60, "right": 0})

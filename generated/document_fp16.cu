@@ -286,6 +286,17 @@ __device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q
 }
 
 
+// Whether the softmax skips element (q_idx, kv_idx), in the forward and the backward alike: past the keys,
+// above the causal diagonal, or, where the tile needs the predicate, hidden by it. Rows past seqlen_q: the
+// backward sums over its queries, so it hides them always (ALL_ROWS); the forward never stores them and
+// hides them only ahead of the predicate, whose reads they would take out of bounds.
+template <bool ALL_ROWS>
+__device__ __forceinline__ bool element_hidden(const ModContext& ctx, int h, int q_idx, int kv_idx, int causal_offset,
+                                               bool predicate) {
+    return kv_idx >= ctx.seqlen_k || (ALL_ROWS && q_idx >= ctx.seqlen_q) || (CAUSAL && kv_idx > q_idx + causal_offset)
+           || (predicate && (q_idx >= ctx.seqlen_q || !mask_visible(ctx, h, q_idx, kv_idx)));
+}
+
 // ---- masking of one S tile (only the tiles that need it) -----------------------------------------
 // Accumulator element e of n-tile nt in m-tile mi sits at row g (+8 for e >= 2), column 2t + (e & 1),
 // where g = lane / 4 and t = lane % 4 (the mma.sync m16n8 fp32 layout).
@@ -299,10 +310,7 @@ __device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], 
             for (int e = 0; e < 4; ++e) {
                 const int row = row0 + mi * 16 + lane / 4 + (e >= 2 ? 8 : 0);
                 const int col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-                // Rows past seqlen_q are never stored; hiding them keeps the predicate's reads in bounds.
-                const bool hidden = col >= ctx.seqlen_k || (CAUSAL && col > row + causal_offset)
-                                    || (predicate && (row >= ctx.seqlen_q || !mask_visible(ctx, h, row, col)));
-                if (hidden) s[mi][nt][e] = NEG_INF;
+                if (element_hidden<false>(ctx, h, row, col, causal_offset, predicate)) s[mi][nt][e] = NEG_INF;
             }
         }
     }
@@ -525,8 +533,8 @@ static_assert(Q_TILE_BYTES % 1024 == 0 && K_TILE_BYTES % 1024 == 0 && V_TILE_BYT
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 document_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,
     const __grid_constant__ TensorMap v_map, elem_t* __restrict__ o, float* __restrict__ lse,
-    long long o_stride_b, long long o_stride_s, long long o_stride_h,
-    int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2)
+    long long o_stride_b, long long o_stride_s, long long o_stride_h, int seqlen_q, int seqlen_k, int heads_q,
+    int group_size, float scale_log2)
 {
     // The dynamic window is rounded up to the swizzle's 1024-byte period (the launch adds 1 KB for it).
     extern __shared__ __align__(1024) unsigned char smem_buffer[];

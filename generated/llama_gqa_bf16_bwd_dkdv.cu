@@ -376,10 +376,23 @@ __device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q
 }
 
 
+// Whether the softmax skips element (q_idx, kv_idx), in the forward and the backward alike: past the keys,
+// above the causal diagonal, or, where the tile needs the predicate, hidden by it. Rows past seqlen_q: the
+// backward sums over its queries, so it hides them always (ALL_ROWS); the forward never stores them and
+// hides them only ahead of the predicate, whose reads they would take out of bounds.
+template <bool ALL_ROWS>
+__device__ __forceinline__ bool element_hidden(const ModContext& ctx, int h, int q_idx, int kv_idx, int causal_offset,
+                                               bool predicate) {
+    return kv_idx >= ctx.seqlen_k || (ALL_ROWS && q_idx >= ctx.seqlen_q) || (CAUSAL && kv_idx > q_idx + causal_offset)
+           || (predicate && (q_idx >= ctx.seqlen_q || !mask_visible(ctx, h, q_idx, kv_idx)));
+}
+
+
 
 // ---- backward scores: the forward's modifiers and masks, recomputed on a warp tile --------------------
 // TRANSPOSED tiles (the dK/dV pass) have keys as rows and queries as columns. The result is the score
-// the softmax saw (natural units when modified, raw q.k otherwise), -inf where hidden.
+// the softmax saw (natural units when modified, raw q.k otherwise), -inf where hidden; grad_factor is
+// d(score) / d(scale * q.k), the chain's derivative (1 without modifiers).
 template <int N, bool TRANSPOSED>
 __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float (&grad_factor)[N / 8][4],
                                                  const ModContext& ctx, int h, int row0, int col0, int causal_offset,
@@ -393,9 +406,7 @@ __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float 
             float score = s[0][nt][e];
             grad_factor[nt][e] = 1.f;
             if (mode != MASK_NONE) {
-                const bool hidden = kv_idx >= ctx.seqlen_k || q_idx >= ctx.seqlen_q || (CAUSAL && kv_idx > q_idx + causal_offset)
-                                    || (mode == MASK_PREDICATE && !mask_visible(ctx, h, q_idx, kv_idx));
-                if (hidden) score = NEG_INF;
+                if (element_hidden<true>(ctx, h, q_idx, kv_idx, causal_offset, mode == MASK_PREDICATE)) score = NEG_INF;
             }
             s[0][nt][e] = score;
         }
@@ -405,9 +416,8 @@ __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float 
 // One warp per query row, rows padded to whole steps: row_stats[row] = (LSE in base 2, delta = sum over the
 // value dims of dO * O), in fp32. Rows past the end, and rows that see no key, get (+inf, 0): P = 0 there.
 extern "C" __global__ void __launch_bounds__(256)
-llama_gqa_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout,
-    const float* __restrict__ lse, float2* __restrict__ row_stats,
-    long long o_stride_b, long long o_stride_s, long long o_stride_h,
+llama_gqa_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, const float* __restrict__ lse,
+    float2* __restrict__ row_stats, long long o_stride_b, long long o_stride_s, long long o_stride_h,
     long long do_stride_b, long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q,
     int rows_padded, int rows)
 {
@@ -448,9 +458,8 @@ __device__ __forceinline__ long long dq_accum_offset(long long head_rows, int s,
     return ((head_rows + s) / 64 * (D / 64) + col / 64) * 4096 + (col % 64 / 8 * 128 + thread) * 4 + e;
 }
 extern "C" __global__ void __launch_bounds__(256)
-llama_gqa_bf16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
-    long long dq_stride_b, long long dq_stride_s, long long dq_stride_h, int seqlen_q, int heads_q, int rows_padded,
-    float scale, long long pairs)
+llama_gqa_bf16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq, long long dq_stride_b, long long dq_stride_s,
+    long long dq_stride_h, int seqlen_q, int heads_q, int rows_padded, float scale, long long pairs)
 {
     constexpr int PAIRS_PER_ROW = (HEAD_DIM + 1) / 2;               // an odd head dim's last pair has one real column
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -499,10 +508,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,
     const __grid_constant__ TensorMap v_map, const __grid_constant__ TensorMap do_map,
     const float2* __restrict__ row_stats, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
-    float* __restrict__ dq_accum, int dq_rows_padded,
-    long long dk_stride_b, long long dk_stride_s, long long dk_stride_h,
-    long long dv_stride_b, long long dv_stride_s, long long dv_stride_h,
-    int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2, float scale)
+    float* __restrict__ dq_accum, int dq_rows_padded, long long dk_stride_b, long long dk_stride_s,
+    long long dk_stride_h, long long dv_stride_b, long long dv_stride_s, long long dv_stride_h, int seqlen_q,
+    int seqlen_k, int heads_q, int group_size, float scale_log2, float scale)
 {
     // The dynamic window is rounded up to the swizzle's 1024-byte period (the launch adds 1 KB for it).
     extern __shared__ __align__(1024) unsigned char smem_buffer[];

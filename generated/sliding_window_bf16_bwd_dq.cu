@@ -337,6 +337,17 @@ __device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q
 }
 
 
+// Whether the softmax skips element (q_idx, kv_idx), in the forward and the backward alike: past the keys,
+// above the causal diagonal, or, where the tile needs the predicate, hidden by it. Rows past seqlen_q: the
+// backward sums over its queries, so it hides them always (ALL_ROWS); the forward never stores them and
+// hides them only ahead of the predicate, whose reads they would take out of bounds.
+template <bool ALL_ROWS>
+__device__ __forceinline__ bool element_hidden(const ModContext& ctx, int h, int q_idx, int kv_idx, int causal_offset,
+                                               bool predicate) {
+    return kv_idx >= ctx.seqlen_k || (ALL_ROWS && q_idx >= ctx.seqlen_q) || (CAUSAL && kv_idx > q_idx + causal_offset)
+           || (predicate && (q_idx >= ctx.seqlen_q || !mask_visible(ctx, h, q_idx, kv_idx)));
+}
+
 constexpr int PARTIAL_TILE = 1 << 30;            // step list entry flag: the tile needs the element predicate
 // ---- the key tiles one query tile visits, from the pattern's tile predicates -----------------------
 // A tile is kept if some element may be visible; full if every element is (no element mask then).
@@ -392,9 +403,11 @@ __device__ int list_key_tiles(int* tile_list, int* warp_counts, const ModContext
     });
 }
 
+
 // ---- backward scores: the forward's modifiers and masks, recomputed on a warp tile --------------------
 // TRANSPOSED tiles (the dK/dV pass) have keys as rows and queries as columns. The result is the score
-// the softmax saw (natural units when modified, raw q.k otherwise), -inf where hidden.
+// the softmax saw (natural units when modified, raw q.k otherwise), -inf where hidden; grad_factor is
+// d(score) / d(scale * q.k), the chain's derivative (1 without modifiers).
 template <int N, bool TRANSPOSED>
 __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float (&grad_factor)[N / 8][4],
                                                  const ModContext& ctx, int h, int row0, int col0, int causal_offset,
@@ -408,9 +421,7 @@ __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float 
             float score = s[0][nt][e];
             grad_factor[nt][e] = 1.f;
             if (mode != MASK_NONE) {
-                const bool hidden = kv_idx >= ctx.seqlen_k || q_idx >= ctx.seqlen_q || (CAUSAL && kv_idx > q_idx + causal_offset)
-                                    || (mode == MASK_PREDICATE && !mask_visible(ctx, h, q_idx, kv_idx));
-                if (hidden) score = NEG_INF;
+                if (element_hidden<true>(ctx, h, q_idx, kv_idx, causal_offset, mode == MASK_PREDICATE)) score = NEG_INF;
             }
             s[0][nt][e] = score;
         }
@@ -419,11 +430,9 @@ __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float 
 
 // One warp per query row: delta = sum over the value dims of dO * O, in fp32.
 extern "C" __global__ void __launch_bounds__(256)
-sliding_window_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout,
-    float* __restrict__ delta,
-    long long o_stride_b, long long o_stride_s, long long o_stride_h,
-    long long do_stride_b, long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q,
-    int rows)
+sliding_window_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, float* __restrict__ delta,
+    long long o_stride_b, long long o_stride_s, long long o_stride_h, long long do_stride_b,
+    long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q, int rows)
 {
     const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
@@ -448,13 +457,11 @@ sliding_window_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __rest
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 sliding_window_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    elem_t* __restrict__ dq,
-    long long q_stride_b, long long q_stride_s, long long q_stride_h,
-    long long k_stride_b, long long k_stride_s, long long k_stride_h,
-    long long v_stride_b, long long v_stride_s, long long v_stride_h,
-    long long do_stride_b, long long do_stride_s, long long do_stride_h,
-    long long dq_stride_b, long long dq_stride_s, long long dq_stride_h,
-    int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2, float scale)
+    elem_t* __restrict__ dq, long long q_stride_b, long long q_stride_s, long long q_stride_h,
+    long long k_stride_b, long long k_stride_s, long long k_stride_h, long long v_stride_b, long long v_stride_s,
+    long long v_stride_h, long long do_stride_b, long long do_stride_s, long long do_stride_h,
+    long long dq_stride_b, long long dq_stride_s, long long dq_stride_h, int seqlen_q, int seqlen_k, int heads_q,
+    int group_size, float scale_log2, float scale)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     const unsigned q_smem = smem_addr(smem_raw);

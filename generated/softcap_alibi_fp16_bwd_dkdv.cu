@@ -354,12 +354,35 @@ __device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q
 }
 
 
+// Whether the softmax skips element (q_idx, kv_idx), in the forward and the backward alike: past the keys,
+// above the causal diagonal, or, where the tile needs the predicate, hidden by it. Rows past seqlen_q: the
+// backward sums over its queries, so it hides them always (ALL_ROWS); the forward never stores them and
+// hides them only ahead of the predicate, whose reads they would take out of bounds.
+template <bool ALL_ROWS>
+__device__ __forceinline__ bool element_hidden(const ModContext& ctx, int h, int q_idx, int kv_idx, int causal_offset,
+                                               bool predicate) {
+    return kv_idx >= ctx.seqlen_k || (ALL_ROWS && q_idx >= ctx.seqlen_q) || (CAUSAL && kv_idx > q_idx + causal_offset)
+           || (predicate && (q_idx >= ctx.seqlen_q || !mask_visible(ctx, h, q_idx, kv_idx)));
+}
+
+
+// ---- the score modifiers (modifiers.py), one chain for the forward and the backward ----------------
+// score = q.k * scale, then softcap, then alibi; in natural units. grad *= d(score) / d(q.k * scale).
+constexpr float SOFTCAP = 30.0f;
+__device__ __forceinline__ float modify_score(const ModContext& ctx, float score, float& grad, int h,
+                                              int q_idx, int kv_idx) {
+    score *= ctx.softmax_scale;
+    const float t = tanh_approx(score * (1.f / SOFTCAP));
+    score = SOFTCAP * t;
+    grad *= 1.f - t * t;
+    score -= ctx.alibi_slope * fabsf((float)(q_idx + ctx.seqlen_k - ctx.seqlen_q - kv_idx));
+    return score;
+}
 
 // ---- backward scores: the forward's modifiers and masks, recomputed on a warp tile --------------------
 // TRANSPOSED tiles (the dK/dV pass) have keys as rows and queries as columns. The result is the score
-// the softmax saw (natural units when modified, raw q.k otherwise), -inf where hidden.
-// grad_factor receives d(score) / d(scale * q.k) = 1 - tanh^2, the softcap's derivative.
-constexpr float SOFTCAP = 30.0f;
+// the softmax saw (natural units when modified, raw q.k otherwise), -inf where hidden; grad_factor is
+// d(score) / d(scale * q.k), the chain's derivative (1 without modifiers).
 template <int N, bool TRANSPOSED>
 __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float (&grad_factor)[N / 8][4],
                                                  const ModContext& ctx, int h, int row0, int col0, int causal_offset,
@@ -372,15 +395,9 @@ __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float 
             const int q_idx = TRANSPOSED ? col : row, kv_idx = TRANSPOSED ? row : col;
             float score = s[0][nt][e];
             grad_factor[nt][e] = 1.f;
-            score *= ctx.softmax_scale;
-            const float t = tanh_approx(score * (1.f / SOFTCAP));
-            score = SOFTCAP * t;
-            grad_factor[nt][e] = 1.f - t * t;
-            score -= ctx.alibi_slope * fabsf((float)(q_idx + ctx.seqlen_k - ctx.seqlen_q - kv_idx));
+            score = modify_score(ctx, score, grad_factor[nt][e], h, q_idx, kv_idx);
             if (mode != MASK_NONE) {
-                const bool hidden = kv_idx >= ctx.seqlen_k || q_idx >= ctx.seqlen_q || (CAUSAL && kv_idx > q_idx + causal_offset)
-                                    || (mode == MASK_PREDICATE && !mask_visible(ctx, h, q_idx, kv_idx));
-                if (hidden) score = NEG_INF;
+                if (element_hidden<true>(ctx, h, q_idx, kv_idx, causal_offset, mode == MASK_PREDICATE)) score = NEG_INF;
             }
             s[0][nt][e] = score;
         }
@@ -455,11 +472,9 @@ __device__ __forceinline__ void add_dq(float* dq_rows, unsigned ds_smem, unsigne
 
 // One warp per query row: delta = sum over the value dims of dO * O, in fp32.
 extern "C" __global__ void __launch_bounds__(256)
-softcap_alibi_fp16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout,
-    float* __restrict__ delta,
-    long long o_stride_b, long long o_stride_s, long long o_stride_h,
-    long long do_stride_b, long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q,
-    int rows)
+softcap_alibi_fp16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict__ dout, float* __restrict__ delta,
+    long long o_stride_b, long long o_stride_s, long long o_stride_h, long long do_stride_b,
+    long long do_stride_s, long long do_stride_h, int seqlen_q, int heads_q, int rows)
 {
     const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
@@ -487,9 +502,8 @@ __device__ __forceinline__ long long dq_accum_offset(long long head_rows, int s,
     return (head_rows + s) * D + col;
 }
 extern "C" __global__ void __launch_bounds__(256)
-softcap_alibi_fp16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq,
-    long long dq_stride_b, long long dq_stride_s, long long dq_stride_h, int seqlen_q, int heads_q, int rows_padded,
-    float scale, long long pairs)
+softcap_alibi_fp16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __restrict__ dq, long long dq_stride_b, long long dq_stride_s,
+    long long dq_stride_h, int seqlen_q, int heads_q, int rows_padded, float scale, long long pairs)
 {
     constexpr int PAIRS_PER_ROW = (HEAD_DIM + 1) / 2;               // an odd head dim's last pair has one real column
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -511,15 +525,13 @@ softcap_alibi_fp16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 softcap_alibi_fp16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    elem_t* __restrict__ dk, elem_t* __restrict__ dv, float* __restrict__ dq_accum, int dq_rows_padded,    long long q_stride_b, long long q_stride_s, long long q_stride_h,
-    long long k_stride_b, long long k_stride_s, long long k_stride_h,
-    long long v_stride_b, long long v_stride_s, long long v_stride_h,
-    long long do_stride_b, long long do_stride_s, long long do_stride_h,
-    long long dk_stride_b, long long dk_stride_s, long long dk_stride_h,
-    long long dv_stride_b, long long dv_stride_s, long long dv_stride_h,
-    int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2, float scale,
-    float softmax_scale,
-    const float* __restrict__ alibi_slopes, int alibi_batch_stride)
+    elem_t* __restrict__ dk, elem_t* __restrict__ dv, float* __restrict__ dq_accum, int dq_rows_padded,
+    long long q_stride_b, long long q_stride_s, long long q_stride_h, long long k_stride_b, long long k_stride_s,
+    long long k_stride_h, long long v_stride_b, long long v_stride_s, long long v_stride_h,
+    long long do_stride_b, long long do_stride_s, long long do_stride_h, long long dk_stride_b,
+    long long dk_stride_s, long long dk_stride_h, long long dv_stride_b, long long dv_stride_s,
+    long long dv_stride_h, int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2,
+    float scale, float softmax_scale, const float* __restrict__ alibi_slopes, int alibi_batch_stride)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     const unsigned k_smem = smem_addr(smem_raw);

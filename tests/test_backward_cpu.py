@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import attngen
-from attngen.compile import nvrtc_compile
-from attngen.device import preset
-from attngen.plan_backward import explain_backward, make_backward_plan
-from attngen.reference import attention_reference, attention_reference_backward
-from attngen.render import kernel_name, render
+from attngen.codegen.compile import nvrtc_compile
+from attngen.planner.device import preset
+from attngen.planner.backward import explain_backward, make_backward_plan
+from attngen.tools.reference import attention_reference, attention_reference_backward
+from attngen.codegen.render import kernel_name, render
 
 
 def finite_difference_grads(q, k, v, dout, eps=1e-6, **kw):
@@ -83,7 +83,7 @@ def test_backward_plan_fits_every_head_dim(d, arch, deterministic):
 def test_wgmma_backward_plan_formulas_and_refusals():
     """The wgmma dK/dV pass: 128 keys (two compute warpgroups of 64) per CTA, steps of 8192 / head_dim queries,
     the shared-memory formula of its layout, and the specs it leaves to mma.sync."""
-    from attngen.plan_backward import _wgmma_dkdv_pass, wgmma_dkdv_smem_bytes
+    from attngen.planner.backward import _wgmma_dkdv_pass, wgmma_dkdv_smem_bytes
 
     h100 = preset("sm_90")
     for d in (64, 128):
@@ -154,7 +154,7 @@ def test_backward_kernels_compile_without_spills(fields, arch):
 
 
 def test_backward_refuses_what_it_does_not_cover():
-    from attngen.backward import check_backward_support
+    from attngen.runtime.backward import check_backward_support
 
     check_backward_support(attngen.Spec(head_dim=64, softcap=10.0, alibi=True, mask={"kind": "causal"}))
     with pytest.raises(ValueError, match="score_mod_grad"):
@@ -166,7 +166,7 @@ def test_backward_refuses_what_it_does_not_cover():
 def test_spec_backward_key_builds_the_backward_kernels(tmp_path):
     from click.testing import CliRunner
 
-    from attngen.cli import main
+    from attngen.tools.cli import main
 
     spec = tmp_path / "s.yaml"
     spec.write_text("name: tiny\nhead_dim: 64\ncausal: true\nbackward: true\n")
@@ -240,7 +240,7 @@ def test_reference_gradients_with_a_score_mod_match_finite_differences():
 
 
 def test_score_mod_grad_spec_field():
-    from attngen.backward import check_backward_support
+    from attngen.runtime.backward import check_backward_support
 
     with pytest.raises(attngen.SpecError, match="'score_mod_grad'"):
         attngen.Spec(head_dim=64, score_mod_grad="1.0f")

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 import attngen
-from attngen.benchmark import Case, case_flops, format_rows, suite_cases, visible_pairs
-from attngen.cli import main
-from attngen.device import preset
+from attngen.tools.benchmark import Case, case_flops, format_rows, suite_cases, visible_pairs
+from attngen.tools.cli import main
+from attngen.planner.device import preset
 
 
 def test_visible_pairs_count_what_the_mask_keeps():
@@ -77,7 +77,7 @@ def test_format_rows_gives_ratios_and_the_roofline_fraction():
 
 def test_plot_rows_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from attngen.benchmark import plot_rows
+    from attngen.tools.benchmark import plot_rows
 
     rows = [dict(gpu="GPU", spec="s", mode=m, seqlen=n, attngen=100.0 + n / 100, sdpa_flash=120.0)
             for m in ("fwd", "fwd+bwd") for n in (1024, 2048, 4096)]
@@ -101,7 +101,7 @@ def test_tuned_entries_merge_and_put_the_winner_first(tmp_path, monkeypatch):
     tuned_path(spec, "GPU B").write_text("{not json")
     assert load_tuned(spec, "GPU B") == {}                                      # a broken entry is ignored
 
-    from attngen.plan import candidates
+    from attngen.planner.forward import candidates
 
     ranked = [c.plan for c in candidates(spec, preset("sm_90")) if c.plan]
     last = forward_key(ranked[-1])
@@ -113,9 +113,9 @@ def test_tuned_entries_merge_and_put_the_winner_first(tmp_path, monkeypatch):
 def test_build_path_compiles_the_tuned_winner_first(tmp_path, monkeypatch):
     """plan_and_compile (what build() runs) tries the remembered winner for this GPU before the model's pick."""
     from attngen.api import plan_and_compile
-    from attngen.compile import nvrtc_compile
-    from attngen.plan import candidates
-    from attngen.render import kernel_name
+    from attngen.codegen.compile import nvrtc_compile
+    from attngen.planner.forward import candidates
+    from attngen.codegen.render import kernel_name
     from attngen.tuned import forward_key, save_tuned
 
     monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 import attngen
-from attngen import compile as compile_mod
-from attngen.compile import compile_cached, nvrtc_compile
+from attngen.codegen import compile as compile_mod
+from attngen.codegen.compile import compile_cached, nvrtc_compile
 from attngen.errors import CompileError
 
-render_mod = importlib.import_module("attngen.render")   # `attngen.render` is the function of that name
+render_mod = importlib.import_module("attngen.codegen.render")   # `attngen.codegen.render` is the function of that name
 
 SOURCE = 'extern "C" __global__ void k(float* x) { x[threadIdx.x] = 2.0f * x[threadIdx.x]; }'
 OTHER = 'extern "C" __global__ void k(float* x) { x[threadIdx.x] = 3.0f * x[threadIdx.x]; }'

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from attngen.cli import build_artifacts, main
-from attngen.compile import nvrtc_version
-from attngen.device import preset
+from attngen.tools.cli import build_artifacts, main
+from attngen.codegen.compile import nvrtc_version
+from attngen.planner.device import preset
 from attngen.spec import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +110,7 @@ def test_generated_is_current(example):
 
 
 def test_every_example_has_generated_output():
-    from attngen.plan_backward import pass_kinds
+    from attngen.planner.backward import pass_kinds
 
     specs = [Spec.from_yaml(p) for p in EXAMPLES]
     names = {s.name for s in specs} | {f"{s.name}_bwd_{kind}" for s in specs if s.backward for kind in pass_kinds(s)}

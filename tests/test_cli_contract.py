@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from attngen import cli
-from attngen.cli import main
-from attngen.compile import nvrtc_compile
+from attngen.tools import cli
+from attngen.tools.cli import main
+from attngen.codegen.compile import nvrtc_compile
 
 from conftest import gpu_count
 
-render_mod = importlib.import_module("attngen.render")   # `attngen.render` is the function of that name
+render_mod = importlib.import_module("attngen.codegen.render")   # `attngen.codegen.render` is the function of that name
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "gpt2_causal_fp16.yaml"
 NAME = "gpt2_causal_fp16"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import attngen.compile
+import attngen.codegen.compile
 from attngen import Spec, SpecError
 from attngen import masks
 from attngen.expressions import EXPRESSION_FUNCTIONS, _tokens
@@ -120,7 +120,7 @@ LEXICAL = [e for e in EXPLOITS if any(t.kind == "bad" for t in _tokens(e[1]))]
 def test_refused_characters_never_reach_the_compiler(monkeypatch, field, expr, token, column, tensors):
     def compiler(*args, **kwargs):
         raise AssertionError("NVRTC was given an expression with a refused token")
-    monkeypatch.setattr(attngen.compile, "nvrtc_errors", compiler)
+    monkeypatch.setattr(attngen.codegen.compile, "nvrtc_errors", compiler)
     err = refusal(field, expr, tensors)
     assert "NVRTC" not in str(err)
 
@@ -129,8 +129,8 @@ def test_refused_characters_never_reach_the_compiler(monkeypatch, field, expr, t
                                       "q_idx > 0 %:include <{}>", "(score, 0) <%%:include <{}>\n%>"])
 def test_included_file_is_never_compiled_or_echoed(monkeypatch, secret_file, template):
     seen = []
-    real = attngen.compile.nvrtc_errors
-    monkeypatch.setattr(attngen.compile, "nvrtc_errors", lambda source, name: seen.append(source) or real(source, name))
+    real = attngen.codegen.compile.nvrtc_errors
+    monkeypatch.setattr(attngen.codegen.compile, "nvrtc_errors", lambda source, name: seen.append(source) or real(source, name))
     expr = template.format(secret_file)
     field = "score_mod" if "score" in expr else "mask_mod"
     with pytest.raises(SpecError) as info:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import attngen
-from attngen.checking import framework_attention
-from attngen.reference import acceptance_check, attention_reference_backward
+from attngen.tools.checking import framework_attention
+from attngen.tools.reference import acceptance_check, attention_reference_backward
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import attngen
-from attngen.reference import acceptance_check, attention_reference, attention_same_dtype_reference
+from attngen.tools.reference import acceptance_check, attention_reference, attention_same_dtype_reference
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
@@ -173,8 +173,8 @@ def test_bad_arguments_raise_before_launch():
 def test_resource_report_survives_the_cuda_compute_cache():
     # With a driver present NVRTC may serve a repeated program from the compute cache and skip ptxas;
     # the report (registers, spills) must still be there on the second compile.
-    from attngen.compile import nvrtc_compile
-    from attngen.render import kernel_name
+    from attngen.codegen.compile import nvrtc_compile
+    from attngen.codegen.render import kernel_name
 
     spec = attngen.Spec(head_dim=72, dtype="fp16", causal=True)
     source = attngen.render(spec, attngen.plan(spec, arch="sm_90"))

@@ -16,8 +16,8 @@ import math
 import pytest
 
 import attngen
-from attngen.checking import framework_attention
-from attngen.reference import acceptance_check_gradient, attention_reference_backward
+from attngen.tools.checking import framework_attention
+from attngen.tools.reference import acceptance_check_gradient, attention_reference_backward
 from test_gpu_backward import check_gradients, to64
 from test_gpu_forward import check
 

@@ -8,14 +8,14 @@ import pytest
 
 import attngen
 from attngen.masks import BlockMask, SlidingWindow
-from attngen.reference import alibi_slopes
+from attngen.tools.reference import alibi_slopes
 
 from test_gpu_sparse import element_mask, inputs, run_and_check, to64
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
-from attngen.reference import acceptance_check, attention_reference, attention_same_dtype_reference  # noqa: E402
+from attngen.tools.reference import acceptance_check, attention_reference, attention_same_dtype_reference  # noqa: E402
 
 
 def check(kernel, q, k, v, mask=None, causal=False, call=None, **mods):

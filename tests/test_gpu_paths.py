@@ -99,7 +99,7 @@ def test_both_paths_sparse_and_modifiers(path):
     window = {"kind": "sliding_window", "left": 200, "right": 0}
     spec = attngen.Spec(head_dim=128, dtype="bf16", mask=window, softcap=30.0, alibi=True, tile=tile_for(path, 128))
     kernel = attngen.build(spec)
-    from attngen.reference import alibi_slopes
+    from attngen.tools.reference import alibi_slopes
     run_and_check(kernel, q, k, v, element_mask(spec.mask_pattern, 4, n, n), softcap=30.0,
                   alibi_slopes=alibi_slopes(4), lse_tol=5e-3)
     layout = np.random.default_rng(1).random((4, -(-n // 128), -(-n // 128))) < 0.4
@@ -133,8 +133,8 @@ def check_backward_path(path, seed, batch, sq, sk, hq, hkv, d, dtype="bf16", cau
                         block_mask=None, expand_kv=False):
     """build_backward(path=) gradients, written over NaN-poisoned buffers, against float64 with the ARCHITECTURE.md
     criterion (the same-dtype baseline is the framework's autograd of naive attention)."""
-    from attngen.checking import framework_attention
-    from attngen.reference import acceptance_check, attention_reference_backward
+    from attngen.tools.checking import framework_attention
+    from attngen.tools.reference import acceptance_check, attention_reference_backward
     from test_gpu_backward import to64
 
     q, k, v = random_inputs(seed, batch, sq, sk, hq, hkv, d, d, dtype)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import attngen
-from attngen.checking import framework_attention
+from attngen.tools.checking import framework_attention
 from attngen.masks import Causal, SlidingWindow
-from attngen.reference import acceptance_check, attention_reference_backward
+from attngen.tools.reference import acceptance_check, attention_reference_backward
 
 from test_gpu_backward import to64
 from test_gpu_forward import poisoned, random_inputs
@@ -55,7 +55,7 @@ def test_masks_rebuilt_per_call_on_a_side_stream_while_the_default_stream_is_bus
 
 
 def _check_forward(q, k, v, out, element):
-    from attngen.reference import attention_reference, attention_same_dtype_reference
+    from attngen.tools.reference import attention_reference, attention_same_dtype_reference
 
     q64, k64, v64 = to64(q), to64(k), to64(v)
     ref, _ = attention_reference(q64, k64, v64, mask=element)
@@ -66,7 +66,7 @@ def _check_forward(q, k, v, out, element):
 def test_default_slopes_and_layouts_are_cached_per_stream():
     """The same BlockMask and default ALiBi slopes used on two streams: each stream gets its own copy, and
     both results are right."""
-    from attngen.uploads import UPLOADS
+    from attngen.runtime.uploads import UPLOADS
 
     sq = sk = 300
     mask = attngen.BlockMask.from_pattern(SlidingWindow(100, 0), sq, sk, block_size=64)

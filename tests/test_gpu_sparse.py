@@ -9,7 +9,7 @@ import pytest
 import attngen
 from attngen import masks
 from attngen.masks import BlockMask
-from attngen.reference import acceptance_check, attention_reference, attention_same_dtype_reference
+from attngen.tools.reference import acceptance_check, attention_reference, attention_same_dtype_reference
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
@@ -30,7 +30,7 @@ def run_and_check(kernel, q, k, v, element_mask, block_mask=None, causal=False, 
     """Run with poisoned outputs (call: more keyword arguments); compare with the float64 and same-dtype
     references given the same mask and modifiers (mods: softcap, alibi_slopes, score_mod, mask_mod)."""
     b, sq, hq, _ = q.shape
-    out = torch.full((b, sq, hq, kernel.spec.dv), float("nan"), device="cuda", dtype=q.dtype)
+    out = torch.full((b, sq, hq, kernel.spec.head_dim_v), float("nan"), device="cuda", dtype=q.dtype)
     lse = torch.full((b, hq, sq), float("nan"), device="cuda", dtype=torch.float32)
     kernel(q, k, v, out=out, lse=lse, **({"block_mask": block_mask} if block_mask is not None else {}), **(call or {}))
     torch.cuda.synchronize()

@@ -38,7 +38,7 @@ import pytest
 
 import attngen
 from attngen.masks import BlockMask, SlidingWindow
-from attngen.reference import (acceptance_check, alibi_slopes, attention_reference, attention_reference_backward,
+from attngen.tools.reference import (acceptance_check, alibi_slopes, attention_reference, attention_reference_backward,
                                attention_same_dtype_reference)
 
 pytestmark = pytest.mark.gpu
@@ -47,10 +47,10 @@ LEGACY_SLEEP_CYCLES = 40_000_000     # ~20 ms at ~2 GHz, queued on the legacy de
 SIDE_SLEEP_CYCLES = 4_000_000        # ~2 ms on the thread's own stream: the call's kernels stay queued a while
 ITERATIONS = 24
 try:                                 # the launcher's cache of uploaded arrays: per kernel on issue 12's main ...
-    from attngen.launch import MAX_CACHED_ARRAYS as CACHED_UPLOADS
+    from attngen.runtime.launch import MAX_CACHED_ARRAYS as CACHED_UPLOADS
 except ImportError:
     try:                             # ... shared by every kernel after the fix
-        from attngen.uploads import MAX_CACHED_UPLOADS as CACHED_UPLOADS
+        from attngen.runtime.uploads import MAX_CACHED_UPLOADS as CACHED_UPLOADS
     except ImportError:
         CACHED_UPLOADS = 64
 # the BlockMask threads upload three layouts per iteration (two forward CSRs, one kv-major CSR for the backward),
@@ -125,7 +125,7 @@ def backward_problems(rec) -> list[str]:
     """ARCHITECTURE.md's criterion on dq, dk, dv: float64 reference, bounded by the same-dtype framework's error."""
     import torch
 
-    from attngen.checking import framework_attention
+    from attngen.tools.checking import framework_attention
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[rec["dtype"]]
     q, k, v, dout = (to64(x) for x in (*rec["qkv"], rec["dout"]))

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import attngen
-from attngen.cli import main
+from attngen.tools.cli import main
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")

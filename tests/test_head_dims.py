@@ -12,12 +12,12 @@ import pytest
 
 import attngen
 from attngen import PlanError, Spec, SpecError
-from attngen.compile import nvrtc_compile
-from attngen.device import preset
-from attngen.plan import candidates, smem_bytes
-from attngen.plan_backward import make_backward_plan
-from attngen.reference import attention_reference, attention_reference_backward
-from attngen.render import kernel_name, render
+from attngen.codegen.compile import nvrtc_compile
+from attngen.planner.device import preset
+from attngen.planner.forward import candidates, smem_bytes
+from attngen.planner.backward import make_backward_plan
+from attngen.tools.reference import attention_reference, attention_reference_backward
+from attngen.codegen.render import kernel_name, render
 from attngen.variant import variant_of
 
 ALL_HEAD_DIMS = range(1, 257)
@@ -30,16 +30,16 @@ COMPILED_HEAD_DIMS = (1, 3, 7, 17, 59, 97, 111, 200, 255, 256)
 def test_spec_accepts_every_head_dim_from_1_to_256():
     for d in ALL_HEAD_DIMS:
         spec = Spec(head_dim=d, head_dim_v=257 - d)
-        assert (spec.head_dim, spec.dv) == (d, 257 - d)
+        assert (spec.head_dim, spec.head_dim_v) == (d, 257 - d)
         assert spec.softmax_scale == pytest.approx(1 / math.sqrt(d))     # the real head dim, not the padded one
-        assert Spec(head_dim=d).dv == d
+        assert Spec(head_dim=d).head_dim_v == d
 
 
 @pytest.mark.parametrize("field", ["head_dim", "head_dim_v"])
 @pytest.mark.parametrize("bad", [0, -1, 257, 512, 59.0, "59", True, None])
 def test_spec_refuses_head_dims_outside_1_to_256(field, bad):
     if field == "head_dim_v" and bad is None:
-        assert Spec(head_dim=59, head_dim_v=None).dv == 59                # None: head_dim_v defaults to head_dim
+        assert Spec(head_dim=59, head_dim_v=None).head_dim_v == 59                # None: head_dim_v defaults to head_dim
         return
     with pytest.raises(SpecError) as info:
         Spec(**{"head_dim": 59, field: bad})
@@ -49,7 +49,7 @@ def test_spec_refuses_head_dims_outside_1_to_256(field, bad):
 def test_spec_from_dict_names_the_missing_head_dim():
     with pytest.raises(SpecError, match="'head_dim'.*1..256"):
         Spec.from_dict({"dtype": "bf16"})
-    assert Spec.from_dict({"head_dim": 111, "head_dim_v": 7}).dv == 7
+    assert Spec.from_dict({"head_dim": 111, "head_dim_v": 7}).head_dim_v == 7
 
 
 def test_global_vector_width_follows_both_head_dims():
@@ -90,7 +90,7 @@ def test_planner_plans_unequal_head_dims(arch):
         assert p.path == "mma_sync" and p.smem_bytes <= preset(arch).smem_per_block
         assert (p.head_dim_padded, p.head_dim_v_padded) == (-(-d // 16) * 16, -(-dv // 16) * 16)
         make_backward_plan(spec, preset(arch))
-    from attngen.plan import explain
+    from attngen.planner.forward import explain
 
     assert "element loads and stores" in explain(Spec(head_dim=59), preset(arch))
     assert "element loads" not in explain(Spec(head_dim=64), preset(arch))
@@ -125,7 +125,7 @@ def test_zero_padded_head_dims_leave_attention_and_gradients_unchanged():
 # ---- the launcher's alignment rule (no GPU: array stand-ins; nothing is launched) --------------------
 
 class _FakeCupyArray:
-    """Just what attngen.launch._view reads of a CuPy array."""
+    """Just what attngen.runtime.launch._view reads of a CuPy array."""
 
     def __init__(self, shape, strides, ptr=0x10000, dtype="float16"):
         self.shape, self.strides = tuple(shape), tuple(2 * s for s in strides)
@@ -142,7 +142,7 @@ def _contiguous(shape):
 
 
 def test_check_inputs_takes_any_row_start_for_odd_head_dims():
-    from attngen.launch import check_inputs
+    from attngen.runtime.launch import check_inputs
 
     spec = Spec(head_dim=59, head_dim_v=33, dtype="fp16")
     # q: a transpose of a [b, h, s, d] tensor, 2 bytes past a 16-byte boundary; k, v: contiguous, odd strides
@@ -156,7 +156,7 @@ def test_check_inputs_takes_any_row_start_for_odd_head_dims():
 
 
 def test_check_inputs_keeps_16_byte_rows_for_vector_head_dims():
-    from attngen.launch import check_inputs
+    from attngen.runtime.launch import check_inputs
 
     spec = Spec(head_dim=64, dtype="fp16")
     shape = (1, 9, 2, 64)
@@ -169,8 +169,8 @@ def test_check_inputs_keeps_16_byte_rows_for_vector_head_dims():
 
 
 def test_backward_views_take_element_aligned_rows_for_odd_head_dims():
-    from attngen.backward import _row_major_view
-    from attngen.launch import _view
+    from attngen.runtime.backward import _row_major_view
+    from attngen.runtime.launch import _view
 
     ref = _view("q", _FakeCupyArray((1, 5, 2, 59), _contiguous((1, 5, 2, 59))))
     odd = _FakeCupyArray((1, 5, 2, 59), (5 * 2 * 61, 2 * 61, 61, 1), ptr=0x10002)      # a slice [..., 1:60]

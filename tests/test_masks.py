@@ -14,13 +14,13 @@ import pytest
 from conftest import no_float_warnings
 
 import attngen.masks as masks
-import attngen.reference as reference
+import attngen.tools.reference as reference
 from attngen.errors import SpecError
 from attngen.masks import (
     And, BigBird, BlockMask, Causal, Dilated, Document, Fixed, Layout, Longformer, Or, SlidingWindow,
     Strided, pattern_from_dict,
 )
-from attngen.reference import attention_reference, attention_same_dtype_reference, attention_tiled
+from attngen.tools.reference import attention_reference, attention_same_dtype_reference, attention_tiled
 
 SEQLEN_PAIRS = [(1, 1), (17, 17), (113, 113), (203, 203), (17, 203), (203, 17), (1, 113), (113, 1)]
 

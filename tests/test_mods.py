@@ -10,7 +10,7 @@ import pytest
 
 import attngen
 from attngen import Spec, SpecError
-from attngen.reference import alibi_slopes, attention_reference, attention_same_dtype_reference
+from attngen.tools.reference import alibi_slopes, attention_reference, attention_same_dtype_reference
 from attngen.variant import variant_of
 
 BIAS = {"bias": {"dtype": "float32", "shape": ["heads"]}}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import no_float_warnings
 
-from attngen.reference import (
+from attngen.tools.reference import (
     acceptance_check,
     attention_reference,
     attention_same_dtype_reference,
@@ -97,7 +97,7 @@ def test_naive_explicit_scale():
 def test_naive_row_chunking(monkeypatch):
     """Chunked rows (tiny score budget) give the same result as one block, to float64 rounding (BLAS may
     block a 5-row product differently from a 37-row one)."""
-    import attngen.reference as reference
+    import attngen.tools.reference as reference
 
     q, k, v = random_qkv(2, seqlen_q=37, seqlen_k=29, heads_q=4, heads_kv=2)
     whole = attention_reference(q, k, v, causal=True)
@@ -433,7 +433,7 @@ def test_algorithm_baseline_of_the_backward():
     """attention_reference_backward(algorithm_dtype=) rounds where FlashAttention's backward does (O for delta,
     P and dS before their matmuls, the gradients); acceptance_check_gradient bounds by the worse baseline. At
     head dim 1 the algorithm alone errs past twice the framework's error for some inputs (issue 12)."""
-    from attngen.reference import acceptance_check_gradient, attention_reference_backward, round_to_dtype
+    from attngen.tools.reference import acceptance_check_gradient, attention_reference_backward, round_to_dtype
 
     rng = np.random.default_rng(12)
     q, k, v, dout = (rng.standard_normal(s) for s in ((2, 40, 2, 1), (2, 60, 2, 1), (2, 60, 2, 1), (2, 40, 2, 1)))
@@ -452,7 +452,7 @@ def test_algorithm_baseline_of_the_backward():
 
 def test_algorithm_baseline_takes_delta_from_the_given_output():
     """out=: delta = rowsum(dO * out) of the output the backward was given (the forward's rounding enters)."""
-    from attngen.reference import attention_reference, attention_reference_backward
+    from attngen.tools.reference import attention_reference, attention_reference_backward
 
     rng = np.random.default_rng(13)
     q, k, v, dout = (rng.standard_normal(s) for s in ((1, 9, 2, 7), (1, 11, 1, 7), (1, 11, 1, 7), (1, 9, 2, 7)))

@@ -10,11 +10,11 @@ import jinja2
 import pytest
 
 import attngen
-from attngen.render import environment, templates_dir
-from attngen.compile import (Resources, atomic_write, cache_key, compile_cached, nvrtc_compile,
+from attngen.codegen.render import environment, templates_dir
+from attngen.codegen.compile import (Resources, atomic_write, cache_key, compile_cached, nvrtc_compile,
                              parse_cubin_resources, parse_ptxas_report)
 from attngen.errors import CompileError
-from attngen.render import kernel_name
+from attngen.codegen.render import kernel_name
 
 HEAD_DIMS = (8, 32, 40, 64, 96, 128, 160, 192, 256)
 
@@ -28,7 +28,7 @@ def compiled(spec, arch):
 def built(spec, arch):
     """What `attngen build` keeps: the first ranked candidate that ptxas compiles without spilling."""
     from attngen.api import plan_and_compile
-    from attngen.device import preset
+    from attngen.planner.device import preset
 
     compile_source = lambda source, plan: (nvrtc_compile(source, spec.name, plan.target, kernel_name(spec)), None)  # noqa: E731
     plan, source, (binary, _) = plan_and_compile(spec, preset(arch), compile_source)
@@ -171,8 +171,8 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
 def test_every_example_compiles_without_spills(arch):
     from pathlib import Path
 
-    from attngen.cli import build_artifacts
-    from attngen.device import preset
+    from attngen.tools.cli import build_artifacts
+    from attngen.planner.device import preset
 
     examples = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
     for example in examples:
@@ -257,7 +257,7 @@ def test_causal_flag_with_a_mask_is_refused():
 
 def test_build_falls_back_when_ptxas_spills():
     from attngen.api import plan_and_compile
-    from attngen.device import preset
+    from attngen.planner.device import preset
 
     spec = attngen.Spec(head_dim=64, dtype="bf16")
     seen = []
@@ -282,7 +282,7 @@ def test_argument_block_lays_out_each_argument_by_its_type(monkeypatch):
     import numpy as np
     from cupy.cuda import driver
 
-    from attngen.launch import ArgumentBlock
+    from attngen.runtime.launch import ArgumentBlock
 
     seen = []
 

@@ -54,13 +54,13 @@ def test_head_dim_rejected(field, bad):
 def test_head_dim_accepted(d):
     s = Spec(head_dim=d)
     assert s.head_dim == d
-    assert s.head_dim_v == d and s.dv == d
+    assert s.head_dim_v == d and not hasattr(s, "dv")   # dv names only the gradient of V
     assert s.softmax_scale == pytest.approx(1.0 / math.sqrt(d))
 
 
 def test_head_dim_v_explicit():
     s = Spec(head_dim=64, head_dim_v=128)
-    assert (s.head_dim, s.head_dim_v, s.dv) == (64, 128, 128)
+    assert (s.head_dim, s.head_dim_v) == (64, 128)
     # the default equals an explicit head_dim_v == head_dim
     assert Spec(head_dim=64) == Spec(head_dim=64, head_dim_v=64)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attngen.device import preset
+from attngen.planner.device import preset
 from attngen.errors import SpecError
 from attngen.masks import BlockMask
 from attngen.spec import Spec

@@ -9,8 +9,8 @@ import weakref
 import numpy as np
 import pytest
 
-from attngen import uploads
-from attngen.launch import TensorView
+from attngen.runtime import uploads
+from attngen.runtime.launch import TensorView
 
 
 class FakeBuffer:

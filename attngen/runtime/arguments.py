@@ -1,23 +1,31 @@
 """Per-call kernel arguments shared by the forward and backward launchers: the block layout of a runtime
-mask, and the modifiers' arguments (softmax scale, ALiBi slopes, a pattern's block table, named tensors).
+mask, and the modifiers' arguments (modifiers.py: softmax scale, ALiBi slopes), a pattern's block table and
+the named tensors.
 
-Each builder checks what the caller gave against the spec, returns the arguments in the order the
-templates declare them (pieces/csr_params.j2 and pieces/mod_params.j2), and puts the device buffers it
-uploaded into `keep`, which the caller holds until its launches are queued (uploads.UploadCache).
+Each builder checks what the caller gave against the spec and returns {parameter name: value} for the
+names signature.py declares (the launcher packs them through the kernel's Signature), and puts the device
+buffers it uploaded into `keep`, which the caller holds until its launches are queued (uploads.UploadCache).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
-from .interop import _view
+from .interop import TensorView, _view
+from ..codegen.modifiers import ActiveModifiers
 from .uploads import UPLOADS
 
 
-def layout_args(spec, variant, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep) -> tuple:
-    """The block-CSR arguments (query-major: the forward and the dQ pass) of a runtime-layout kernel, or ()
+def stride_args(name: str, view: TensorView) -> dict:
+    """{name_stride_b, name_stride_s, name_stride_h}: an [batch, seq, head, dim] argument's strides."""
+    return {f"{name}_stride_{axis}": stride for axis, stride in zip("bsh", view.strides[:3])}
+
+
+def layout_args(spec, variant, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep) -> dict:
+    """The block-CSR arguments (query-major: the forward and the dQ pass) of a runtime-layout kernel, or {}
     for any other schedule. The mask must be one the kernel computes exactly."""
     schedule = variant.schedule
     if schedule != "runtime":
@@ -26,8 +34,8 @@ def layout_args(spec, variant, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep
                    f"evaluates its mask ({spec.mask_pattern.name}) as code; build a spec with "
                    "mask: {kind: runtime} to pass a layout")
             raise ValueError(f"block_mask: this kernel {why}")
-        return ()
-    from .masks import BlockMask
+        return {}
+    from ..masks import BlockMask
 
     if block_mask is None:
         raise ValueError("block_mask: this kernel's mask is a runtime block layout; pass an attngen.BlockMask")
@@ -52,10 +60,11 @@ def layout_args(spec, variant, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep
     pointers = UPLOADS.pointers(("csr", id(block_mask)), block_mask, lambda: [
         block_mask.full_row_ptr, block_mask.full_cols, block_mask.partial_row_ptr, block_mask.partial_cols], qv, keep)
     n_q_blocks = -(-seqlen_q // block_mask.block_size[0])
-    return (*(np.uint64(p) for p in pointers), np.int32(block_mask.num_heads), np.int32(n_q_blocks))
+    return {**dict(zip(("full_row_ptr", "full_cols", "partial_row_ptr", "partial_cols"), pointers)),
+            "mask_heads": block_mask.num_heads, "mask_q_blocks": n_q_blocks}
 
 
-def kv_major_layout_args(block_mask, qv, keep) -> tuple:
+def kv_major_layout_args(block_mask, qv, keep) -> dict:
     """The BlockMask's kv-major block-CSR (query blocks per key block, per head): the transposed layout the
     dK/dV pass walks. Call after layout_args, which checks the mask."""
     def arrays():
@@ -63,49 +72,58 @@ def kv_major_layout_args(block_mask, qv, keep) -> tuple:
         return [t.full_col_ptr, t.full_rows, t.partial_col_ptr, t.partial_rows]
 
     pointers = UPLOADS.pointers(("kv_major", id(block_mask)), block_mask, arrays, qv, keep)
-    return (*(np.uint64(p) for p in pointers), np.int32(block_mask.num_heads), np.int32(block_mask.n_kv_blocks))
+    return {**dict(zip(("full_col_ptr", "full_rows", "partial_col_ptr", "partial_rows"), pointers)),
+            "mask_heads": block_mask.num_heads, "mask_kv_blocks": block_mask.n_kv_blocks}
 
 
-def modifier_args(spec, variant, scale, alibi_slopes, tensors, sizes, qv, keep) -> tuple:
-    """The modifiers' arguments, in the order of pieces/mod_params.j2: the softmax scale (when scores are
-    modified), the ALiBi slopes, the pattern's block table, the named tensors. sizes: (batch, heads_q,
-    seqlen_q, seqlen_k)."""
+@dataclass
+class ModifierCall:
+    """What a modifier's launch_values reads of one call (modifiers.py imports nothing from here)."""
+
+    scale: float
+    alibi_slopes: object
+    batch: int
+    heads_q: int
+    qv: TensorView
+    keep: list
+
+    @property
+    def kind(self) -> str:
+        return self.qv.kind
+
+    @property
+    def device(self) -> int:
+        return self.qv.device
+
+    def view(self, name, x) -> TensorView:
+        return _view(name, x)
+
+    def upload(self, key, owner, make) -> int:
+        """The device address of make()'s one array, uploaded on the launch's stream (cached)."""
+        (pointer,) = UPLOADS.pointers(key, owner, make, self.qv, self.keep)
+        return pointer
+
+
+def modifier_args(spec, variant, scale, alibi_slopes, tensors, sizes, qv, keep) -> dict:
+    """The modifiers' arguments (modifiers.py), the pattern's block table and the named tensors.
+    sizes: (batch, heads_q, seqlen_q, seqlen_k)."""
     batch, heads_q, seqlen_q, seqlen_k = sizes
-    return (*((np.float32(scale),) if variant.score_mods else ()),
-            *_alibi_args(variant, alibi_slopes, batch, heads_q, qv, keep),
-            *_block_table_args(spec, variant, seqlen_q, seqlen_k, qv, keep),
-            *_tensor_args(variant, tensors, sizes, qv))
+    if alibi_slopes is not None and not variant.alibi:
+        raise ValueError("alibi_slopes: this kernel was built without alibi (spec.alibi is false)")
+    call = ModifierCall(scale, alibi_slopes, batch, heads_q, qv, keep)
+    return {**ActiveModifiers(variant).launch_values(call),
+            **_block_table_args(spec, variant, seqlen_q, seqlen_k, qv, keep),
+            **_tensor_args(variant, tensors, sizes, qv)}
 
 
-def _alibi_args(variant, slopes, batch, heads_q, qv, keep) -> tuple:
-    """(pointer, batch stride) of the ALiBi slopes: [heads_q] or [batch, heads_q] float32, or the standard
-    slopes for heads_q when none are given."""
-    if not variant.alibi:
-        if slopes is not None:
-            raise ValueError("alibi_slopes: this kernel was built without alibi (spec.alibi is false)")
-        return ()
-    if slopes is None:
-        from .reference import alibi_slopes
-
-        (pointer,) = UPLOADS.pointers(("alibi", heads_q), heads_q, lambda: [alibi_slopes(heads_q)], qv, keep)
-        return (np.uint64(pointer), np.int32(0))
-    sv = _view("alibi_slopes", slopes)
-    if sv.kind != qv.kind or sv.dtype not in ("float32", "torch.float32") or sv.device != qv.device \
-            or sv.shape not in ((heads_q,), (batch, heads_q)) or sv.strides[-1] != 1 \
-            or (len(sv.shape) == 2 and sv.strides[0] != heads_q):
-        raise ValueError(f"alibi_slopes: expected a contiguous {qv.kind} float32 array of shape [{heads_q}] or "
-                         f"[{batch}, {heads_q}] on device {qv.device}, got {sv.dtype} {sv.shape}")
-    return (np.uint64(sv.ptr), np.int32(heads_q if len(sv.shape) == 2 else 0))
-
-
-def _block_table_args(spec, variant, seqlen_q, seqlen_k, qv, keep) -> tuple:
+def _block_table_args(spec, variant, seqlen_q, seqlen_k, qv, keep) -> dict:
     """The pattern's block table as bits [heads or 1][q blocks][words] on the device (cached per seqlens)."""
     if not variant.block_table:
-        return ()
+        return {}
     pattern = spec.mask_pattern
     bits = block_table_bits(pattern, seqlen_q, seqlen_k)
     (pointer,) = UPLOADS.pointers(("table", seqlen_q, seqlen_k), pattern, lambda: [bits], qv, keep)
-    return (np.uint64(pointer), *(np.int32(n) for n in bits.shape))
+    return {"block_bits": pointer, **dict(zip(("block_bits_heads", "block_bits_rows", "block_bits_words"), bits.shape))}
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,13 +138,13 @@ def block_table_bits(pattern, seqlen_q: int, seqlen_k: int) -> np.ndarray:
     return bits
 
 
-def _tensor_args(variant, tensors, sizes, qv) -> tuple:
+def _tensor_args(variant, tensors, sizes, qv) -> dict:
     """Pointers of the named tensors the expressions read, checked against their declarations."""
     declared = {t.name: t for t in variant.tensors}
     given = dict(tensors or {})
     if set(given) != set(declared):
         raise ValueError(f"tensors: expected {sorted(declared) or 'none'} (the spec's), got {sorted(given)}")
-    args = []
+    args = {}
     for name, decl in declared.items():
         tv = _view(f"tensors[{name!r}]", given[name])
         shape = decl.sizes(*sizes)
@@ -135,5 +153,5 @@ def _tensor_args(variant, tensors, sizes, qv) -> tuple:
                 or tv.strides != contiguous or tv.device != qv.device:
             raise ValueError(f"tensors[{name!r}]: expected a contiguous {qv.kind} {decl.dtype} array of shape "
                              f"{list(shape)} on device {qv.device}, got {tv.dtype} {list(tv.shape)}")
-        args.append(np.uint64(tv.ptr))
-    return tuple(args)
+        args[name] = tv.ptr
+    return args

@@ -17,8 +17,8 @@ import numpy as np
 
 import attngen
 from attngen.api import spec_for_inputs
-from attngen.device import live_device
-from attngen.plan import predict_us
+from attngen.planner.device import live_device
+from attngen.planner.forward import predict_us
 
 L2_BYTES = 64 << 20
 
@@ -242,7 +242,7 @@ def visible_pairs(spec, seqlen: int) -> float:
 def case_flops(case: Case) -> float:
     """Forward FLOPs on kept pairs: 2 * pairs * (head_dim + head_dim_v) per head (FlashAttention's 4 * d)."""
     s = case.spec
-    return 2.0 * case.batch * case.heads * visible_pairs(s, case.seqlen) * (s.head_dim + s.dv)
+    return 2.0 * case.batch * case.heads * visible_pairs(s, case.seqlen) * (s.head_dim + s.head_dim_v)
 
 
 def _dense_mask(case: Case):
@@ -321,7 +321,7 @@ def flex_for_spec(case: Case):
 
 def attngen_function(case: Case, backward: bool):
     """attngen on the case's spec: the kernel call, or (backward) autograd through attngen's kernels."""
-    from .autograd import attention_with_grad
+    from ..autograd import attention_with_grad
     from .checking import random_tensors
 
     spec = case.spec
@@ -340,8 +340,8 @@ def bench_case(case: Case, modes=("fwd",), peers=PEERS, log=None) -> list[dict]:
 
     spec = case.spec
     inputs = make_inputs(case.batch, case.seqlen, case.heads, case.heads_kv, spec.head_dim, spec.dtype)
-    if spec.dv != spec.head_dim:
-        inputs = [(q, k, torch.randn(*v.shape[:3], spec.dv, device="cuda", dtype=v.dtype)) for q, k, v in inputs]
+    if spec.head_dim_v != spec.head_dim:
+        inputs = [(q, k, torch.randn(*v.shape[:3], spec.head_dim_v, device="cuda", dtype=v.dtype)) for q, k, v in inputs]
     work = case_flops(case)
     device = live_device()
     peak = device.matrix_peak_tflops
@@ -353,7 +353,7 @@ def bench_case(case: Case, modes=("fwd",), peers=PEERS, log=None) -> list[dict]:
     for mode in modes:
         factor = 3.5 if mode == "fwd+bwd" else 1.0
         row = dict(gpu=torch.cuda.get_device_name(), spec=spec.name, dtype=spec.dtype, head_dim=spec.head_dim,
-                   head_dim_v=spec.dv, causal=spec.causal, mask=(spec.mask or {}).get("kind"), seqlen=case.seqlen,
+                   head_dim_v=spec.head_dim_v, causal=spec.causal, mask=(spec.mask or {}).get("kind"), seqlen=case.seqlen,
                    batch=case.batch, heads=case.heads, heads_kv=case.heads_kv, mode=mode, gflop=factor * work / 1e9,
                    peak_tflops=peak)
         timed = {"attngen": attngen_function(case, mode == "fwd+bwd")} | functions

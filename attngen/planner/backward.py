@@ -22,11 +22,11 @@ import math
 from dataclasses import dataclass
 
 from .device import Device
-from .errors import PlanError
-from .plan import (SMEM_ROW_PAD, WGMMA_COMPUTE_GROUPS, WGMMA_CONSUMER_REGS, WGMMA_SMEM_ALIGN, WarpLaunch, occupancy,
+from ..errors import PlanError
+from .forward import (SMEM_ROW_PAD, WGMMA_COMPUTE_GROUPS, WGMMA_CONSUMER_REGS, WGMMA_SMEM_ALIGN, WarpLaunch, occupancy,
                    round_up)
-from .spec import Spec
-from .variant import variant_of
+from ..spec import Spec
+from ..variant import variant_of
 
 REG_OVERHEAD_BACKWARD = 64     # addresses, counters, ldmatrix fragments in flight (as the forward's)
 DKDV_REGS_PER_CHUNK_COL, DKDV_REGS_PER_QUERY, DKDV_REG_OVERHEAD = 1.25, 1.7, 36
@@ -47,8 +47,8 @@ def wgmma_dkdv_unsupported(spec: Spec, device: Device) -> str:
         return f"wgmma needs sm_90 (Hopper), not {device.arch}"
     if spec.deterministic:
         return "deterministic: the wgmma pass adds dQ with atomics"
-    if spec.head_dim != spec.dv or spec.head_dim not in WGMMA_BWD_HEAD_DIMS:
-        return f"wgmma backward: head_dim = head_dim_v in {WGMMA_BWD_HEAD_DIMS}, got {spec.head_dim}/{spec.dv}"
+    if spec.head_dim != spec.head_dim_v or spec.head_dim not in WGMMA_BWD_HEAD_DIMS:
+        return f"wgmma backward: head_dim = head_dim_v in {WGMMA_BWD_HEAD_DIMS}, got {spec.head_dim}/{spec.head_dim_v}"
     if variant_of(spec).schedule == "pattern":
         # ptxas serializes the pass's wgmma behind the pattern's step classification (C7519)
         return "wgmma backward: pattern masks (as code) run on mma.sync"
@@ -134,9 +134,9 @@ def pass_kinds(spec: Spec) -> tuple[str, ...]:
     return ("dq", "dkdv") if spec.deterministic else ("dkdv",)
 
 
-def _chunks(d: int, dv: int, kind: str) -> list[int]:
+def _chunks(d: int, dim_v: int, kind: str) -> list[int]:
     """Chunk widths (multiples of 16, at most 128) that divide every gradient's columns, widest first."""
-    widths = (d,) if kind == "dq" else (d, dv)
+    widths = (d,) if kind == "dq" else (d, dim_v)
     return [c for c in range(min(max(widths), 128), 15, -16) if all(w % c == 0 for w in widths)]
 
 
@@ -146,23 +146,23 @@ def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stag
         rows, cols = spec.mask_block_size          # a tile must lie inside one block of the layout / table
         if rows % block_m or cols % block_n:
             return None, f"tiles {block_m}x{block_n} do not divide the mask blocks {rows}x{cols}"
-    d, dv = round_up(spec.head_dim, 16), round_up(spec.dv, 16)
+    d, dim_v = round_up(spec.head_dim, 16), round_up(spec.head_dim_v, 16)
     row = lambda cols: (cols + SMEM_ROW_PAD) * spec.elem_bytes  # noqa: E731
     if kind == "dq":
-        smem = block_m * (row(d) + row(dv)) + stages * block_n * (row(d) + row(dv))
+        smem = block_m * (row(d) + row(dim_v)) + stages * block_n * (row(d) + row(dim_v))
         n_chunks = d // chunk
         # acc dQ, then S/P, dP/dS (fp32) and the packed dS per thread; LSE and delta per row
         regs = chunk // 2 + block_n + block_n // 4 + REG_OVERHEAD_BACKWARD
-        matmul = n_chunks * (d + dv) + d            # S and dP per chunk, dQ once, per (row, key)
+        matmul = n_chunks * (d + dim_v) + d            # S and dP per chunk, dQ once, per (row, key)
     else:
-        smem = block_n * (row(d) + row(dv)) + stages * block_m * (row(d) + row(dv) + 8)
+        smem = block_n * (row(d) + row(dim_v)) + stages * block_m * (row(d) + row(dim_v) + 8)
         if not spec.deterministic:
             smem += block_n * row(block_m)          # dS^T, read back by the warps that add dQ
-        n_chunks = max(d, dv) // chunk
+        n_chunks = max(d, dim_v) // chunk
         # acc dK and dV (chunk/2 each), S^T and dP^T, one packed fragment, the columns' LSE and delta;
         # fitted to ptxas on sm_80/sm_90 (d64-256, block_m 32/64, chunk 64/128: within 6 registers)
         regs = int(DKDV_REGS_PER_CHUNK_COL * chunk + DKDV_REGS_PER_QUERY * block_m) + DKDV_REG_OVERHEAD
-        matmul = n_chunks * (d + dv) + d + dv       # S^T and dP^T per chunk, dK and dV once
+        matmul = n_chunks * (d + dim_v) + d + dim_v       # S^T and dP^T per chunk, dK and dV once
         if not spec.deterministic:
             matmul += d                             # dQ once (each chunk adds its columns)
     if smem > device.smem_per_block:
@@ -172,15 +172,15 @@ def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stag
     ctas = occupancy(device, smem, regs, 32 * warps)
     if ctas < 1:
         return None, "no CTA fits on an SM"
-    factor = matmul / (d + dv)
-    return BackwardPass(device.arch, kind, block_m, block_n, warps, stages, chunk, n_chunks, d, dv, SMEM_ROW_PAD, smem,
+    factor = matmul / (d + dim_v)
+    return BackwardPass(device.arch, kind, block_m, block_n, warps, stages, chunk, n_chunks, d, dim_v, SMEM_ROW_PAD, smem,
                         regs, ctas, factor, kind == "dkdv" and not spec.deterministic, device.cc >= 90), ""
 
 
 def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, BackwardPass | None, str]]:
     """((block_m, block_n, warps, chunk, stages, path), pass or None, why rejected) for every configuration, best
     first. Two warps and a single stage (no overlap of loads and math) exist for small shared memories."""
-    d, dv = round_up(spec.head_dim, 16), round_up(spec.dv, 16)
+    d, dim_v = round_up(spec.head_dim, 16), round_up(spec.head_dim_v, 16)
     out = []
     if kind == "dkdv" and device.cc == 90:
         p, why = _wgmma_dkdv_pass(spec, device, WGMMA_BWD_STAGES)
@@ -188,7 +188,7 @@ def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, 
                      4 * (1 + WGMMA_COMPUTE_GROUPS), d, WGMMA_BWD_STAGES, "wgmma"), p, why))
     for warps in (2, 4, 8):
         for other in (32, 64, 128) if kind == "dq" else (32, 64):
-            for chunk in _chunks(d, dv, kind):
+            for chunk in _chunks(d, dim_v, kind):
                 for stages in (3, 2, 1):
                     block_m, block_n = (16 * warps, other) if kind == "dq" else (other, 16 * warps)
                     p, why = _pass(kind, spec, device, block_m, block_n, warps, chunk, stages)
@@ -213,7 +213,7 @@ def make_backward_plan(spec: Spec, device: Device) -> BackwardPlan:
         ranked = pass_candidates(kind, spec, device)
         if not ranked or ranked[0][1] is None:
             raise PlanError(f"no {kind} backward tile fits {device.arch} for head_dim={spec.head_dim}, "
-                            f"head_dim_v={spec.dv}: " + "; ".join(sorted({why for _, _, why in ranked})))
+                            f"head_dim_v={spec.head_dim_v}: " + "; ".join(sorted({why for _, _, why in ranked})))
         chosen[kind] = ranked[0][1]
     return BackwardPlan(device.arch, chosen["dq"], chosen["dkdv"])
 

@@ -9,8 +9,8 @@ model's predicted time beside the measured one, so the model can be corrected wh
 
 from __future__ import annotations
 
-from .spec import Spec
-from .tuned import backward_key, forward_key, save_tuned
+from ..spec import Spec
+from ..tuned import backward_key, forward_key, save_tuned
 
 TUNE_TOP = 6                     # candidates measured per kernel
 
@@ -18,7 +18,7 @@ TUNE_TOP = 6                     # candidates measured per kernel
 def top_candidates(spec: Spec, device, top: int) -> list:
     """The planner's `top` best fitting candidates, plus the best of each kernel path not among them (so
     a measurement can overturn the model's choice of path too)."""
-    from .plan import candidates
+    from ..planner.forward import candidates
 
     fits = [c for c in candidates(spec, device) if c.plan]
     chosen = fits[:top]
@@ -34,16 +34,16 @@ def tune(spec: Spec, seqlen: int = 4096, tokens: int = 16384, top: int = TUNE_TO
     import numpy as np
     import torch
 
-    from .api import build
-    from .backward import BackwardKernels, check_backward_support
+    from ..api import build
+    from ..runtime.backward import BackwardKernels, check_backward_support
     from .benchmark import Case, case_flops, make_inputs, time_ms
     from .checking import random_tensors
-    from .compile import compile_cached
-    from .device import live_device
-    from .launch import Kernel
-    from .plan import predict_us
-    from .plan_backward import BackwardPlan, pass_candidates
-    from .render import kernel_name, render
+    from ..codegen.compile import compile_cached
+    from ..planner.device import live_device
+    from ..runtime.launch import Kernel
+    from ..planner.forward import predict_us
+    from ..planner.backward import BackwardPlan, pass_candidates
+    from ..codegen.render import kernel_name, render
 
     if spec.mask is not None and spec.mask_pattern is None:
         raise ValueError("tune: a runtime block layout has no fixed mask to tune on; tune the pattern instead")
@@ -53,8 +53,8 @@ def tune(spec: Spec, seqlen: int = 4096, tokens: int = 16384, top: int = TUNE_TO
     heads = spec.num_heads or max(1, 2048 // spec.head_dim)
     case = Case(spec, max(1, tokens // seqlen), seqlen, heads, spec.num_kv_heads or heads)
     inputs = make_inputs(case.batch, seqlen, heads, case.heads_kv, spec.head_dim, spec.dtype)
-    if spec.dv != spec.head_dim:
-        inputs = [(q, k, torch.randn(*v.shape[:3], spec.dv, device="cuda", dtype=v.dtype)) for q, k, v in inputs]
+    if spec.head_dim_v != spec.head_dim:
+        inputs = [(q, k, torch.randn(*v.shape[:3], spec.head_dim_v, device="cuda", dtype=v.dtype)) for q, k, v in inputs]
     tensors = random_tensors(spec, np.random.default_rng(0), (case.batch, heads, seqlen, seqlen))
     call = {"tensors": tensors} if tensors else {}
     work = case_flops(case)

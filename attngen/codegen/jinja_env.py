@@ -15,11 +15,11 @@ ENTRY_CHECK = "forward.cu.j2"     # a template every templates/ folder has
 
 def templates_dir() -> Path:
     """templates/ beside the package in a source tree; attngen/templates inside an installed wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "templates", here / "templates"):
+    package = Path(__file__).resolve().parent.parent         # attngen/ (this file is attngen/codegen/)
+    for candidate in (package.parent / "templates", package / "templates"):
         if (candidate / ENTRY_CHECK).is_file():
             return candidate
-    raise FileNotFoundError(f"attngen templates not found next to {here}")
+    raise FileNotFoundError(f"attngen templates not found next to {package}")
 
 
 class CheckedBytecodeCache(jinja2.BytecodeCache):

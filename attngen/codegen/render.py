@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from . import __version__
+from ..version import __version__
 from .jinja_env import environment, render_piece, templates_dir  # noqa: F401  (the public names of rendering)
-from .spec import Spec
-from .variant import variant_of
+from .modifiers import ActiveModifiers
+from .signature import kernel_signatures
+from ..spec import Spec
+from ..variant import variant_of
 
 ENTRY_TEMPLATES = {"forward": "forward.cu.j2", "backward_dq": "backward_dq.cu.j2", "backward_dkdv": "backward_dkdv.cu.j2",
                    "forward_wgmma": "forward_wgmma.cu.j2", "backward_dkdv_wgmma": "backward_dkdv_wgmma.cu.j2"}
@@ -28,6 +30,8 @@ def render(spec: Spec, plan, kind: str = "forward") -> str:
     plan_items = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in plan_items]
     variant = variant_of(spec)
     return template.render(spec=spec, plan=plan, version=__version__, kernel_name=kernel_name(spec, kind),
+                           signatures=kernel_signatures(kind, variant, plan), mods=ActiveModifiers(variant),
+                           score_grad=kind != "forward",
                            mma_type=MMA_TYPES[spec.dtype], spec_items=spec_items, plan_items=plan_items,
                            variant=variant, tensors=variant.tensors, score_mod=variant.score_mod,
                            mask_mod=variant.mask_mod, score_mod_grad=variant.score_mod_grad if kind != "forward" else None,

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..codegen.modifiers import reference_scores, standard_alibi_slopes
+
 __all__ = [
     "attention_reference",
     "attention_reference_backward",
@@ -159,7 +161,7 @@ def _mask_regions(mask, dims: _Dims):
     """
     if mask is None:
         return None
-    from .masks import BlockMask  # masks imports nothing from here; local to keep the module light
+    from ..masks import BlockMask  # masks imports nothing from here; local to keep the module light
 
     target = (dims.heads_q, dims.seqlen_q, dims.seqlen_k)
     if isinstance(mask, BlockMask):
@@ -269,33 +271,25 @@ class ScoreMods:
                                  f"heads_q], got {alibi_slopes.shape}")
         return cls(softcap, alibi_slopes, score_mod, mask_mod)
 
-    def apply(self, s: np.ndarray, b: int, r0: int, dims: _Dims):
-        """Modified scores [hkv, g, r, c] of rows r0.. of batch b, and the mask_mod's visibility (or None)."""
+    def apply(self, s: np.ndarray, b: int, r0: int, dims: _Dims, score_mod_grad=None):
+        """Modified scores [hkv, g, r, c] of rows r0.. of batch b (the chain of modifiers.py after the scale),
+        the mask_mod's visibility (or None), and d(modified)/d(s) (or None for 1; score_mod_grad enters it)."""
         h = np.arange(dims.heads_q).reshape(dims.heads_kv, dims.group, 1, 1)
         q_idx = np.arange(r0, r0 + s.shape[-2])[:, None]
         kv_idx = np.arange(s.shape[-1])[None, :]
-        if self.softcap is not None:
-            s = self.softcap * np.tanh(s / self.softcap)
-        if self.alibi_slopes is not None:
-            slope = self.alibi_slopes[b % self.alibi_slopes.shape[0]].reshape(h.shape).astype(s.dtype)
-            s = s - slope * np.abs(q_idx + dims.seqlen_k - dims.seqlen_q - kv_idx).astype(s.dtype)
-        if self.score_mod is not None:
-            s = np.asarray(self.score_mod(s, b, h, q_idx, kv_idx), dtype=s.dtype)
+        values = {"softcap": self.softcap, "alibi_slopes": self.alibi_slopes, "score_mod": self.score_mod,
+                  "score_mod_grad": score_mod_grad}
+        dtype = s.dtype
+        s, grad = reference_scores(np, s, values, (b, h, q_idx, kv_idx, dims.seqlen_q, dims.seqlen_k))
+        s = np.asarray(s, dtype=dtype)
+        grad = None if grad is None else np.asarray(grad, dtype=np.float64)
         visible = None
         if self.mask_mod is not None:
             visible = np.broadcast_to(np.asarray(self.mask_mod(b, h, q_idx, kv_idx), dtype=bool), s.shape)
-        return s, visible
+        return s, visible, grad
 
 
-def alibi_slopes(num_heads: int) -> np.ndarray:
-    """ALiBi's default per-head slopes (Press et al.): 2^(-8 i / n) for n a power of two, else those of
-    the nearest lower power of two followed by every other slope of twice that many heads."""
-    def powers(n):
-        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
-
-    low = 2 ** int(math.floor(math.log2(num_heads)))
-    slopes = powers(low) + powers(2 * low)[0::2][:num_heads - low]
-    return np.asarray(slopes, dtype=np.float32)
+alibi_slopes = standard_alibi_slopes     # ALiBi's default per-head slopes (modifiers.py defines them)
 
 
 def _rows_per_chunk(dims: _Dims) -> int:
@@ -326,7 +320,7 @@ def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None,
                                       seqlen_k=dims.seqlen_k, causal=causal)
             if regions is not None:
                 visible = visible & regions(r0, r1, 0, dims.seqlen_k)
-            s, mod_visible = mods.apply(_scores(qg[b, r0:r1], k[b]) * scale, b, r0, dims)
+            s, mod_visible, _ = mods.apply(_scores(qg[b, r0:r1], k[b]) * scale, b, r0, dims)
             if mod_visible is not None:
                 visible = visible & mod_visible
             s = _masked(s, visible)
@@ -373,7 +367,7 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
                          f"got {dout.shape}")
     scale = _resolve_scale(scale, dims.head_dim)
     regions = _mask_regions(mask, dims)
-    mods = ScoreMods.of(dims, softcap=softcap, alibi_slopes=alibi_slopes, mask_mod=mask_mod)   # no score_mod
+    mods = ScoreMods.of(dims, softcap=softcap, alibi_slopes=alibi_slopes, score_mod=score_mod, mask_mod=mask_mod)
     rounded = (lambda x: x) if algorithm_dtype is None else (  # noqa: E731
         lambda x: round_to_dtype(x, algorithm_dtype).astype(np.float64))
     qg = _group_heads(q.astype(np.float64), dims.heads_kv)            # [b, s, hkv, g, d]
@@ -391,13 +385,7 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
             if regions is not None:
                 visible = visible & regions(r0, r1, 0, dims.seqlen_k)
             u = _scores(qg[b, r0:r1], k[b]) * scale                         # [hkv, g, r, c]
-            s, mod_visible = mods.apply(u, b, r0, dims)
-            if score_mod is not None:                                       # x: the score_mod's input
-                x = s
-                h_idx = np.arange(dims.heads_q).reshape(dims.heads_kv, dims.group, 1, 1)
-                q_idx, kv_idx = np.arange(r0, r1)[:, None], np.arange(dims.seqlen_k)[None, :]
-                s = np.asarray(score_mod(x, b, h_idx, q_idx, kv_idx), dtype=np.float64)
-                mod_grad = np.asarray(score_mod_grad(x, b, h_idx, q_idx, kv_idx), dtype=np.float64)
+            s, mod_visible, mod_grad = mods.apply(u, b, r0, dims, score_mod_grad)   # the chain's derivative
             if mod_visible is not None:
                 visible = visible & mod_visible
             s = _masked(s, visible)
@@ -409,10 +397,8 @@ def attention_reference_backward(q, k, v, dout, *, causal: bool = False, scale: 
             dp = do @ np.swapaxes(vt, -1, -2)                                # [hkv, g, r, c]
             o = rounded(p @ vt) if given_out is None else np.moveaxis(given_out[b, r0:r1], 0, -2)   # [hkv, g, r, dv]
             ds = p * (dp - (do * o).sum(axis=-1, keepdims=True))
-            if score_mod is not None:
+            if mod_grad is not None:
                 ds = ds * mod_grad
-            if softcap is not None:
-                ds = ds * (1.0 - np.tanh(u / softcap) ** 2)
             ds, p = rounded(ds), rounded(p)
             kt = np.moveaxis(k[b], 0, -2)[:, None]                           # [hkv, 1, c, d]
             qt = np.moveaxis(qg[b, r0:r1], 0, -2)                            # [hkv, g, r, d]

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .compile import atomic_write, nvrtc_compile, nvrtc_version
-from .device import ARCH_VARIANTS, PRESETS, live_device, preset
-from .errors import CompileError, PlanError, SpecError
-from .plan import REFERENCE_PROBLEM, explain, make_plan
-from .render import kernel_name
-from .spec import Spec
+from ..version import __version__
+from ..codegen.compile import atomic_write, nvrtc_compile, nvrtc_version
+from ..planner.device import ARCH_VARIANTS, PRESETS, live_device, preset
+from ..errors import CompileError, PlanError, SpecError
+from ..planner.forward import REFERENCE_PROBLEM, explain, make_plan
+from ..codegen.render import kernel_name
+from ..spec import Spec
 
 
 ARCHS = " | ".join([*PRESETS, *ARCH_VARIANTS])
@@ -126,7 +126,7 @@ def main(ctx):
 
 def build_artifacts(spec: Spec, device) -> dict:
     """Plan, render and compile offline; returns the files to write, by suffix."""
-    from .api import plan_and_compile
+    from ..api import plan_and_compile
 
     name = kernel_name(spec)
     try:
@@ -156,8 +156,8 @@ def backward_artifacts(spec: Spec, device, manifest: dict) -> dict:
     """The backward kernels (`backward: true`): NAME_bwd_dkdv.* (with the delta and dQ conversion kernels),
     and NAME_bwd_dq.* with `deterministic: true`; their plan and
     resources go into the forward's manifest."""
-    from .api import plan_and_compile_backward
-    from .backward import check_backward_support
+    from ..api import plan_and_compile_backward
+    from ..runtime.backward import check_backward_support
 
     try:
         check_backward_support(spec)
@@ -274,7 +274,7 @@ def plan_command(spec_path, arch, seqlen):
     chosen = plan_or_fail(spec, device, spec_path)
     click.echo(explain(spec, device))
     if spec.backward:
-        from .plan_backward import explain_backward
+        from ..planner.backward import explain_backward
 
         click.echo("\n" + explain_backward(spec, device))
     if spec.mask is not None:
@@ -283,7 +283,7 @@ def plan_command(spec_path, arch, seqlen):
 
 def mask_report(spec: Spec, chosen, seqlen: int) -> str:
     """Density, kept/partial/full block counts and the predicted time of the mask at one seqlen."""
-    from .masks import BlockMask
+    from ..masks import BlockMask
 
     if spec.mask_pattern is None:
         return f"mask   {spec.mask['kind']}: a block layout passed at run time ({spec.mask_block_size} blocks)"

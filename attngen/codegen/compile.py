@@ -22,7 +22,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import CompileError
+from ..errors import CompileError
 
 # --no-source-include: nothing is read from the source's folder (the sources include no file at all).
 COMPILE_OPTIONS = ("-std=c++17", "--use_fast_math", "--ptxas-options=-v", "-lineinfo", "--no-source-include")

@@ -12,15 +12,16 @@ import threading
 
 import numpy as np
 
-from .compile import Binary
-from .plan import Plan
-from .plan import tile_list_bytes
-from .spec import Spec
+from ..codegen.compile import Binary
+from ..planner.forward import Plan
+from ..planner.forward import tile_list_bytes
+from ..spec import Spec
 from .tma import TensorMapArgument
-from .arguments import layout_args, modifier_args
+from .arguments import layout_args, modifier_args, stride_args
+from ..codegen.signature import forward_signature
 from .interop import TensorView, _view  # noqa: F401  (TensorView: the launchers' view of an input)
 from .uploads import stream_handle
-from .variant import variant_of
+from ..variant import variant_of
 
 ELEMENT_ALIGN = 8   # a vector kernel's cp.async moves 16 bytes = 8 elements: its row starts must be 16-byte
                     # aligned (kernels whose head dims are not multiples of 8 move elements: any row start)
@@ -54,8 +55,8 @@ def check_inputs(spec: Spec, q, k, v):
     if kv.shape[0] != batch or kv.shape[3] != spec.head_dim:
         raise ValueError(f"k: expected shape [{batch}, seqlen_k, heads_kv, {spec.head_dim}], got {kv.shape}")
     seqlen_k, heads_kv = kv.shape[1], kv.shape[2]
-    if vv.shape[:3] != (batch, seqlen_k, heads_kv) or vv.shape[3] != spec.dv:
-        raise ValueError(f"v: expected shape [{batch}, {seqlen_k}, {heads_kv}, {spec.dv}], got {vv.shape}")
+    if vv.shape[:3] != (batch, seqlen_k, heads_kv) or vv.shape[3] != spec.head_dim_v:
+        raise ValueError(f"v: expected shape [{batch}, {seqlen_k}, {heads_kv}, {spec.head_dim_v}], got {vv.shape}")
     for name, n in (("q", heads_q), ("k", heads_kv)):
         if n < 1:
             raise ValueError(f"{name}: expected at least 1 head (dim 2), got shape {views[name].shape}")
@@ -184,6 +185,9 @@ class Kernel:
         self._signatures = {}                             # torch input signature -> ArgumentBlock
         self._untileable = set()                          # input layouts TMA refused (wgmma path: use mma.sync)
         self.variant = variant_of(spec)
+        self.signature = forward_signature(self.variant, plan.path == "wgmma")
+        # a remembered launch (ArgumentBlock) swaps the first five arguments: the inputs and the outputs
+        assert self.signature.names[:5] in (("q", "k", "v", "o", "lse"), ("q_map", "k_map", "v_map", "o", "lse"))
         self._fallback = fallback
 
     @property
@@ -197,7 +201,7 @@ class Kernel:
 
     def __call__(self, q, k, v, *, scale: float | None = None, out=None, lse=None, block_mask=None,
                  alibi_slopes=None, tensors=None):
-        """Return (out, lse). `out` [b, sq, hq, dv] and `lse` [b, hq, sq] fp32 may be given to write into.
+        """Return (out, lse). `out` [b, sq, hq, head_dim_v] and `lse` [b, hq, sq] fp32 may be given to write into.
         A `mask: {kind: runtime}` spec takes a BlockMask; an alibi spec may take its slopes ([heads_q] or
         [batch, heads_q] fp32; default: ALiBi's standard slopes); a spec with named tensors takes them
         as tensors={name: array}."""
@@ -212,12 +216,12 @@ class Kernel:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
         keep = []      # per-call device buffers: held until the launch is queued on their stream
-        extra_args = (
-            *layout_args(self.spec, self.variant, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep),
-            *modifier_args(self.spec, self.variant, scale, alibi_slopes, tensors, (batch, heads_q, seqlen_q, seqlen_k),
-                           qv, keep),
-        )
-        out_shape, lse_shape = (batch, seqlen_q, heads_q, self.spec.dv), (batch, heads_q, seqlen_q)
+        extra_args = {
+            **layout_args(self.spec, self.variant, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep),
+            **modifier_args(self.spec, self.variant, scale, alibi_slopes, tensors, (batch, heads_q, seqlen_q, seqlen_k),
+                            qv, keep),
+        }
+        out_shape, lse_shape = (batch, seqlen_q, heads_q, self.spec.head_dim_v), (batch, heads_q, seqlen_q)
         out = _empty_like(qv, out_shape, self.spec.dtype) if out is None else out
         lse = _empty_like(qv, lse_shape, "fp32") if lse is None else lse
         ov, lv = _view("out", out), _view("lse", lse)
@@ -237,11 +241,10 @@ class Kernel:
             try:
                 if layouts in self._untileable:
                     raise ValueError("known untileable")
-                inputs = (
-                    TensorMapArgument("q", self.spec.dtype, qv.ptr, qv.shape, qv.strides, p.block_m),
-                    TensorMapArgument("k", self.spec.dtype, kv.ptr, kv.shape, kv.strides, p.block_n),
-                    TensorMapArgument("v", self.spec.dtype, vv.ptr, vv.shape, vv.strides, p.block_n),
-                    np.uint64(ov.ptr), np.uint64(lv.ptr))
+                inputs = {
+                    "q_map": TensorMapArgument("q", self.spec.dtype, qv.ptr, qv.shape, qv.strides, p.block_m),
+                    "k_map": TensorMapArgument("k", self.spec.dtype, kv.ptr, kv.shape, kv.strides, p.block_n),
+                    "v_map": TensorMapArgument("v", self.spec.dtype, vv.ptr, vv.shape, vv.strides, p.block_n)}
             except ValueError as exc:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V)
                 if self._fallback is None:
                     raise ValueError(f"q, k, v: the Hopper kernel's copy engine cannot address these layouts ({exc}); "
@@ -250,17 +253,15 @@ class Kernel:
                 return self._fallback()(q, k, v, scale=scale, out=out, lse=lse, block_mask=block_mask,
                                         alibi_slopes=alibi_slopes, tensors=tensors)
         else:
-            inputs = (
-                np.uint64(qv.ptr), np.uint64(kv.ptr), np.uint64(vv.ptr), np.uint64(ov.ptr), np.uint64(lv.ptr),
-                *(np.int64(s) for s in qv.strides[:3]), *(np.int64(s) for s in kv.strides[:3]),
-                *(np.int64(s) for s in vv.strides[:3]))
-        args = (
-            *inputs, *(np.int64(s) for s in ov.strides[:3]),
-            np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
+            inputs = {"q": qv.ptr, "k": kv.ptr, "v": vv.ptr, **stride_args("q", qv), **stride_args("k", kv),
+                      **stride_args("v", vv)}
+        args = self.signature.pack({
+            **inputs, "o": ov.ptr, "lse": lv.ptr, **stride_args("o", ov),
+            "seqlen_q": seqlen_q, "seqlen_k": seqlen_k, "heads_q": heads_q, "group_size": heads_q // heads_kv,
             # Modified scores are already in natural units; otherwise the kernel scales raw q.k.
-            np.float32((1.0 if self.variant.score_mods else scale) * math.log2(math.e)),
-            *extra_args,
-        )
+            "scale_log2": (1.0 if self.variant.score_mods else scale) * math.log2(math.e),
+            **extra_args,
+        })
         smem = p.smem_bytes + tile_list_bytes(self.spec, p.warps, p.block_n, seqlen_k)
         import cupy
 

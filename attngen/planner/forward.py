@@ -13,9 +13,9 @@ import math
 from dataclasses import asdict, dataclass
 
 from .device import Device
-from .errors import PlanError
-from .spec import Spec
-from .variant import variant_of
+from ..errors import PlanError
+from ..spec import Spec
+from ..variant import variant_of
 
 SMEM_ROW_PAD = 8             # bf16/fp16 elements of padding per smem row: rows shift by 16 B, so ldmatrix
                              # phases hit 8 distinct bank groups (no conflicts) for any head dim.
@@ -106,30 +106,30 @@ class Candidate:
 
 
 def smem_bytes(spec: Spec, block_m: int, block_n: int, stages: int) -> int:
-    d, dv = round_up(spec.head_dim, 16), round_up(spec.dv, 16)
-    q_rows = block_m * (max(d, dv) + SMEM_ROW_PAD)   # the Q tile; the O tile is staged in its place
-    kv_rows = stages * block_n * ((d + SMEM_ROW_PAD) + (dv + SMEM_ROW_PAD))
+    d, dim_v = round_up(spec.head_dim, 16), round_up(spec.head_dim_v, 16)
+    q_rows = block_m * (max(d, dim_v) + SMEM_ROW_PAD)   # the Q tile; the O tile is staged in its place
+    kv_rows = stages * block_n * ((d + SMEM_ROW_PAD) + (dim_v + SMEM_ROW_PAD))
     return (q_rows + kv_rows) * spec.elem_bytes
 
 
 def wgmma_smem_bytes(spec: Spec, block_m: int, block_n: int, stages: int) -> int:
     """Q tile, the K/V rings (no padding: swizzled), the mbarriers, and 1 KB to align the window."""
-    d, dv = round_up(spec.head_dim, 64), round_up(spec.dv, 64)
+    d, dim_v = round_up(spec.head_dim, 64), round_up(spec.head_dim_v, 64)
     barriers = round_up((1 + 4 * stages) * 8, 16)
-    return WGMMA_SMEM_ALIGN + (block_m * d + stages * block_n * (d + dv)) * spec.elem_bytes + barriers
+    return WGMMA_SMEM_ALIGN + (block_m * d + stages * block_n * (d + dim_v)) * spec.elem_bytes + barriers
 
 
 def wgmma_registers(spec: Spec, block_n: int) -> int:
-    """Per compute thread: the 64 x dv O accumulator, the 64 x block_n S tile and its packed P over 128 threads."""
-    return round_up(spec.dv, 64) // 2 + block_n // 2 + block_n // 4 + WGMMA_REG_OVERHEAD + mask_registers(spec)
+    """Per compute thread: the 64 x dim_v O accumulator, the 64 x block_n S tile and its packed P over 128 threads."""
+    return round_up(spec.head_dim_v, 64) // 2 + block_n // 2 + block_n // 4 + WGMMA_REG_OVERHEAD + mask_registers(spec)
 
 
 def wgmma_unsupported(spec: Spec, device: Device) -> str:
     """Why the wgmma path cannot serve this spec on this device ("" when it can)."""
     if device.cc != 90:
         return f"wgmma needs sm_90 (Hopper), not {device.arch}"
-    if spec.head_dim % 64 or spec.dv % 64 or spec.dv > spec.head_dim:
-        return (f"wgmma path: head_dim={spec.head_dim}, head_dim_v={spec.dv} must be multiples of 64 "
+    if spec.head_dim % 64 or spec.head_dim_v % 64 or spec.head_dim_v > spec.head_dim:
+        return (f"wgmma path: head_dim={spec.head_dim}, head_dim_v={spec.head_dim_v} must be multiples of 64 "
                 "with head_dim_v <= head_dim")
     return ""
 
@@ -157,8 +157,8 @@ def index_bytes(spec: Spec, block_m: int, seqlen_q: int, seqlen_k: int, heads: i
 
 def regs_estimate(spec: Spec, block_n: int, m_tiles: int) -> int:
     """fp32 O accumulator, S tile and packed P per thread (16 rows x cols over 32 lanes each) plus overhead."""
-    dv = round_up(spec.dv, 16)
-    per_m_tile = dv // 2 + block_n // 2 + block_n // 4     # O acc + S + P (two 16-bit values per register)
+    dim_v = round_up(spec.head_dim_v, 16)
+    per_m_tile = dim_v // 2 + block_n // 2 + block_n // 4     # O acc + S + P (two 16-bit values per register)
     return per_m_tile * m_tiles + REG_OVERHEAD + mask_registers(spec)
 
 
@@ -186,12 +186,12 @@ def problem_cost(spec: Spec, block_m: int, block_n: int, warps: int, m_tiles: in
     """Predicted FLOPs, HBM bytes, shared-memory bytes read and time (us) for one problem."""
     if path == "wgmma":    # the compute warpgroups read like warps of 64 rows; wgmma runs at the matrix peak
         warps, m_tiles = WGMMA_COMPUTE_GROUPS, 4
-    d, dv = spec.head_dim, spec.dv
+    d, dim_v = spec.head_dim, spec.head_dim_v
     causal_fraction = 0.5 if spec.causal and seqlen_q == seqlen_k else 1.0
-    flops = 2.0 * batch * heads * seqlen_q * seqlen_k * (d + dv) * causal_fraction
+    flops = 2.0 * batch * heads * seqlen_q * seqlen_k * (d + dim_v) * causal_fraction
     q_bytes = batch * heads * seqlen_q * d * spec.elem_bytes
-    o_bytes = batch * heads * seqlen_q * dv * spec.elem_bytes
-    kv_bytes = batch * heads * seqlen_k * (d + dv) * spec.elem_bytes   # heads: K/V re-read per query head
+    o_bytes = batch * heads * seqlen_q * dim_v * spec.elem_bytes
+    kv_bytes = batch * heads * seqlen_k * (d + dim_v) * spec.elem_bytes   # heads: K/V re-read per query head
     m_blocks = math.ceil(seqlen_q / block_m)
     hbm = q_bytes + o_bytes + m_blocks * kv_bytes * causal_fraction + batch * index_bytes(
         spec, block_m, seqlen_q, seqlen_k, heads)
@@ -199,8 +199,8 @@ def problem_cost(spec: Spec, block_m: int, block_n: int, warps: int, m_tiles: in
     l2_rereads = (m_blocks - 1) * kv_bytes * causal_fraction
     # Every warp reads the whole K and V tile (ldmatrix) once per tile and its Q fragments once per tile.
     n_tiles = math.ceil(seqlen_k / block_n) * causal_fraction
-    dp, dvp = round_up(d, 16), round_up(dv, 16)
-    per_tile = warps * (block_n * (dp + dvp) + 16 * m_tiles * dp) * spec.elem_bytes
+    dp, dim_v_padded = round_up(d, 16), round_up(dim_v, 16)
+    per_tile = warps * (block_n * (dp + dim_v_padded) + 16 * m_tiles * dp) * spec.elem_bytes
     smem = batch * heads * m_blocks * n_tiles * per_tile
     ctas = batch * heads * m_blocks
     waves = ctas / (device.sm_count * ctas_per_sm)
@@ -270,7 +270,7 @@ def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int,
     ref = REFERENCE_PROBLEM | {"heads": spec.num_heads or REFERENCE_PROBLEM["heads"]}
     flops, hbm, smem_read, t_us, bound = problem_cost(spec, block_m, block_n, warps, m_tiles, device, ctas, **ref)
     plan = Plan(device.arch, block_m, block_n, warps, m_tiles, stages, round_up(spec.head_dim, 16),
-                round_up(spec.dv, 16), SMEM_ROW_PAD, smem, regs, ctas, flops, hbm, smem_read, t_us, bound)
+                round_up(spec.head_dim_v, 16), SMEM_ROW_PAD, smem, regs, ctas, flops, hbm, smem_read, t_us, bound)
     return Candidate(block_m, block_n, warps, stages, plan, "")
 
 
@@ -293,7 +293,7 @@ def evaluate_wgmma(spec: Spec, device: Device, block_m: int, block_n: int, warps
         return reject(f"~{regs} registers per compute thread exceed the {WGMMA_CONSUMER_REGS} setmaxnreg gives")
     ref = REFERENCE_PROBLEM | {"heads": spec.num_heads or REFERENCE_PROBLEM["heads"]}
     flops, hbm, smem_read, t_us, bound = problem_cost(spec, block_m, block_n, warps, 1, device, 1, **ref, path="wgmma")
-    plan = Plan(device.arch, block_m, block_n, warps, 1, stages, round_up(spec.head_dim, 64), round_up(spec.dv, 64),
+    plan = Plan(device.arch, block_m, block_n, warps, 1, stages, round_up(spec.head_dim, 64), round_up(spec.head_dim_v, 64),
                 0, smem, regs, 1, flops, hbm, smem_read, t_us, bound, "wgmma")
     return Candidate(block_m, block_n, warps, stages, plan, "", "wgmma")
 
@@ -343,20 +343,20 @@ def make_plan(spec: Spec, device: Device) -> Plan:
 
 def explain(spec: Spec, device: Device) -> str:
     """The budget arithmetic and the candidate table, the chosen row marked."""
-    d, dv, eb = spec.head_dim, spec.dv, spec.elem_bytes
+    d, dim_v, eb = spec.head_dim, spec.head_dim_v, spec.elem_bytes
     m_elems = device.smem_per_block // eb
     bc = math.ceil(m_elems / (4 * d))
     br = min(bc, d)
     table = candidates(spec, device) if spec.tile is None else None
     chosen = table[0].plan if table and table[0].plan is not None else make_plan(spec, device)
     lines = [
-        f"spec   {spec.name}: head_dim={d} head_dim_v={dv} {spec.dtype} causal={spec.causal}",
+        f"spec   {spec.name}: head_dim={d} head_dim_v={dim_v} {spec.dtype} causal={spec.causal}",
         f"device {device.arch} ({device.name}): {device.smem_per_block} B smem/block (opt-in), "
         f"{device.smem_per_sm} B/SM, {device.regs_per_sm} regs/SM, {device.sm_count} SMs",
         f"paper  M = {m_elems} elements -> Bc = ceil(M/4d) = {bc}, Br = min(Bc, d) = {br}",
-        f"smem   = (block_m*(max(d,dv)+{SMEM_ROW_PAD}) + stages*block_n*((d+{SMEM_ROW_PAD})+(dv+{SMEM_ROW_PAD}))) * {eb} B"
-        f"   (d, dv padded to {round_up(d, 16)}, {round_up(dv, 16)})",
-        f"regs   ~ m_tiles*(dv/2 + block_n/2 + block_n/4) + {REG_OVERHEAD} per thread (fp32 O and S, packed P)",
+        f"smem   = (block_m*(max(d,dim_v)+{SMEM_ROW_PAD}) + stages*block_n*((d+{SMEM_ROW_PAD})+(dim_v+{SMEM_ROW_PAD}))) * {eb} B"
+        f"   (d, dim_v padded to {round_up(d, 16)}, {round_up(dim_v, 16)})",
+        f"regs   ~ m_tiles*(dim_v/2 + block_n/2 + block_n/4) + {REG_OVERHEAD} per thread (fp32 O and S, packed P)",
         f"time   = max(FLOPs/{device.mma_tflops:g} TFLOP/s, HBM/{device.hbm_gbps:g} GB/s, smem reads/"
         f"(128 B/clk x {device.clock_ghz:g} GHz x {device.sm_count} SMs)) / wave efficiency, for batch="
         f"{REFERENCE_PROBLEM['batch']} seqlen={REFERENCE_PROBLEM['seqlen_q']} heads="
@@ -370,8 +370,8 @@ def explain(spec: Spec, device: Device) -> str:
         lines[3:3] = ["path   mma_sync (the formulas below) | wgmma (sm_90a: 1 loading + "
                       f"{WGMMA_COMPUTE_GROUPS} compute warpgroups, 1 CTA/SM):"]
         lines += [
-            f"wgmma  smem = {WGMMA_SMEM_ALIGN} + (block_m*d + stages*block_n*(d+dv)) * {eb} + mbarriers B (swizzled, no "
-            f"padding; d, dv whole 64-column chunks); regs ~ dv/2 + block_n/2 + block_n/4 + {WGMMA_REG_OVERHEAD} per "
+            f"wgmma  smem = {WGMMA_SMEM_ALIGN} + (block_m*d + stages*block_n*(d+dim_v)) * {eb} + mbarriers B (swizzled, no "
+            f"padding; d, dim_v whole 64-column chunks); regs ~ dim_v/2 + block_n/2 + block_n/4 + {WGMMA_REG_OVERHEAD} per "
             f"compute thread <= {WGMMA_CONSUMER_REGS}; time at {device.matrix_peak_tflops:g} TFLOP/s"]
     lines += [
         "",

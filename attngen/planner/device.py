@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import SpecError
+from ..errors import SpecError
 
 
 @dataclass(frozen=True)

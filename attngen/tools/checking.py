@@ -11,7 +11,7 @@ CHECK_SEQLENS = ((1, 1), (17, 17), (113, 203), (203, 113), (512, 512), (1000, 10
 
 
 def check_spec(spec, seed: int = 0, echo=print) -> bool:
-    from .api import build
+    from ..api import build
 
     kernel = build(spec)
     echo(repr(kernel))
@@ -29,7 +29,7 @@ def check_spec(spec, seed: int = 0, echo=print) -> bool:
         if mask is False:
             continue
         host = [rng.standard_normal(shape).astype(np.float32) for shape in
-                ((2, sq, heads, spec.head_dim), (2, sk, heads_kv, spec.head_dim), (2, sk, heads_kv, spec.dv))]
+                ((2, sq, heads, spec.head_dim), (2, sk, heads_kv, spec.head_dim), (2, sk, heads_kv, spec.head_dim_v))]
         q, k, v = (to_device(x, spec.dtype) for x in host)
         tensors = random_tensors(spec, rng, (2, heads, sq, sk))
         got, lse = (to_float64(x) for x in kernel_output(kernel, q, k, v, tensors))
@@ -89,15 +89,16 @@ def framework_attention(q, k, v, causal, scale, mask=None, softcap=None, alibi_s
     the reference takes it."""
     import torch
 
+    from ..codegen.modifiers import reference_scores
+
     hq, hkv = q.shape[2], k.shape[2]
     sq, sk = q.shape[1], k.shape[1]
     k, v = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    if alibi_slopes is not None:
-        distance = (torch.arange(sq, device=q.device)[:, None] + sk - sq - torch.arange(sk, device=q.device)).abs()
-        s = s - torch.as_tensor(alibi_slopes, device=q.device).float()[:, None, None] * distance
+    slopes = None if alibi_slopes is None else torch.as_tensor(alibi_slopes, device=q.device).float().reshape(1, hq)
+    index = [torch.arange(n, device=q.device) for n in (q.shape[0], hq, sq, sk)]
+    where = (index[0][:, None, None, None], index[1][None, :, None, None], index[2][:, None], index[3][None, :], sq, sk)
+    s, _ = reference_scores(torch, s, {"softcap": softcap, "alibi_slopes": slopes}, where)     # modifiers.py's chain
     if score_mod is not None:
         s = _torch_score_mod(score_mod, score_mod_grad)(s)
     hidden = torch.zeros(sq, sk, dtype=torch.bool, device=q.device)
@@ -122,11 +123,11 @@ def check_gradients(spec, q, k, v, mask, mods, tensors, rng, echo) -> bool:
     same mask, modifiers and named tensors as the forward check)."""
     import torch
 
-    from .api import build, build_backward
+    from ..api import build, build_backward
     from .reference import attention_reference_backward
 
     scale = spec.softmax_scale
-    dout = to_device(rng.standard_normal(q.shape[:3] + (spec.dv,)).astype(np.float32), spec.dtype)
+    dout = to_device(rng.standard_normal(q.shape[:3] + (spec.head_dim_v,)).astype(np.float32), spec.dtype)
     out, lse = build(spec)(q, k, v, tensors=tensors or None)
     grads = build_backward(spec)(q, k, v, out, lse, dout, tensors=tensors or None)
     torch.cuda.synchronize()
@@ -192,7 +193,7 @@ def random_tensors(spec, rng, sizes):
     """Fresh values for the spec's named tensors: float32 normal, int32 in 0..3 (ids, small offsets)."""
     import torch
 
-    from .expressions import tensor_decls
+    from ..expressions import tensor_decls
 
     values = {}
     for t in tensor_decls(spec.tensors):
@@ -225,11 +226,12 @@ def expression_evaluator(spec, tensors, seqlen_q, seqlen_k):
     kv_idx [1, cols]) -> (modified scores, visible, score_mod_grad), each [heads_kv, group, rows, cols]."""
     import cupy
 
-    from .expressions import tensor_decls
-    from .jinja_env import render_piece
+    from ..expressions import tensor_decls
+    from ..codegen.jinja_env import render_piece
+    from ..codegen.modifiers import ActiveModifiers
 
     decls = tensor_decls(spec.tensors)
-    source = render_piece("pieces/expression_eval.cu.j2", tensors=decls, score_mod=spec.score_mod,
+    source = render_piece("pieces/expression_eval.cu.j2", tensors=decls, mods=ActiveModifiers(), score_mod=spec.score_mod,
                           score_mod_grad=spec.score_mod_grad, mask_mod=spec.mask_mod, probe=False)
     function = cupy.RawKernel(source, "eval_expressions", options=("-std=c++17",))
     pointers = [np.uint64(tensors[t.name].data_ptr()) for t in decls]
@@ -256,7 +258,7 @@ def kernel_output(kernel, q, k, v, tensors=None):
     import torch
 
     b, sq, h, _ = q.shape
-    out = torch.full((b, sq, h, kernel.spec.dv), float("nan"), device="cuda", dtype=q.dtype)   # poisoned
+    out = torch.full((b, sq, h, kernel.spec.head_dim_v), float("nan"), device="cuda", dtype=q.dtype)   # poisoned
     lse = torch.full((b, h, sq), float("nan"), device="cuda", dtype=torch.float32)
     kernel(q, k, v, out=out, lse=lse, tensors=tensors or None)
     torch.cuda.synchronize()

@@ -15,16 +15,16 @@ import functools
 import math
 from collections import OrderedDict
 
-import numpy as np
 
 from .launch import (ELEMENT_ALIGN, MAX_SIGNATURES, ArgumentBlock, _current_stream, _empty_like, _stream_handle, _view,
                      check_inputs, ensure_dynamic_smem)
-from .plan import tile_list_bytes
-from .plan_backward import BackwardPlan
-from .spec import Spec
+from ..planner.forward import tile_list_bytes
+from ..planner.backward import BackwardPlan
+from ..spec import Spec
 from .tma import TensorMapArgument
-from .arguments import kv_major_layout_args, layout_args, modifier_args
-from .variant import variant_of
+from .arguments import kv_major_layout_args, layout_args, modifier_args, stride_args
+from ..codegen.signature import DQ_CONVERT, backward_delta_signature, backward_dkdv_signature, backward_dq_signature
+from ..variant import variant_of
 
 DELTA_ROWS_PER_CTA = 8     # one warp per query row, 256 threads (the delta kernel's launch bounds)
 CONVERT_THREADS = 256      # the dQ conversion's launch bounds
@@ -53,7 +53,7 @@ class BackwardKernels:
         self.spec, self.plan, self.sources, self.binaries = spec, plan, sources, binaries
         self._fallback = fallback
         self.variant = variant_of(spec)
-        from .render import kernel_name
+        from ..codegen.render import kernel_name
 
         dkdv_module = cupy.RawModule(path=str(cubin_paths["backward_dkdv"]))
         self._dkdv = dkdv_module.get_function(kernel_name(spec, "backward_dkdv"))
@@ -64,6 +64,11 @@ class BackwardKernels:
             dq_module, self._dq = dkdv_module, None
             self._dq_convert = dkdv_module.get_function(kernel_name(spec, "backward_dq_convert"))
         self._delta = dq_module.get_function(kernel_name(spec, "backward_delta"))
+        wgmma = plan.dkdv.path == "wgmma"
+        self._signatures = {"backward_dkdv": backward_dkdv_signature(self.variant, wgmma, plan.dq is None),
+                            "backward_delta": backward_delta_signature(wgmma and plan.dq is None)}
+        if plan.dq is not None:
+            self._signatures["backward_dq"] = backward_dq_signature(self.variant)
         self._untileable = set()             # input layouts TMA refused (wgmma dK/dV: use mma.sync)
         self._encodings = {}                 # (argument, layout, box) -> its tensor maps' bytes per address
 
@@ -87,7 +92,7 @@ class BackwardKernels:
         scale = spec.softmax_scale if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
-        o_shape = (batch, seqlen_q, heads_q, spec.dv)
+        o_shape = (batch, seqlen_q, heads_q, spec.head_dim_v)
         vector = self.variant.global_vector
         ov = _row_major_view("out", out, o_shape, spec.dtype, qv, vector)
         dov = _row_major_view("dout", dout, o_shape, spec.dtype, qv, vector)
@@ -100,14 +105,13 @@ class BackwardKernels:
                                    ("dv", dv, vv.shape)):
             given = _empty_like(qv, shape, spec.dtype) if given is None else given
             grads[name] = (given, _row_major_view(name, given, shape, spec.dtype, qv, vector))
-        strides = lambda view: tuple(np.int64(s) for s in view.strides[:3])  # noqa: E731
         variant = self.variant
-        sizes = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
+        sizes = {"seqlen_q": seqlen_q, "seqlen_k": seqlen_k, "heads_q": heads_q, "group_size": heads_q // heads_kv,
                  # modified scores are recomputed in natural units, as the forward's
-                 np.float32((1.0 if variant.score_mods else scale) * math.log2(math.e)), np.float32(scale))
+                 "scale_log2": (1.0 if variant.score_mods else scale) * math.log2(math.e), "scale": scale}
         keep = []      # per-call device buffers: held until the launches are queued on their stream
         layout_dq = layout_args(spec, variant, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep)
-        layout_dkdv = kv_major_layout_args(block_mask, qv, keep) if layout_dq else ()
+        layout_dkdv = kv_major_layout_args(block_mask, qv, keep) if layout_dq else {}
         mods = modifier_args(spec, variant, scale, alibi_slopes, tensors, (batch, heads_q, seqlen_q, seqlen_k), qv, keep)
         # sparse kernels list their steps in shared memory: key tiles per query tile (dQ), pairs of (query
         # head of the group, query tile) per key tile (dK/dV)
@@ -120,6 +124,7 @@ class BackwardKernels:
                                       if sparse else 0)
         rows = batch * heads_q * seqlen_q
         wgmma = pkv.path == "wgmma"
+        dqv, dkv, dvv = (grads[n][1] for n in ("dq", "dk", "dv"))
         if wgmma:
             layouts = (qv.shape, qv.strides, kv.shape, kv.strides, vv.shape, vv.strides, dov.strides)
             try:      # Q, K, V and dO as tensor maps (their strides inside)
@@ -127,8 +132,9 @@ class BackwardKernels:
                     raise ValueError("known untileable")
                 if sparse and dkdv_smem > _smem_optin(qv.device):
                     raise ValueError("the step list does not fit beside the wgmma pass's tiles")
-                maps = (self._tensor_map("q", qv, pkv.block_m), self._tensor_map("k", kv, pkv.block_n),
-                        self._tensor_map("v", vv, pkv.block_n), self._tensor_map("dout", dov, pkv.block_m))
+                inputs = {"q_map": self._tensor_map("q", qv, pkv.block_m), "k_map": self._tensor_map("k", kv, pkv.block_n),
+                          "v_map": self._tensor_map("v", vv, pkv.block_n),
+                          "do_map": self._tensor_map("dout", dov, pkv.block_m)}
             except ValueError as exc:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V),
                 # or a step list longer than the wgmma pass's shared memory leaves room for (mma.sync's tiles are smaller)
                 if self._fallback is None:
@@ -140,47 +146,49 @@ class BackwardKernels:
                     alibi_slopes=alibi_slopes, tensors=tensors, block_mask=block_mask)
             # per padded query row: (LSE in base 2, delta)
             delta = _empty_like(qv, (batch, heads_q, rows_padded, 2), "fp32")
-            dlv = _view("row_stats", delta)
-            delta_args = (np.uint64(lv.ptr), np.uint64(dlv.ptr), *strides(ov), *strides(dov), np.int32(seqlen_q),
-                          np.int32(heads_q), np.int32(rows_padded))
+            stats = {"lse": lv.ptr, "row_stats": _view("row_stats", delta).ptr, "rows_padded": rows_padded}
+            inputs["row_stats"] = stats["row_stats"]
             delta_rows = batch * heads_q * rows_padded
         else:
             delta = _empty_like(qv, (batch, heads_q, seqlen_q), "fp32")
-            dlv = _view("delta", delta)
-            delta_args = (np.uint64(dlv.ptr), *strides(ov), *strides(dov), np.int32(seqlen_q), np.int32(heads_q))
+            stats = {"delta": _view("delta", delta).ptr}
+            inputs = {"q": qv.ptr, "k": kv.ptr, "v": vv.ptr, "dout": dov.ptr, "lse": lv.ptr, "delta": stats["delta"],
+                      **stride_args("q", qv), **stride_args("k", kv), **stride_args("v", vv), **stride_args("do", dov)}
             delta_rows = rows
         import cupy
 
         with cupy.cuda.Device(qv.device), _current_stream(qv):
-            self._delta((math.ceil(delta_rows / DELTA_ROWS_PER_CTA),), (32 * DELTA_ROWS_PER_CTA,), (
-                np.uint64(ov.ptr), np.uint64(dov.ptr), *delta_args, np.int32(delta_rows)))
-            inputs = (np.uint64(qv.ptr), np.uint64(kv.ptr), np.uint64(vv.ptr), np.uint64(dov.ptr),
-                      np.uint64(lv.ptr), np.uint64(dlv.ptr))
-            dqv, dkv, dvv = (grads[n][1] for n in ("dq", "dk", "dv"))
+            self._delta((math.ceil(delta_rows / DELTA_ROWS_PER_CTA),), (32 * DELTA_ROWS_PER_CTA,), self._signatures[
+                "backward_delta"].pack({"o": ov.ptr, "dout": dov.ptr, **stats, **stride_args("o", ov),
+                                        **stride_args("do", dov), "seqlen_q": seqlen_q, "heads_q": heads_q,
+                                        "rows": delta_rows}))
             if pq is not None:
                 dq_smem = pq.smem_bytes + tile_list_bytes(spec, pq.warps, pq.block_n, seqlen_k)
-                self._dq((math.ceil(seqlen_q / pq.block_m), heads_q * pq.n_chunks, batch), (pq.threads,), (
-                    *inputs, np.uint64(dqv.ptr), *strides(qv), *strides(kv), *strides(vv), *strides(dov), *strides(dqv),
-                    *sizes, *layout_dq, *mods), shared_mem=ensure_dynamic_smem(self._dq, dq_smem, "backward dQ:"))
-                fused = ()
+                self._dq((math.ceil(seqlen_q / pq.block_m), heads_q * pq.n_chunks, batch), (pq.threads,),
+                         self._signatures["backward_dq"].pack({
+                             "q": qv.ptr, "k": kv.ptr, "v": vv.ptr, "dout": dov.ptr, "lse": lv.ptr, "delta": stats["delta"],
+                             "dq": dqv.ptr, **stride_args("q", qv), **stride_args("k", kv), **stride_args("v", vv),
+                             **stride_args("do", dov), **stride_args("dq", dqv), **sizes, **layout_dq, **mods}),
+                         shared_mem=ensure_dynamic_smem(self._dq, dq_smem, "backward dQ:"))
+                fused = {}
             else:           # the dK/dV pass adds dQ into a zeroed fp32 buffer, rows_padded rows per head
                 dq_accum = _zeros_like(qv, (batch, heads_q, rows_padded, pkv.head_dim_padded))
-                fused = (np.uint64(_view("dq_accum", dq_accum).ptr), np.int32(rows_padded))
+                fused = {"dq_accum": _view("dq_accum", dq_accum).ptr, "dq_rows_padded": rows_padded}
             grid = (math.ceil(seqlen_k / pkv.block_n), heads_kv * pkv.n_chunks, batch)
             dkdv_smem = ensure_dynamic_smem(self._dkdv, dkdv_smem, "backward dK/dV: seqlen_q and the GQA group need")
+            dkdv_args = self._signatures["backward_dkdv"].pack({
+                **inputs, "dk": dkv.ptr, "dv": dvv.ptr, **fused, **stride_args("dk", dkv), **stride_args("dv", dvv),
+                **sizes, **layout_dkdv, **mods})
             if wgmma:
-                ArgumentBlock(self._dkdv.kernel.ptr, grid, (pkv.threads, 1, 1), dkdv_smem, (
-                    *maps, np.uint64(dlv.ptr), np.uint64(dkv.ptr), np.uint64(dvv.ptr), *fused, *strides(dkv),
-                    *strides(dvv), *sizes, *layout_dkdv, *mods)).launch(_stream_handle(qv))
+                ArgumentBlock(self._dkdv.kernel.ptr, grid, (pkv.threads, 1, 1), dkdv_smem,
+                              dkdv_args).launch(_stream_handle(qv))
             else:
-                self._dkdv(grid, (pkv.threads,), (
-                    *inputs, np.uint64(dkv.ptr), np.uint64(dvv.ptr), *fused, *strides(qv), *strides(kv), *strides(vv),
-                    *strides(dov), *strides(dkv), *strides(dvv), *sizes, *layout_dkdv, *mods), shared_mem=dkdv_smem)
+                self._dkdv(grid, (pkv.threads,), dkdv_args, shared_mem=dkdv_smem)
             if pq is None:
                 pairs = rows * ((spec.head_dim + 1) // 2)       # an odd head dim's last pair has one column
-                self._dq_convert((math.ceil(pairs / CONVERT_THREADS),), (CONVERT_THREADS,), (
-                    fused[0], np.uint64(dqv.ptr), *strides(dqv), np.int32(seqlen_q), np.int32(heads_q), fused[1],
-                    np.float32(scale), np.int64(pairs)))
+                self._dq_convert((math.ceil(pairs / CONVERT_THREADS),), (CONVERT_THREADS,), DQ_CONVERT.pack({
+                    "dq_accum": fused["dq_accum"], "dq": dqv.ptr, **stride_args("dq", dqv), "seqlen_q": seqlen_q,
+                    "heads_q": heads_q, "rows_padded": rows_padded, "scale": scale, "pairs": pairs}))
         return grads["dq"][0], grads["dk"][0], grads["dv"][0]
 
 

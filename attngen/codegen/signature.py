@@ -1,0 +1,151 @@
+"""Each kernel's parameter list, declared once: the template renders its `__global__` parameters from it
+(`{{ signature.declaration() }}`) and the launcher packs its arguments by name through it (`pack`), so the
+two cannot drift. A new per-call tensor is one Param here (or in its modifier) plus the code that uses it.
+
+Groups, in the order a kernel takes them:
+- the tensors (pointers, or tensor maps on the wgmma path) and their strides [batch, seq, head];
+- the sizes: seqlen_q, seqlen_k, heads_q, group_size, scale_log2 (and the backward's scale);
+- a runtime BlockMask's block-CSR (query-major for the forward and dQ, kv-major for dK/dV);
+- the modifiers' parameters (modifiers.py), the pattern's block table, the named tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .modifiers import ActiveModifiers, Param
+from ..variant import Variant
+
+
+def strides(tensor: str) -> tuple[Param, ...]:
+    return tuple(Param("long long", f"{tensor}_stride_{axis}") for axis in "bsh")
+
+
+def pointers(ctype: str, *names: str) -> tuple[Param, ...]:
+    return tuple(Param(ctype, name) for name in names)
+
+
+def maps(*names: str) -> tuple[Param, ...]:
+    return tuple(Param("const __grid_constant__ TensorMap", f"{name}_map") for name in names)
+
+
+SIZES = (Param("int", "seqlen_q"), Param("int", "seqlen_k"), Param("int", "heads_q"), Param("int", "group_size"),
+         Param("float", "scale_log2"))
+QUERY_MAJOR_LAYOUT = (*pointers("const int*", "full_row_ptr", "full_cols", "partial_row_ptr", "partial_cols"),
+                      Param("int", "mask_heads"), Param("int", "mask_q_blocks"))
+KV_MAJOR_LAYOUT = (*pointers("const int*", "full_col_ptr", "full_rows", "partial_col_ptr", "partial_rows"),
+                   Param("int", "mask_heads"), Param("int", "mask_kv_blocks"))
+BLOCK_TABLE = (Param("const unsigned*", "block_bits"), Param("int", "block_bits_heads"),
+               Param("int", "block_bits_rows"), Param("int", "block_bits_words"))
+
+_PACKERS = {"long long": np.int64, "int": np.int32, "float": np.float32}
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One kernel's ordered parameters."""
+
+    params: tuple[Param, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def declaration(self, width: int = 112) -> str:
+        """The parameter list as C, wrapped to lines of at most `width` characters."""
+        lines, line = [], ""
+        for p in self.params:
+            if line and len(line) + len(p.declaration) + 6 > width:
+                lines.append(line + ",")
+                line = ""
+            line = f"{line}, {p.declaration}" if line else p.declaration
+        return "\n    ".join(lines + [line])
+
+    def pack(self, values: dict) -> tuple:
+        """The launch's arguments in order, typed as the kernel declares them; every parameter must be
+        given, and nothing else."""
+        if len(values) != len(self.params) or any(p.name not in values for p in self.params):
+            missing = [p.name for p in self.params if p.name not in values]
+            extra = sorted(set(values) - set(self.names))
+            raise TypeError(f"kernel arguments: missing {missing}, unexpected {extra}")
+        return tuple(_packed(p, values[p.name]) for p in self.params)
+
+
+def _packed(param: Param, value):
+    if param.ctype.endswith("TensorMap"):       # the runtime's TensorMapArgument, passed as it is
+        if not hasattr(value, "address"):
+            raise TypeError(f"kernel argument {param.name}: expected a tensor map")
+        return value
+    if param.ctype.endswith("*"):
+        return np.uint64(value)
+    return _PACKERS[param.ctype](value)
+
+
+def modifier_params(variant: Variant) -> tuple[Param, ...]:
+    """The score modifiers' parameters, then the pattern's block table, then the named tensors."""
+    return (*ActiveModifiers(variant).params(), *(BLOCK_TABLE if variant.block_table else ()),
+            *(Param(f"const {t.ctype}*", t.name) for t in variant.tensors))
+
+
+def forward_signature(variant: Variant, wgmma: bool) -> Signature:
+    """q, k, v (tensor maps on the wgmma path), o, lse first: a remembered launch swaps exactly these."""
+    if wgmma:
+        inputs = (*maps("q", "k", "v"), Param("elem_t*", "o"), Param("float*", "lse"))
+    else:
+        inputs = (*pointers("const elem_t*", "q", "k", "v"), Param("elem_t*", "o"), Param("float*", "lse"),
+                  *strides("q"), *strides("k"), *strides("v"))
+    layout = QUERY_MAJOR_LAYOUT if variant.schedule == "runtime" else ()
+    return Signature((*inputs, *strides("o"), *SIZES, *layout, *modifier_params(variant)))
+
+
+def backward_dq_signature(variant: Variant) -> Signature:
+    layout = QUERY_MAJOR_LAYOUT if variant.schedule == "runtime" else ()
+    return Signature((*pointers("const elem_t*", "q", "k", "v", "dout"), *pointers("const float*", "lse", "delta"),
+                      Param("elem_t*", "dq"), *strides("q"), *strides("k"), *strides("v"), *strides("do"),
+                      *strides("dq"), *SIZES, Param("float", "scale"), *layout, *modifier_params(variant)))
+
+
+def backward_dkdv_signature(variant: Variant, wgmma: bool, fused_dq: bool) -> Signature:
+    """fused_dq: the pass also adds dQ into a zeroed fp32 buffer (always on the wgmma path)."""
+    fused = (Param("float*", "dq_accum"), Param("int", "dq_rows_padded")) if fused_dq else ()
+    grads = (*pointers("elem_t*", "dk", "dv"), *fused)
+    if wgmma:
+        inputs = (*maps("q", "k", "v", "do"), Param("const float2*", "row_stats"), *grads)
+    else:
+        inputs = (*pointers("const elem_t*", "q", "k", "v", "dout"), *pointers("const float*", "lse", "delta"),
+                  *grads, *strides("q"), *strides("k"), *strides("v"), *strides("do"))
+    layout = KV_MAJOR_LAYOUT if variant.schedule == "runtime" else ()
+    return Signature((*inputs, *strides("dk"), *strides("dv"), *SIZES, Param("float", "scale"), *layout,
+                      *modifier_params(variant)))
+
+
+def backward_delta_signature(padded: bool) -> Signature:
+    """padded (the wgmma dK/dV pass): per query row (LSE in base 2, delta), rows padded to whole steps."""
+    stats = ((Param("const float*", "lse"), Param("float2*", "row_stats")) if padded else (Param("float*", "delta"),))
+    return Signature((*pointers("const elem_t*", "o", "dout"), *stats, *strides("o"), *strides("do"),
+                      Param("int", "seqlen_q"), Param("int", "heads_q"),
+                      *((Param("int", "rows_padded"),) if padded else ()), Param("int", "rows")))
+
+
+DQ_CONVERT = Signature((Param("const float*", "dq_accum"), Param("elem_t*", "dq"), *strides("dq"),
+                        Param("int", "seqlen_q"), Param("int", "heads_q"), Param("int", "rows_padded"),
+                        Param("float", "scale"), Param("long long", "pairs")))
+
+
+def kernel_signatures(kind: str, variant: Variant, plan) -> dict[str, Signature]:
+    """The signatures of every kernel in one rendered source: the entry kernel of `kind` (forward,
+    backward_dq, backward_dkdv) with `plan` (its Plan or BackwardPass), plus the helpers compiled beside it
+    (the delta kernel; the dQ conversion beside a dK/dV pass that adds dQ with atomics)."""
+    wgmma = plan.path == "wgmma"
+    if kind == "forward":
+        return {"forward": forward_signature(variant, wgmma)}
+    if kind == "backward_dq":
+        return {"backward_dq": backward_dq_signature(variant), "backward_delta": backward_delta_signature(False)}
+    fused = bool(plan.fused_dq)
+    found = {"backward_dkdv": backward_dkdv_signature(variant, wgmma, fused)}
+    if fused:
+        found["backward_delta"] = backward_delta_signature(wgmma)
+        found["backward_dq_convert"] = DQ_CONVERT
+    return found

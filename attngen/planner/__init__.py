@@ -1,0 +1,1 @@
+"""Planning: the device model, the forward and backward tile planners (the SRAM-budget model) and the tuned-plan store."""
