@@ -4,7 +4,8 @@
 # and templates/ (e.g. `git archive <commit> attngen templates | tar -x -C before_tree`, carried to the
 # device), the other tree is this one. The suite's kernels are compiled first, both trees in parallel, so
 # that nothing compiles while the GPU is timed. Prints each tree's TFLOP/s per row and after / before.
-# Env: BEFORE (default before_tree), SEQLENS (default 1024,4096,16384), PEERS (default sdpa_cudnn), OUT (the
+# Env: BEFORE (default before_tree), SEQLENS (default 1024,4096,16384), PEERS (default sdpa_cudnn), ROUNDS
+# (default 2), OUT (the
 # rows and logs go to OUT/compare/), WARM=only|skip (compile without timing, e.g. beside a sanitizer run / time
 # only, after such a run).
 set -o pipefail
@@ -18,19 +19,19 @@ warm() {
 }
 [ "${WARM:-}" = skip ] || { warm "$BEFORE" & warm . & wait; }
 [ "${WARM:-}" = only ] && exit 0
-for round in 1 2; do
+for round in $(seq 1 "${ROUNDS:-2}"); do
   for tree in before after; do
     root=$([ $tree = before ] && echo "$BEFORE" || echo .)
     PYTHONPATH=$root python3 -m attngen bench --suite flash --dtype bf16 --seqlens "$SEQLENS" --peers "$PEERS" \
       --json "$OUT/${tree}_$round.json" > "$OUT/${tree}_$round.txt" 2>&1 || { echo "$tree round $round failed"; tail "$OUT/${tree}_$round.txt"; }
   done
 done
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "${ROUNDS:-2}" <<'PY'
 import json, statistics, sys
 out = sys.argv[1]
 def load(tree):
     rows = {}
-    for r in (1, 2):
+    for r in range(1, int(sys.argv[2]) + 1):
         for row in json.load(open(f"{out}/{tree}_{r}.json")):
             key = (row.get("mode"), row.get("head_dim"), row.get("causal"), row.get("seqlen"))
             rows.setdefault(key, []).append(row)

@@ -11,6 +11,7 @@ Groups, in the order a kernel takes them:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,22 +66,34 @@ class Signature:
 
     def pack(self, values: dict) -> tuple:
         """The launch's arguments in order, typed as the kernel declares them; every parameter must be
-        given, and nothing else."""
-        if len(values) != len(self.params) or any(p.name not in values for p in self.params):
-            missing = [p.name for p in self.params if p.name not in values]
-            extra = sorted(set(values) - set(self.names))
-            raise TypeError(f"kernel arguments: missing {missing}, unexpected {extra}")
-        return tuple(_packed(p, values[p.name]) for p in self.params)
+        given, and nothing else. (On every backward call: one conversion per parameter, nothing more.)"""
+        if len(values) != len(self.params):
+            self._refuse(values)
+        try:
+            return tuple([convert(values[name]) for name, convert in self._converters])
+        except KeyError:
+            self._refuse(values)
+
+    @functools.cached_property
+    def _converters(self) -> tuple:
+        return tuple((p.name, _converter(p)) for p in self.params)
+
+    def _refuse(self, values: dict):
+        missing = [p.name for p in self.params if p.name not in values]
+        extra = sorted(set(values) - set(self.names))
+        raise TypeError(f"kernel arguments: missing {missing}, unexpected {extra}")
 
 
-def _packed(param: Param, value):
-    if param.ctype.endswith("TensorMap"):       # the runtime's TensorMapArgument, passed as it is
-        if not hasattr(value, "address"):
-            raise TypeError(f"kernel argument {param.name}: expected a tensor map")
-        return value
-    if param.ctype.endswith("*"):
-        return np.uint64(value)
-    return _PACKERS[param.ctype](value)
+def _converter(param: Param):
+    """How a value becomes this parameter's argument: numpy scalars of its C type; a tensor map (the
+    runtime's TensorMapArgument) as it is."""
+    if param.ctype.endswith("TensorMap"):
+        def tensor_map(value):
+            if not hasattr(value, "address"):
+                raise TypeError(f"kernel argument {param.name}: expected a tensor map")
+            return value
+        return tensor_map
+    return np.uint64 if param.ctype.endswith("*") else _PACKERS[param.ctype]
 
 
 def modifier_params(variant: Variant) -> tuple[Param, ...]:
