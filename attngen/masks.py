@@ -77,6 +77,84 @@ def _in_window_tile_expr(left: int, right: int) -> tuple[str, str]:
     return kept, full
 
 
+def _block_bounds(seqlen_q: int, seqlen_k: int, block_size) -> tuple[np.ndarray, ...]:
+    """In-range bounds of every block: q_lo, q_hi [nQb, 1] and kv_lo, kv_hi [1, nKb] (int64, inclusive)."""
+    rows, cols = _block_size(block_size)
+    q_lo, kv_lo = np.arange(0, seqlen_q, rows, dtype=np.int64), np.arange(0, seqlen_k, cols, dtype=np.int64)
+    q_hi, kv_hi = np.minimum(q_lo + rows, seqlen_q) - 1, np.minimum(kv_lo + cols, seqlen_k) - 1
+    return q_lo[:, None], q_hi[:, None], kv_lo[None, :], kv_hi[None, :]
+
+
+def _window_grid(seqlen_q, seqlen_k, block_size, left: int, right: int):
+    """(kept, full) of kv_idx - aligned in [-left, right] (left/right None: unbounded): exact, because over
+    a block the distance kv_idx - aligned takes every integer between its extremes."""
+    q_lo, q_hi, kv_lo, kv_hi = _block_bounds(seqlen_q, seqlen_k, block_size)
+    a_lo, a_hi = q_lo + (seqlen_k - seqlen_q), q_hi + (seqlen_k - seqlen_q)
+    kept = np.ones((q_lo.size, kv_lo.size), dtype=bool)
+    full = kept.copy()
+    if right is not None:       # some distance <= right / every distance <= right
+        kept &= kv_lo <= a_hi + right
+        full &= kv_hi <= a_lo + right
+    if left is not None:        # some distance >= -left / every distance >= -left
+        kept &= kv_hi >= a_lo - left
+        full &= kv_lo >= a_hi - left
+    return kept[None], (full & kept)[None]
+
+
+# Elements the exact refinement of a combination may evaluate (blocks two parts leave partial); past it
+# such blocks stay partial (kept may then over-approximate, as the kernels' tile predicates do: a partial
+# block evaluates the element predicate, so the result is exact either way).
+REFINE_ELEMENTS = 1 << 20
+
+
+def _window_rows(seqlen_q, seqlen_k, block_size, left, right):
+    """Per query block, the kv blocks [k0, k1) kept and [f0, f1) full of kv_idx - aligned in [-left, right]
+    (None: unbounded), from the blocks' bounds; exact as _window_grid."""
+    q_lo, q_hi, kv_lo, kv_hi = (b.ravel() for b in _block_bounds(seqlen_q, seqlen_k, block_size))
+    a_lo, a_hi = q_lo + (seqlen_k - seqlen_q), q_hi + (seqlen_k - seqlen_q)
+    n = kv_lo.size
+    k0 = np.zeros_like(a_lo) if left is None else np.searchsorted(kv_hi, a_lo - left, side="left")
+    k1 = np.full_like(a_lo, n) if right is None else np.searchsorted(kv_lo, a_hi + right, side="right")
+    f0 = np.zeros_like(a_lo) if left is None else np.searchsorted(kv_lo, a_hi - left, side="left")
+    f1 = np.full_like(a_lo, n) if right is None else np.searchsorted(kv_hi, a_lo + right, side="right")
+    return k0, k1, f0, f1
+
+
+def _expand_ranges(starts, stops):
+    """(row of each entry, its column) for the column ranges [starts[r], stops[r]) of every row r."""
+    lengths = np.maximum(stops - starts, 0)
+    rows = np.repeat(np.arange(lengths.size), lengths)
+    first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    cols = np.arange(rows.size, dtype=np.int64) - first[rows] + starts[rows]
+    return rows, cols
+
+
+def _csr_of_entries(rows, cols, n_rows):
+    """int32 (row_ptr, cols) of entries already in row-major order."""
+    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))]).astype(np.int32)
+    cols = np.asarray(cols, dtype=np.int32)
+    for arr in (row_ptr, cols):
+        arr.setflags(write=False)
+    return row_ptr, cols
+
+
+def _block_elements(pattern, seqlen_q, seqlen_k, block_size, heads, q_blocks, kv_blocks):
+    """(any visible, all visible) of the listed blocks (arrays of head, q block and kv block indices), by
+    their elements, CHUNK_ELEMENTS at a time. A tail block repeats its last in-range row or key, which
+    changes neither answer."""
+    rows, cols = block_size
+    per_chunk = max(1, CHUNK_ELEMENTS // (rows * cols))
+    kept, full = np.zeros(heads.size, dtype=bool), np.zeros(heads.size, dtype=bool)
+    for start in range(0, heads.size, per_chunk):
+        part = slice(start, start + per_chunk)
+        h = heads[part][:, None, None]
+        q_idx = np.minimum(q_blocks[part][:, None, None] * rows + np.arange(rows)[None, :, None], seqlen_q - 1)
+        kv_idx = np.minimum(kv_blocks[part][:, None, None] * cols + np.arange(cols)[None, None, :], seqlen_k - 1)
+        visible = pattern.element(h, q_idx, kv_idx, seqlen_q, seqlen_k)
+        kept[part], full[part] = visible.any(axis=(1, 2)), visible.all(axis=(1, 2))
+    return kept, full
+
+
 def _grid_point_in_distances(step: int, upper: str) -> str:
     """C: some multiple of step lies in [max(dist_min, 0), upper], given upper >= 0 (short-circuit)."""
     return f"({_DIST_MIN} <= 0 || {upper} / {step} * {step} >= {_DIST_MIN})"
@@ -186,6 +264,46 @@ class Pattern:
         """Bool [H or 1, nQb, nKb] the expressions read through block_bit(), or None (closed form)."""
         return None
 
+    def row_ranges(self, seqlen_q: int, seqlen_k: int, block_size):
+        """For a pattern whose kept kv blocks in every query block row form one range, and its full ones
+        a sub-range (causal, sliding windows, documents): int arrays (k0, k1, f0, f1) [nQb], kept blocks
+        [k0, k1) and full [f0, f1), exact. None for any other pattern."""
+        return None
+
+    def block_entries(self, seqlen_q: int, seqlen_k: int, block_size):
+        """The exact block CSR (partial_row_ptr, partial_cols, full_row_ptr, full_cols) of a head-independent
+        interval pattern or an `and` of them, in O(query blocks + kept blocks): no block grid, no element.
+        None for any other pattern (BlockMask.from_pattern then reduces block_grid)."""
+        block_size = _block_size(block_size)
+        ranges = self.row_ranges(seqlen_q, seqlen_k, block_size)
+        if ranges is None:
+            return None
+        k0, k1, f0, f1 = ranges
+        rows, cols = _expand_ranges(k0, k1)
+        full = (cols >= f0[rows]) & (cols < f1[rows])
+        keep = np.ones(rows.size, dtype=bool)
+        undecided = self._undecided(seqlen_q, seqlen_k, block_size, rows, cols, full)
+        if undecided is not None and undecided.any():
+            index = np.nonzero(undecided)[0]
+            if index.size * block_size[0] * block_size[1] <= REFINE_ELEMENTS:
+                keep[index], full[index] = _block_elements(self, seqlen_q, seqlen_k, block_size,
+                                                           np.zeros_like(index), rows[index], cols[index])
+        n_rows = k0.size
+        return (*_csr_of_entries(rows[keep & ~full], cols[keep & ~full], n_rows),
+                *_csr_of_entries(rows[keep & full], cols[keep & full], n_rows))
+
+    def _undecided(self, seqlen_q, seqlen_k, block_size, rows, cols, full):
+        """Entries whose kept/full the ranges do not settle (an `and`'s blocks that two parts leave partial)."""
+        return None
+
+    def block_grid(self, seqlen_q: int, seqlen_k: int, block_size) -> tuple[np.ndarray, np.ndarray]:
+        """Exact (kept, full) bool [H or 1, nQb, nKb] at R x C blocks: kept where any element is visible,
+        full where every in-range element is. This default reduces the elements (O(seqlen_q x seqlen_k));
+        the interval patterns (causal, sliding window, document) and their combinations override it with a
+        closed form over the blocks' bounds, O(blocks)."""
+        return _reduce_blocks(lambda h, q, kv: self.element(h, q, kv, seqlen_q, seqlen_k), self.heads,
+                              seqlen_q, seqlen_k, _block_size(block_size))
+
     @property
     def table_block_size(self) -> tuple[int, int] | None:
         """(R, C) of block_table's blocks; kernel tiles must divide them. None for closed forms."""
@@ -235,6 +353,15 @@ class _Composite(Pattern):
     def block_table(self, seqlen_q, seqlen_k):
         return self._equivalent().block_table(seqlen_q, seqlen_k)
 
+    def block_grid(self, seqlen_q, seqlen_k, block_size):
+        return self._equivalent().block_grid(seqlen_q, seqlen_k, block_size)
+
+    def row_ranges(self, seqlen_q, seqlen_k, block_size):
+        return self._equivalent().row_ranges(seqlen_q, seqlen_k, block_size)
+
+    def _undecided(self, *args):
+        return self._equivalent()._undecided(*args)
+
     @property
     def table_block_size(self):
         return self._equivalent().table_block_size
@@ -255,6 +382,12 @@ class Causal(Pattern):
     def cuda_tile_expr(self):
         return f"(kv_lo <= {ALIGNED_HI})", f"(kv_hi <= {ALIGNED_LO})"
 
+    def block_grid(self, seqlen_q, seqlen_k, block_size):
+        return _window_grid(seqlen_q, seqlen_k, block_size, None, 0)
+
+    def row_ranges(self, seqlen_q, seqlen_k, block_size):
+        return _window_rows(seqlen_q, seqlen_k, block_size, None, 0)
+
 
 @dataclass(frozen=True)
 class SlidingWindow(Pattern):
@@ -272,6 +405,12 @@ class SlidingWindow(Pattern):
 
     def cuda_tile_expr(self):
         return _in_window_tile_expr(self.left, self.right)
+
+    def block_grid(self, seqlen_q, seqlen_k, block_size):
+        return _window_grid(seqlen_q, seqlen_k, block_size, self.left, self.right)
+
+    def row_ranges(self, seqlen_q, seqlen_k, block_size):
+        return _window_rows(seqlen_q, seqlen_k, block_size, self.left, self.right)
 
 
 @dataclass(frozen=True)
@@ -536,13 +675,41 @@ class Document(Pattern):
         """First position of every document but the first."""
         return tuple(int(s) for s in np.cumsum(self.seq_lens)[:-1])
 
-    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+    def _check_lengths(self, seqlen_q, seqlen_k):
         total = sum(self.seq_lens)
         if not seqlen_q == seqlen_k == total:
             raise ValueError(f"Document mask needs seqlen_q == seqlen_k == sum(seq_lens) = {total}, "
                              f"got seqlen_q={seqlen_q}, seqlen_k={seqlen_k}")
+
+    def _visible(self, h, q_idx, kv_idx, seqlen_q, seqlen_k):
+        self._check_lengths(seqlen_q, seqlen_k)
         starts = np.asarray(self._starts, dtype=np.int64)
         return np.searchsorted(starts, q_idx, side="right") == np.searchsorted(starts, kv_idx, side="right")
+
+    def block_grid(self, seqlen_q, seqlen_k, block_size):
+        """Exact: documents are contiguous, so a block's rows (keys) meet every document between those of
+        its first and last row (key); kept iff the two document ranges meet, full iff both are one and the
+        same document. O(blocks + documents), for any number of documents."""
+        self._check_lengths(seqlen_q, seqlen_k)
+        starts = np.asarray(self._starts, dtype=np.int64)
+        q_lo, q_hi, kv_lo, kv_hi = (np.searchsorted(starts, b, side="right")
+                                    for b in _block_bounds(seqlen_q, seqlen_k, block_size))
+        kept = (q_lo <= kv_hi) & (kv_lo <= q_hi)
+        full = (q_lo == q_hi) & (kv_lo == kv_hi) & (q_lo == kv_lo)
+        return kept[None], full[None]
+
+    def row_ranges(self, seqlen_q, seqlen_k, block_size):
+        """Kept: the kv blocks from the first document's start to the last one's end; full: those inside the
+        one document of a query block that lies in one."""
+        self._check_lengths(seqlen_q, seqlen_k)
+        bounds = np.concatenate([[0], np.cumsum(self.seq_lens)]).astype(np.int64)     # document d: [b[d], b[d+1])
+        q_lo, q_hi, kv_lo, kv_hi = (b.ravel() for b in _block_bounds(seqlen_q, seqlen_k, block_size))
+        first, last = (np.searchsorted(bounds, x, side="right") - 1 for x in (q_lo, q_hi))
+        start, end = bounds[first], bounds[last + 1] - 1
+        k0, k1 = np.searchsorted(kv_hi, start, side="left"), np.searchsorted(kv_lo, end, side="right")
+        f0, f1 = np.searchsorted(kv_lo, start, side="left"), np.searchsorted(kv_hi, end, side="right")
+        one = first == last
+        return k0, k1, np.where(one, f0, 0), np.where(one, f1, 0)
 
     def _doc_of(self, var: str) -> str:
         """C: the document index of position var (how many later documents start at or before it)."""
@@ -687,6 +854,50 @@ class And(Pattern):
         tables = [t for t in (p.block_table(seqlen_q, seqlen_k) for p in self.parts) if t is not None]
         return tables[0] if tables else None
 
+    def row_ranges(self, seqlen_q, seqlen_k, block_size):
+        """An `and` of interval patterns: the intersection of the kept ranges, and of the full ones (an
+        `or` is no range: None)."""
+        if self.kind != "and":
+            return None
+        ranges = [p.row_ranges(seqlen_q, seqlen_k, block_size) for p in self.parts]
+        if any(r is None for r in ranges) or self.heads != 1:
+            return None
+        k0, k1, f0, f1 = (np.stack(a) for a in zip(*ranges))
+        k0, k1 = k0.max(axis=0), k1.min(axis=0)
+        f0, f1 = np.maximum(f0.max(axis=0), k0), np.minimum(f1.min(axis=0), k1)
+        return k0, k1, f0, np.maximum(f1, f0)
+
+    def _undecided(self, seqlen_q, seqlen_k, block_size, rows, cols, full):
+        """Partial entries that two or more parts leave partial (one partial part among full ones decides)."""
+        partial_parts = np.zeros(rows.size, dtype=np.int8)
+        for part in self.parts:
+            _, _, f0, f1 = part.row_ranges(seqlen_q, seqlen_k, block_size)
+            partial_parts += ~((cols >= f0[rows]) & (cols < f1[rows]))
+        return ~full & (partial_parts >= 2)
+
+    def block_grid(self, seqlen_q, seqlen_k, block_size):
+        """From the parts' exact grids: and is empty where a part is, full where all are, and where all but
+        one part are full it is that part; or the mirror image. Only blocks that two or more parts leave
+        partial are decided by their elements (few: where two boundaries cross)."""
+        block_size = _block_size(block_size)
+        grids = [p.block_grid(seqlen_q, seqlen_k, block_size) for p in self.parts]
+        shape = (self.heads,) + grids[0][0].shape[1:]
+        kept = [np.broadcast_to(k, shape) for k, _ in grids]
+        full = [np.broadcast_to(f, shape) for _, f in grids]
+        partial_count = sum((k & ~f).astype(np.int8) for k, f in zip(kept, full))
+        if self.kind == "and":
+            result_kept, result_full = np.logical_and.reduce(kept), np.logical_and.reduce(full)
+        else:
+            result_kept, result_full = np.logical_or.reduce(kept), np.logical_or.reduce(full)
+        # and: a full part does not change the rest; or: an empty part does not.
+        undecided = (partial_count >= 2) & (result_kept & ~result_full)
+        if undecided.any():
+            result_kept, result_full = result_kept.copy(), result_full.copy()
+            heads, i, j = np.nonzero(undecided)
+            result_kept[heads, i, j], result_full[heads, i, j] = _block_elements(
+                self, seqlen_q, seqlen_k, block_size, heads, i, j)
+        return result_kept, result_full
+
     @property
     def table_block_size(self):
         sizes = [p.table_block_size for p in self.parts if p.table_block_size is not None]
@@ -779,6 +990,32 @@ def _csr(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return row_ptr, cols
 
 
+def _repeat_csr(row_ptr, cols, num_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """One head's CSR repeated for num_heads heads (rows h * nQb + i)."""
+    if num_heads == 1:
+        return row_ptr, cols
+    nnz = int(row_ptr[-1])
+    ptr = np.concatenate([[0]] + [row_ptr[1:] + h * nnz for h in range(num_heads)]).astype(np.int32)
+    cols = np.tile(cols, num_heads).astype(np.int32)
+    for arr in (ptr, cols):
+        arr.setflags(write=False)
+    return ptr, cols
+
+
+def _transpose_csr(row_ptr, cols, shape) -> tuple[np.ndarray, np.ndarray]:
+    """kv-major (col_ptr [H*nKb + 1], rows ascending per column) of a query-major block CSR, sparse."""
+    heads, n_q, n_kv = shape
+    rows = np.repeat(np.arange(row_ptr.size - 1), np.diff(row_ptr))
+    head, q_block = rows // n_q, rows % n_q
+    column = head * n_kv + np.asarray(cols, dtype=np.int64)
+    order = np.lexsort((q_block, column))
+    col_ptr = np.concatenate([[0], np.cumsum(np.bincount(column, minlength=heads * n_kv))]).astype(np.int32)
+    q_rows = q_block[order].astype(np.int32)
+    for arr in (col_ptr, q_rows):
+        arr.setflags(write=False)
+    return col_ptr, q_rows
+
+
 def _reduce_blocks(fn, num_heads, seqlen_q, seqlen_k, block_size):
     """Bool (kept, full) [H, nQb, nKb] of a predicate fn(h, q_idx, kv_idx): kept where any element
     is visible, full where every in-range element is. Evaluates CHUNK_ELEMENTS at a time."""
@@ -830,24 +1067,52 @@ class BlockMask:
     """
 
     def __init__(self, kept, full, *, seqlen_q, seqlen_k, block_size=DEFAULT_BLOCK_SIZE,
-                 element=None, pattern=None, partial_predicate=None):
-        """kept, full: bool [H, nQb, nKb] with full implying kept; element(h, q_idx, kv_idx) -> bool
-        (default: every element of a kept block is visible); partial_predicate: the Pattern or Python
-        function `element` amounts to inside partial blocks (None: the default element)."""
+                 element=None, pattern=None, partial_predicate=None, csr=None):
+        """kept, full: bool [H, nQb, nKb] with full implying kept; or kept = full = None and
+        csr = (partial_row_ptr, partial_cols, full_row_ptr, full_cols, (H, nQb, nKb)), in which case the
+        block grids are only built if something asks for them (a long sequence's grid is large; the CSR
+        holds only the kept blocks). element(h, q_idx, kv_idx) -> bool (default: every element of a kept
+        block is visible); partial_predicate: the Pattern or Python function `element` amounts to inside
+        partial blocks (None: the default element)."""
         self.block_size = _block_size(block_size)
         self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
-        self.num_heads = kept.shape[0]
         self.pattern = pattern
         self.partial_predicate = partial_predicate
-        self._kept, self._full = np.array(kept, dtype=bool), np.array(full, dtype=bool)
-        for arr in (self._kept, self._full):
-            arr.setflags(write=False)
-        self.partial_row_ptr, self.partial_cols = _csr(self._kept & ~self._full)
+        self._grids = {}                   # "kept" / "full": the dense block grids, built on first use
+        if csr is None:
+            kept, full = np.array(kept, dtype=bool), np.array(full, dtype=bool)
+            for arr in (kept, full):
+                arr.setflags(write=False)
+            self._grids.update(kept=kept, full=full)
+            self._shape = kept.shape
+            self.partial_row_ptr, self.partial_cols = _csr(kept & ~full)
+            self.full_row_ptr, self.full_cols = _csr(full)
+        else:
+            self.partial_row_ptr, self.partial_cols, self.full_row_ptr, self.full_cols, self._shape = csr
+        self.num_heads = self._shape[0]
         if not len(self.partial_cols):     # no partial blocks: the element is the block lookup itself
             self.partial_predicate = None
-        self.full_row_ptr, self.full_cols = _csr(self._full)
         self._element = element or self._block_lookup
         self._frozen = True
+
+    @property
+    def _kept(self) -> np.ndarray:
+        if "kept" not in self._grids:
+            self._grids["kept"] = self._grid(self.partial_row_ptr, self.partial_cols) | self._full
+        return self._grids["kept"]
+
+    @property
+    def _full(self) -> np.ndarray:
+        if "full" not in self._grids:
+            self._grids["full"] = self._grid(self.full_row_ptr, self.full_cols)
+        return self._grids["full"]
+
+    def _grid(self, row_ptr, cols) -> np.ndarray:
+        grid = np.zeros(self._shape, dtype=bool)
+        rows = np.repeat(np.arange(row_ptr.size - 1), np.diff(row_ptr))
+        grid.reshape(-1, self._shape[2])[rows, cols] = True
+        grid.setflags(write=False)
+        return grid
 
     def __setattr__(self, name, value):
         if getattr(self, "_frozen", False):
@@ -897,11 +1162,19 @@ class BlockMask:
         num_heads = pattern.heads if num_heads is None else num_heads
         if pattern.heads not in (1, num_heads):
             raise ValueError(f"pattern {pattern.name} has {pattern.heads} heads, num_heads={num_heads}")
-        fn = lambda h, q_idx, kv_idx: pattern.element(h, q_idx, kv_idx, seqlen_q, seqlen_k)  # noqa: E731
-        mask = cls.from_predicate(fn, seqlen_q, seqlen_k, pattern.heads, block_size)
-        kept, full = (np.broadcast_to(a, (num_heads,) + a.shape[1:]) for a in (mask._kept, mask._full))
-        return cls(kept, full, seqlen_q=mask.seqlen_q, seqlen_k=mask.seqlen_k, block_size=mask.block_size,
-                   element=mask._element, pattern=pattern, partial_predicate=pattern)
+        seqlen_q, seqlen_k = _seqlens(seqlen_q, seqlen_k)
+        block_size = _block_size(block_size)
+        element = lambda h, q_idx, kv_idx: pattern.element(h, q_idx, kv_idx, seqlen_q, seqlen_k)  # noqa: E731
+        common = dict(seqlen_q=seqlen_q, seqlen_k=seqlen_k, block_size=block_size, element=element,
+                      pattern=pattern, partial_predicate=pattern)
+        entries = pattern.block_entries(seqlen_q, seqlen_k, block_size)   # causal, windows, documents, and of them
+        if entries is not None:
+            shape = (num_heads, _cdiv(seqlen_q, block_size[0]), _cdiv(seqlen_k, block_size[1]))
+            csr = tuple(x for ptr, cols in zip(entries[::2], entries[1::2]) for x in _repeat_csr(ptr, cols, num_heads))
+            return cls(None, None, csr=(*csr, shape), **common)
+        kept, full = pattern.block_grid(seqlen_q, seqlen_k, block_size)     # closed form where there is one
+        kept, full = (np.broadcast_to(a, (num_heads,) + a.shape[1:]) for a in (kept, full))
+        return cls(kept, full, **common)
 
     # ---- combination --------------------------------------------------------------------------------
     def _combine(self, other: BlockMask, op) -> BlockMask:
@@ -943,11 +1216,11 @@ class BlockMask:
     # ---- queries ------------------------------------------------------------------------------------
     @property
     def n_q_blocks(self) -> int:
-        return self._kept.shape[1]
+        return self._shape[1]
 
     @property
     def n_kv_blocks(self) -> int:
-        return self._kept.shape[2]
+        return self._shape[2]
 
     def kept_blocks(self) -> np.ndarray:
         """Bool [H, nQb, nKb]: blocks with any visible element (partial or full)."""
@@ -958,13 +1231,14 @@ class BlockMask:
         return self._full.copy()
 
     def counts(self) -> dict:
-        kept, full = int(self._kept.sum()), int(self._full.sum())
-        return dict(kept=kept, partial=kept - full, full=full, total=self._kept.size)
+        partial, full = len(self.partial_cols), len(self.full_cols)
+        return dict(kept=partial + full, partial=partial, full=full, total=int(np.prod(self._shape)))
 
     @property
     def density(self) -> float:
         """Kept blocks over all blocks of the grid (H * nQb * nKb)."""
-        return float(self._kept.mean())
+        c = self.counts()
+        return c["kept"] / c["total"]
 
     def element_mask(self, q_range=None, kv_range=None) -> np.ndarray:
         """Bool [H, Sq, Sk] of visible elements, or the [H, q_stop - q_start, kv_stop - kv_start]
@@ -996,8 +1270,8 @@ class BlockMask:
 
     def transposed(self) -> KVMajorCSR:
         """The same blocks as kv-major CSR (per head, per kv block: query blocks ascending)."""
-        partial_ptr, partial_rows = _csr((self._kept & ~self._full).transpose(0, 2, 1))
-        full_ptr, full_rows = _csr(self._full.transpose(0, 2, 1))
+        partial_ptr, partial_rows = _transpose_csr(self.partial_row_ptr, self.partial_cols, self._shape)
+        full_ptr, full_rows = _transpose_csr(self.full_row_ptr, self.full_cols, self._shape)
         return KVMajorCSR(partial_ptr, partial_rows, full_ptr, full_rows)
 
     def _head_element(self, h, q_idx, kv_idx):
@@ -1009,9 +1283,19 @@ class BlockMask:
 
     def block_map(self, head: int = 0, size: int = 16) -> str:
         """The first size x size blocks of a head: '#' full, '+' partial, '.' empty."""
-        kept, full = self._kept[head, :size, :size], self._full[head, :size, :size]
+        corner = slice(head * self.n_q_blocks, head * self.n_q_blocks + min(size, self.n_q_blocks))
+        kept, full = (self._grid_rows(ptr, cols, corner)[:, :size] for ptr, cols in (
+            (self.partial_row_ptr, self.partial_cols), (self.full_row_ptr, self.full_cols)))
+        kept = kept | full
         chars = np.where(full, "#", np.where(kept, "+", "."))
         return "\n".join("".join(row) for row in chars)
+
+    def _grid_rows(self, row_ptr, cols, rows: slice) -> np.ndarray:
+        """Bool [rows, nKb] of some CSR rows, without the whole grid."""
+        out = np.zeros((rows.stop - rows.start, self.n_kv_blocks), dtype=bool)
+        for r in range(rows.start, rows.stop):
+            out[r - rows.start, cols[row_ptr[r]:row_ptr[r + 1]]] = True
+        return out
 
     def __str__(self):
         c, (rows, cols) = self.counts(), self.block_size
