@@ -46,13 +46,7 @@ pytestmark = pytest.mark.gpu
 LEGACY_SLEEP_CYCLES = 40_000_000     # ~20 ms at ~2 GHz, queued on the legacy default stream before every call
 SIDE_SLEEP_CYCLES = 4_000_000        # ~2 ms on the thread's own stream: the call's kernels stay queued a while
 ITERATIONS = 24
-try:                                 # the launcher's cache of uploaded arrays: per kernel on issue 12's main ...
-    from attngen.runtime.launch import MAX_CACHED_ARRAYS as CACHED_UPLOADS
-except ImportError:
-    try:                             # ... shared by every kernel after the fix
-        from attngen.runtime.uploads import MAX_CACHED_UPLOADS as CACHED_UPLOADS
-    except ImportError:
-        CACHED_UPLOADS = 64
+from attngen.runtime.uploads import MAX_CACHED_UPLOADS as CACHED_UPLOADS   # noqa: E402  (the uploads cache's size)
 # the BlockMask threads upload three layouts per iteration (two forward CSRs, one kv-major CSR for the backward),
 # more than the cache holds: it evicts (or clears) while kernels that read its arrays may still be queued
 MASK_ITERATIONS = max(ITERATIONS, math.ceil((CACHED_UPLOADS + 8) / 3))

@@ -88,11 +88,13 @@ def _wgmma_dkdv_pass(spec: Spec, device: Device, stages: int) -> tuple[BackwardP
     if regs > WGMMA_CONSUMER_REGS:
         return None, f"~{regs} registers/thread exceed {WGMMA_CONSUMER_REGS}"
     warps = 4 * (1 + WGMMA_COMPUTE_GROUPS)
-    return BackwardPass(device.arch, "dkdv", block_m, block_n, warps, stages, d, 1, d, d, 0, smem, regs, 1,
-                        (2 * (d + d) + d) / (2 * d), True, True, "wgmma"), ""
+    return BackwardPass(arch=device.arch, kind="dkdv", block_m=block_m, block_n=block_n, warps=warps, stages=stages,
+                        chunk=d, n_chunks=1, head_dim_padded=d, head_dim_v_padded=d, smem_row_pad=0, smem_bytes=smem,
+                        regs_estimate=regs, ctas_per_sm=1, matmul_factor=(2 * (d + d) + d) / (2 * d), fused_dq=True,
+                        vector_atomics=True, path="wgmma"), ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BackwardPass(WarpLaunch):
     arch: str
     kind: str                 # "dq" | "dkdv"
@@ -173,8 +175,11 @@ def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stag
     if ctas < 1:
         return None, "no CTA fits on an SM"
     factor = matmul / (d + dim_v)
-    return BackwardPass(device.arch, kind, block_m, block_n, warps, stages, chunk, n_chunks, d, dim_v, SMEM_ROW_PAD, smem,
-                        regs, ctas, factor, kind == "dkdv" and not spec.deterministic, device.cc >= 90), ""
+    return BackwardPass(arch=device.arch, kind=kind, block_m=block_m, block_n=block_n, warps=warps, stages=stages,
+                        chunk=chunk, n_chunks=n_chunks, head_dim_padded=d, head_dim_v_padded=dim_v,
+                        smem_row_pad=SMEM_ROW_PAD, smem_bytes=smem, regs_estimate=regs, ctas_per_sm=ctas,
+                        matmul_factor=factor, fused_dq=kind == "dkdv" and not spec.deterministic,
+                        vector_atomics=device.cc >= 90), ""
 
 
 def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, BackwardPass | None, str]]:

@@ -67,7 +67,7 @@ class WarpLaunch:
         return asdict(self) | {"threads": self.threads}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan(WarpLaunch):
     arch: str
     block_m: int
@@ -269,8 +269,11 @@ def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int,
         return reject("no CTA fits on an SM")
     ref = REFERENCE_PROBLEM | {"heads": spec.num_heads or REFERENCE_PROBLEM["heads"]}
     flops, hbm, smem_read, t_us, bound = problem_cost(spec, block_m, block_n, warps, m_tiles, device, ctas, **ref)
-    plan = Plan(device.arch, block_m, block_n, warps, m_tiles, stages, round_up(spec.head_dim, 16),
-                round_up(spec.head_dim_v, 16), SMEM_ROW_PAD, smem, regs, ctas, flops, hbm, smem_read, t_us, bound)
+    plan = Plan(arch=device.arch, block_m=block_m, block_n=block_n, warps=warps, m_tiles=m_tiles, stages=stages,
+                head_dim_padded=round_up(spec.head_dim, 16), head_dim_v_padded=round_up(spec.head_dim_v, 16),
+                smem_row_pad=SMEM_ROW_PAD, smem_bytes=smem, regs_estimate=regs, ctas_per_sm=ctas,
+                predicted_flops=flops, predicted_hbm_bytes=hbm, predicted_smem_bytes=smem_read, predicted_time_us=t_us,
+                bound=bound)
     return Candidate(block_m, block_n, warps, stages, plan, "")
 
 
@@ -293,8 +296,11 @@ def evaluate_wgmma(spec: Spec, device: Device, block_m: int, block_n: int, warps
         return reject(f"~{regs} registers per compute thread exceed the {WGMMA_CONSUMER_REGS} setmaxnreg gives")
     ref = REFERENCE_PROBLEM | {"heads": spec.num_heads or REFERENCE_PROBLEM["heads"]}
     flops, hbm, smem_read, t_us, bound = problem_cost(spec, block_m, block_n, warps, 1, device, 1, **ref, path="wgmma")
-    plan = Plan(device.arch, block_m, block_n, warps, 1, stages, round_up(spec.head_dim, 64), round_up(spec.head_dim_v, 64),
-                0, smem, regs, 1, flops, hbm, smem_read, t_us, bound, "wgmma")
+    plan = Plan(arch=device.arch, block_m=block_m, block_n=block_n, warps=warps, m_tiles=1, stages=stages,
+                head_dim_padded=round_up(spec.head_dim, 64), head_dim_v_padded=round_up(spec.head_dim_v, 64),
+                smem_row_pad=0, smem_bytes=smem, regs_estimate=regs, ctas_per_sm=1, predicted_flops=flops,
+                predicted_hbm_bytes=hbm, predicted_smem_bytes=smem_read, predicted_time_us=t_us, bound=bound,
+                path="wgmma")
     return Candidate(block_m, block_n, warps, stages, plan, "", "wgmma")
 
 
