@@ -7,7 +7,9 @@ from .spec import Spec  # noqa: E402
 from .masks import BlockMask  # noqa: E402
 from .codegen.render import render  # noqa: E402
 from .api import attention, attention_backward, build, build_backward, plan  # noqa: E402
+from .merge import merge_attention  # noqa: E402
 
 __all__ = ["Spec", "BlockMask", "Device", "plan", "render", "build", "build_backward", "attention", "attention_backward",
+           "merge_attention",
            "SpecError", "PlanError", "CompileError",
            "__version__"]

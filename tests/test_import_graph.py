@@ -14,7 +14,7 @@ STAGES = [    # in pipeline order; a module may import its own stage and earlier
     {"codegen"},
     {"runtime"},
     {"build", "tuned"},
-    {"api", "autograd"},
+    {"api", "autograd", "merge"},
     {"tools"},
     {"__init__", "__main__"},
 ]
