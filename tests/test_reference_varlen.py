@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from attngen.tools.reference import attention_reference, attention_reference_backward
-from attngen.tools.reference_varlen import (_window_mask, attention_varlen_reference,
+from attngen.tools.reference_varlen import (window_visibility, attention_varlen_reference,
                                             attention_varlen_reference_backward, check_cu_seqlens)
 
 
@@ -38,7 +38,7 @@ def test_equal_lengths_are_a_dense_batch(mods):
     out, lse = attention_varlen_reference(q, k, v, cu_q, cu_k, **kw)
     window = kw.get("window")
     dense_kw = {key: value for key, value in kw.items() if key != "window"}
-    mask = None if window is None else _window_mask(window, kw.get("causal", False), sq, sk)
+    mask = None if window is None else window_visibility(window, kw.get("causal", False), sq, sk)
     dense_q, dense_k, dense_v = (x.reshape(batch, -1, *x.shape[1:]) for x in (q, k, v))
     ref_out, ref_lse = attention_reference(dense_q, dense_k, dense_v, mask=mask, **dense_kw)
     np.testing.assert_allclose(out, ref_out.reshape(out.shape), rtol=0, atol=1e-12)

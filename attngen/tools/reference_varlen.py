@@ -37,7 +37,7 @@ def check_cu_seqlens(cu_seqlens, total: int, name: str) -> np.ndarray:
     return cu
 
 
-def _window_mask(window, causal: bool, seqlen_q: int, seqlen_k: int):
+def window_visibility(window, causal: bool, seqlen_q: int, seqlen_k: int):
     """The window's visibility [1, sq, sk] for one sequence, or None (no window)."""
     if window is None:
         return None
@@ -59,7 +59,7 @@ def _sequences(q, k, v, cu_seqlens_q, cu_seqlens_k):
     return q, k, v, cu_q, cu_k
 
 
-def _slopes_of(alibi_slopes, b: int):
+def sequence_slopes(alibi_slopes, b: int):
     if alibi_slopes is None:
         return None
     slopes = np.asarray(alibi_slopes, dtype=np.float64)
@@ -78,8 +78,8 @@ def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: b
         if q1 == q0 or k1 == k0:       # no queries, or queries that see no key: out 0, lse -inf
             continue
         o, l_ = attention_reference(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=causal, scale=scale,
-                                    mask=_window_mask(window, causal, q1 - q0, k1 - k0), softcap=softcap,
-                                    alibi_slopes=_slopes_of(alibi_slopes, b))
+                                    mask=window_visibility(window, causal, q1 - q0, k1 - k0), softcap=softcap,
+                                    alibi_slopes=sequence_slopes(alibi_slopes, b))
         out[q0:q1], lse[:, q0:q1] = o[0], l_[0]
     return out, lse
 
@@ -102,8 +102,8 @@ def attention_varlen_reference_backward(q, k, v, dout, cu_seqlens_q, cu_seqlens_
             continue
         grads = attention_reference_backward(
             q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], dout[None, q0:q1], causal=causal, scale=scale,
-            mask=_window_mask(window, causal, q1 - q0, k1 - k0), softcap=softcap,
-            alibi_slopes=_slopes_of(alibi_slopes, b), algorithm_dtype=algorithm_dtype,
+            mask=window_visibility(window, causal, q1 - q0, k1 - k0), softcap=softcap,
+            alibi_slopes=sequence_slopes(alibi_slopes, b), algorithm_dtype=algorithm_dtype,
             out=None if given is None else given[None, q0:q1])
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0] for g in grads)
     return dq, dk, dv
