@@ -300,3 +300,22 @@ def test_argument_block_lays_out_each_argument_by_its_type(monkeypatch):
     block.launch(0, (11,))                          # a later call with the same signature: new leading pointers
     assert seen[0] == (1234, (3, 2, 1), (128, 1, 1), 4096, 77, 0, 2**63 + 5, -7, -3, 0.25, 9)
     assert seen[1][4] == 0 and seen[1][6:] == (11, -7, -3, 0.25, 9)
+
+
+def test_kernel_kinds_name_their_templates_and_suffixes():
+    from attngen.codegen.render import KernelKind
+
+    spec = attngen.Spec(head_dim=64, name="k")
+    assert [kernel_name(spec, kind) for kind in KernelKind] == ["k_fwd", "k_bwd_dq", "k_bwd_dkdv", "k_bwd_delta",
+                                                                 "k_bwd_dq_convert"]
+    assert KernelKind("backward_dkdv").template("wgmma") == "backward_dkdv_wgmma.cu.j2"
+    assert KernelKind.FORWARD.template("mma_sync") == "forward.cu.j2"
+    for kind in KernelKind:                       # every template a kind names exists
+        for path in ("mma_sync", "wgmma"):
+            try:
+                name = kind.template(path)
+            except ValueError:
+                continue
+            assert (templates_dir() / name).is_file(), name
+    with pytest.raises(ValueError, match="backward_delta: no entry template"):
+        KernelKind.BACKWARD_DELTA.template("mma_sync")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 from ..version import __version__
 from .jinja_env import environment, render_piece, templates_dir  # noqa: F401  (the public names of rendering)
 from .modifiers import ActiveModifiers
@@ -9,22 +11,40 @@ from .signature import kernel_signatures
 from ..spec import Spec
 from ..variant import variant_of
 
-ENTRY_TEMPLATES = {"forward": "forward.cu.j2", "backward_dq": "backward_dq.cu.j2", "backward_dkdv": "backward_dkdv.cu.j2",
-                   "forward_wgmma": "forward_wgmma.cu.j2", "backward_dkdv_wgmma": "backward_dkdv_wgmma.cu.j2"}
-KERNEL_SUFFIXES = {"forward": "fwd", "backward_dq": "bwd_dq", "backward_dkdv": "bwd_dkdv", "backward_delta": "bwd_delta",
-                   "backward_dq_convert": "bwd_dq_convert"}
 MMA_TYPES = {"bf16": "bf16", "fp16": "f16"}
 
 
+class KernelKind(str, Enum):
+    """Which kernel: its entry template (the wgmma form where the plan's path is wgmma) and its name's suffix.
+    The helpers (delta, dQ conversion) have no template of their own: they are rendered beside an entry."""
+
+    FORWARD = "forward"
+    BACKWARD_DQ = "backward_dq"
+    BACKWARD_DKDV = "backward_dkdv"
+    BACKWARD_DELTA = "backward_delta"
+    BACKWARD_DQ_CONVERT = "backward_dq_convert"
+
+    @property
+    def suffix(self) -> str:
+        return {"forward": "fwd", "backward_dq": "bwd_dq", "backward_dkdv": "bwd_dkdv", "backward_delta": "bwd_delta",
+                "backward_dq_convert": "bwd_dq_convert"}[self.value]
+
+    def template(self, path: str) -> str:
+        """The entry template of this kind on a kernel path ("mma_sync" | "wgmma")."""
+        if self in (KernelKind.BACKWARD_DELTA, KernelKind.BACKWARD_DQ_CONVERT) or (
+                path == "wgmma" and self is KernelKind.BACKWARD_DQ):
+            raise ValueError(f"{self.value}: no entry template on the {path} path")
+        return f"{self.value}_wgmma.cu.j2" if path == "wgmma" else f"{self.value}.cu.j2"
+
+
 def kernel_name(spec: Spec, kind: str = "forward") -> str:
-    return f"{spec.name}_{KERNEL_SUFFIXES[kind]}"
+    return f"{spec.name}_{KernelKind(kind).suffix}"
 
 
 def render(spec: Spec, plan, kind: str = "forward") -> str:
     """The CUDA C source of one kernel (forward: a Plan; backward_dq / backward_dkdv: that BackwardPass of
     a BackwardPlan); a pure function of (spec, plan)."""
-    entry = f"{kind}_wgmma" if plan.path == "wgmma" else kind
-    template = environment().get_template(ENTRY_TEMPLATES[entry])
+    template = environment().get_template(KernelKind(kind).template(plan.path))
     spec_items = [(k, v) for k, v in spec.to_dict().items() if v is not None and v is not False]
     plan_items = list(plan.to_dict().items())
     plan_items = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in plan_items]

@@ -53,17 +53,17 @@ class BackwardKernels:
         self.spec, self.plan, self.sources, self.binaries = spec, plan, sources, binaries
         self._fallback = fallback
         self.variant = variant_of(spec)
-        from ..codegen.render import kernel_name
+        from ..codegen.render import KernelKind, kernel_name
 
         dkdv_module = cupy.RawModule(path=str(cubin_paths["backward_dkdv"]))
-        self._dkdv = dkdv_module.get_function(kernel_name(spec, "backward_dkdv"))
+        self._dkdv = dkdv_module.get_function(kernel_name(spec, KernelKind.BACKWARD_DKDV))
         if plan.dq is not None:
             dq_module = cupy.RawModule(path=str(cubin_paths["backward_dq"]))
-            self._dq = dq_module.get_function(kernel_name(spec, "backward_dq"))
+            self._dq = dq_module.get_function(kernel_name(spec, KernelKind.BACKWARD_DQ))
         else:                                                            # dQ from the dK/dV pass
             dq_module, self._dq = dkdv_module, None
-            self._dq_convert = dkdv_module.get_function(kernel_name(spec, "backward_dq_convert"))
-        self._delta = dq_module.get_function(kernel_name(spec, "backward_delta"))
+            self._dq_convert = dkdv_module.get_function(kernel_name(spec, KernelKind.BACKWARD_DQ_CONVERT))
+        self._delta = dq_module.get_function(kernel_name(spec, KernelKind.BACKWARD_DELTA))
         wgmma = plan.dkdv.path == "wgmma"
         self._signatures = {"backward_dkdv": backward_dkdv_signature(self.variant, wgmma, plan.dq is None),
                             "backward_delta": backward_delta_signature(wgmma and plan.dq is None)}
