@@ -120,6 +120,14 @@ def _window_rows(seqlen_q, seqlen_k, block_size, left, right):
     return k0, k1, f0, f1
 
 
+def _window_keys(seqlen_q, seqlen_k, left, right):
+    """(lo, hi) per query row of kv_idx - aligned in [-left, right] (None: unbounded), clipped to the keys."""
+    a = np.arange(seqlen_q, dtype=np.int64) + (seqlen_k - seqlen_q)
+    lo = np.zeros_like(a) if left is None else np.clip(a - left, 0, seqlen_k)
+    hi = np.full_like(a, seqlen_k) if right is None else np.clip(a + right + 1, 0, seqlen_k)
+    return lo, hi
+
+
 def _expand_ranges(starts, stops):
     """(row of each entry, its column) for the column ranges [starts[r], stops[r]) of every row r."""
     lengths = np.maximum(stops - starts, 0)
@@ -264,6 +272,25 @@ class Pattern:
         """Bool [H or 1, nQb, nKb] the expressions read through block_bit(), or None (closed form)."""
         return None
 
+    def key_ranges(self, seqlen_q: int, seqlen_k: int):
+        """For an interval pattern (causal, sliding windows, documents, and `and`s of them): int arrays
+        (lo, hi) [seqlen_q], query row i seeing exactly the keys lo[i] .. hi[i] - 1 (none when hi <= lo).
+        None for any other pattern."""
+        return None
+
+    def visible_pairs(self, seqlen_q: int, seqlen_k: int) -> float:
+        """Visible (query, key) pairs, mean over the pattern's heads: from key_ranges in O(seqlen_q) where
+        the pattern is an interval pattern, else by its elements."""
+        ranges = self.key_ranges(seqlen_q, seqlen_k)
+        if ranges is not None:
+            return float(np.maximum(ranges[1] - ranges[0], 0).sum())
+        total, rows = 0.0, max(1, CHUNK_ELEMENTS // max(1, seqlen_k))
+        for h in range(self.heads):
+            for start in range(0, seqlen_q, rows):
+                q_idx = np.arange(start, min(seqlen_q, start + rows))[:, None]
+                total += float(self.element(h, q_idx, np.arange(seqlen_k)[None, :], seqlen_q, seqlen_k).sum())
+        return total / self.heads
+
     def row_ranges(self, seqlen_q: int, seqlen_k: int, block_size):
         """For a pattern whose kept kv blocks in every query block row form one range, and its full ones
         a sub-range (causal, sliding windows, documents): int arrays (k0, k1, f0, f1) [nQb], kept blocks
@@ -359,6 +386,9 @@ class _Composite(Pattern):
     def row_ranges(self, seqlen_q, seqlen_k, block_size):
         return self._equivalent().row_ranges(seqlen_q, seqlen_k, block_size)
 
+    def key_ranges(self, seqlen_q, seqlen_k):
+        return self._equivalent().key_ranges(seqlen_q, seqlen_k)
+
     def _undecided(self, *args):
         return self._equivalent()._undecided(*args)
 
@@ -388,6 +418,9 @@ class Causal(Pattern):
     def row_ranges(self, seqlen_q, seqlen_k, block_size):
         return _window_rows(seqlen_q, seqlen_k, block_size, None, 0)
 
+    def key_ranges(self, seqlen_q, seqlen_k):
+        return _window_keys(seqlen_q, seqlen_k, None, 0)
+
 
 @dataclass(frozen=True)
 class SlidingWindow(Pattern):
@@ -411,6 +444,9 @@ class SlidingWindow(Pattern):
 
     def row_ranges(self, seqlen_q, seqlen_k, block_size):
         return _window_rows(seqlen_q, seqlen_k, block_size, self.left, self.right)
+
+    def key_ranges(self, seqlen_q, seqlen_k):
+        return _window_keys(seqlen_q, seqlen_k, self.left, self.right)
 
 
 @dataclass(frozen=True)
@@ -711,6 +747,12 @@ class Document(Pattern):
         one = first == last
         return k0, k1, np.where(one, f0, 0), np.where(one, f1, 0)
 
+    def key_ranges(self, seqlen_q, seqlen_k):
+        self._check_lengths(seqlen_q, seqlen_k)
+        bounds = np.concatenate([[0], np.cumsum(self.seq_lens)]).astype(np.int64)
+        doc = np.searchsorted(bounds, np.arange(seqlen_q), side="right") - 1
+        return bounds[doc], bounds[doc + 1]
+
     def _doc_of(self, var: str) -> str:
         """C: the document index of position var (how many later documents start at or before it)."""
         return "(" + " + ".join(f"({var} >= {s})" for s in self._starts) + ")"
@@ -866,6 +908,14 @@ class And(Pattern):
         k0, k1 = k0.max(axis=0), k1.min(axis=0)
         f0, f1 = np.maximum(f0.max(axis=0), k0), np.minimum(f1.min(axis=0), k1)
         return k0, k1, f0, np.maximum(f1, f0)
+
+    def key_ranges(self, seqlen_q, seqlen_k):
+        if self.kind != "and":
+            return None
+        ranges = [p.key_ranges(seqlen_q, seqlen_k) for p in self.parts]
+        if any(r is None for r in ranges):
+            return None
+        return np.max([r[0] for r in ranges], axis=0), np.min([r[1] for r in ranges], axis=0)
 
     def _undecided(self, seqlen_q, seqlen_k, block_size, rows, cols, full):
         """Partial entries that two or more parts leave partial (one partial part among full ones decides)."""

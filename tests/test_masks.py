@@ -853,3 +853,17 @@ def test_kernel_predicate_is_exact_for_every_constructor_and_combination():
     for opaque in (causal_fn, causal_fn & dense_all, dense_some | causal_fn, causal_fn & causal):
         with pytest.raises(ValueError, match="Python function"):
             opaque.kernel_predicate()
+
+
+@pytest.mark.parametrize("pattern,heads,sq,sk", CASES)
+def test_visible_pairs_and_key_ranges_match_the_elements(pattern, heads, sq, sk):
+    """The benchmark's work count (visible pairs) and, for interval patterns, each row's key range, against
+    the elements from each pattern's definition."""
+    elements = brute_mask(pattern, heads, sq, sk)
+    assert pattern.visible_pairs(sq, sk) == pytest.approx(elements.sum() / heads)
+    ranges = pattern.key_ranges(sq, sk)
+    if ranges is None:
+        return
+    lo, hi = ranges
+    keys = np.arange(sk)[None, :]
+    np.testing.assert_array_equal(elements[0], (keys >= lo[:, None]) & (keys < hi[:, None]))
