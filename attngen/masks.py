@@ -1240,7 +1240,8 @@ class BlockMask:
                                               other._head_element(h, q_idx, kv_idx))
         pattern = op(self.pattern, other.pattern) if self.pattern and other.pattern else None
         mine, theirs = self.partial_predicate, other.partial_predicate
-        full_self, full_other = self._full, other._full
+        heads = max(self.num_heads, other.num_heads)
+        full_self, full_other = self._block_keys("full", heads), other._block_keys("full", heads)
         if mine is None and theirs is None:
             predicate = None
         elif mine is None or theirs is None:
@@ -1248,14 +1249,36 @@ class BlockMask:
             # predicate (and), or everything (or: those blocks become full, so no predicate runs there).
             predicate = theirs if mine is None else mine
             if op is operator.or_:
-                full_self, full_other = (self._kept, full_other) if mine is None else (full_self, other._kept)
+                if mine is None:
+                    full_self = self._block_keys("kept", heads)
+                else:
+                    full_other = other._block_keys("kept", heads)
         elif isinstance(mine, Pattern) and isinstance(theirs, Pattern):
             predicate = op(mine, theirs)
         else:
             predicate = element          # a Python function on either side: so is the result
-        return BlockMask(op(self._kept, other._kept), op(full_self, full_other), seqlen_q=self.seqlen_q,
-                         seqlen_k=self.seqlen_k, block_size=self.block_size, element=element, pattern=pattern,
-                         partial_predicate=predicate)
+        # the block sets as sorted keys (h * nQb + i) * nKb + j: no block grid, however long the sequences
+        merge = np.intersect1d if op is operator.and_ else np.union1d
+        kept = merge(self._block_keys("kept", heads), other._block_keys("kept", heads))
+        full = merge(full_self, full_other)
+        shape = (heads,) + self._shape[1:]
+        csr = tuple(x for keys in (np.setdiff1d(kept, full), full)
+                    for x in _csr_of_entries(keys // shape[2], keys % shape[2], heads * shape[1]))
+        return BlockMask(None, None, seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k, block_size=self.block_size,
+                         element=element, pattern=pattern, partial_predicate=predicate, csr=(*csr, shape))
+
+    def _block_keys(self, which: str, heads: int) -> np.ndarray:
+        """Sorted int64 keys (h * nQb + i) * nKb + j of the kept ("kept") or full ("full") blocks, a
+        one-head mask repeated for `heads` heads."""
+        pairs = [(self.full_row_ptr, self.full_cols)]
+        if which == "kept":
+            pairs.append((self.partial_row_ptr, self.partial_cols))
+        keys = np.concatenate([np.repeat(np.arange(ptr.size - 1, dtype=np.int64), np.diff(ptr)) * self.n_kv_blocks
+                               + cols for ptr, cols in pairs])
+        if self.num_heads == 1 and heads > 1:
+            per_head = self.n_q_blocks * self.n_kv_blocks
+            keys = np.concatenate([keys + h * per_head for h in range(heads)])
+        return np.sort(keys)
 
     def __and__(self, other):
         return self._combine(other, operator.and_)

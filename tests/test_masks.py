@@ -867,3 +867,19 @@ def test_visible_pairs_and_key_ranges_match_the_elements(pattern, heads, sq, sk)
     lo, hi = ranges
     keys = np.arange(sk)[None, :]
     np.testing.assert_array_equal(elements[0], (keys >= lo[:, None]) & (keys < hi[:, None]))
+
+
+def test_combining_long_masks_keeps_them_sparse():
+    """& and | of two 131072-token masks work on the block CSR (sorted block keys), never on 1024 x 1024 grids,
+    and give what the patterns' own combination gives."""
+    tokens, lens = 131072, (40000, 1, 51071, 40000)
+    doc, window = (BlockMask.from_pattern(p, tokens, tokens) for p in (Document(lens), SlidingWindow(5000, 0)))
+    both, either = doc & window, doc | window
+    for combined, pattern in ((both, Document(lens) & SlidingWindow(5000, 0)),
+                              (either, Document(lens) | SlidingWindow(5000, 0))):
+        assert combined._grids == {} and combined.pattern == pattern
+        direct = BlockMask.from_pattern(pattern, tokens, tokens) if pattern.kind == "and" else None
+        if direct is not None:
+            for name in ("partial_row_ptr", "partial_cols", "full_row_ptr", "full_cols"):
+                np.testing.assert_array_equal(getattr(combined, name), getattr(direct, name))
+    assert both.counts()["kept"] < doc.counts()["kept"] < either.counts()["kept"]
