@@ -16,6 +16,7 @@ tools all read it. A modifier reads the variant's fields (duck-typed) and a laun
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -233,6 +234,12 @@ class ActiveModifiers:
         for m in self.chain:
             values.update(m.launch_values(self.variant, call))
         return values
+
+
+@functools.lru_cache(maxsize=256)
+def active_modifiers(variant) -> ActiveModifiers:
+    """ActiveModifiers of a variant, made once: the launchers ask on every call."""
+    return ActiveModifiers(variant)
 
 
 def reference_scores(xp, s, values: dict, where):

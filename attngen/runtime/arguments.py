@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .interop import TensorView, _view
-from ..codegen.modifiers import ActiveModifiers
+from ..codegen.modifiers import active_modifiers
 from .uploads import UPLOADS
 
 
@@ -111,7 +111,7 @@ def modifier_args(spec, variant, scale, alibi_slopes, tensors, sizes, qv, keep) 
     if alibi_slopes is not None and not variant.alibi:
         raise ValueError("alibi_slopes: this kernel was built without alibi (spec.alibi is false)")
     call = ModifierCall(scale, alibi_slopes, batch, heads_q, qv, keep)
-    return {**ActiveModifiers(variant).launch_values(call),
+    return {**active_modifiers(variant).launch_values(call),
             **_block_table_args(spec, variant, seqlen_q, seqlen_k, qv, keep),
             **_tensor_args(variant, tensors, sizes, qv)}
 
