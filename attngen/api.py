@@ -31,20 +31,21 @@ def attention_backward(q, k, v, out, lse, dout, causal: bool = False, scale: flo
 
 
 def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: bool = False, block_mask=None,
-                    deterministic: bool = False) -> Spec:
+                    deterministic: bool = False, layout: str = "batch") -> Spec:
     """The spec a call needs: head dims and dtype from the inputs, the modifiers from the keywords; heads,
     scale and ALiBi slopes stay run-time values. A window (left, right) becomes a sliding-window mask
-    (causal clips right to 0), as FlashAttention's window_size does."""
+    (causal clips right to 0), as FlashAttention's window_size does. layout "varlen": packed inputs."""
     qv, kv, vv = _view("q", q), _view("k", k), _view("v", v)
     if len({qv.kind, kv.kind, vv.kind}) > 1:
         raise TypeError(f"q, k, v: expected one array library, got q {qv.kind}, k {kv.kind}, v {vv.kind}")
-    if len(qv.shape) != 4 or len(vv.shape) != 4:
-        raise ValueError(f"q, v: expected 4 dims [batch, seqlen, heads, head_dim], got {qv.shape} and {vv.shape}")
+    dims = "[total_tokens, heads, head_dim]" if layout == "varlen" else "[batch, seqlen, heads, head_dim]"
+    if len(qv.shape) != len(dims.split(",")) or len(vv.shape) != len(qv.shape):
+        raise ValueError(f"q, v: expected {len(dims.split(','))} dims {dims}, got {qv.shape} and {vv.shape}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected True or False, got {causal!r}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected True or False, got {deterministic!r}")
-    extra = {"softcap": softcap, "alibi": alibi, "deterministic": deterministic}
+    extra = {"softcap": softcap, "alibi": alibi, "deterministic": deterministic, "layout": layout}
     if window is not None:
         ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(
             isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
@@ -64,7 +65,7 @@ def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: boo
         if element is not None:
             extra["mask"]["element"] = element.to_dict()
     try:
-        return Spec(head_dim=qv.shape[3], head_dim_v=vv.shape[3], dtype=qv.dtype, causal=causal, **extra)
+        return Spec(head_dim=qv.shape[-1], head_dim_v=vv.shape[-1], dtype=qv.dtype, causal=causal, **extra)
     except SpecError as exc:
         argument = {"head_dim": "q", "head_dim_v": "v", "dtype": "q"}.get(exc.field, exc.field)
         what = {"head_dim": "head_dim (last dim)", "head_dim_v": "head_dim_v (last dim)"}.get(exc.field, exc.field)
@@ -115,6 +116,37 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
     return (out, lse) if return_lse else out
 
 
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | None = None,
+                     max_seqlen_k: int | None = None, causal: bool = False, scale: float | None = None,
+                     return_lse: bool = False, *, window=None, softcap: float | None = None, alibi_slopes=None,
+                     deterministic: bool = False):
+    """Attention over a packed batch of sequences of different lengths (FlashAttention's varlen call).
+
+    q [total_q, heads_q, head_dim], k [total_k, heads_kv, head_dim], v [total_k, heads_kv, head_dim_v];
+    sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k
+    and v (int32 [batch + 1] arrays on q's device, rising from 0; sequences may be empty). causal aligns
+    each sequence's diagonal bottom-right (FlashAttention's convention); window, softcap, alibi_slopes
+    ([heads_q] or [batch, heads_q]) and deterministic as attention(). max_seqlen_q / max_seqlen_k are
+    accepted for FlashAttention's signature and never needed: the launch sizes its grid from the totals
+    and reads the lengths on the GPU. Offsets that do not rise from 0 to at most the totals run no tile
+    (nothing outside the arrays is touched) and leave out unwritten, as rows in no sequence are.
+    Returns out [total_q, heads_q, head_dim_v] (q's library, dtype and device), and lse [heads_q, total_q]
+    fp32 if asked; differentiable for torch tensors."""
+    for name, hint in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if hint is not None and (isinstance(hint, bool) or not isinstance(hint, int) or hint < 0):
+            raise ValueError(f"{name}: expected None or an int >= 0 (a hint), got {hint!r}")
+    spec = _spec_for_call(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
+                          block_mask=None, deterministic=deterministic, layout="varlen")
+    call = dict(scale=scale, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if _needs_grad(q, k, v):
+        from .autograd import attention_with_grad
+
+        out, lse = attention_with_grad(spec, q, k, v, call)
+    else:
+        out, lse = build(spec, _device_index(q))(q, k, v, **call)
+    return (out, lse) if return_lse else out
+
+
 _plain_kernels: dict = {}       # (q, v types/dtype/head dims/rank, causal, device) -> Kernel, for keyword-free calls
 _call_specs: dict = {}          # what a call's spec depends on -> that spec (spec_for_inputs costs ~30 us)
 MAX_CALL_SPECS = 1024
@@ -129,7 +161,7 @@ def _spec_for_call(q, k, v, causal, **keywords) -> Spec:
                causal, type(causal), tuple((w, type(w)) for w in window) if isinstance(window, (list, tuple)) else window,
                keywords["softcap"], type(keywords["softcap"]), keywords["alibi"], keywords["deterministic"],
                type(keywords["deterministic"]),
-               _block_mask_key(keywords["block_mask"]))
+               _block_mask_key(keywords["block_mask"]), keywords.get("layout", "batch"))
         spec = _call_specs.get(key)
     except (AttributeError, TypeError):        # unusual arguments: no memo, spec_for_inputs explains
         key, spec = None, None

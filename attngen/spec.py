@@ -19,6 +19,7 @@ TILE_KEYS = ("block_m", "block_n", "warps", "stages", "path")
 TILE_PATHS = ("mma_sync", "wgmma")     # the forward kernel paths (wgmma: Hopper, sm_90a)
 MASK_BLOCK_DEFAULT = 128
 MASK_BLOCK_SIZES = (16, 32, 64, 128, 256)
+LAYOUTS = ("batch", "varlen")   # varlen: sequences packed along one token axis, bounded by cu_seqlens
 RUNTIME_MASK_KIND = "runtime"     # a block layout given at call time (a BlockMask), no element predicate
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")   # used with fullmatch: "$" would allow a trailing "\n"
 
@@ -56,15 +57,17 @@ class Spec:
     tensors: dict | None = None    # named tensors the expressions read: name -> {dtype, shape}
     backward: bool = False       # `attngen build` also emits the backward kernels (the API builds them on demand)
     deterministic: bool = False  # backward: dQ in its own pass (bit-identical run to run) instead of atomics
+    layout: str = "batch"        # "batch": [batch, seqlen, heads, dim]; "varlen": packed [total, heads, dim] + cu_seqlens
 
     def __init__(self, *, head_dim, dtype="bf16", causal=False, head_dim_v=None, num_heads=None,
                  num_kv_heads=None, scale=None, tile=None, name=None, mask=None, softcap=None, alibi=False,
                  score_mod=None, mask_mod=None, tensors=None, backward=False, score_mod_grad=None,
-                 deterministic=False):
+                 deterministic=False, layout="batch"):
         values = dict(head_dim=head_dim, dtype=dtype, causal=causal, head_dim_v=head_dim_v,
                       num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, tile=tile, name=name,
                       mask=mask, softcap=softcap, alibi=alibi, score_mod=score_mod, mask_mod=mask_mod,
-                      tensors=tensors, backward=backward, score_mod_grad=score_mod_grad, deterministic=deterministic)
+                      tensors=tensors, backward=backward, score_mod_grad=score_mod_grad, deterministic=deterministic,
+                      layout=layout)
         for field, value in _validated(values).items():
             object.__setattr__(self, field, value)
 
@@ -377,6 +380,15 @@ def _validated(values: dict) -> dict:
         raise SpecError("tensors", values["tensors"], "null unless score_mod or mask_mod reads them")
     out["tile"] = _tile(values["tile"])
     out["mask"] = _mask(values["mask"])
+    if values["layout"] not in LAYOUTS:
+        raise SpecError("layout", values["layout"], " | ".join(LAYOUTS))
+    if values["layout"] == "varlen":
+        if out["mask"] is not None and out["mask"].get("kind") == RUNTIME_MASK_KIND:
+            raise SpecError("mask", out["mask"], "a pattern (evaluated per sequence) with layout: varlen; a runtime "
+                            "block layout spans one [batch, seqlen] problem")
+        if out["tensors"]:
+            raise SpecError("tensors", values["tensors"], "null with layout: varlen (named tensors are shaped by "
+                            "[batch, seqlen] sizes)")
     if out["mask"] is not None and out["causal"]:
         raise SpecError("causal", True, "false when a mask is given: make causality part of the mask "
                         "({kind: causal}, or {kind: and, of: [{kind: causal}, ...]})")
@@ -425,6 +437,8 @@ def _default_name(v: dict) -> str:
         parts.append(f"softcap{v['softcap']:g}".replace(".", "p"))
     if v["alibi"]:
         parts.append("alibi")
+    if v["layout"] != "batch":
+        parts.append(v["layout"])
     for mod in ("score_mod", "mask_mod", "score_mod_grad"):
         if v[mod] is not None:     # two specs that differ only in the expression differ in name
             parts.append(mod.replace("_", "") + hashlib.sha1(v[mod].encode()).hexdigest()[:6])

@@ -8,6 +8,10 @@ Schedules:
   (kept / full) and lists the kept ones in shared memory; no index tensor is read.
 - ``runtime``: the kept blocks come from a BlockMask's block-CSR tensors given at call time.
 
+Layouts (``varlen``): a batch layout's CTA takes its (batch, query tile) from the grid; a varlen layout's
+CTA takes a place in a schedule the launch computes from cu_seqlens (the tiles of the heaviest sequences
+first), and its sequence's lengths and first rows from cu_seqlens.
+
 Global I/O (``global_vector``): head dims that are multiples of 8 move 16 bytes per access; any other head
 dim (FlashAttention takes 1..256) moves single elements, bounded by the real head dim, so nothing past it
 is read or written and no padded copy is made.
@@ -39,6 +43,7 @@ class Variant:
     alibi: bool
     tensors: tuple[TensorDecl, ...]
     global_vector: int                  # elements per global load/store of q, k, v, o and the gradients (below)
+    varlen: bool                        # packed sequences: each CTA finds its sequence through cu_seqlens
 
     @property
     def score_mods(self) -> bool:
@@ -80,7 +85,8 @@ def variant_of(spec: Spec) -> Variant:
         mask_block=spec.mask_block_size if schedule == "runtime" else (0, 0),
         block_table=pattern is not None and pattern.table_block_size is not None,
         mask_mod=spec.mask_mod, score_mod=spec.score_mod, score_mod_grad=spec.score_mod_grad, softcap=spec.softcap, alibi=spec.alibi,
-        tensors=tensor_decls(spec.tensors), global_vector=global_vector(spec))
+        tensors=tensor_decls(spec.tensors), global_vector=global_vector(spec),
+        varlen=spec.layout == "varlen")
 
 
 def global_vector(spec: Spec) -> int:

@@ -424,12 +424,14 @@ llama_gqa_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict_
     const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     const int i = row % rows_padded, head = row / rows_padded % heads_q, batch = row / rows_padded / heads_q;
+    constexpr int q_first = 0;
     if (i >= seqlen_q) {
         if (lane == 0) row_stats[row] = make_float2(POS_INF, 0.f);
         return;
     }
-    const elem_t* o_row = o + batch * o_stride_b + i * o_stride_s + head * o_stride_h;
-    const elem_t* do_row = dout + batch * do_stride_b + i * do_stride_s + head * do_stride_h;
+    const long long lse_index = ((long long)batch * heads_q + head) * seqlen_q + i;
+    const elem_t* o_row = o + batch * o_stride_b + (long long)(q_first + i) * o_stride_s + head * o_stride_h;
+    const elem_t* do_row = dout + batch * do_stride_b + (long long)(q_first + i) * do_stride_s + head * do_stride_h;
     float sum = 0.f;
     if constexpr (GLOBAL_VECTOR == 8) {          // pairs of columns, 4-byte loads
         for (int col = lane * 2; col < HEAD_DIM_V; col += 64) {
@@ -443,7 +445,7 @@ llama_gqa_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __restrict_
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
     if (lane == 0) {
-        const float l = lse[((long long)batch * heads_q + head) * seqlen_q + i];
+        const float l = lse[lse_index];
         row_stats[row] = make_float2(l != NEG_INF ? l * LOG2E : POS_INF, sum);
     }
 }
@@ -469,7 +471,7 @@ llama_gqa_bf16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __rest
     const int s = (int)(row % seqlen_q), head = (int)(row / seqlen_q % heads_q), batch = (int)(row / seqlen_q / heads_q);
     const float* x = dq_accum + dq_accum_offset(((long long)batch * heads_q + head) * rows_padded, s, col);
     const unsigned pair = pack2(x[0] * scale, x[1] * scale);        // x[1] past HEAD_DIM: the buffer's zero padding
-    elem_t* const to = dq + batch * dq_stride_b + s * dq_stride_s + head * dq_stride_h + col;
+    elem_t* const to = dq + batch * dq_stride_b + (long long)s * dq_stride_s + head * dq_stride_h + col;
     if constexpr (GLOBAL_VECTOR == 8) {
         *reinterpret_cast<unsigned*>(to) = pair;
     } else {                                                         // 2-byte aligned rows: element stores, real columns only
@@ -525,7 +527,15 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
     auto do_full = [&](int slot) { return kv_full + 8 * (1 + STAGES + slot); };
     auto slot_empty = [&](int slot) { return kv_full + 8 * (1 + 2 * STAGES + slot); };
 
-    const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+    const int n_block = blockIdx.x;
+    const int column = blockIdx.y, batch = blockIdx.z;                  // column: the grid's head (and chunk)
+    auto q_first = [] { return 0; };                                     // the batch entry's first rows in q, k
+    auto k_first = [] { return 0; };
+    [[maybe_unused]] const int tensor_batch = batch;                     // its index in the tensors' batch dim
+    // Query row i of head h of this batch entry in lse and delta: stats_base(h) + i.
+    [[maybe_unused]] auto stats_base = [&](int h) { return ((long long)batch * heads_q + h) * seqlen_q; };
+
+    const int kv_head = column;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int n_start = n_block * BLOCK_N;
 
@@ -549,10 +559,13 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
         mbarrier_expect_bytes(kv_full, K_TILE_BYTES + V_TILE_BYTES);
 #pragma unroll
         for (int c = 0; c < D / SWIZZLE_COLS; ++c) {
-            tma_load(k_smem + c * KV_CHUNK_BYTES, k_map, c * SWIZZLE_COLS, n_start, kv_head, batch, kv_full);
-            tma_load(v_smem + c * KV_CHUNK_BYTES, v_map, c * SWIZZLE_COLS, n_start, kv_head, batch, kv_full);
+            tma_load(k_smem + c * KV_CHUNK_BYTES, k_map, c * SWIZZLE_COLS, k_first() + n_start, kv_head, tensor_batch, kv_full);
+            tma_load(v_smem + c * KV_CHUNK_BYTES, v_map, c * SWIZZLE_COLS, k_first() + n_start, kv_head, tensor_batch, kv_full);
         }
     }
+    // Head h's rows of this batch entry in the padded buffers ([batch][heads][rows padded]).
+    auto padded_base = [&](int h) { return ((long long)batch * heads_q + h) * dq_rows_padded; };
+
     // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
@@ -585,14 +598,16 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
                 mbarrier_expect_bytes(q_full(slot), Q_TILE_BYTES + STATS_BYTES);
 #pragma unroll
                 for (int c = 0; c < D / SWIZZLE_COLS; ++c) {
-                    tma_load(q_tile(slot) + c * Q_CHUNK_BYTES, q_map, c * SWIZZLE_COLS, step.m_start, step.head, batch, q_full(slot));
+                    tma_load(q_tile(slot) + c * Q_CHUNK_BYTES, q_map, c * SWIZZLE_COLS, q_first() + step.m_start, step.head, tensor_batch,
+                             q_full(slot));
                 }
                 bulk_load(smem_addr(stats_smem + slot * BLOCK_M),
-                          row_stats + ((long long)batch * heads_q + step.head) * dq_rows_padded + step.m_start, STATS_BYTES, q_full(slot));
+                          row_stats + padded_base(step.head) + step.m_start, STATS_BYTES, q_full(slot));
                 mbarrier_expect_bytes(do_full(slot), DO_TILE_BYTES);
 #pragma unroll
                 for (int c = 0; c < DV / SWIZZLE_COLS; ++c) {
-                    tma_load(do_tile(slot) + c * Q_CHUNK_BYTES, do_map, c * SWIZZLE_COLS, step.m_start, step.head, batch, do_full(slot));
+                    tma_load(do_tile(slot) + c * Q_CHUNK_BYTES, do_map, c * SWIZZLE_COLS, q_first() + step.m_start, step.head, tensor_batch,
+                             do_full(slot));
                 }
             }
         }
@@ -711,7 +726,7 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
         fence_async_shared();
         named_barrier(2 + group, 128);
         if (group_thread == 0) {
-            const long long tile = (((long long)batch * heads_q + head) * dq_rows_padded + m_start + dq_row0) / 64 * (D / 64)
+            const long long tile = (padded_base(head) + m_start + dq_row0) / 64 * (D / 64)
                                    + dq_col0 / 64;
             bulk_reduce_add_f32(dq_accum + tile * (DQ_PART_BYTES / 4), dq_stage, DQ_PART_BYTES);
             bulk_commit();
@@ -721,8 +736,9 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
 
     // dK = scale * dS^T Q (dS is the gradient of the scaled scores); rows past seqlen_k are not stored.
     const int rows_left = seqlen_k - n_start - warp_key0;
-    store_rows(acc_dk, scale, dk + batch * dk_stride_b + kv_head * dk_stride_h + (long long)(n_start + warp_key0) * dk_stride_s,
+    const long long key0 = k_first() + n_start;                              // the tile's first row in dK, dV
+    store_rows(acc_dk, scale, dk + tensor_batch * dk_stride_b + kv_head * dk_stride_h + (key0 + warp_key0) * dk_stride_s,
                dk_stride_s, rows_left, HEAD_DIM, lane);
-    store_rows(acc_dv, 1.f, dv + batch * dv_stride_b + kv_head * dv_stride_h + (long long)(n_start + warp_key0) * dv_stride_s,
+    store_rows(acc_dv, 1.f, dv + tensor_batch * dv_stride_b + kv_head * dv_stride_h + (key0 + warp_key0) * dv_stride_s,
                dv_stride_s, rows_left, HEAD_DIM_V, lane);
 }

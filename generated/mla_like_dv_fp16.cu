@@ -462,9 +462,16 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const unsigned k_smem = q_smem + Q_TILE_BYTES;                        // STAGES x [BLOCK_N][K_STRIDE]
     const unsigned v_smem = k_smem + STAGES * K_TILE_BYTES;               // STAGES x [BLOCK_N][V_STRIDE]
 
-    // Heavy query tiles first: under causal masking (and causal-like patterns) the last tiles see the most keys.
+    // Heavy tiles first: under causal masking (and causal-like patterns) the last query tiles see the most keys.
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int head = blockIdx.y, batch = blockIdx.z;
+    const int column = blockIdx.y, batch = blockIdx.z;                  // column: the grid's head (and chunk)
+    auto q_first = [] { return 0; };                                     // the batch entry's first rows in q, k
+    auto k_first = [] { return 0; };
+    [[maybe_unused]] const int tensor_batch = batch;                     // its index in the tensors' batch dim
+    // Query row i of head h of this batch entry in lse and delta: stats_base(h) + i.
+    [[maybe_unused]] auto stats_base = [&](int h) { return ((long long)batch * heads_q + h) * seqlen_q; };
+
+    const int head = column;
     const int kv_head = head / group_size;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int warp_row0 = warp * WARP_ROWS;                               // this warp's rows in the tile
@@ -477,9 +484,9 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     ctx.seqlen_k = seqlen_k;
     ctx.num_heads = heads_q;
 
-    const elem_t* q_tile = q + batch * q_stride_b + head * q_stride_h + m_start * q_stride_s;
-    const elem_t* k_head = k + batch * k_stride_b + kv_head * k_stride_h;
-    const elem_t* v_head = v + batch * v_stride_b + kv_head * v_stride_h;
+    const elem_t* q_tile = q + tensor_batch * q_stride_b + head * q_stride_h + (long long)(q_first() + m_start) * q_stride_s;
+    const elem_t* k_head = k + tensor_batch * k_stride_b + kv_head * k_stride_h;
+    const elem_t* v_head = v + tensor_batch * v_stride_b + kv_head * v_stride_h;
 
     // Key tiles this query tile visits; the first n_unmasked need no element-wise mask.
     const int causal_offset = seqlen_k - seqlen_q;                       // bottom-right alignment
@@ -503,13 +510,13 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
         if (j < n_tiles) {
             const int tile = kv_tile_of(j);
             load_tile<BLOCK_N, D, K_STRIDE, HEAD_DIM>(k_smem + slot * K_TILE_BYTES,
-                k_head + (long long)tile * BLOCK_N * k_stride_s, k_stride_s, seqlen_k - tile * BLOCK_N, tid);
+                k_head + (long long)(k_first() + tile * BLOCK_N) * k_stride_s, k_stride_s, seqlen_k - tile * BLOCK_N, tid);
         }
         cp_async_commit();
         if (j < n_tiles) {
             const int tile = kv_tile_of(j);
             load_tile<BLOCK_N, DV, V_STRIDE, HEAD_DIM_V>(v_smem + slot * V_TILE_BYTES,
-                v_head + (long long)tile * BLOCK_N * v_stride_s, v_stride_s, seqlen_k - tile * BLOCK_N, tid);
+                v_head + (long long)(k_first() + tile * BLOCK_N) * v_stride_s, v_stride_s, seqlen_k - tile * BLOCK_N, tid);
         }
         cp_async_commit();
     };
@@ -552,7 +559,8 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     cp_async_wait<0>();
     __syncthreads();
 
-    write_output(acc_o, stats, reinterpret_cast<elem_t*>(smem_raw), o + batch * o_stride_b + head * o_stride_h + m_start * o_stride_s, o_stride_s,
-                 lse + ((long long)batch * heads_q + head) * seqlen_q + m_start, seqlen_q - m_start,
+    write_output(acc_o, stats, reinterpret_cast<elem_t*>(smem_raw),
+                 o + tensor_batch * o_stride_b + head * o_stride_h + (long long)(q_first() + m_start) * o_stride_s, o_stride_s,
+                 lse + stats_base(head) + m_start, seqlen_q - m_start,
                  scale_log2, warp_row0, lane);
 }

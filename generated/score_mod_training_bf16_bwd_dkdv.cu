@@ -13,7 +13,7 @@
 // plan (sm_90):
 //   arch:                sm_90
 //   kind:                dkdv
-//   block_m:             32
+//   block_m:             64
 //   block_n:             128
 //   warps:               8
 //   stages:              3
@@ -22,8 +22,8 @@
 //   head_dim_padded:     64
 //   head_dim_v_padded:   64
 //   smem_row_pad:        8
-//   smem_bytes:          75520
-//   regs_estimate:       170
+//   smem_bytes:          112128
+//   regs_estimate:       224
 //   ctas_per_sm:         1
 //   matmul_factor:       2.5
 //   fused_dq:            True
@@ -46,7 +46,7 @@ constexpr int HEAD_DIM   = 64;   // as given
 constexpr int HEAD_DIM_V = 64;
 constexpr int D          = 64;   // padded to the mma k-step; padding is zero-filled
 constexpr int DV         = 64;
-constexpr int BLOCK_M    = 32;   // query rows per step
+constexpr int BLOCK_M    = 64;   // query rows per step
 constexpr int BLOCK_N    = 128;   // key rows per CTA
 constexpr int WARPS      = 8;
 constexpr int STAGES     = 3;   // streamed tiles in flight
@@ -485,8 +485,9 @@ score_mod_training_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __
     const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     const int i = row % seqlen_q, head = row / seqlen_q % heads_q, batch = row / seqlen_q / heads_q;
-    const elem_t* o_row = o + batch * o_stride_b + i * o_stride_s + head * o_stride_h;
-    const elem_t* do_row = dout + batch * do_stride_b + i * do_stride_s + head * do_stride_h;
+    constexpr int q_first = 0;
+    const elem_t* o_row = o + batch * o_stride_b + (long long)(q_first + i) * o_stride_s + head * o_stride_h;
+    const elem_t* do_row = dout + batch * do_stride_b + (long long)(q_first + i) * do_stride_s + head * do_stride_h;
     float sum = 0.f;
     if constexpr (GLOBAL_VECTOR == 8) {          // pairs of columns, 4-byte loads
         for (int col = lane * 2; col < HEAD_DIM_V; col += 64) {
@@ -519,7 +520,7 @@ score_mod_training_bf16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_
     const int s = (int)(row % seqlen_q), head = (int)(row / seqlen_q % heads_q), batch = (int)(row / seqlen_q / heads_q);
     const float* x = dq_accum + dq_accum_offset(((long long)batch * heads_q + head) * rows_padded, s, col);
     const unsigned pair = pack2(x[0] * scale, x[1] * scale);        // x[1] past HEAD_DIM: the buffer's zero padding
-    elem_t* const to = dq + batch * dq_stride_b + s * dq_stride_s + head * dq_stride_h + col;
+    elem_t* const to = dq + batch * dq_stride_b + (long long)s * dq_stride_s + head * dq_stride_h + col;
     if constexpr (GLOBAL_VECTOR == 8) {
         *reinterpret_cast<unsigned*>(to) = pair;
     } else {                                                         // 2-byte aligned rows: element stores, real columns only
@@ -551,7 +552,14 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
     constexpr int N_CHUNKS = (D > DV ? D : DV) / CHUNK;
 
     const int n_block = blockIdx.x;
-    const int kv_head = blockIdx.y / N_CHUNKS, chunk = blockIdx.y % N_CHUNKS, batch = blockIdx.z;
+    const int column = blockIdx.y, batch = blockIdx.z;                  // column: the grid's head (and chunk)
+    auto q_first = [] { return 0; };                                     // the batch entry's first rows in q, k
+    auto k_first = [] { return 0; };
+    [[maybe_unused]] const int tensor_batch = batch;                     // its index in the tensors' batch dim
+    // Query row i of head h of this batch entry in lse and delta: stats_base(h) + i.
+    [[maybe_unused]] auto stats_base = [&](int h) { return ((long long)batch * heads_q + h) * seqlen_q; };
+
+    const int kv_head = column / N_CHUNKS, chunk = column % N_CHUNKS;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int warp_row0 = warp * 16, n_start = n_block * BLOCK_N;
 
@@ -564,6 +572,9 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
     ctx.num_heads = heads_q;
     ctx.softmax_scale = softmax_scale;
     ctx.temperature = temperature;
+
+    // Head h's rows of this batch entry in the padded buffers ([batch][heads][rows padded]).
+    auto padded_base = [&](int h) { return ((long long)batch * heads_q + h) * dq_rows_padded; };
 
     // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
@@ -592,9 +603,9 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
         const int head = step.head, m_start = step.m_start;
         if (j < n_steps) {
             load_tile<BLOCK_M, D, Q_STRIDE, HEAD_DIM>(q_smem + slot * Q_TILE_BYTES,
-                q + batch * q_stride_b + head * q_stride_h + (long long)m_start * q_stride_s, q_stride_s, seqlen_q - m_start, tid);
+                q + tensor_batch * q_stride_b + head * q_stride_h + (long long)(q_first() + m_start) * q_stride_s, q_stride_s, seqlen_q - m_start, tid);
             // (rows past the end are zero-filled; the step gives them P = 0 below)
-            const long long stats = ((long long)batch * heads_q + head) * seqlen_q + m_start;
+            const long long stats = stats_base(head) + m_start;
             for (int row = tid; row < BLOCK_M; row += THREADS) {
                 const bool valid = row < seqlen_q - m_start;
                 cp_async_4(smem_addr(lse_smem + slot * BLOCK_M + row), lse + stats + (valid ? row : 0), valid);
@@ -604,14 +615,15 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
         cp_async_commit();
         if (j < n_steps) {
             load_tile<BLOCK_M, DV, DO_STRIDE, HEAD_DIM_V>(do_smem + slot * DO_TILE_BYTES,
-                dout + batch * do_stride_b + head * do_stride_h + (long long)m_start * do_stride_s, do_stride_s, seqlen_q - m_start, tid);
+                dout + tensor_batch * do_stride_b + head * do_stride_h + (long long)(q_first() + m_start) * do_stride_s, do_stride_s, seqlen_q - m_start, tid);
         }
         cp_async_commit();
     };
 
-    load_tile<BLOCK_N, D, K_STRIDE, HEAD_DIM>(k_smem, k + batch * k_stride_b + kv_head * k_stride_h + (long long)n_start * k_stride_s,
+    const long long key0 = k_first() + n_start;                              // the tile's first row in k, v, dK, dV
+    load_tile<BLOCK_N, D, K_STRIDE, HEAD_DIM>(k_smem, k + tensor_batch * k_stride_b + kv_head * k_stride_h + key0 * k_stride_s,
                                               k_stride_s, seqlen_k - n_start, tid);
-    load_tile<BLOCK_N, DV, V_STRIDE, HEAD_DIM_V>(v_smem, v + batch * v_stride_b + kv_head * v_stride_h + (long long)n_start * v_stride_s,
+    load_tile<BLOCK_N, DV, V_STRIDE, HEAD_DIM_V>(v_smem, v + tensor_batch * v_stride_b + kv_head * v_stride_h + key0 * v_stride_s,
                                                  v_stride_s, seqlen_k - n_start, tid);
     cp_async_commit();
 #pragma unroll
@@ -667,7 +679,7 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
         }
         __syncthreads();                                                 // every warp's keys of dS^T
         if (has_dk) {   // this chunk's columns of dQ (the buffer is scaled when converted)
-            add_dq(dq_accum + (((long long)batch * heads_q + head) * dq_rows_padded + m_start) * D + chunk * CHUNK,
+            add_dq(dq_accum + (padded_base(head) + m_start) * D + chunk * CHUNK,
                    ds_smem, k_smem + chunk * CHUNK * 2, warp, lane);
         }
     }
@@ -675,11 +687,11 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
 
     const int rows_left = seqlen_k - n_start - warp_row0;
     if (has_dk) {   // dK = scale * dS^T Q (dS is the gradient of the scaled scores)
-        store_rows(acc_dk, scale, dk + batch * dk_stride_b + kv_head * dk_stride_h + (long long)(n_start + warp_row0) * dk_stride_s
+        store_rows(acc_dk, scale, dk + tensor_batch * dk_stride_b + kv_head * dk_stride_h + (key0 + warp_row0) * dk_stride_s
                    + chunk * CHUNK, dk_stride_s, rows_left, HEAD_DIM - chunk * CHUNK, lane);
     }
     if (has_dv) {
-        store_rows(acc_dv, 1.f, dv + batch * dv_stride_b + kv_head * dv_stride_h + (long long)(n_start + warp_row0) * dv_stride_s
+        store_rows(acc_dv, 1.f, dv + tensor_batch * dv_stride_b + kv_head * dv_stride_h + (key0 + warp_row0) * dv_stride_s
                    + chunk * CHUNK, dv_stride_s, rows_left, HEAD_DIM_V - chunk * CHUNK, lane);
     }
 }

@@ -437,8 +437,9 @@ sliding_window_bf16_bwd_delta(const elem_t* __restrict__ o, const elem_t* __rest
     const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     const int i = row % seqlen_q, head = row / seqlen_q % heads_q, batch = row / seqlen_q / heads_q;
-    const elem_t* o_row = o + batch * o_stride_b + i * o_stride_s + head * o_stride_h;
-    const elem_t* do_row = dout + batch * do_stride_b + i * do_stride_s + head * do_stride_h;
+    constexpr int q_first = 0;
+    const elem_t* o_row = o + batch * o_stride_b + (long long)(q_first + i) * o_stride_s + head * o_stride_h;
+    const elem_t* do_row = dout + batch * do_stride_b + (long long)(q_first + i) * do_stride_s + head * do_stride_h;
     float sum = 0.f;
     if constexpr (GLOBAL_VECTOR == 8) {          // pairs of columns, 4-byte loads
         for (int col = lane * 2; col < HEAD_DIM_V; col += 64) {
@@ -471,8 +472,16 @@ sliding_window_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restric
     constexpr int N_CHUNKS = D / CHUNK;
     constexpr int TILE_LIST_OFFSET = Q_TILE_BYTES + DO_TILE_BYTES + STAGES * (K_TILE_BYTES + V_TILE_BYTES);
 
+    // Heavy tiles first: under causal masking (and causal-like patterns) the last query tiles see the most keys.
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int head = blockIdx.y / N_CHUNKS, chunk = blockIdx.y % N_CHUNKS, batch = blockIdx.z;
+    const int column = blockIdx.y, batch = blockIdx.z;                  // column: the grid's head (and chunk)
+    auto q_first = [] { return 0; };                                     // the batch entry's first rows in q, k
+    auto k_first = [] { return 0; };
+    [[maybe_unused]] const int tensor_batch = batch;                     // its index in the tensors' batch dim
+    // Query row i of head h of this batch entry in lse and delta: stats_base(h) + i.
+    [[maybe_unused]] auto stats_base = [&](int h) { return ((long long)batch * heads_q + h) * seqlen_q; };
+
+    const int head = column / N_CHUNKS, chunk = column % N_CHUNKS;
     const int kv_head = head / group_size;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int warp_row0 = warp * 16, m_start = m_block * BLOCK_M;
@@ -484,8 +493,8 @@ sliding_window_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restric
     ctx.seqlen_k = seqlen_k;
     ctx.num_heads = heads_q;
 
-    const elem_t* k_head = k + batch * k_stride_b + kv_head * k_stride_h;
-    const elem_t* v_head = v + batch * v_stride_b + kv_head * v_stride_h;
+    const elem_t* k_head = k + tensor_batch * k_stride_b + kv_head * k_stride_h;
+    const elem_t* v_head = v + tensor_batch * v_stride_b + kv_head * v_stride_h;
 
     // Key tiles this query tile visits (as the forward); the first n_unmasked need no mask.
     const int causal_offset = seqlen_k - seqlen_q;
@@ -510,20 +519,21 @@ sliding_window_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restric
         if (j < n_tiles) {
             const int tile = kv_tile_of(j);
             load_tile<BLOCK_N, D, K_STRIDE, HEAD_DIM>(k_smem + slot * K_TILE_BYTES,
-                k_head + (long long)tile * BLOCK_N * k_stride_s, k_stride_s, seqlen_k - tile * BLOCK_N, tid);
+                k_head + (long long)(k_first() + tile * BLOCK_N) * k_stride_s, k_stride_s, seqlen_k - tile * BLOCK_N, tid);
         }
         cp_async_commit();
         if (j < n_tiles) {
             const int tile = kv_tile_of(j);
             load_tile<BLOCK_N, DV, V_STRIDE, HEAD_DIM_V>(v_smem + slot * V_TILE_BYTES,
-                v_head + (long long)tile * BLOCK_N * v_stride_s, v_stride_s, seqlen_k - tile * BLOCK_N, tid);
+                v_head + (long long)(k_first() + tile * BLOCK_N) * v_stride_s, v_stride_s, seqlen_k - tile * BLOCK_N, tid);
         }
         cp_async_commit();
     };
 
-    load_tile<BLOCK_M, D, Q_STRIDE, HEAD_DIM>(q_smem, q + batch * q_stride_b + head * q_stride_h + m_start * q_stride_s,
+    const long long row0 = q_first() + m_start;                              // the tile's first row in q, dO, dQ
+    load_tile<BLOCK_M, D, Q_STRIDE, HEAD_DIM>(q_smem, q + tensor_batch * q_stride_b + head * q_stride_h + row0 * q_stride_s,
                                               q_stride_s, seqlen_q - m_start, tid);
-    load_tile<BLOCK_M, DV, DO_STRIDE, HEAD_DIM_V>(do_smem, dout + batch * do_stride_b + head * do_stride_h + m_start * do_stride_s,
+    load_tile<BLOCK_M, DV, DO_STRIDE, HEAD_DIM_V>(do_smem, dout + tensor_batch * do_stride_b + head * do_stride_h + row0 * do_stride_s,
                                                   do_stride_s, seqlen_q - m_start, tid);
     cp_async_commit();
 #pragma unroll
@@ -533,7 +543,7 @@ sliding_window_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restric
     // exist, so P = 0 there) and delta, broadcast to the accumulator layout.
     float lse_log2[BLOCK_N / 8][4], delta_rows[BLOCK_N / 8][4];
     {
-        const long long stats = ((long long)batch * heads_q + head) * seqlen_q + m_start;
+        const long long stats = stats_base(head) + m_start;
         float row_lse[2], row_delta[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -581,6 +591,6 @@ sliding_window_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restric
     cp_async_wait<0>();
 
     // dQ = scale * dS K (dS is the gradient of the scaled scores).
-    store_rows(acc_dq, scale, dq + batch * dq_stride_b + head * dq_stride_h + (long long)(m_start + warp_row0) * dq_stride_s + chunk * CHUNK,
+    store_rows(acc_dq, scale, dq + tensor_batch * dq_stride_b + head * dq_stride_h + (row0 + warp_row0) * dq_stride_s + chunk * CHUNK,
                dq_stride_s, seqlen_q - m_start - warp_row0, HEAD_DIM - chunk * CHUNK, lane);
 }

@@ -533,9 +533,16 @@ softcap_alibi_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_con
     auto k_empty = [&](int slot) { return q_full + 8 * (1 + 2 * STAGES + slot); };
     auto v_empty = [&](int slot) { return q_full + 8 * (1 + 3 * STAGES + slot); };
 
-    // Heavy query tiles first: under causal masking (and causal-like patterns) the last tiles see the most keys.
+    // Heavy tiles first: under causal masking (and causal-like patterns) the last query tiles see the most keys.
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int head = blockIdx.y, batch = blockIdx.z;
+    const int column = blockIdx.y, batch = blockIdx.z;                  // column: the grid's head (and chunk)
+    auto q_first = [] { return 0; };                                     // the batch entry's first rows in q, k
+    auto k_first = [] { return 0; };
+    [[maybe_unused]] const int tensor_batch = batch;                     // its index in the tensors' batch dim
+    // Query row i of head h of this batch entry in lse and delta: stats_base(h) + i.
+    [[maybe_unused]] auto stats_base = [&](int h) { return ((long long)batch * heads_q + h) * seqlen_q; };
+
+    const int head = column;
     const int kv_head = head / group_size;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int m_start = m_block * BLOCK_M;
@@ -569,7 +576,7 @@ softcap_alibi_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_con
         // Q first: it does not depend on the key schedule, so its copy overlaps the building of the step list.
         mbarrier_expect_bytes(q_full, Q_TILE_BYTES);
 #pragma unroll
-        for (int c = 0; c < D / CHUNK; ++c) tma_load(q_smem + c * Q_CHUNK_BYTES, q_map, c * CHUNK, m_start, head, batch, q_full);
+        for (int c = 0; c < D / CHUNK; ++c) tma_load(q_smem + c * Q_CHUNK_BYTES, q_map, c * CHUNK, q_first() + m_start, head, tensor_batch, q_full);
     }
     // Dense schedule: key tiles 0 .. n_tiles-1 in order; only the tail and diagonal ones need a mask.
     auto kv_tile_of = [](int j) { return j; };
@@ -585,18 +592,18 @@ softcap_alibi_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_con
         if (tid == 0) {
             for (int j = 0; j < n_tiles; ++j) {
                 const int slot = j % STAGES, round = j / STAGES;
-                const int key0 = kv_tile_of(j) * BLOCK_N;
+                const int key0 = k_first() + kv_tile_of(j) * BLOCK_N;           // keys past the sequence are masked
                 if (round > 0) mbarrier_wait(k_empty(slot), (round - 1) & 1);   // step j - STAGES read it
                 mbarrier_expect_bytes(k_full(slot), K_TILE_BYTES);
 #pragma unroll
                 for (int c = 0; c < D / CHUNK; ++c) {
-                    tma_load(k_smem + slot * K_TILE_BYTES + c * KV_CHUNK_BYTES, k_map, c * CHUNK, key0, kv_head, batch, k_full(slot));
+                    tma_load(k_smem + slot * K_TILE_BYTES + c * KV_CHUNK_BYTES, k_map, c * CHUNK, key0, kv_head, tensor_batch, k_full(slot));
                 }
                 if (round > 0) mbarrier_wait(v_empty(slot), (round - 1) & 1);
                 mbarrier_expect_bytes(v_full(slot), V_TILE_BYTES);
 #pragma unroll
                 for (int c = 0; c < DV / CHUNK; ++c) {
-                    tma_load(v_smem + slot * V_TILE_BYTES + c * KV_CHUNK_BYTES, v_map, c * CHUNK, key0, kv_head, batch, v_full(slot));
+                    tma_load(v_smem + slot * V_TILE_BYTES + c * KV_CHUNK_BYTES, v_map, c * CHUNK, key0, kv_head, tensor_batch, v_full(slot));
                 }
             }
         }
@@ -685,7 +692,8 @@ softcap_alibi_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_con
 
     named_barrier(1 + group, 128);                                       // the group's Q rows are free
     const int row0 = m_start + group_row0;
-    write_output(acc_o, stats, q_smem + group_row0 * 128, o + batch * o_stride_b + head * o_stride_h + row0 * o_stride_s,
-                 o_stride_s, lse + ((long long)batch * heads_q + head) * seqlen_q + row0, seqlen_q - row0, scale_log2,
+    write_output(acc_o, stats, q_smem + group_row0 * 128,
+                 o + tensor_batch * o_stride_b + head * o_stride_h + (long long)(q_first() + row0) * o_stride_s,
+                 o_stride_s, lse + stats_base(head) + row0, seqlen_q - row0, scale_log2,
                  group_thread, 1 + group);
 }

@@ -61,6 +61,31 @@ def test_every_variant_compiles_without_spills(d, dtype, causal, arch):
     assert (".f16.f16" if dtype == "fp16" else ".bf16.bf16") in binary.ptx
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("spec", [dict(head_dim=128, causal=True), dict(head_dim=64, head_dim_v=128, causal=True),
+                                  dict(head_dim=96, deterministic=True), dict(head_dim=33),
+                                  dict(head_dim=64, mask={"kind": "sliding_window", "left": 256, "right": 0},
+                                       softcap=30.0)], ids=lambda s: attngen.Spec(**s).name)
+def test_varlen_kernels_compile_without_spills(spec, arch):
+    """Every kernel of a varlen spec (forward, backward passes, with the schedule kernel beside each) builds
+    without spills; the schedule and the sequence lookups are in the sources."""
+    from attngen.api import plan_and_compile_backward
+    from attngen.planner.device import preset
+
+    spec = attngen.Spec(**spec, layout="varlen")
+    plan, source, binary = built(spec, arch)
+    assert binary.resources.spill_bytes == 0 and kernel_name(spec, "varlen_schedule") in binary.ptx
+    assert "cu_seqlens_q[batch + 1]" in source and "place_of(tile_start" in source
+
+    def compile_source(source, kind, target):
+        return nvrtc_compile(source, spec.name, target, kernel_name(spec, kind)), None
+
+    _, sources, results = plan_and_compile_backward(spec, preset(arch), compile_source)
+    for name, (binary, _) in results.items():
+        assert binary.resources.spill_bytes == 0, f"{name}: {binary.resources}"
+        assert kernel_name(spec, "varlen_schedule") in binary.ptx and "cu_seqlens_q" in sources[name]
+
+
 def test_uneven_head_dims_compile_without_spills():
     spec = attngen.Spec(head_dim=192, head_dim_v=128, dtype="bf16", causal=True)
     for arch in ("sm_80", "sm_90"):
@@ -307,7 +332,7 @@ def test_kernel_kinds_name_their_templates_and_suffixes():
 
     spec = attngen.Spec(head_dim=64, name="k")
     assert [kernel_name(spec, kind) for kind in KernelKind] == ["k_fwd", "k_bwd_dq", "k_bwd_dkdv", "k_bwd_delta",
-                                                                 "k_bwd_dq_convert"]
+                                                                 "k_bwd_dq_convert", "k_varlen_schedule"]
     assert KernelKind("backward_dkdv").template("wgmma") == "backward_dkdv_wgmma.cu.j2"
     assert KernelKind.FORWARD.template("mma_sync") == "forward.cu.j2"
     for kind in KernelKind:                       # every template a kind names exists

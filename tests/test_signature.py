@@ -36,6 +36,10 @@ SPECS = {
     "mask_mod": dict(head_dim=64, mask_mod="doc[q_idx] == doc[kv_idx]",
                      tensors={"doc": {"dtype": "int32", "shape": ["seqlen_k"]}}),
     "deterministic": dict(head_dim=64, causal=True, deterministic=True),
+    "varlen_causal_gqa": dict(head_dim=128, causal=True, num_heads=8, num_kv_heads=2, layout="varlen"),
+    "varlen_window_alibi": dict(head_dim=64, mask={"kind": "sliding_window", "left": 128, "right": 0}, alibi=True,
+                                layout="varlen"),
+    "varlen_deterministic_odd": dict(head_dim=40, head_dim_v=24, deterministic=True, layout="varlen"),
 }
 
 

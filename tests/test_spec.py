@@ -432,3 +432,19 @@ def test_default_names_carry_the_mask_parameters():
     assert name({"kind": "runtime", "block_size": 64, "element": {"kind": "causal"}}) == "attn_d64_bf16_runtime64_causal"
     long = name({"kind": "and", "of": [{"kind": "sliding_window", "left": 100 + i} for i in range(6)]})
     assert re.fullmatch(r"attn_d64_bf16_\w{1,40}", long)
+
+
+def test_varlen_layout_key():
+    spec = Spec(head_dim=64, causal=True, layout="varlen")
+    assert spec.layout == "varlen" and spec.name.endswith("_varlen")
+    assert Spec(head_dim=64).layout == "batch" and "varlen" not in Spec(head_dim=64).name
+    assert Spec.from_dict({"head_dim": 64, "layout": "varlen"}) == Spec(head_dim=64, layout="varlen")
+    with pytest.raises(SpecError, match="'layout'.*batch \\| varlen"):
+        Spec(head_dim=64, layout="packed")
+    with pytest.raises(SpecError, match="'mask'.*layout: varlen"):
+        Spec(head_dim=64, layout="varlen", mask={"kind": "runtime", "block_size": 64})
+    with pytest.raises(SpecError, match="'tensors'.*layout: varlen"):
+        Spec(head_dim=64, layout="varlen", mask_mod="doc[q_idx] == doc[kv_idx]",
+             tensors={"doc": {"dtype": "int32", "shape": ["seqlen_q"]}})
+    # a pattern is evaluated per sequence: allowed
+    assert Spec(head_dim=64, layout="varlen", mask={"kind": "sliding_window", "left": 64, "right": 0}).layout == "varlen"

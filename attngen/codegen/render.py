@@ -16,22 +16,23 @@ MMA_TYPES = {"bf16": "bf16", "fp16": "f16"}
 
 class KernelKind(str, Enum):
     """Which kernel: its entry template (the wgmma form where the plan's path is wgmma) and its name's suffix.
-    The helpers (delta, dQ conversion) have no template of their own: they are rendered beside an entry."""
+    The helpers (delta, dQ conversion, the varlen schedule) have no template of their own: they are rendered beside an entry."""
 
     FORWARD = "forward"
     BACKWARD_DQ = "backward_dq"
     BACKWARD_DKDV = "backward_dkdv"
     BACKWARD_DELTA = "backward_delta"
     BACKWARD_DQ_CONVERT = "backward_dq_convert"
+    VARLEN_SCHEDULE = "varlen_schedule"
 
     @property
     def suffix(self) -> str:
         return {"forward": "fwd", "backward_dq": "bwd_dq", "backward_dkdv": "bwd_dkdv", "backward_delta": "bwd_delta",
-                "backward_dq_convert": "bwd_dq_convert"}[self.value]
+                "backward_dq_convert": "bwd_dq_convert", "varlen_schedule": "varlen_schedule"}[self.value]
 
     def template(self, path: str) -> str:
         """The entry template of this kind on a kernel path ("mma_sync" | "wgmma")."""
-        if self in (KernelKind.BACKWARD_DELTA, KernelKind.BACKWARD_DQ_CONVERT) or (
+        if self in (KernelKind.BACKWARD_DELTA, KernelKind.BACKWARD_DQ_CONVERT, KernelKind.VARLEN_SCHEDULE) or (
                 path == "wgmma" and self is KernelKind.BACKWARD_DQ):
             raise ValueError(f"{self.value}: no entry template on the {path} path")
         return f"{self.value}_wgmma.cu.j2" if path == "wgmma" else f"{self.value}.cu.j2"
@@ -45,7 +46,8 @@ def render(spec: Spec, plan, kind: str = "forward") -> str:
     """The CUDA C source of one kernel (forward: a Plan; backward_dq / backward_dkdv: that BackwardPass of
     a BackwardPlan); a pure function of (spec, plan)."""
     template = environment().get_template(KernelKind(kind).template(plan.path))
-    spec_items = [(k, v) for k, v in spec.to_dict().items() if v is not None and v is not False]
+    spec_items = [(k, v) for k, v in spec.to_dict().items()
+                  if v is not None and v is not False and (k, v) != ("layout", "batch")]
     plan_items = list(plan.to_dict().items())
     plan_items = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in plan_items]
     variant = variant_of(spec)
@@ -57,4 +59,5 @@ def render(spec: Spec, plan, kind: str = "forward") -> str:
                            mask_mod=variant.mask_mod, score_mod_grad=variant.score_mod_grad if kind != "forward" else None,
                            probe=False, bwd=plan,
                            delta_kernel_name=kernel_name(spec, "backward_delta"),
-                           dq_convert_kernel_name=kernel_name(spec, "backward_dq_convert"))
+                           dq_convert_kernel_name=kernel_name(spec, "backward_dq_convert"),
+                           varlen_schedule_kernel_name=kernel_name(spec, "varlen_schedule"))

@@ -4,7 +4,9 @@ two cannot drift. A new per-call tensor is one Param here (or in its modifier) p
 
 Groups, in the order a kernel takes them:
 - the tensors (pointers, or tensor maps on the wgmma path) and their strides [batch, seq, head];
-- the sizes: seqlen_q, seqlen_k, heads_q, group_size, scale_log2 (and the backward's scale);
+- the sizes: seqlen_q, seqlen_k, heads_q, group_size, scale_log2 (and the backward's scale); a varlen
+  kernel takes cu_seqlens_q/k, its launch's schedule (tile_order, tile_start), batch_size and the total
+  rows instead of seqlen_q, seqlen_k;
 - a runtime BlockMask's block-CSR (query-major for the forward and dQ, kv-major for dK/dV);
 - the modifiers' parameters (modifiers.py), the pattern's block table, the named tensors.
 """
@@ -34,6 +36,11 @@ def maps(*names: str) -> tuple[Param, ...]:
 
 SIZES = (Param("int", "seqlen_q"), Param("int", "seqlen_k"), Param("int", "heads_q"), Param("int", "group_size"),
          Param("float", "scale_log2"))
+VARLEN_SIZES = (*pointers("const int*", "cu_seqlens_q", "cu_seqlens_k", "tile_order", "tile_start"),
+                Param("int", "batch_size"), Param("int", "total_q"), Param("int", "total_k"), *SIZES[2:])
+# a varlen sequence's rows in the padded per-row buffers (row stats, the dQ accumulator) start at
+# padded_tiles[b] * BLOCK_M (padded_tiles: the unsorted schedule of the query tiles)
+VARLEN_PADDED = (Param("const int*", "padded_tiles"),)
 QUERY_MAJOR_LAYOUT = (*pointers("const int*", "full_row_ptr", "full_cols", "partial_row_ptr", "partial_cols"),
                       Param("int", "mask_heads"), Param("int", "mask_q_blocks"))
 KV_MAJOR_LAYOUT = (*pointers("const int*", "full_col_ptr", "full_rows", "partial_col_ptr", "partial_rows"),
@@ -96,6 +103,10 @@ def _converter(param: Param):
     return np.uint64 if param.ctype.endswith("*") else _PACKERS[param.ctype]
 
 
+def sizes(variant: Variant) -> tuple[Param, ...]:
+    return VARLEN_SIZES if variant.varlen else SIZES
+
+
 def modifier_params(variant: Variant) -> tuple[Param, ...]:
     """The score modifiers' parameters, then the pattern's block table, then the named tensors."""
     return (*ActiveModifiers(variant).params(), *(BLOCK_TABLE if variant.block_table else ()),
@@ -110,19 +121,20 @@ def forward_signature(variant: Variant, wgmma: bool) -> Signature:
         inputs = (*pointers("const elem_t*", "q", "k", "v"), Param("elem_t*", "o"), Param("float*", "lse"),
                   *strides("q"), *strides("k"), *strides("v"))
     layout = QUERY_MAJOR_LAYOUT if variant.schedule == "runtime" else ()
-    return Signature((*inputs, *strides("o"), *SIZES, *layout, *modifier_params(variant)))
+    return Signature((*inputs, *strides("o"), *sizes(variant), *layout, *modifier_params(variant)))
 
 
 def backward_dq_signature(variant: Variant) -> Signature:
     layout = QUERY_MAJOR_LAYOUT if variant.schedule == "runtime" else ()
     return Signature((*pointers("const elem_t*", "q", "k", "v", "dout"), *pointers("const float*", "lse", "delta"),
                       Param("elem_t*", "dq"), *strides("q"), *strides("k"), *strides("v"), *strides("do"),
-                      *strides("dq"), *SIZES, Param("float", "scale"), *layout, *modifier_params(variant)))
+                      *strides("dq"), *sizes(variant), Param("float", "scale"), *layout, *modifier_params(variant)))
 
 
 def backward_dkdv_signature(variant: Variant, wgmma: bool, fused_dq: bool) -> Signature:
     """fused_dq: the pass also adds dQ into a zeroed fp32 buffer (always on the wgmma path)."""
-    fused = (Param("float*", "dq_accum"), Param("int", "dq_rows_padded")) if fused_dq else ()
+    fused = ((Param("float*", "dq_accum"), Param("int", "dq_rows_padded"), *(VARLEN_PADDED if variant.varlen else ()))
+             if fused_dq else ())
     grads = (*pointers("elem_t*", "dk", "dv"), *fused)
     if wgmma:
         inputs = (*maps("q", "k", "v", "do"), Param("const float2*", "row_stats"), *grads)
@@ -130,21 +142,37 @@ def backward_dkdv_signature(variant: Variant, wgmma: bool, fused_dq: bool) -> Si
         inputs = (*pointers("const elem_t*", "q", "k", "v", "dout"), *pointers("const float*", "lse", "delta"),
                   *grads, *strides("q"), *strides("k"), *strides("v"), *strides("do"))
     layout = KV_MAJOR_LAYOUT if variant.schedule == "runtime" else ()
-    return Signature((*inputs, *strides("dk"), *strides("dv"), *SIZES, Param("float", "scale"), *layout,
+    return Signature((*inputs, *strides("dk"), *strides("dv"), *sizes(variant), Param("float", "scale"), *layout,
                       *modifier_params(variant)))
 
 
-def backward_delta_signature(padded: bool) -> Signature:
+# a varlen helper finds a row's sequence: seqlen_q is then all rows (total_q), batch strides are 0
+VARLEN_ROWS = (Param("const int*", "cu_seqlens_q"), *VARLEN_PADDED, Param("int", "batch_size"))
+
+
+def backward_delta_signature(padded: bool, varlen: bool = False) -> Signature:
     """padded (the wgmma dK/dV pass): per query row (LSE in base 2, delta), rows padded to whole steps."""
     stats = ((Param("const float*", "lse"), Param("float2*", "row_stats")) if padded else (Param("float*", "delta"),))
     return Signature((*pointers("const elem_t*", "o", "dout"), *stats, *strides("o"), *strides("do"),
                       Param("int", "seqlen_q"), Param("int", "heads_q"),
-                      *((Param("int", "rows_padded"),) if padded else ()), Param("int", "rows")))
+                      *((Param("int", "rows_padded"),) if padded else ()), Param("int", "rows"),
+                      *(VARLEN_ROWS if padded and varlen else ())))
 
 
-DQ_CONVERT = Signature((Param("const float*", "dq_accum"), Param("elem_t*", "dq"), *strides("dq"),
-                        Param("int", "seqlen_q"), Param("int", "heads_q"), Param("int", "rows_padded"),
-                        Param("float", "scale"), Param("long long", "pairs")))
+def dq_convert_signature(varlen: bool = False) -> Signature:
+    return Signature((Param("const float*", "dq_accum"), Param("elem_t*", "dq"), *strides("dq"),
+                      Param("int", "seqlen_q"), Param("int", "heads_q"), Param("int", "rows_padded"),
+                      Param("float", "scale"), Param("long long", "pairs"), *(VARLEN_ROWS if varlen else ())))
+
+
+DQ_CONVERT = dq_convert_signature()
+
+# The varlen schedule (one CTA): the tiles of block_rows rows of each sequence of cu_tiles, the sequences
+# heaviest first by the lengths in cu_weight when sort is set; lengths are checked against the totals.
+VARLEN_SCHEDULE = Signature((*pointers("const int*", "cu_tiles", "cu_weight"), Param("int", "batch_size"),
+                             Param("int", "total_tiles_rows"), Param("int", "total_weight_rows"),
+                             Param("int", "block_rows"), Param("int", "sort"),
+                             *pointers("int*", "tile_order", "tile_start")))
 
 
 def kernel_signatures(kind: str, variant: Variant, plan) -> dict[str, Signature]:
@@ -152,13 +180,15 @@ def kernel_signatures(kind: str, variant: Variant, plan) -> dict[str, Signature]
     backward_dq, backward_dkdv) with `plan` (its Plan or BackwardPass), plus the helpers compiled beside it
     (the delta kernel; the dQ conversion beside a dK/dV pass that adds dQ with atomics)."""
     wgmma = plan.path == "wgmma"
+    schedule = {"varlen_schedule": VARLEN_SCHEDULE} if variant.varlen else {}
     if kind == "forward":
-        return {"forward": forward_signature(variant, wgmma)}
+        return {"forward": forward_signature(variant, wgmma), **schedule}
     if kind == "backward_dq":
-        return {"backward_dq": backward_dq_signature(variant), "backward_delta": backward_delta_signature(False)}
+        return {"backward_dq": backward_dq_signature(variant), "backward_delta": backward_delta_signature(False),
+                **schedule}
     fused = bool(plan.fused_dq)
-    found = {"backward_dkdv": backward_dkdv_signature(variant, wgmma, fused)}
+    found = {"backward_dkdv": backward_dkdv_signature(variant, wgmma, fused), **schedule}
     if fused:
-        found["backward_delta"] = backward_delta_signature(wgmma)
-        found["backward_dq_convert"] = DQ_CONVERT
+        found["backward_delta"] = backward_delta_signature(wgmma, variant.varlen)
+        found["backward_dq_convert"] = dq_convert_signature(variant.varlen)
     return found

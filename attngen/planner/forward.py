@@ -24,6 +24,9 @@ REG_OVERHEAD = 64             # addresses, loop counters, ldmatrix fragments in 
 REG_OVERHEAD_BLOCK_SPARSE = 8    # CSR row bounds and the step -> key-tile map (fitted to ptxas, sm_80/90)
 REG_PER_MASK_DIVISION = 4        # per integer division or remainder in the mask predicate
 REG_SCORE_MODS = 16              # scale, slope, the row/column of each score (fitted to ptxas, sm_80/90)
+REG_VARLEN = 16                  # a varlen CTA's sequence and tile come from memory, not from parameters and
+                                 # blockIdx that ptxas rematerialises: addresses derived from them stay live
+                                 # (fitted to ptxas, sm_90, mma.sync: +0 to +40 by tile)
 REG_ALLOC_GRANULE = 8         # registers are allocated per thread in units of 8
 SMEM_BYTES_PER_CLOCK = 128    # per SM
 
@@ -159,7 +162,7 @@ def regs_estimate(spec: Spec, block_n: int, m_tiles: int) -> int:
     """fp32 O accumulator, S tile and packed P per thread (16 rows x cols over 32 lanes each) plus overhead."""
     dim_v = round_up(spec.head_dim_v, 16)
     per_m_tile = dim_v // 2 + block_n // 2 + block_n // 4     # O acc + S + P (two 16-bit values per register)
-    return per_m_tile * m_tiles + REG_OVERHEAD + mask_registers(spec)
+    return per_m_tile * m_tiles + REG_OVERHEAD + mask_registers(spec) + (REG_VARLEN if spec.layout == "varlen" else 0)
 
 
 def mask_registers(spec: Spec) -> int:
@@ -372,6 +375,13 @@ def explain(spec: Spec, device: Device) -> str:
                      "head dims off the multiples of 8: element loads and stores up to the real head dim (rows "
                      "2-byte aligned; shared memory zero past it); no wgmma path"),
     ]
+    if spec.layout == "varlen":
+        lines += [
+            "layout varlen: packed q [total_q, heads, d], k/v [total_k, heads_kv, d], cu_seqlens [batch+1] on the GPU; "
+            "grid = heads x (ceil(total_q/block_m) + batch) CTAs (sized without reading cu_seqlens), a one-CTA "
+            "schedule kernel first places each sequence's tiles, longest key range first (causal: its last tiles "
+            f"first); each CTA binary-searches its place; regs + {REG_VARLEN} (mma_sync: the sequence is loaded, not "
+            "a parameter)"]
     if device.cc == 90:
         lines[3:3] = ["path   mma_sync (the formulas below) | wgmma (sm_90a: 1 loading + "
                       f"{WGMMA_COMPUTE_GROUPS} compute warpgroups, 1 CTA/SM):"]

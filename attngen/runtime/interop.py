@@ -34,3 +34,17 @@ def _view(name: str, x) -> TensorView:
         strides = tuple(s // itemsize for s in x.strides)
         return TensorView("cupy", x.data.ptr, tuple(x.shape), strides, dtype, x.device.id, x)
     raise TypeError(f"{name}: expected a torch CUDA tensor or a CuPy array, got {type(x).__name__}")
+
+
+def _empty_like(ref: TensorView, shape, dtype: str):
+    """An uninitialised array of `shape` in ref's library and on its device (torch: its caching allocator, on
+    the current stream)."""
+    if ref.kind == "torch":
+        import torch
+
+        tdtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int32": torch.int32}[dtype]
+        return torch.empty(shape, dtype=tdtype, device=ref.obj.device)
+    import cupy
+
+    with cupy.cuda.Device(ref.device):
+        return cupy.empty(shape, dtype={"fp16": cupy.float16, "fp32": cupy.float32, "int32": cupy.int32}[dtype])

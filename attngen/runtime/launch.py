@@ -12,15 +12,17 @@ import threading
 
 import numpy as np
 
+from ..codegen import render
 from ..codegen.compile import Binary
 from ..planner.forward import Plan
 from ..planner.forward import tile_list_bytes
 from ..spec import Spec
 from .tma import TensorMapArgument
 from .arguments import layout_args, modifier_args, stride_args
-from ..codegen.signature import forward_signature
-from .interop import TensorView, _view  # noqa: F401  (TensorView: the launchers' view of an input)
+from ..codegen.signature import VARLEN_SCHEDULE, forward_signature
+from .interop import TensorView, _empty_like, _view  # noqa: F401  (TensorView: the launchers' view of an input)
 from .uploads import stream_handle
+from .varlen import grid_tiles, packed, schedule, varlen_sizes
 from ..variant import variant_of
 
 ELEMENT_ALIGN = 8   # a vector kernel's cp.async moves 16 bytes = 8 elements: its row starts must be 16-byte
@@ -29,7 +31,11 @@ ELEMENT_ALIGN = 8   # a vector kernel's cp.async moves 16 bytes = 8 elements: it
 
 def check_inputs(spec: Spec, q, k, v):
     """Validate q, k, v against the spec and each other; return their views and the problem sizes."""
-    views = {name: _view(name, x) for name, x in (("q", q), ("k", k), ("v", v))}
+    return check_views(spec, {name: _view(name, x) for name, x in (("q", q), ("k", k), ("v", v))})
+
+
+def check_views(spec: Spec, views: dict):
+    """check_inputs on the views {"q": ..., "k": ..., "v": ...} of [batch, seqlen, heads, dim] inputs."""
     vector = variant_of(spec).global_vector            # elements per global access: ELEMENT_ALIGN or 1
     kinds = {vw.kind for vw in views.values()}
     if len(kinds) > 1:
@@ -72,16 +78,37 @@ def check_inputs(spec: Spec, q, k, v):
     return qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv)
 
 
-def _empty_like(ref: TensorView, shape, dtype: str):
-    if ref.kind == "torch":
-        import torch
-
-        tdtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-        return torch.empty(shape, dtype=tdtype, device=ref.obj.device)
-    import cupy
-
-    with cupy.cuda.Device(ref.device):
-        return cupy.empty(shape, dtype={"fp16": cupy.float16, "fp32": cupy.float32}[dtype])
+def check_varlen_inputs(spec, q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """Validate packed q, k, v and their cu_seqlens; return the packed views of q, k, v, the sizes (batch,
+    total_q, total_k, heads_q, heads_kv) and the views of cu_seqlens_q, cu_seqlens_k. The offsets' values
+    stay on the GPU: the schedule kernel checks them (bad offsets: no tile runs)."""
+    views = {name: _view(name, x) for name, x in (("q", q), ("k", k), ("v", v))}
+    for name, vw in views.items():
+        if len(vw.shape) != 3:
+            raise ValueError(f"{name}: expected 3 dims [total_tokens, heads, head_dim] (layout: varlen), "
+                             f"got shape {vw.shape}")
+    qv, kv, vv = views["q"], views["k"], views["v"]
+    if qv.shape[2] != spec.head_dim:
+        raise ValueError(f"q: head_dim {qv.shape[2]} differs from the built kernel's head_dim={spec.head_dim}")
+    if kv.shape[2] != spec.head_dim:
+        raise ValueError(f"k: expected shape [total_k, heads_kv, {spec.head_dim}], got {kv.shape}")
+    if vv.shape[:2] != kv.shape[:2] or vv.shape[2] != spec.head_dim_v:
+        raise ValueError(f"v: expected shape [{kv.shape[0]}, {kv.shape[1]}, {spec.head_dim_v}], got {vv.shape}")
+    cu = {name: _view(name, x) for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k))}
+    for name, cv in cu.items():
+        if cv.kind != qv.kind or cv.device != qv.device:
+            raise ValueError(f"{name}: expected a {qv.kind} array on device {qv.device} (q's), got a {cv.kind} "
+                             f"array on device {cv.device}")
+        if cv.dtype not in ("int32", "torch.int32") or len(cv.shape) != 1 or cv.strides != (1,) or cv.shape[0] < 2:
+            raise ValueError(f"{name}: expected a contiguous int32 array [batch + 1] (batch >= 1), got "
+                             f"{cv.dtype} of shape {list(cv.shape)}")
+    if cu["cu_seqlens_q"].shape != cu["cu_seqlens_k"].shape:
+        raise ValueError(f"cu_seqlens_q, cu_seqlens_k: expected one length (batch + 1), got "
+                         f"{cu['cu_seqlens_q'].shape[0]} and {cu['cu_seqlens_k'].shape[0]}")
+    views4 = {name: packed(vw) for name, vw in views.items()}
+    qv4, kv4, vv4, (_, total_q, total_k, heads_q, heads_kv) = check_views(spec, views4)
+    batch = cu["cu_seqlens_q"].shape[0] - 1
+    return qv4, kv4, vv4, (batch, total_q, total_k, heads_q, heads_kv), cu["cu_seqlens_q"], cu["cu_seqlens_k"]
 
 
 def _current_stream(ref: TensorView):
@@ -189,6 +216,8 @@ class Kernel:
         # a remembered launch (ArgumentBlock) swaps the first five arguments: the inputs and the outputs
         assert self.signature.names[:5] in (("q", "k", "v", "o", "lse"), ("q_map", "k_map", "v_map", "o", "lse"))
         self._fallback = fallback
+        if self.variant.varlen:
+            self._schedule = self._module.get_function(render.kernel_name(spec, render.KernelKind.VARLEN_SCHEDULE))
 
     @property
     def resources(self):
@@ -200,18 +229,29 @@ class Kernel:
                 f"{p.stages} stages, {p.smem_bytes} B smem, {self.resources.registers} regs>")
 
     def __call__(self, q, k, v, *, scale: float | None = None, out=None, lse=None, block_mask=None,
-                 alibi_slopes=None, tensors=None):
+                 alibi_slopes=None, tensors=None, cu_seqlens_q=None, cu_seqlens_k=None):
         """Return (out, lse). `out` [b, sq, hq, head_dim_v] and `lse` [b, hq, sq] fp32 may be given to write into.
         A `mask: {kind: runtime}` spec takes a BlockMask; an alibi spec may take its slopes ([heads_q] or
         [batch, heads_q] fp32; default: ALiBi's standard slopes); a spec with named tensors takes them
-        as tensors={name: array}."""
+        as tensors={name: array}. A `layout: varlen` spec takes packed q [total_q, hq, d], k, v [total_k, hkv, d]
+        with cu_seqlens_q/k (int32 [batch + 1]): out is [total_q, hq, head_dim_v], lse [hq, total_q]."""
+        varlen = self.variant.varlen
         fast = out is None and lse is None and block_mask is None and alibi_slopes is None and tensors is None
         signature = _torch_signature(q, k, v, scale) if fast and self._signature_ok else None
         if signature is not None:
             block = self._signatures.get(signature)
             if block is not None:
                 return self._launch_again(block, q, k, v)
-        qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv) = check_inputs(self.spec, q, k, v)
+        if varlen:
+            if cu_seqlens_q is None or cu_seqlens_k is None:
+                raise ValueError("cu_seqlens_q, cu_seqlens_k: this kernel's layout is varlen; give both")
+            qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv), cu_q, cu_k = check_varlen_inputs(
+                self.spec, q, k, v, cu_seqlens_q, cu_seqlens_k)
+        else:
+            if cu_seqlens_q is not None or cu_seqlens_k is not None:
+                raise ValueError("cu_seqlens_q: this kernel was built for the batch layout; build a spec with "
+                                 "layout: varlen (attngen.attention_varlen does)")
+            qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv) = check_inputs(self.spec, q, k, v)
         scale = self.spec.softmax_scale if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
@@ -221,7 +261,9 @@ class Kernel:
             **modifier_args(self.spec, self.variant, scale, alibi_slopes, tensors, (batch, heads_q, seqlen_q, seqlen_k),
                             qv, keep),
         }
-        out_shape, lse_shape = (batch, seqlen_q, heads_q, self.spec.head_dim_v), (batch, heads_q, seqlen_q)
+        # (varlen: seqlen_q and seqlen_k are the total rows; out and lse have no batch dim)
+        out_shape = (batch, seqlen_q, heads_q, self.spec.head_dim_v)[varlen:]
+        lse_shape = (batch, heads_q, seqlen_q)[varlen:]
         out = _empty_like(qv, out_shape, self.spec.dtype) if out is None else out
         lse = _empty_like(qv, lse_shape, "fp32") if lse is None else lse
         ov, lv = _view("out", out), _view("lse", lse)
@@ -230,12 +272,17 @@ class Kernel:
                 or any(s % vector for s in ov.strides[:-1]) or ov.ptr % (2 * vector) or ov.device != qv.device:
             raise ValueError(f"out: expected a {qv.kind} {self.spec.dtype} array of shape {out_shape} on device "
                              f"{qv.device}, last dim contiguous, rows {2 * vector}-byte aligned")
-        lse_strides = (heads_q * seqlen_q, seqlen_q, 1)
+        if varlen:
+            ov = packed(ov)
+        lse_strides = (heads_q * seqlen_q, seqlen_q, 1)[varlen:]
         if lv.kind != qv.kind or lv.shape != lse_shape or lv.dtype not in ("float32", "torch.float32") \
                 or lv.strides != lse_strides or lv.device != qv.device:
             raise ValueError(f"lse: expected a contiguous {qv.kind} float32 array of shape {lse_shape} on device {qv.device}")
         p = self.plan
-        grid = (math.ceil(seqlen_q / p.block_m), heads_q, batch)
+        if varlen:      # CTAs over (head, scheduled tile), heads fastest
+            grid = (heads_q * grid_tiles(seqlen_q, batch, p.block_m), 1, 1)
+        else:
+            grid = (math.ceil(seqlen_q / p.block_m), heads_q, batch)
         if p.path == "wgmma":     # q, k, v reach the kernel as tensor maps (their strides inside)
             layouts = (qv.shape, qv.strides, kv.shape, kv.strides, vv.shape, vv.strides)
             try:
@@ -251,24 +298,31 @@ class Kernel:
                                      "build the kernel with path='mma_sync'") from None
                 self._untileable.add(layouts)    # later calls skip the encoding attempt
                 return self._fallback()(q, k, v, scale=scale, out=out, lse=lse, block_mask=block_mask,
-                                        alibi_slopes=alibi_slopes, tensors=tensors)
+                                        alibi_slopes=alibi_slopes, tensors=tensors, cu_seqlens_q=cu_seqlens_q,
+                                        cu_seqlens_k=cu_seqlens_k)
         else:
             inputs = {"q": qv.ptr, "k": kv.ptr, "v": vv.ptr, **stride_args("q", qv), **stride_args("k", kv),
                       **stride_args("v", vv)}
-        args = self.signature.pack({
-            **inputs, "o": ov.ptr, "lse": lv.ptr, **stride_args("o", ov),
-            "seqlen_q": seqlen_q, "seqlen_k": seqlen_k, "heads_q": heads_q, "group_size": heads_q // heads_kv,
-            # Modified scores are already in natural units; otherwise the kernel scales raw q.k.
-            "scale_log2": (1.0 if self.variant.score_mods else scale) * math.log2(math.e),
-            **extra_args,
-        })
+        sizes = {"seqlen_q": seqlen_q, "seqlen_k": seqlen_k}
         smem = p.smem_bytes + tile_list_bytes(self.spec, p.warps, p.block_n, seqlen_k)
         import cupy
 
-        block = ArgumentBlock(self._handle, grid, (p.threads, 1, 1), smem, args)
         with cupy.cuda.Device(qv.device):
-            if smem > p.smem_bytes:                  # the tile list grows with seqlen_k
+            if smem > p.smem_bytes:                  # the tile list grows with seqlen_k (varlen: the total)
                 ensure_dynamic_smem(self._function, smem, f"k: seqlen_k={seqlen_k} needs")
+            if varlen:                               # the schedule, on the stream the kernel reads it on
+                with _current_stream(qv):
+                    order, start = schedule(self._schedule, VARLEN_SCHEDULE, qv, cu_q, cu_k, batch,
+                                            (seqlen_q, seqlen_k), p.block_m, True, keep)
+                sizes = varlen_sizes(cu_q, cu_k, order, start, batch, seqlen_q, seqlen_k)
+            args = self.signature.pack({
+                **inputs, "o": ov.ptr, "lse": lv.ptr, **stride_args("o", ov), **sizes,
+                "heads_q": heads_q, "group_size": heads_q // heads_kv,
+                # Modified scores are already in natural units; otherwise the kernel scales raw q.k.
+                "scale_log2": (1.0 if self.variant.score_mods else scale) * math.log2(math.e),
+                **extra_args,
+            })
+            block = ArgumentBlock(self._handle, grid, (p.threads, 1, 1), smem, args)
             block.launch(_stream_handle(qv))
         if signature is not None:
             if len(self._signatures) >= MAX_SIGNATURES:
@@ -280,9 +334,9 @@ class Kernel:
     @property
     def _signature_ok(self) -> bool:
         """Whether a launch is fixed by the input signature alone: no block layout, ALiBi slopes, block
-        table or named tensors, whose device arrays a remembered block would point at."""
+        table, named tensors or varlen schedule, whose device arrays a remembered block would point at."""
         v = self.variant
-        return v.schedule != "runtime" and not v.alibi and not v.block_table and not v.tensors
+        return not v.varlen and v.schedule != "runtime" and not v.alibi and not v.block_table and not v.tensors
 
     def _launch_again(self, block, q, k, v):
         """A call whose signature was launched before: all it checks is the pointers' alignment."""

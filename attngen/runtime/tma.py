@@ -48,7 +48,9 @@ class TensorMapArgument:
         self._dtype = DATA_TYPES[dtype]
         # innermost first: (dim, seqlen, heads, batch); strides of the outer three in bytes
         self._dims = (ctypes.c_uint64 * 4)(dim, seqlen, heads, batch)
-        self._strides = (ctypes.c_uint64 * 3)(strides[1] * elem, strides[2] * elem, strides[0] * elem)
+        # a batch of one (a packed varlen tensor, batch stride 0) never steps its batch stride: any valid one
+        batch_stride = strides[0] if batch > 1 else strides[1] * max(seqlen, 1)
+        self._strides = (ctypes.c_uint64 * 3)(strides[1] * elem, strides[2] * elem, batch_stride * elem)
         self._box = (ctypes.c_uint32 * 4)(BOX_COLUMNS, box_rows, 1, 1)
         self._element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
         # base address -> the map's bytes (callers reuse buffers); `encodings` shares them between arguments

@@ -328,6 +328,26 @@ def attngen_function(case: Case, backward: bool):
     return lambda q, k, v: kernel(q, k, v, **call)[0]
 
 
+def time_into(row: dict, functions: dict, mode: str, flop: float, inputs, log=None, label: str = "") -> None:
+    """row[name] = TFLOP/s of each function (fwd, or fwd+bwd through autograd) doing `flop` on the rotating
+    inputs; a function given as a string (why it does not apply), or one that fails, gets None and a note.
+    log: gets one line, `label mode: name TFLOP/s, ...`."""
+    for name, fn in functions.items():
+        if isinstance(fn, str):
+            row[name], row[name + "_note"] = None, fn
+            continue
+        if getattr(fn, "note", None):
+            row[name + "_note"] = fn.note
+        try:
+            run = forward_backward(fn) if mode == "fwd+bwd" else fn
+            row[name] = flop / time_ms(run, inputs) / 1e9
+        except Exception as exc:        # a peer may not take this shape: say so and go on
+            row[name], row[name + "_note"] = None, str(exc).splitlines()[0][:160]
+    if log:
+        log(f"{label} {mode}: " + ", ".join(f"{n} {row[n]:.1f}" if row.get(n) else f"{n} -" for n in functions)
+            + " TFLOP/s")
+
+
 def bench_case(case: Case, modes=("fwd",), peers=PEERS, log=None) -> list[dict]:
     """One row per mode ("fwd", "fwd+bwd"): TFLOP/s of attngen and of each peer, on the same rotating
     inputs. fwd+bwd counts 3.5x the forward FLOPs (FlashAttention's convention)."""
@@ -352,17 +372,7 @@ def bench_case(case: Case, modes=("fwd",), peers=PEERS, log=None) -> list[dict]:
                    batch=case.batch, heads=case.heads, heads_kv=case.heads_kv, mode=mode, gflop=factor * work / 1e9,
                    peak_tflops=peak)
         timed = {"attngen": attngen_function(case, mode == "fwd+bwd")} | functions
-        for name, fn in timed.items():
-            if isinstance(fn, str):
-                row[name], row[name + "_note"] = None, fn
-                continue
-            if getattr(fn, "note", None):
-                row[name + "_note"] = fn.note
-            try:
-                run = forward_backward(fn) if mode == "fwd+bwd" else fn
-                row[name] = factor * work / time_ms(run, inputs) / 1e9
-            except Exception as exc:        # a peer may not take this shape: say so and go on
-                row[name], row[name + "_note"] = None, str(exc).splitlines()[0][:160]
+        time_into(row, timed, mode, factor * work, inputs, log, case.label)
         kernel = attngen.build(spec)
         row["attngen_plan"] = f"{kernel.plan.block_m}x{kernel.plan.block_n}x{kernel.plan.warps}x{kernel.plan.stages}"
         if mode == "fwd":
@@ -370,11 +380,153 @@ def bench_case(case: Case, modes=("fwd",), peers=PEERS, log=None) -> list[dict]:
             row["attngen_model_tflops"] = work / (predicted * 1e-6) / 1e12
         row["attngen_roofline"] = row["attngen"] / peak if row["attngen"] else None
         rows.append(row)
-        if log:
-            log(f"{case.label} {mode}: " + ", ".join(
-                f"{n} {row[n]:.1f}" if row.get(n) else f"{n} -" for n in timed) + " TFLOP/s")
     del inputs
     return rows
+
+
+# ---- `attngen bench --suite varlen`: packed documents -----------------------------------------------
+
+VARLEN_SUITE = dict(tokens=16384, hidden=2048, head_dims=(64, 128),
+                    mixes=("uniform", "docs8", "docs64", "one_long"))
+VARLEN_PEERS = ("attngen_batch", "attngen_document", "flex_document", "sdpa_flash_padded")
+
+
+def document_lengths(mix: str, tokens: int, seed: int = 0) -> list[int]:
+    """Lengths of the packed documents of a mix, summing to tokens: uniform (16 of tokens/16), docs8 /
+    docs64 (random lengths, each at least 64), one_long (half the tokens in one document, 64 short ones)."""
+    rng = np.random.default_rng(seed)
+    if mix == "uniform":
+        return [tokens // 16] * 16
+    if mix in ("docs8", "docs64"):
+        n = int(mix[4:])
+        cuts = np.sort(rng.choice(np.arange(1, tokens // 64), size=n - 1, replace=False)) * 64
+        return np.diff(np.concatenate([[0], cuts, [tokens]])).tolist()
+    if mix == "one_long":
+        rest = document_lengths("docs64", tokens // 2, seed)
+        return [tokens // 2] + rest
+    raise ValueError(f"mix: got {mix!r}; allowed: {', '.join(VARLEN_SUITE['mixes'])}")
+
+
+def _pairs(n: int, causal: bool) -> float:
+    return n * (n + 1) / 2 if causal else float(n) * n
+
+
+def varlen_functions(lengths, causal: bool, d: int, heads: int, dtype: str) -> dict:
+    """name -> fn(q, k, v) on packed [tokens, heads, d] inputs for attngen's varlen kernel and the peers that
+    compute the same attention, or name -> why not: attngen's batch kernel (equal lengths), attngen's
+    `document` pattern and FlexAttention's document BlockMask on the one long row, SDPA flash on the
+    documents padded to the longest (causal only: right padding is then invisible to real queries)."""
+    import torch
+
+    tokens, batch, longest = sum(lengths), len(lengths), max(lengths)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
+    fns = {"attngen": lambda q, k, v: attngen.attention_varlen(q, k, v, cu, cu, longest, longest, causal=causal)}
+    if len(set(lengths)) == 1:
+        fns["attngen_batch"] = lambda q, k, v: attngen.attention(
+            *(x.view(batch, longest, *x.shape[1:]) for x in (q, k, v)), causal=causal)
+    else:
+        fns["attngen_batch"] = "documents of different lengths"
+    document = {"kind": "document", "seq_lens": list(lengths)}
+    mask = {"kind": "and", "of": [{"kind": "causal"}, document]} if causal else document
+    spec = attngen.Spec(head_dim=d, dtype=dtype, mask=mask, backward=True)
+    fns["attngen_document"] = lambda q, k, v: _with_grad(spec, q[None], k[None], v[None])[0]
+    doc = torch.repeat_interleave(torch.arange(batch, device="cuda"), torch.tensor(lengths, device="cuda"))
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def document_mask(b, h, q_idx, kv_idx):
+        same = doc[q_idx] == doc[kv_idx]
+        return same & (kv_idx <= q_idx) if causal else same
+    block_mask = create_block_mask(document_mask, None, None, tokens, tokens)
+    compiled = torch.compile(flex_attention)
+    fns["flex_document"] = lambda q, k, v: compiled(
+        q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
+        block_mask=block_mask).transpose(1, 2)[0]
+    if causal:
+        flash = sdpa(torch.nn.attention.SDPBackend.FLASH_ATTENTION, True)
+        fns["sdpa_flash_padded"] = padded(flash, lengths)
+    else:
+        fns["sdpa_flash_padded"] = "non-causal padding needs a key mask, which SDPA flash does not take"
+    return fns
+
+
+def _with_grad(spec, q, k, v):
+    from ..autograd import attention_with_grad
+
+    call = dict(scale=None, alibi_slopes=None, block_mask=None)
+    if q.requires_grad:
+        return attention_with_grad(spec, q, k, v, call)
+    return attngen.build(spec)(q, k, v, **call)
+
+
+def padded(fn, lengths):
+    """fn on the documents padded to the longest, [batch, longest, heads, d]: the inputs are padded once per
+    input set (a padded user already holds such tensors), the call is what is timed."""
+    import torch
+
+    cache = {}
+
+    def run(q, k, v):
+        key = (q.data_ptr(), q.requires_grad)           # one padded copy per input set
+        if key not in cache:
+            longest, starts = max(lengths), np.concatenate([[0], np.cumsum(lengths)])
+            pads = []
+            for x in (q, k, v):
+                out = x.new_zeros(len(lengths), longest, *x.shape[1:])
+                for b, n in enumerate(lengths):
+                    out[b, :n] = x[starts[b]:starts[b] + n]
+                pads.append(out.detach().requires_grad_(x.requires_grad))
+            cache[key] = pads
+        return fn(*cache[key])
+    return run
+
+
+def bench_varlen(dtype="bf16", modes=("fwd",), peers=VARLEN_PEERS, mixes=None, head_dims=None, causal_modes=(False, True),
+                 tokens=None, log=None) -> list[dict]:
+    """Rows of TFLOP/s on the useful pairs (within documents) for each mix, head dim and causality: attngen's
+    varlen kernel beside its batch kernel, its document pattern, FlexAttention and padded SDPA."""
+    import torch
+    import torch._dynamo
+
+    rows = []
+    for d in head_dims or VARLEN_SUITE["head_dims"]:
+        heads = VARLEN_SUITE["hidden"] // d
+        for mix in mixes or VARLEN_SUITE["mixes"]:
+            lengths = document_lengths(mix, tokens or VARLEN_SUITE["tokens"])
+            for causal in causal_modes:
+                torch._dynamo.reset()
+                tokens = sum(lengths)
+                work = sum(2.0 * heads * _pairs(n, causal) * 2 * d for n in lengths)
+                inputs = make_inputs(1, tokens, heads, heads, d, dtype)
+                inputs = [tuple(x[0] for x in s) for s in inputs]
+                functions = {n: f for n, f in varlen_functions(lengths, causal, d, heads, dtype).items()
+                             if n == "attngen" or n in peers}
+                for mode in modes:
+                    factor = 3.5 if mode == "fwd+bwd" else 1.0
+                    row = dict(gpu=torch.cuda.get_device_name(), spec=f"varlen {mix}", dtype=dtype, head_dim=d,
+                               causal=causal, documents=len(lengths), longest=max(lengths), seqlen=tokens,
+                               heads=heads, mode=mode, gflop=factor * work / 1e9)
+                    time_into(row, functions, mode, factor * work, inputs, log,
+                              f"varlen {mix} d{d} {'causal' if causal else 'full'}")
+                    rows.append(row)
+                del inputs
+    return rows
+
+
+def format_varlen_rows(rows) -> str:
+    nan = float("nan")
+    names = [n for n in VARLEN_PEERS if any(r.get(n) for r in rows)]
+    head = (f"{'mix':<18} {'d':>4} {'causal':>6} {'mode':>7} {'docs':>4} {'attngen':>8} "
+            + " ".join(f"{n:>17}" for n in names) + " " + " ".join(f"{'/' + n:>18}" for n in names))
+    lines = ["TFLOP/s on the pairs within documents (median CUDA-event timings, inputs rotated past L2; "
+             "fwd+bwd counts 3.5x the forward)", head]
+    for r in rows:
+        ours = r.get("attngen") or nan
+        lines.append(f"{r['spec']:<18} {r['head_dim']:>4} {str(r['causal']):>6} {r['mode']:>7} {r['documents']:>4} "
+                     f"{ours:>8.1f} " + " ".join(f"{r.get(n) or nan:>17.1f}" for n in names) + " "
+                     + " ".join(f"{ours / r[n] if r.get(n) else nan:>18.2f}" for n in names))
+    if rows:
+        lines.append(f"# {rows[0]['gpu']}, {rows[0]['seqlen']} tokens, hidden 2048")
+    return "\n".join(lines)
 
 
 def format_rows(rows) -> str:

@@ -319,8 +319,10 @@ def check(spec_path, seed):
 
 @main.command()
 @click.argument("spec_path", metavar="[SPEC.yaml]", required=False, type=click.Path(dir_okay=False))
-@click.option("--suite", type=click.Choice(["flash"]), default=None,
-              help="FlashAttention's benchmark shapes (d 64/128, causal and not, seqlen 512..16384) instead of a spec")
+@click.option("--suite", type=click.Choice(["flash", "varlen"]), default=None,
+              help="FlashAttention's benchmark shapes (d 64/128, causal and not, seqlen 512..16384) instead of a spec; "
+                   "varlen: 16384 tokens of packed documents (uniform, 8, 64, one long) through attention_varlen beside "
+                   "the batch kernel, the document pattern, FlexAttention's document mask and padded SDPA flash")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True, help="--suite's dtype")
 @click.option("--seqlens", default=None, help="comma-separated [default: 1024,2048,4096,8192; the suite's own]")
 @click.option("--tokens", default=16384, show_default=True, help="batch x seqlen")
@@ -347,6 +349,16 @@ def bench(spec_path, suite, dtype, seqlens, tokens, peers, backward, json_path, 
         raise UsageFailure(f"--peers: got {peers!r}; allowed: a comma-separated subset of {','.join(PEERS)}")
     if plot_path is not None and not plot_path.lower().endswith(".png"):
         raise UsageFailure(f"--plot: got {plot_path!r}; allowed: a .png path")
+    if suite == "varlen":
+        require_gpu("bench")
+        from .benchmark import bench_varlen, format_varlen_rows
+
+        modes = ("fwd",) if backward is False else ("fwd", "fwd+bwd")
+        rows = bench_varlen(dtype, modes, log=lambda line: click.echo(f"    {line}", err=True))
+        if json_path:
+            atomic_write(Path(json_path), (json.dumps(rows, indent=1) + "\n").encode())
+        click.echo(format_varlen_rows(rows))
+        return
     if suite:
         cases, with_backward = suite_cases(suite, dtype, lengths), backward is not False
     else:
