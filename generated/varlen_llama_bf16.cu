@@ -468,38 +468,51 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][DV / 8][4],
 
 // ---- the varlen schedule ----------------------------------------------------------------------------
 // One CTA of this kernel lays out a varlen kernel's grid before it runs: the tiles of block_rows rows of
-// every sequence (lengths from cu_tiles), placed heaviest first (by the sequences' lengths in cu_weight: a
-// query tile's work grows with its keys, a key tile's with its queries) when `sort` is set, else in
-// sequence order. tile_order[r] is the sequence at place r, tile_start[r] its first tile, and
-// tile_start[batch_size] counts them all. Offsets that do not rise from 0 to at most the total rows are
-// refused: the schedule is then empty and the varlen kernel touches no memory at all.
+// every sequence (query rows, or key rows when tiles_over_keys), placed heaviest first (by the sequence's
+// other length: a query tile's work grows with its keys, a key tile's with its queries) when `sort` is set,
+// else in sequence order. tile_order[r] is the sequence at place r, tile_start[r] its first tile, and
+// tile_start[batch_size] counts them all. With tile_info it then writes each of the tile_capacity scheduled
+// tiles' descriptor, two int4: (sequence, tile in the sequence (last first when `reverse`), first q row,
+// first k row) and (seqlen_q, seqlen_k, 0, 0); the sequence is -1 past the last tile. A CTA of the varlen
+// kernel reads its two int4 in one round trip. Offsets that do not rise from 0 to at most the total rows
+// are refused: the schedule is then empty and the varlen kernel touches no memory at all.
 constexpr int SCHEDULE_THREADS = 1024;   // sorting (a rank by comparison) takes batch_size <= SCHEDULE_THREADS
 
+// The place of `at` in a rising prefix `starts` (batch_size + 1 entries, in units of `unit`): the largest
+// r < batch_size with starts[r] * unit <= at. Places of no length repeat their start and are skipped.
+__device__ __forceinline__ int place_of(const int* starts, int batch_size, long long at, int unit) {
+    int lo = 0, hi = batch_size - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if ((long long)starts[mid] * unit <= at) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 extern "C" __global__ void __launch_bounds__(SCHEDULE_THREADS)
-varlen_llama_bf16_varlen_schedule(const int* __restrict__ cu_tiles, const int* __restrict__ cu_weight, int batch_size, int total_tiles_rows,
-    int total_weight_rows, int block_rows, int sort, int* __restrict__ tile_order, int* __restrict__ tile_start)
+varlen_llama_bf16_varlen_schedule(const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k, int batch_size, int total_q,
+    int total_k, int tiles_over_keys, int block_rows, int sort, int reverse, int tile_capacity,
+    int* __restrict__ tile_order, int* __restrict__ tile_start, int4* __restrict__ tile_info)
 {
     __shared__ int weights[SCHEDULE_THREADS], counts[SCHEDULE_THREADS];
     __shared__ int carry, broken;
     const int tid = threadIdx.x;
+    const int* const cu_tiles = tiles_over_keys ? cu_seqlens_k : cu_seqlens_q;
+    const int* const cu_weight = tiles_over_keys ? cu_seqlens_q : cu_seqlens_k;
     if (tid == 0) {
         carry = 0;
-        broken = cu_tiles[0] != 0 || cu_weight[0] != 0 || cu_tiles[batch_size] > total_tiles_rows
-                 || cu_weight[batch_size] > total_weight_rows;
+        broken = cu_seqlens_q[0] != 0 || cu_seqlens_k[0] != 0 || cu_seqlens_q[batch_size] > total_q
+                 || cu_seqlens_k[batch_size] > total_k;
     }
     __syncthreads();
     for (int b = tid; b < batch_size; b += SCHEDULE_THREADS) {
-        if (cu_tiles[b + 1] < cu_tiles[b] || cu_weight[b + 1] < cu_weight[b]) atomicOr(&broken, 1);
+        if (cu_seqlens_q[b + 1] < cu_seqlens_q[b] || cu_seqlens_k[b + 1] < cu_seqlens_k[b]) atomicOr(&broken, 1);
     }
     __syncthreads();
-    if (broken) {
-        for (int r = tid; r <= batch_size; r += SCHEDULE_THREADS) tile_start[r] = 0;
-        return;
-    }
-    const bool by_weight = sort && batch_size <= SCHEDULE_THREADS;
+    const bool by_weight = !broken && sort && batch_size <= SCHEDULE_THREADS;
     if (by_weight && tid < batch_size) weights[tid] = cu_weight[tid + 1] - cu_weight[tid];
     __syncthreads();
-    for (int base = 0; base < batch_size; base += SCHEDULE_THREADS) {
+    for (int base = 0; !broken && base < batch_size; base += SCHEDULE_THREADS) {
         const int b = base + tid;
         int place = b;                                                   // heavier first; ties in sequence order
         if (by_weight && b < batch_size) {
@@ -521,18 +534,24 @@ varlen_llama_bf16_varlen_schedule(const int* __restrict__ cu_tiles, const int* _
         if (tid == 0) carry += counts[SCHEDULE_THREADS - 1];
         __syncthreads();
     }
-    if (tid == 0) tile_start[batch_size] = carry;
-}
-
-// The place of `at` in a rising prefix `starts` (batch_size + 1 entries, in units of `unit`): the largest
-// r < batch_size with starts[r] * unit <= at. Places of no length repeat their start and are skipped.
-__device__ __forceinline__ int place_of(const int* starts, int batch_size, long long at, int unit) {
-    int lo = 0, hi = batch_size - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if ((long long)starts[mid] * unit <= at) lo = mid; else hi = mid - 1;
+    if (broken) {
+        for (int r = tid; r < batch_size; r += SCHEDULE_THREADS) tile_start[r] = 0;
     }
-    return lo;
+    if (tid == 0) tile_start[batch_size] = carry;                       // 0 when broken
+    if (tile_info == nullptr) return;
+    __syncthreads();                                                     // tile_order and tile_start are written
+    for (int t = tid; t < tile_capacity; t += SCHEDULE_THREADS) {
+        int4 where = make_int4(-1, 0, 0, 0), lengths = make_int4(0, 0, 0, 0);
+        if (t < carry) {
+            const int place = place_of(tile_start, batch_size, t, 1), b = tile_order[place];
+            const int index = t - tile_start[place];
+            const int tiles = (cu_tiles[b + 1] - cu_tiles[b] + block_rows - 1) / block_rows;
+            where = make_int4(b, reverse ? tiles - 1 - index : index, cu_seqlens_q[b], cu_seqlens_k[b]);
+            lengths = make_int4(cu_seqlens_q[b + 1] - cu_seqlens_q[b], cu_seqlens_k[b + 1] - cu_seqlens_k[b], 0, 0);
+        }
+        tile_info[2 * t] = where;
+        tile_info[2 * t + 1] = lengths;
+    }
 }
 
 constexpr int PRODUCER_REGS = 24;   // per thread after setmaxnreg; the compute
@@ -552,9 +571,8 @@ static_assert(Q_TILE_BYTES % 1024 == 0 && K_TILE_BYTES % 1024 == 0 && V_TILE_BYT
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 varlen_llama_bf16_fwd(const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,
     const __grid_constant__ TensorMap v_map, elem_t* __restrict__ o, float* __restrict__ lse,
-    long long o_stride_b, long long o_stride_s, long long o_stride_h, const int* __restrict__ cu_seqlens_q,
-    const int* __restrict__ cu_seqlens_k, const int* __restrict__ tile_order, const int* __restrict__ tile_start,
-    int batch_size, int total_q, int total_k, int heads_q, int group_size, float scale_log2)
+    long long o_stride_b, long long o_stride_s, long long o_stride_h, const int4* __restrict__ tile_info,
+    int total_q, int total_k, int heads_q, int group_size, float scale_log2)
 {
     // The dynamic window is rounded up to the swizzle's 1024-byte period (the launch adds 1 KB for it).
     extern __shared__ __align__(1024) unsigned char smem_buffer[];
@@ -567,25 +585,27 @@ varlen_llama_bf16_fwd(const __grid_constant__ TensorMap q_map, const __grid_cons
     auto k_empty = [&](int slot) { return q_full + 8 * (1 + 2 * STAGES + slot); };
     auto v_empty = [&](int slot) { return q_full + 8 * (1 + 3 * STAGES + slot); };
 
-    // Varlen: the CTA's place in the launch's schedule (the tiles of the heaviest sequences first) gives its
-    // sequence and tile; blockIdx.x runs over the grid's columns (head, and chunk) fastest. CTAs past the
-    // last tile (the grid is sized without reading cu_seqlens) have nothing to do.
+    // Varlen: the CTA's place in the launch's schedule (the tiles of the heaviest sequences first) has a
+    // descriptor (the schedule kernel's tile_info): its sequence, tile, first rows and lengths, in one round
+    // trip; blockIdx.x runs over the grid's columns (head, and chunk) fastest. Places past the last tile
+    // (the grid is sized without reading cu_seqlens) have nothing to do.
     const int column = blockIdx.x % (heads_q), scheduled = blockIdx.x / (heads_q);
-    if (scheduled >= tile_start[batch_size]) return;
-    const int place = place_of(tile_start, batch_size, scheduled, 1);
-    const int batch = tile_order[place];
-    const int seqlen_q = cu_seqlens_q[batch + 1] - cu_seqlens_q[batch];
-    const int seqlen_k = cu_seqlens_k[batch + 1] - cu_seqlens_k[batch];
+    const int4 where = tile_info[2 * scheduled], lengths = tile_info[2 * scheduled + 1];
+    if (where.x < 0) return;
+    // Heavy tiles first: under causal masking (and causal-like patterns) the last query tiles see the most keys. (the schedule numbered them last first)
+    const int batch = where.x, m_block = where.y;
+    const int seqlen_q = lengths.x, seqlen_k = lengths.y;
     // The sequence's first rows in q and k, read from shared memory where used: held in registers, they
     // would keep every address the tile loads derive from them live through the key loop (ptxas hoists
     // those; ~40 more registers in the mma.sync forward at d = 128).
     __shared__ int sequence_first[2];
-    if (threadIdx.x < 2) sequence_first[threadIdx.x] = threadIdx.x == 0 ? cu_seqlens_q[batch] : cu_seqlens_k[batch];
+    if (threadIdx.x == 0) {
+        sequence_first[0] = where.z;
+        sequence_first[1] = where.w;
+    }
     __syncthreads();
     auto q_first = [&] { return *reinterpret_cast<volatile int*>(&sequence_first[0]); };
     auto k_first = [&] { return *reinterpret_cast<volatile int*>(&sequence_first[1]); };
-    // Heavy tiles first: under causal masking (and causal-like patterns) the last query tiles see the most keys.
-    const int m_block = (seqlen_q + BLOCK_M - 1) / BLOCK_M - 1 - (scheduled - tile_start[place]);
     // Packed tensors are one batch entry (tensor_batch 0): no address derives from the sequence index.
     [[maybe_unused]] constexpr int tensor_batch = 0;
     // Query row i of head h of this sequence in lse and delta ([heads][total_q]): stats_base(h) + i.

@@ -75,7 +75,7 @@ def test_varlen_kernels_compile_without_spills(spec, arch):
     spec = attngen.Spec(**spec, layout="varlen")
     plan, source, binary = built(spec, arch)
     assert binary.resources.spill_bytes == 0 and kernel_name(spec, "varlen_schedule") in binary.ptx
-    assert "cu_seqlens_q[batch + 1]" in source and "place_of(tile_start" in source
+    assert "tile_info[2 * scheduled]" in source and "tile_info[2 * t]" in source
 
     def compile_source(source, kind, target):
         return nvrtc_compile(source, spec.name, target, kernel_name(spec, kind)), None

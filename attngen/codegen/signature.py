@@ -5,8 +5,7 @@ two cannot drift. A new per-call tensor is one Param here (or in its modifier) p
 Groups, in the order a kernel takes them:
 - the tensors (pointers, or tensor maps on the wgmma path) and their strides [batch, seq, head];
 - the sizes: seqlen_q, seqlen_k, heads_q, group_size, scale_log2 (and the backward's scale); a varlen
-  kernel takes cu_seqlens_q/k, its launch's schedule (tile_order, tile_start), batch_size and the total
-  rows instead of seqlen_q, seqlen_k;
+  kernel takes its launch's schedule (a descriptor per tile) and the total rows instead of seqlen_q, seqlen_k;
 - a runtime BlockMask's block-CSR (query-major for the forward and dQ, kv-major for dK/dV);
 - the modifiers' parameters (modifiers.py), the pattern's block table, the named tensors.
 """
@@ -36,8 +35,8 @@ def maps(*names: str) -> tuple[Param, ...]:
 
 SIZES = (Param("int", "seqlen_q"), Param("int", "seqlen_k"), Param("int", "heads_q"), Param("int", "group_size"),
          Param("float", "scale_log2"))
-VARLEN_SIZES = (*pointers("const int*", "cu_seqlens_q", "cu_seqlens_k", "tile_order", "tile_start"),
-                Param("int", "batch_size"), Param("int", "total_q"), Param("int", "total_k"), *SIZES[2:])
+# tile_info: two int4 per scheduled tile, (sequence, tile, first q row, first k row), (seqlen_q, seqlen_k, -, -)
+VARLEN_SIZES = (Param("const int4*", "tile_info"), Param("int", "total_q"), Param("int", "total_k"), *SIZES[2:])
 # a varlen sequence's rows in the padded per-row buffers (row stats, the dQ accumulator) start at
 # padded_tiles[b] * BLOCK_M (padded_tiles: the unsorted schedule of the query tiles)
 VARLEN_PADDED = (Param("const int*", "padded_tiles"),)
@@ -167,12 +166,14 @@ def dq_convert_signature(varlen: bool = False) -> Signature:
 
 DQ_CONVERT = dq_convert_signature()
 
-# The varlen schedule (one CTA): the tiles of block_rows rows of each sequence of cu_tiles, the sequences
-# heaviest first by the lengths in cu_weight when sort is set; lengths are checked against the totals.
-VARLEN_SCHEDULE = Signature((*pointers("const int*", "cu_tiles", "cu_weight"), Param("int", "batch_size"),
-                             Param("int", "total_tiles_rows"), Param("int", "total_weight_rows"),
-                             Param("int", "block_rows"), Param("int", "sort"),
-                             *pointers("int*", "tile_order", "tile_start")))
+# The varlen schedule (one CTA): the tiles of block_rows rows of each sequence (query tiles, or key tiles
+# when tiles_over_keys), the sequences heaviest first when sort is set; offsets are checked against the totals.
+# With tile_info (capacity > 0) it also writes each scheduled tile's descriptor (the kernels' VARLEN_SIZES).
+VARLEN_SCHEDULE = Signature((*pointers("const int*", "cu_seqlens_q", "cu_seqlens_k"), Param("int", "batch_size"),
+                             Param("int", "total_q"), Param("int", "total_k"), Param("int", "tiles_over_keys"),
+                             Param("int", "block_rows"), Param("int", "sort"), Param("int", "reverse"),
+                             Param("int", "tile_capacity"), *pointers("int*", "tile_order", "tile_start"),
+                             Param("int4*", "tile_info")))
 
 
 def kernel_signatures(kind: str, variant: Variant, plan) -> dict[str, Signature]:

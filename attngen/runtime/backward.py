@@ -184,16 +184,19 @@ class BackwardKernels:
         varlen_rows = {}       # a varlen helper's way from a row to its sequence (delta, dQ conversion)
         with cupy.cuda.Device(qv.device), _current_stream(qv):
             if varlen:      # the schedules, on this stream: key tiles (dK/dV), query tiles (dQ), padded rows
-                order, start = schedule(self._schedule, VARLEN_SCHEDULE, qv, cu_k, cu_q, batch, (seqlen_k, seqlen_q),
-                                        pkv.block_n, True, keep)
-                dkdv_sizes = varlen_sizes(cu_q, cu_k, order, start, batch, seqlen_q, seqlen_k)
+                totals = (seqlen_q, seqlen_k)
+                capacity = grid_tiles(seqlen_k, batch, pkv.block_n)
+                *_, info = schedule(self._schedule, VARLEN_SCHEDULE, qv, cu_q, cu_k, batch, totals, True, pkv.block_n,
+                                    True, False, capacity, keep)
+                dkdv_sizes = varlen_sizes(info, seqlen_q, seqlen_k)
                 if pq is not None:
-                    order, start = schedule(self._schedule, VARLEN_SCHEDULE, qv, cu_q, cu_k, batch,
-                                            (seqlen_q, seqlen_k), pq.block_m, True, keep)
-                    dq_sizes = varlen_sizes(cu_q, cu_k, order, start, batch, seqlen_q, seqlen_k)
-                else:
-                    _, padded_tiles = schedule(self._schedule, VARLEN_SCHEDULE, qv, cu_q, cu_k, batch,
-                                               (seqlen_q, seqlen_k), pkv.block_m, False, keep)
+                    capacity = grid_tiles(seqlen_q, batch, pq.block_m)
+                    *_, info = schedule(self._schedule, VARLEN_SCHEDULE, qv, cu_q, cu_k, batch, totals, False,
+                                        pq.block_m, True, variant.reverse_query_tiles, capacity, keep)
+                    dq_sizes = varlen_sizes(info, seqlen_q, seqlen_k)
+                else:       # each sequence's rows padded to whole query steps (its tiles, in sequence order)
+                    _, padded_tiles, _ = schedule(self._schedule, VARLEN_SCHEDULE, qv, cu_q, cu_k, batch, totals,
+                                                  False, pkv.block_m, False, False, 0, keep)
                     varlen_rows = {"cu_seqlens_q": cu_q.ptr, "padded_tiles": padded_tiles, "batch_size": batch}
                     if wgmma:
                         stats.update(varlen_rows)

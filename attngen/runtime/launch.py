@@ -22,7 +22,7 @@ from .arguments import layout_args, modifier_args, stride_args
 from ..codegen.signature import VARLEN_SCHEDULE, forward_signature
 from .interop import TensorView, _empty_like, _view  # noqa: F401  (TensorView: the launchers' view of an input)
 from .uploads import stream_handle
-from .varlen import grid_tiles, packed, schedule, varlen_sizes
+from .varlen import SCHEDULE_THREADS, grid_tiles, packed, schedule_args, schedule_buffer, varlen_sizes
 from ..variant import variant_of
 
 ELEMENT_ALIGN = 8   # a vector kernel's cp.async moves 16 bytes = 8 elements: its row starts must be 16-byte
@@ -134,13 +134,15 @@ def _raw_torch_stream(device: int) -> int:
     return stream_handle("torch", device)
 
 
-def _torch_signature(q, k, v, scale):
-    """What fixes a launch for torch inputs (shapes, strides, dtypes, devices, scale), or None for anything
-    else; the pointers are left out."""
-    if type(q).__module__ != "torch" or type(k) is not type(q) or type(v) is not type(q):
+def _torch_signature(q, k, v, scale, offsets=()):
+    """What fixes a launch for torch inputs (shapes, strides, dtypes, devices, scale; and those of the
+    varlen `offsets`), or None for anything else; the pointers are left out."""
+    if type(q).__module__ != "torch" or type(k) is not type(q) or type(v) is not type(q) or any(
+            type(x) is not type(q) for x in offsets):
         return None
     return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
-            q.get_device(), k.get_device(), v.get_device(), q.is_cuda and k.is_cuda and v.is_cuda, scale, type(scale))
+            q.get_device(), k.get_device(), v.get_device(), q.is_cuda and k.is_cuda and v.is_cuda, scale, type(scale),
+            *((x.shape, x.stride(), x.dtype, x.get_device(), x.is_cuda) for x in offsets))
 
 
 def _stream_handle(ref: TensorView) -> int:
@@ -167,14 +169,16 @@ class ArgumentBlock:
             slot.address if isinstance(slot, TensorMapArgument) else ctypes.addressof(slot) for slot in self.slots))
         self.lock = threading.Lock()
 
-    def launch(self, stream: int, pointers=()) -> None:
+    def launch(self, stream: int, pointers=(), updates=()) -> None:
         """Launch on `stream`, first replacing the leading pointer arguments with `pointers` (a tensor
-        map re-encodes itself for its new address)."""
+        map re-encodes itself for its new address) and argument i with v for each (i, v) of `updates`."""
         from cupy.cuda import driver
 
         with self.lock:
             for slot, value in zip(self.slots, pointers):
                 slot.value = value
+            for index, value in updates:
+                self.slots[index].value = value
             driver.launchKernel(self.handle, *self.grid, *self.block, self.shared_mem, stream,
                                 ctypes.addressof(self.pointers), 0)
 
@@ -217,7 +221,12 @@ class Kernel:
         assert self.signature.names[:5] in (("q", "k", "v", "o", "lse"), ("q_map", "k_map", "v_map", "o", "lse"))
         self._fallback = fallback
         if self.variant.varlen:
-            self._schedule = self._module.get_function(render.kernel_name(spec, render.KernelKind.VARLEN_SCHEDULE))
+            schedule = self._module.get_function(render.kernel_name(spec, render.KernelKind.VARLEN_SCHEDULE))
+            self._schedule_handle = schedule.kernel.ptr
+            # the arguments a remembered varlen launch swaps besides the leading pointers
+            self._info_slot = self.signature.names.index("tile_info")
+            self._schedule_slots = [VARLEN_SCHEDULE.names.index(n) for n in ("tile_order", "tile_start", "tile_info")]
+            assert VARLEN_SCHEDULE.names[:2] == ("cu_seqlens_q", "cu_seqlens_k")
 
     @property
     def resources(self):
@@ -242,6 +251,11 @@ class Kernel:
             block = self._signatures.get(signature)
             if block is not None:
                 return self._launch_again(block, q, k, v)
+        if varlen and fast and self._varlen_signature_ok:
+            signature = _torch_signature(q, k, v, scale, (cu_seqlens_q, cu_seqlens_k))
+            blocks = self._signatures.get(signature) if signature is not None else None
+            if blocks is not None:
+                return self._launch_varlen_again(blocks, q, k, v, cu_seqlens_q, cu_seqlens_k)
         if varlen:
             if cu_seqlens_q is None or cu_seqlens_k is None:
                 raise ValueError("cu_seqlens_q, cu_seqlens_k: this kernel's layout is varlen; give both")
@@ -311,10 +325,14 @@ class Kernel:
             if smem > p.smem_bytes:                  # the tile list grows with seqlen_k (varlen: the total)
                 ensure_dynamic_smem(self._function, smem, f"k: seqlen_k={seqlen_k} needs")
             if varlen:                               # the schedule, on the stream the kernel reads it on
-                with _current_stream(qv):
-                    order, start = schedule(self._schedule, VARLEN_SCHEDULE, qv, cu_q, cu_k, batch,
-                                            (seqlen_q, seqlen_k), p.block_m, True, keep)
-                sizes = varlen_sizes(cu_q, cu_k, order, start, batch, seqlen_q, seqlen_k)
+                capacity = grid[0] // heads_q
+                buffers = schedule_buffer(qv, batch, capacity, keep)
+                scheduling = ArgumentBlock(self._schedule_handle, (1, 1, 1), (SCHEDULE_THREADS, 1, 1), 0,
+                                           VARLEN_SCHEDULE.pack(schedule_args(
+                                               cu_q, cu_k, batch, (seqlen_q, seqlen_k), False, p.block_m, True,
+                                               self.variant.reverse_query_tiles, capacity, buffers)))
+                scheduling.launch(_stream_handle(qv))
+                sizes = varlen_sizes(buffers[2], seqlen_q, seqlen_k)
             args = self.signature.pack({
                 **inputs, "o": ov.ptr, "lse": lv.ptr, **stride_args("o", ov), **sizes,
                 "heads_q": heads_q, "group_size": heads_q // heads_kv,
@@ -328,7 +346,7 @@ class Kernel:
             if len(self._signatures) >= MAX_SIGNATURES:
                 self._signatures.clear()
             block.out_shape, block.lse_shape = out_shape, lse_shape
-            self._signatures[signature] = block
+            self._signatures[signature] = (scheduling, block, batch, capacity) if varlen else block
         return out, lse
 
     @property
@@ -337,6 +355,39 @@ class Kernel:
         table, named tensors or varlen schedule, whose device arrays a remembered block would point at."""
         v = self.variant
         return not v.varlen and v.schedule != "runtime" and not v.alibi and not v.block_table and not v.tensors
+
+    @property
+    def _varlen_signature_ok(self) -> bool:
+        """Whether a varlen launch is fixed by its input signature (with cu_seqlens'): no ALiBi slopes or
+        block table (device arrays); cu_seqlens and the schedule buffer are swapped in at each call."""
+        v = self.variant
+        return not v.alibi and not v.block_table
+
+    def _launch_varlen_again(self, blocks, q, k, v, cu_seqlens_q, cu_seqlens_k):
+        """A varlen call whose signature was launched before: a fresh schedule buffer and outputs, the new
+        pointers swapped into the remembered schedule and kernel launches."""
+        import torch
+
+        scheduling, block, batch, capacity = blocks
+        pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+        if (pointers[0] | pointers[1] | pointers[2]) % (2 * self.variant.global_vector):
+            self._signatures.clear()                      # the general path explains the misalignment
+            return self(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+        device = q.device
+        out = torch.empty(block.out_shape, dtype=q.dtype, device=device)
+        lse = torch.empty(block.lse_shape, dtype=torch.float32, device=device)
+        info = torch.empty(8 * capacity + 2 * batch + 1, dtype=torch.int32, device=device).data_ptr()
+        order = info + 32 * capacity                      # as schedule_buffer lays them out
+        start = order + 4 * batch
+        cu = (cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr())
+        index = q.get_device()
+        import cupy
+
+        with cupy.cuda.Device(index):
+            stream = _raw_torch_stream(index)
+            scheduling.launch(stream, cu, tuple(zip(self._schedule_slots, (order, start, info))))
+            block.launch(stream, (*pointers, out.data_ptr(), lse.data_ptr()), ((self._info_slot, info),))
+        return out, lse
 
     def _launch_again(self, block, q, k, v):
         """A call whose signature was launched before: all it checks is the pointers' alignment."""

@@ -33,36 +33,40 @@ def padded_rows(total: int, batch: int, block: int) -> int:
     return grid_tiles(total, batch, block) * block
 
 
-def schedule_buffer(ref: TensorView, batch: int, keep: list) -> tuple[int, int]:
-    """Device addresses of a fresh (tile_order [batch], tile_start [batch + 1]) for one launch's schedule,
-    allocated on the current stream; the buffer goes into `keep`."""
-    buffer = _empty_like(ref, (2 * batch + 1,), "int32")
+def schedule_buffer(ref: TensorView, batch: int, capacity: int, keep: list) -> tuple[int, int, int]:
+    """Device addresses of a fresh (tile_order [batch], tile_start [batch + 1], tile_info [2 * capacity] int4)
+    for one launch's schedule (capacity 0: no tile_info, address 0), allocated on the current stream; the
+    buffer goes into `keep`."""
+    buffer = _empty_like(ref, (8 * capacity + 2 * batch + 1,), "int32")
     keep.append(buffer)
-    order = _view("schedule", buffer).ptr
-    return order, order + 4 * batch
+    info = _view("schedule", buffer).ptr                 # first: int4-aligned
+    order = info + 32 * capacity
+    return order, order + 4 * batch, info if capacity else 0
 
 
-def schedule_args(cu_tiles: TensorView, cu_weight: TensorView, batch: int, totals: tuple[int, int], block: int,
-                  sort: bool, order: int, start: int) -> dict:
-    """The schedule kernel's arguments (VARLEN_SCHEDULE): the tiles of `block` rows of the sequences of
-    cu_tiles, heaviest first by cu_weight when `sort`, into (order, start)."""
-    return {"cu_tiles": cu_tiles.ptr, "cu_weight": cu_weight.ptr, "batch_size": batch, "total_tiles_rows": totals[0],
-            "total_weight_rows": totals[1], "block_rows": block, "sort": int(sort), "tile_order": order,
-            "tile_start": start}
+def schedule_args(cu_q: TensorView, cu_k: TensorView, batch: int, totals: tuple[int, int], over_keys: bool,
+                  block: int, sort: bool, reverse: bool, capacity: int, buffers: tuple[int, int, int]) -> dict:
+    """The schedule kernel's arguments (VARLEN_SCHEDULE): the tiles of `block` query rows (key rows when
+    over_keys) of every sequence, heaviest first when `sort`, numbered last first when `reverse`, and
+    `capacity` descriptors, into buffers = (tile_order, tile_start, tile_info)."""
+    order, start, info = buffers
+    return {"cu_seqlens_q": cu_q.ptr, "cu_seqlens_k": cu_k.ptr, "batch_size": batch, "total_q": totals[0],
+            "total_k": totals[1], "tiles_over_keys": int(over_keys), "block_rows": block, "sort": int(sort),
+            "reverse": int(reverse), "tile_capacity": capacity, "tile_order": order, "tile_start": start,
+            "tile_info": info}
 
 
-def schedule(function, signature, ref: TensorView, cu_tiles: TensorView, cu_weight: TensorView, batch: int,
-             totals: tuple[int, int], block: int, sort: bool, keep: list) -> tuple[int, int]:
+def schedule(function, signature, ref: TensorView, cu_q: TensorView, cu_k: TensorView, batch: int,
+             totals: tuple[int, int], over_keys: bool, block: int, sort: bool, reverse: bool, capacity: int,
+             keep: list) -> tuple[int, int, int]:
     """Launch the schedule kernel (a CuPy function) on the current stream (enter the inputs' device and
-    stream first). Returns the device addresses of (tile_order, tile_start)."""
-    order, start = schedule_buffer(ref, batch, keep)
-    function((1,), (SCHEDULE_THREADS,), signature.pack(schedule_args(cu_tiles, cu_weight, batch, totals, block, sort,
-                                                                     order, start)))
-    return order, start
+    stream first). Returns the device addresses of (tile_order, tile_start, tile_info)."""
+    buffers = schedule_buffer(ref, batch, capacity, keep)
+    function((1,), (SCHEDULE_THREADS,), signature.pack(schedule_args(cu_q, cu_k, batch, totals, over_keys, block,
+                                                                     sort, reverse, capacity, buffers)))
+    return buffers
 
 
-def varlen_sizes(cu_q: TensorView, cu_k: TensorView, order: int, start: int, batch: int, total_q: int,
-                 total_k: int) -> dict:
+def varlen_sizes(tile_info: int, total_q: int, total_k: int) -> dict:
     """The VARLEN_SIZES arguments but the shared heads_q, group_size and scale_log2."""
-    return {"cu_seqlens_q": cu_q.ptr, "cu_seqlens_k": cu_k.ptr, "tile_order": order, "tile_start": start,
-            "batch_size": batch, "total_q": total_q, "total_k": total_k}
+    return {"tile_info": tile_info, "total_q": total_q, "total_k": total_k}
