@@ -38,17 +38,45 @@ def plan_and_compile(spec: Spec, device, compile_source, path: str | None = None
         ranked = [c.plan for c in candidates(spec, device) if c.plan is not None and path in (None, c.plan.path)]
         if not ranked:
             raise PlanError(f"no {path} candidate fits {spec.name} on {device.arch}")
-        ranked = tuned_first(ranked, load_tuned(spec, device.name).get("forward"), forward_key)[:MAX_COMPILE_TRIES]
-    rejected = []
-    for chosen in ranked:
-        source = render(spec, chosen)
-        result = compile_source(source, chosen)
-        r = result[0].resources
-        if r.stack_frame == 0 and not r.spill_bytes:
-            return chosen, source, result
-        rejected.append(f"{chosen.block_m}x{chosen.block_n}x{chosen.warps}x{chosen.stages}: "
-                        f"{r.spill_bytes} spill bytes, {r.stack_frame} B stack frame")
-    raise PlanError(f"no candidate for {spec.name} on {device.arch} compiles without spills: " + "; ".join(rejected))
+        ranked = tuned_first(ranked, load_tuned(spec, device.name).get("forward"), forward_key)
+    chosen, (source, result), rejected = first_clean(ranked, lambda plan: _render_and_compile(
+        spec, plan, lambda source: compile_source(source, plan)))
+    if chosen is not None:
+        return chosen, source, result
+    raise PlanError(f"no candidate for {spec.name} on {device.arch} compiles without spills: " + "; ".join(
+        f"{c.block_m}x{c.block_n}x{c.warps}x{c.stages}: {r.spill_bytes} spill bytes, {r.stack_frame} B stack frame"
+        + (", wgmma serialized" if r.wgmma_serialized else "") for c, r in rejected))
+
+
+def _render_and_compile(spec, plan, compile_source, kind="forward"):
+    source = render(spec, plan, kind)
+    return source, compile_source(source)
+
+
+def first_clean(ranked, compile_one):
+    """(candidate, compile_one(candidate), rejected) for the first ranked candidate that compiles clean,
+    compiling at most MAX_COMPILE_TRIES; once a path's wgmma is serialised its other candidates are passed
+    over (the same code would be). No clean one: (None, (None, None), [(candidate, resources), ...])."""
+    rejected, serialized = [], set()
+    for candidate in ranked:
+        if len(rejected) == MAX_COMPILE_TRIES:
+            break
+        if candidate.path in serialized:
+            continue
+        compiled = compile_one(candidate)
+        r = compiled[1][0].resources
+        if clean(r):
+            return candidate, compiled, rejected
+        if r.wgmma_serialized:
+            serialized.add(candidate.path)
+        rejected.append((candidate, r))
+    return None, (None, None), rejected
+
+
+def clean(resources) -> bool:
+    """A compiled candidate to keep: no spills, no stack frame, and no wgmma that ptxas had to serialise
+    (its warpgroup MMAs would then wait for each other: slower than the mma.sync candidate after it)."""
+    return resources.stack_frame == 0 and not resources.spill_bytes and not resources.wgmma_serialized
 
 
 def build(spec: Spec, device: int | None = None, path: str | None = None) -> Kernel:
@@ -90,16 +118,12 @@ def plan_and_compile_backward(spec: Spec, device, compile_source, path: str | No
     for kind in pass_kinds(spec):
         name = f"backward_{kind}"
         ranked = [p for _, p, _ in pass_candidates(kind, spec, device) if p is not None and path in (None, p.path)]
-        ranked = tuned_first(ranked, tuned.get(name), backward_key)[:MAX_COMPILE_TRIES]
-        for candidate in ranked:
-            source = render(spec, candidate, name)
-            result = compile_source(source, name, candidate.target)
-            r = result[0].resources
-            if r.stack_frame == 0 and not r.spill_bytes:
-                chosen[kind], sources[name], results[name] = candidate, source, result
-                break
-        else:
+        ranked = tuned_first(ranked, tuned.get(name), backward_key)
+        candidate, (source, result), _ = first_clean(ranked, lambda plan: _render_and_compile(
+            spec, plan, lambda source: compile_source(source, name, plan.target), name))
+        if candidate is None:
             raise PlanError(f"no {kind} backward candidate for {spec.name} on {device.arch} compiles without spills")
+        chosen[kind], sources[name], results[name] = candidate, source, result
     return BackwardPlan(device.arch, chosen["dq"], chosen["dkdv"]), sources, results
 
 

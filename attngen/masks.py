@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -753,9 +754,31 @@ class Document(Pattern):
         doc = np.searchsorted(bounds, np.arange(seqlen_q), side="right") - 1
         return bounds[doc], bounds[doc + 1]
 
+    @property
+    def helper_name(self) -> str:
+        """The C function cuda_helper() defines (named by the lengths: two documents patterns may meet)."""
+        return "document_of_" + format(zlib.crc32(np.asarray(self.seq_lens, dtype=np.int64).tobytes()), "08x")
+
+    def cuda_helper(self) -> str:
+        """C: the document starts as a table and a binary search over it, log2(documents) reads per position
+        (a sum of one comparison per start cost 64 per element at 64 documents, and its source grew with
+        every use)."""
+        name, starts = self.helper_name, self._starts
+        return (f"// {len(starts) + 1} documents: a position's document is the number of documents after the first that\n"
+                f"// start at or before it.\n"
+                f"__device__ const int {name}_starts[{len(starts)}] = {{{', '.join(map(str, starts))}}};\n"
+                f"__device__ __forceinline__ int {name}(int position) {{\n"
+                f"    int lo = 0, hi = {len(starts)};                       // the first start past position\n"
+                f"    while (lo < hi) {{\n"
+                f"        const int mid = (lo + hi) / 2;\n"
+                f"        if (__ldg(&{name}_starts[mid]) <= position) lo = mid + 1; else hi = mid;\n"
+                f"    }}\n"
+                f"    return lo;\n"
+                f"}}\n")
+
     def _doc_of(self, var: str) -> str:
-        """C: the document index of position var (how many later documents start at or before it)."""
-        return "(" + " + ".join(f"({var} >= {s})" for s in self._starts) + ")"
+        """C: the document index of position var (its helper function)."""
+        return f"{self.helper_name}({var})"
 
     def cuda_expr(self):
         if not self._starts:
@@ -968,6 +991,29 @@ class Or(And):
     kind = "or"
     _reduce = staticmethod(np.logical_or)
     _c_op = " || "
+
+
+def helper_parts(pattern: Pattern | None) -> list[Pattern]:
+    """The parts of a pattern whose expressions call a helper of their own (cuda_helper: the documents),
+    each once."""
+    found = {}
+
+    def visit(p):
+        if isinstance(p, _Composite):
+            visit(p._equivalent())
+        elif isinstance(p, And):                          # and Or
+            for part in p.parts:
+                visit(part)
+        elif isinstance(p, Document) and p._starts:
+            found.setdefault(p.helper_name, p)
+    if pattern is not None:
+        visit(pattern)
+    return list(found.values())
+
+
+def cuda_helpers(pattern: Pattern | None) -> str:
+    """The C definitions a pattern's expressions call besides the kernel's own, each once; "" for none."""
+    return "\n".join(p.cuda_helper() for p in helper_parts(pattern))
 
 
 def table_parts(pattern: Pattern) -> list[Pattern]:

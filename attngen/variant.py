@@ -23,6 +23,7 @@ import functools
 from dataclasses import dataclass
 
 from .expressions import TensorDecl, tensor_decls
+from .masks import cuda_helpers
 from .spec import Spec
 
 VECTOR_ELEMENTS = 8     # a 16-byte global access moves 8 fp16/bf16 elements
@@ -34,6 +35,7 @@ class Variant:
     mask_expr: str                      # the pattern's element predicate ("true": none)
     tile_kept: str                      # the pattern's tile predicates (schedule "pattern")
     tile_full: str
+    mask_helpers: str                   # C definitions the predicates call (masks.cuda_helpers), or ""
     mask_block: tuple[int, int]         # block-CSR block size (schedule "runtime"), else (0, 0)
     block_table: bool                   # the pattern reads a block table through block_bit()
     mask_mod: str | None
@@ -83,6 +85,7 @@ def variant_of(spec: Spec) -> Variant:
         kept, full = pattern.cuda_tile_expr()
     return Variant(
         schedule=schedule, mask_expr=mask_expr, tile_kept=kept, tile_full=full,
+        mask_helpers=cuda_helpers(pattern if pattern is not None else spec.mask_element),
         mask_block=spec.mask_block_size if schedule == "runtime" else (0, 0),
         block_table=pattern is not None and pattern.table_block_size is not None,
         mask_mod=spec.mask_mod, score_mod=spec.score_mod, score_mod_grad=spec.score_mod_grad, softcap=spec.softcap, alibi=spec.alibi,

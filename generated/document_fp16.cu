@@ -279,10 +279,23 @@ enum MaskMode : int {
     MASK_PREDICATE = 2,   // and evaluate the element predicate
 };
 
+// ---- what the pattern's predicates call ----------------------------------------------------------
+// 3 documents: a position's document is the number of documents after the first that
+// start at or before it.
+__device__ const int document_of_9308e9c7_starts[2] = {1000, 3000};
+__device__ __forceinline__ int document_of_9308e9c7(int position) {
+    int lo = 0, hi = 2;                       // the first start past position
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (__ldg(&document_of_9308e9c7_starts[mid]) <= position) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
 // The element predicate: the spec's mask pattern as code over (h, q_idx, kv_idx); true if none.
 __device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q_idx, int kv_idx) {
     [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
-    return ((((q_idx >= 1000) + (q_idx >= 3000)) == ((kv_idx >= 1000) + (kv_idx >= 3000))) && (kv_idx <= (q_idx + seqlen_k - seqlen_q)));
+    return ((document_of_9308e9c7(q_idx) == document_of_9308e9c7(kv_idx)) && (kv_idx <= (q_idx + seqlen_k - seqlen_q)));
 }
 
 
@@ -322,11 +335,11 @@ constexpr int PARTIAL_TILE = 1 << 30;            // step list entry flag: the ti
 
 __device__ __forceinline__ bool tile_kept(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
     [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
-    return ((((q_lo >= 1000) + (q_lo >= 3000)) <= ((kv_hi >= 1000) + (kv_hi >= 3000)) && ((kv_lo >= 1000) + (kv_lo >= 3000)) <= ((q_hi >= 1000) + (q_hi >= 3000))) && (kv_lo <= (q_hi + seqlen_k - seqlen_q)));
+    return ((document_of_9308e9c7(q_lo) <= document_of_9308e9c7(kv_hi) && document_of_9308e9c7(kv_lo) <= document_of_9308e9c7(q_hi)) && (kv_lo <= (q_hi + seqlen_k - seqlen_q)));
 }
 __device__ __forceinline__ bool tile_full(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
     [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
-    return ((((q_lo >= 1000) + (q_lo >= 3000)) == ((q_hi >= 1000) + (q_hi >= 3000)) && ((kv_lo >= 1000) + (kv_lo >= 3000)) == ((kv_hi >= 1000) + (kv_hi >= 3000)) && ((q_lo >= 1000) + (q_lo >= 3000)) == ((kv_lo >= 1000) + (kv_lo >= 3000))) && (kv_hi <= (q_lo + seqlen_k - seqlen_q)));
+    return ((document_of_9308e9c7(q_lo) == document_of_9308e9c7(q_hi) && document_of_9308e9c7(kv_lo) == document_of_9308e9c7(kv_hi) && document_of_9308e9c7(q_lo) == document_of_9308e9c7(kv_lo)) && (kv_hi <= (q_lo + seqlen_k - seqlen_q)));
 }
 
 // Kept, and (through full) full, for the tile of rows q_lo..q_hi and keys kv_lo..kv_hi of head h.

@@ -202,11 +202,26 @@ def test_gradients_with_a_sliding_window(sq, sk):
     check_modified_gradients(q, k, v, mask=mask, causal=True, window=(70, 0))
 
 
+def check_pattern_gradients(spec, kernels, qkv, mask):
+    """The backward kernels of a pattern spec against float64, bounded by the framework with the same mask."""
+    q, k, v = qkv
+    out, lse = attngen.build(spec)(q, k, v)
+    dout = torch.randn_like(out)
+    dq, dk, dv = kernels(q, k, v, out, lse, dout)
+    same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    framework_attention(*same, False, spec.softmax_scale, mask=mask).backward(dout)
+    ref = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), mask=mask)
+    for name, mine, theirs, r in zip(("dq", "dk", "dv"), (dq, dk, dv), same, ref):
+        ok, err, bound = acceptance_check(to64(mine), to64(theirs.grad), r)
+        assert ok, f"{name}: max|grad - ref64| = {err:.3g} > bound {bound:.3g}"
+
+
 @pytest.mark.parametrize("section", [
     {"kind": "bigbird", "window": 3, "global_tokens": [0, 1], "random_blocks": 2, "block_size": 128, "seed": 1},
     {"kind": "and", "of": [{"kind": "document", "seq_lens": [100, 200, 87]}, {"kind": "causal"}]},
+    {"kind": "and", "of": [{"kind": "document", "seq_lens": [6] * 63 + [9]}, {"kind": "causal"}]},
     {"kind": "strided", "stride": 64},
-], ids=lambda m: m["kind"])
+], ids=lambda m: m["kind"] + (f"{len(m['of'][0]['seq_lens'])}docs" if m["kind"] == "and" else ""))
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
 def test_gradients_with_mask_patterns(section, deterministic):
     n = 387
@@ -214,16 +229,27 @@ def test_gradients_with_mask_patterns(section, deterministic):
     pattern = spec.mask_pattern
     mask = np.broadcast_to(pattern.element(np.arange(4)[:, None, None], np.arange(n)[None, :, None],
                                            np.arange(n)[None, None, :], n, n), (4, n, n))
-    q, k, v = inputs(n, 2, n, n, 4, 2, 64)
-    out, lse = attngen.build(spec)(q, k, v)
-    dout = torch.randn_like(out)
-    dq, dk, dv = attngen.build_backward(spec)(q, k, v, out, lse, dout)
-    same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    framework_attention(*same, False, spec.softmax_scale, mask=mask).backward(dout)
-    ref = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), mask=mask)
-    for name, mine, theirs, r in zip(("dq", "dk", "dv"), (dq, dk, dv), same, ref):
-        ok, err, bound = acceptance_check(to64(mine), to64(theirs.grad), r)
-        assert ok, f"{name}: max|grad - ref64| = {err:.3g} > bound {bound:.3g}"
+    check_pattern_gradients(spec, attngen.build_backward(spec), inputs(n, 2, n, n, 4, 2, 64), mask)
+
+
+@pytest.mark.parametrize("d,section", [
+    (128, {"kind": "sliding_window", "left": 256, "right": 0}),
+    (64, {"kind": "and", "of": [{"kind": "document", "seq_lens": [100, 200, 87]}, {"kind": "causal"}]}),
+    (128, {"kind": "bigbird", "window": 1, "global_tokens": [0], "random_blocks": 1, "block_size": 128, "seed": 2}),
+], ids=["window_d128", "document_d64", "bigbird_d128"])
+def test_pattern_masks_take_the_wgmma_dkdv_pass(d, section):
+    """On Hopper, patterns compiled as code train on the wgmma dK/dV pass (unless this ptxas serialises its
+    wgmma: the build then takes mma.sync, and this test says so)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma dK/dV pass needs an sm_90 GPU")
+    n = 387
+    spec = attngen.Spec(head_dim=d, dtype="bf16", mask=section)
+    kernels = attngen.build_backward(spec)
+    assert kernels.plan.dkdv.path == "wgmma", f"{spec.name}: dK/dV on {kernels.plan.dkdv.path}"
+    pattern = spec.mask_pattern
+    mask = np.broadcast_to(pattern.element(np.arange(4)[:, None, None], np.arange(n)[None, :, None],
+                                           np.arange(n)[None, None, :], n, n), (4, n, n))
+    check_pattern_gradients(spec, kernels, inputs(n + d, 2, n, n, 4, 2, d), mask)
 
 
 def test_refuses_score_mod_for_training():

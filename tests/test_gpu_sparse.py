@@ -118,6 +118,16 @@ def test_document_and_layout_patterns_compiled_as_code(tmp_path):
     out, lse = run_and_check(attngen.build(spec), q, k, v, element_mask(spec.mask_pattern, 2, n, n))
 
 
+def test_many_documents_compiled_as_code():
+    """64 documents of random lengths (1 to 40 tokens, the conditional search 6 deep), causal: forward."""
+    lens = np.random.default_rng(3).integers(1, 41, 64).tolist()
+    n = sum(lens)
+    spec = attngen.Spec(head_dim=64, dtype="bf16", mask={"kind": "and", "of": [
+        {"kind": "document", "seq_lens": lens}, {"kind": "causal"}]})
+    q, k, v = inputs(6, 1, n, n, 2, 2, 64)
+    run_and_check(attngen.build(spec), q, k, v, element_mask(spec.mask_pattern, 2, n, n))
+
+
 def test_pattern_kernel_and_runtime_kernel_agree():
     # A sliding window as code, and as a block-CSR from the same pattern with the window as a mask_mod.
     sq = sk = 640

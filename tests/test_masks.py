@@ -18,7 +18,7 @@ import attngen.tools.reference as reference
 from attngen.errors import SpecError
 from attngen.masks import (
     And, BigBird, BlockMask, Causal, Dilated, Document, Fixed, Layout, Longformer, Or, SlidingWindow,
-    Strided, pattern_from_dict,
+    Strided, cuda_helpers, helper_parts, pattern_from_dict,
 )
 from attngen.tools.reference import attention_reference, attention_same_dtype_reference, attention_tiled
 
@@ -253,7 +253,11 @@ def c_functions(pattern, sq, sk) -> dict:
         clip = lambda x, n: np.clip(x, 0, n - 1)  # noqa: E731  (inactive lanes read nothing in C)
         return table[clip(head, table.shape[0]), clip(q_block, table.shape[1]), clip(kv_block, table.shape[2])]
 
-    return dict(floor_div=floor_div, block_bit=block_bit)
+    def document_of(starts):
+        return lambda active, position: np.searchsorted(np.asarray(starts), position, side="right")
+
+    documents = {p.helper_name: document_of(p._starts) for p in helper_parts(pattern)} if pattern is not None else {}
+    return dict(floor_div=floor_div, block_bit=block_bit, **documents)
 
 
 def c_mask(expr, heads, sq, sk, pattern=None):
@@ -883,3 +887,26 @@ def test_combining_long_masks_keeps_them_sparse():
             for name in ("partial_row_ptr", "partial_cols", "full_row_ptr", "full_cols"):
                 np.testing.assert_array_equal(getattr(combined, name), getattr(direct, name))
     assert both.counts()["kept"] < doc.counts()["kept"] < either.counts()["kept"]
+
+
+@pytest.mark.parametrize("seq_lens", [(5,), (3, 4), (1, 1, 1), (7, 2, 9, 1, 4), tuple(range(1, 65)),
+                                      tuple([256] * 1000)])
+def test_document_index_is_a_table_search(seq_lens):
+    """The document pattern's C: one helper per document lengths (a table and a binary search), the same
+    source size for any number of documents but the table, and its index equal to the number of documents
+    starting at or before each position."""
+    doc = Document(seq_lens)
+    helpers = cuda_helpers(doc & Causal())
+    if len(seq_lens) == 1:
+        assert helpers == "" and doc.cuda_expr() == "true"
+        return
+    assert helpers.count(f"int {doc.helper_name}(int position)") == 1
+    base = cuda_helpers(Document((1, 1)))
+    assert abs(len(helpers) - len(", ".join(map(str, doc._starts))) - (len(base) - 1)) < 16   # only the table grows
+    assert cuda_helpers(doc | Document(seq_lens)).count(f"int {doc.helper_name}(") == 1     # once per lengths
+    total = sum(seq_lens)
+    positions = np.arange(total) if total < 5000 else np.random.default_rng(0).integers(0, total, 3000)
+    want = np.array([document_of(seq_lens, int(x)) for x in positions])
+    got = eval_c_expr(f"{doc._doc_of('x')} == want", dict(x=positions, want=want, **c_functions(doc, total, total)),
+                      positions.shape)
+    assert got.all()

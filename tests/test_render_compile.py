@@ -299,6 +299,33 @@ def test_build_falls_back_when_ptxas_spills():
             "resources": Resources(255, 4, 4, 8, 0)})(), None))
 
 
+
+def test_build_passes_over_serialized_wgmma():
+    """A candidate whose wgmma ptxas serialised (its note names the kernel, or a lambda inside it) is
+    passed over like a spilling one; the note of another kernel is not this one's."""
+    from attngen.api import plan_and_compile
+    from attngen.planner.device import preset
+
+    note = ("ptxas info    : (C7519) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+            "the presence of Extern calls in the function '_ZZ9mine_fwdENKUlvE_clEv'\n")
+    report = ("ptxas info    : Compiling entry function 'mine_fwd' for 'sm_90a'\n"
+              "ptxas info    : Function properties for mine_fwd\n"
+              "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+              "ptxas info    : Used 168 registers\n")
+    assert parse_ptxas_report(note + report, "mine_fwd").wgmma_serialized
+    assert not parse_ptxas_report(note.replace("mine_fwd", "other") + report, "mine_fwd").wgmma_serialized
+    assert not parse_ptxas_report(report, "mine_fwd").wgmma_serialized
+    spec = attngen.Spec(head_dim=128, dtype="bf16", causal=True)
+    seen = []
+
+    def fake_compile(source, plan):
+        seen.append(plan.path)
+        return (type("B", (), {"resources": Resources(168, 0, 0, 0, 0, wgmma_serialized=plan.path == "wgmma")})(), None)
+
+    chosen, _, _ = plan_and_compile(spec, preset("sm_90"), fake_compile)
+    assert seen[0] == "wgmma" and chosen.path == "mma_sync"
+
+
 def test_argument_block_lays_out_each_argument_by_its_type(monkeypatch):
     """The forward's launcher stores the arguments in one ctypes block and hands cuLaunchKernel an array
     of pointers to them; read them back through those pointers, as the driver would."""

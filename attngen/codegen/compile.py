@@ -25,6 +25,7 @@ from pathlib import Path
 from ..errors import CompileError
 
 # --no-source-include: nothing is read from the source's folder (the sources include no file at all).
+SERIALIZED_WGMMA = "wgmma.mma_async instructions are serialized"   # ptxas's performance note (C7510-C7520)
 COMPILE_OPTIONS = ("-std=c++17", "--use_fast_math", "--ptxas-options=-v", "-lineinfo", "--no-source-include")
 
 
@@ -37,6 +38,7 @@ class Resources:
     spill_loads: int | None
     stack_frame: int
     static_smem: int
+    wgmma_serialized: bool = False   # ptxas serialised the kernel's wgmma (C75xx "Potential Performance Loss")
 
     @property
     def spill_bytes(self) -> int | None:
@@ -91,6 +93,8 @@ def parse_ptxas_report(log: str, kernel_name: str) -> Resources:
     for field, pattern in _REPORT.items():
         match = pattern.search(section)
         values[field] = int(match.group(1)) if match else 0
+    # the note names the function it serialised (the kernel, or a lambda inside it: its name holds the kernel's)
+    values["wgmma_serialized"] = any(SERIALIZED_WGMMA in line and kernel_name in line for line in log.splitlines())
     return Resources(**values)
 
 
