@@ -376,7 +376,8 @@ class Kernel:
         device = q.device
         out = torch.empty(block.out_shape, dtype=q.dtype, device=device)
         lse = torch.empty(block.lse_shape, dtype=torch.float32, device=device)
-        info = torch.empty(8 * capacity + 2 * batch + 1, dtype=torch.int32, device=device).data_ptr()
+        schedule = torch.empty(8 * capacity + 2 * batch + 1, dtype=torch.int32, device=device)   # held to the launch
+        info = schedule.data_ptr()
         order = info + 32 * capacity                      # as schedule_buffer lays them out
         start = order + 4 * batch
         cu = (cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr())
