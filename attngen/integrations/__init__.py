@@ -1,0 +1,1 @@
+"""attngen where other libraries call attention: transformers' attention interface (transformers.py)."""
