@@ -52,6 +52,7 @@ _DISTANCE_EXPR = f"({ALIGNED_EXPR} - kv_idx)"
 ALIGNED_LO, ALIGNED_HI = "(q_lo + seqlen_k - seqlen_q)", "(q_hi + seqlen_k - seqlen_q)"
 _DIST_MIN, _DIST_MAX = f"({ALIGNED_LO} - kv_hi)", f"({ALIGNED_HI} - kv_lo)"
 ALWAYS = ("true", "true")
+SPAN_MAX_VALUE = 2**31 - 1      # SPAN_MAX in the kernels: a bound no position reaches
 
 
 def aligned_position(q_idx, seqlen_q: int, seqlen_k: int):
@@ -68,6 +69,17 @@ def _in_window(q_idx, kv_idx, seqlen_q, seqlen_k, left: int, right: int):
 def _in_window_expr(left: int, right: int) -> str:
     """C form of _in_window (no division, no negative literal)."""
     return f"(kv_idx >= {ALIGNED_EXPR} - {left} && kv_idx <= {ALIGNED_EXPR} + {right})"
+
+
+def _window_spans(left: int | None, right: int) -> tuple[str, str, str, str]:
+    """cuda_spans of kv_idx - aligned in [-left, right] (left None: unbounded): the keys around the query's
+    aligned position, and the queries whose aligned position lies in [kv_idx - right, kv_idx + left]."""
+    aligned_query = "(kv_idx + seqlen_q - seqlen_k)"              # the query row aligned at kv_idx
+
+    def shift(x, n):                                              # no negative literal: x - 3, not x + -3
+        return x if n == 0 else f"({x} {'-' if n > 0 else '+'} {abs(n)})"
+    return ("SPAN_MIN" if left is None else shift(ALIGNED_EXPR, left), shift(ALIGNED_EXPR, -right),
+            shift(aligned_query, right), "SPAN_MAX" if left is None else shift(aligned_query, -left))
 
 
 def _in_window_tile_expr(left: int, right: int) -> tuple[str, str]:
@@ -269,6 +281,14 @@ class Pattern:
         in-range tile bounds). kept may over-approximate, full may under-approximate (module doc)."""
         raise NotImplementedError
 
+    def cuda_spans(self) -> tuple[str, str, str, str] | None:
+        """For an interval pattern (causal, sliding windows, documents, and `and`s of them) the C form of its
+        spans, inclusive: query q_idx sees exactly the keys key_lo .. key_hi (expressions over h, q_idx,
+        seqlen_q, seqlen_k) and key kv_idx is seen by exactly the queries query_lo .. query_hi (over h,
+        kv_idx, ...). SPAN_MIN / SPAN_MAX stand for no bound. A tile row then tests its span, computed once,
+        instead of the element predicate. None for any other pattern."""
+        return None
+
     def block_table(self, seqlen_q: int, seqlen_k: int) -> np.ndarray | None:
         """Bool [H or 1, nQb, nKb] the expressions read through block_bit(), or None (closed form)."""
         return None
@@ -378,6 +398,9 @@ class _Composite(Pattern):
     def cuda_tile_expr(self):
         return self._equivalent().cuda_tile_expr()
 
+    def cuda_spans(self):
+        return self._equivalent().cuda_spans()
+
     def block_table(self, seqlen_q, seqlen_k):
         return self._equivalent().block_table(seqlen_q, seqlen_k)
 
@@ -413,6 +436,9 @@ class Causal(Pattern):
     def cuda_tile_expr(self):
         return f"(kv_lo <= {ALIGNED_HI})", f"(kv_hi <= {ALIGNED_LO})"
 
+    def cuda_spans(self):
+        return _window_spans(None, 0)
+
     def block_grid(self, seqlen_q, seqlen_k, block_size):
         return _window_grid(seqlen_q, seqlen_k, block_size, None, 0)
 
@@ -439,6 +465,9 @@ class SlidingWindow(Pattern):
 
     def cuda_tile_expr(self):
         return _in_window_tile_expr(self.left, self.right)
+
+    def cuda_spans(self):
+        return _window_spans(self.left, self.right)
 
     def block_grid(self, seqlen_q, seqlen_k, block_size):
         return _window_grid(seqlen_q, seqlen_k, block_size, self.left, self.right)
@@ -762,18 +791,31 @@ class Document(Pattern):
     def cuda_helper(self) -> str:
         """C: the document starts as a table and a binary search over it, log2(documents) reads per position
         (a sum of one comparison per start cost 64 per element at 64 documents, and its source grew with
-        every use)."""
+        every use). The search runs a fixed number of steps without a branch: code inside a wgmma's flight
+        must not diverge, or ptxas serialises the wgmma (C7519)."""
         name, starts = self.helper_name, self._starts
-        return (f"// {len(starts) + 1} documents: a position's document is the number of documents after the first that\n"
-                f"// start at or before it.\n"
-                f"__device__ const int {name}_starts[{len(starts)}] = {{{', '.join(map(str, starts))}}};\n"
+        n = len(starts)
+        steps = 1 << (n.bit_length() - 1)     # the search's largest step; its table reads stay below 2 * steps - 1
+        padding = [SPAN_MAX_VALUE] * (2 * steps - 1 - n)
+        return (f"// {n + 1} documents: a position's document is the number of documents after the first that\n"
+                f"// start at or before it. The table is padded with starts no position reaches.\n"
+                f"__device__ const int {name}_starts[{n + len(padding)}] = {{{', '.join(map(str, list(starts) + padding))}}};\n"
                 f"__device__ __forceinline__ int {name}(int position) {{\n"
-                f"    int lo = 0, hi = {len(starts)};                       // the first start past position\n"
-                f"    while (lo < hi) {{\n"
-                f"        const int mid = (lo + hi) / 2;\n"
-                f"        if (__ldg(&{name}_starts[mid]) <= position) lo = mid + 1; else hi = mid;\n"
+                f"    int before = 0;                  // starts known to be at or before position\n"
+                f"#pragma unroll\n"
+                f"    for (int step = {steps}; step > 0; step /= 2) {{\n"
+                f"        if (__ldg(&{name}_starts[before + step - 1]) <= position) before += step;\n"
                 f"    }}\n"
-                f"    return lo;\n"
+                f"    return before;\n"
+                f"}}\n"
+                f"// The first and the last position of position's document (the last document has no end).\n"
+                f"__device__ __forceinline__ int {name}_first(int position) {{\n"
+                f"    const int doc = {name}(position);\n"
+                f"    return doc == 0 ? 0 : __ldg(&{name}_starts[doc - 1]);\n"
+                f"}}\n"
+                f"__device__ __forceinline__ int {name}_last(int position) {{\n"
+                f"    const int doc = {name}(position);\n"
+                f"    return doc == {n} ? SPAN_MAX : __ldg(&{name}_starts[doc]) - 1;\n"
                 f"}}\n")
 
     def _doc_of(self, var: str) -> str:
@@ -792,6 +834,13 @@ class Document(Pattern):
         kept = f"({doc('q_lo')} <= {doc('kv_hi')} && {doc('kv_lo')} <= {doc('q_hi')})"
         full = f"({doc('q_lo')} == {doc('q_hi')} && {doc('kv_lo')} == {doc('kv_hi')} && {doc('q_lo')} == {doc('kv_lo')})"
         return kept, full
+
+    def cuda_spans(self):
+        """A position sees its own document, queries and keys alike."""
+        if not self._starts:
+            return "SPAN_MIN", "SPAN_MAX", "SPAN_MIN", "SPAN_MAX"
+        first, last = (f"{self.helper_name}_{end}" for end in ("first", "last"))
+        return f"{first}(q_idx)", f"{last}(q_idx)", f"{first}(kv_idx)", f"{last}(kv_idx)"
 
 
 def _load_layout(source, field: str) -> np.ndarray:
@@ -914,6 +963,18 @@ class And(Pattern):
         # and: kept if every part may be kept, full if every part is full; or: either, either.
         kept, full = zip(*(p.cuda_tile_expr() for p in self.parts))
         return "(" + self._c_op.join(kept) + ")", "(" + self._c_op.join(full) + ")"
+
+    def cuda_spans(self):
+        """An `and` of interval patterns: the intersection of their spans (an `or` has none)."""
+        spans = [p.cuda_spans() for p in self.parts]
+        if self.kind != "and" or any(s is None for s in spans):
+            return None
+
+        def fold(fn, exprs):
+            exprs = [e for e in exprs if e not in ("SPAN_MIN", "SPAN_MAX")] or [exprs[0]]
+            return functools.reduce(lambda a, b: f"{fn}({a}, {b})", exprs)
+        key_lo, key_hi, query_lo, query_hi = zip(*spans)
+        return fold("max", key_lo), fold("min", key_hi), fold("max", query_lo), fold("min", query_hi)
 
     def block_table(self, seqlen_q, seqlen_k):
         tables = [t for t in (p.block_table(seqlen_q, seqlen_k) for p in self.parts) if t is not None]

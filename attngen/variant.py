@@ -36,6 +36,7 @@ class Variant:
     tile_kept: str                      # the pattern's tile predicates (schedule "pattern")
     tile_full: str
     mask_helpers: str                   # C definitions the predicates call (masks.cuda_helpers), or ""
+    mask_spans: tuple[str, str, str, str] | None   # the element predicate as spans per row (Pattern.cuda_spans)
     mask_block: tuple[int, int]         # block-CSR block size (schedule "runtime"), else (0, 0)
     block_table: bool                   # the pattern reads a block table through block_bit()
     mask_mod: str | None
@@ -75,17 +76,18 @@ class Variant:
 @functools.lru_cache(maxsize=256)
 def variant_of(spec: Spec) -> Variant:
     pattern = spec.mask_pattern
+    element = pattern if pattern is not None else spec.mask_element
     if spec.mask is None:
         schedule, mask_expr, kept, full = "dense", "true", "true", "true"
     elif pattern is None:     # a runtime layout: its partial blocks evaluate the element pattern, if any
-        element = spec.mask_element
         schedule, mask_expr, kept, full = "runtime", "true" if element is None else element.cuda_expr(), "true", "true"
     else:
         schedule, mask_expr = "pattern", pattern.cuda_expr()
         kept, full = pattern.cuda_tile_expr()
     return Variant(
         schedule=schedule, mask_expr=mask_expr, tile_kept=kept, tile_full=full,
-        mask_helpers=cuda_helpers(pattern if pattern is not None else spec.mask_element),
+        mask_helpers=cuda_helpers(element),
+        mask_spans=element.cuda_spans() if spec.mask is not None and element is not None else None,
         mask_block=spec.mask_block_size if schedule == "runtime" else (0, 0),
         block_table=pattern is not None and pattern.table_block_size is not None,
         mask_mod=spec.mask_mod, score_mod=spec.score_mod, score_mod_grad=spec.score_mod_grad, softcap=spec.softcap, alibi=spec.alibi,

@@ -279,35 +279,65 @@ enum MaskMode : int {
     MASK_PREDICATE = 2,   // and evaluate the element predicate
 };
 
+constexpr int SPAN_MIN = -2147483647 - 1, SPAN_MAX = 2147483647;     // a span without that bound
 // ---- what the pattern's predicates call ----------------------------------------------------------
 // 3 documents: a position's document is the number of documents after the first that
-// start at or before it.
-__device__ const int document_of_9308e9c7_starts[2] = {1000, 3000};
+// start at or before it. The table is padded with starts no position reaches.
+__device__ const int document_of_9308e9c7_starts[3] = {1000, 3000, 2147483647};
 __device__ __forceinline__ int document_of_9308e9c7(int position) {
-    int lo = 0, hi = 2;                       // the first start past position
-    while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (__ldg(&document_of_9308e9c7_starts[mid]) <= position) lo = mid + 1; else hi = mid;
+    int before = 0;                  // starts known to be at or before position
+#pragma unroll
+    for (int step = 2; step > 0; step /= 2) {
+        if (__ldg(&document_of_9308e9c7_starts[before + step - 1]) <= position) before += step;
     }
-    return lo;
+    return before;
+}
+// The first and the last position of position's document (the last document has no end).
+__device__ __forceinline__ int document_of_9308e9c7_first(int position) {
+    const int doc = document_of_9308e9c7(position);
+    return doc == 0 ? 0 : __ldg(&document_of_9308e9c7_starts[doc - 1]);
+}
+__device__ __forceinline__ int document_of_9308e9c7_last(int position) {
+    const int doc = document_of_9308e9c7(position);
+    return doc == 2 ? SPAN_MAX : __ldg(&document_of_9308e9c7_starts[doc]) - 1;
 }
 
-// The element predicate: the spec's mask pattern as code over (h, q_idx, kv_idx); true if none.
-__device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q_idx, int kv_idx) {
+// The element predicate as spans: every query sees one run of keys and every key is seen by one run of
+// queries (the spec's mask pattern is an interval pattern), so a tile row finds its span once and tests
+// each element against it. Inclusive bounds; lo > hi for none.
+struct RowPredicate {
+    int lo, hi;
+};
+// KEY_ROWS: the row is a key (the dK/dV pass's transposed tiles) and the span runs over its queries.
+template <bool KEY_ROWS>
+__device__ __forceinline__ RowPredicate row_predicate(const ModContext& ctx, int h, int row) {
     [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
-    return ((document_of_9308e9c7(q_idx) == document_of_9308e9c7(kv_idx)) && (kv_idx <= (q_idx + seqlen_k - seqlen_q)));
+    if constexpr (KEY_ROWS) {
+        const int kv_idx = row;
+        return {max(document_of_9308e9c7_first(kv_idx), (kv_idx + seqlen_q - seqlen_k)), document_of_9308e9c7_last(kv_idx)};
+    } else {
+        const int q_idx = row;
+        return {document_of_9308e9c7_first(q_idx), min(document_of_9308e9c7_last(q_idx), (q_idx + seqlen_k - seqlen_q))};
+    }
+}
+
+template <bool KEY_ROWS>
+__device__ __forceinline__ bool row_visible(const RowPredicate& row, const ModContext& ctx, int h, int q_idx, int kv_idx) {
+    const int along = KEY_ROWS ? q_idx : kv_idx;
+    return along >= row.lo && along <= row.hi;
 }
 
 
 // Whether the softmax skips element (q_idx, kv_idx), in the forward and the backward alike: past the keys,
-// above the causal diagonal, or, where the tile needs the predicate, hidden by it. Rows past seqlen_q: the
-// backward sums over its queries, so it hides them always (ALL_ROWS); the forward never stores them and
-// hides them only ahead of the predicate, whose reads they would take out of bounds.
-template <bool ALL_ROWS>
+// above the causal diagonal, or, where the tile needs the predicate, hidden by it (row: the element's tile
+// row's row_predicate; KEY_ROWS as there). Rows past seqlen_q: the backward sums over its queries, so it
+// hides them always (ALL_ROWS); the forward never stores them and hides them only ahead of the predicate,
+// whose reads they would take out of bounds.
+template <bool ALL_ROWS, bool KEY_ROWS>
 __device__ __forceinline__ bool element_hidden(const ModContext& ctx, int h, int q_idx, int kv_idx, int causal_offset,
-                                               bool predicate) {
+                                               bool predicate, const RowPredicate& row) {
     return kv_idx >= ctx.seqlen_k || (ALL_ROWS && q_idx >= ctx.seqlen_q) || (CAUSAL && kv_idx > q_idx + causal_offset)
-           || (predicate && (q_idx >= ctx.seqlen_q || !mask_visible(ctx, h, q_idx, kv_idx)));
+           || (predicate && (q_idx >= ctx.seqlen_q || !row_visible<KEY_ROWS>(row, ctx, h, q_idx, kv_idx)));
 }
 
 // ---- masking of one S tile (only the tiles that need it) -----------------------------------------
@@ -318,12 +348,18 @@ __device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], 
 #pragma unroll
     for (int mi = 0; mi < M_TILES; ++mi) {
 #pragma unroll
-        for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
+        for (int half = 0; half < 2; ++half) {                               // rows g and g + 8
+            const int row = row0 + mi * 16 + lane / 4 + half * 8;
+            const RowPredicate along = predicate ? row_predicate<false>(ctx, h, row) : RowPredicate{};
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = row0 + mi * 16 + lane / 4 + (e >= 2 ? 8 : 0);
-                const int col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-                if (element_hidden<false>(ctx, h, row, col, causal_offset, predicate)) s[mi][nt][e] = NEG_INF;
+            for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int col = col0 + nt * 8 + (lane % 4) * 2 + c;
+                    if (element_hidden<false, false>(ctx, h, row, col, causal_offset, predicate, along)) {
+                        s[mi][nt][half * 2 + c] = NEG_INF;
+                    }
+                }
             }
         }
     }

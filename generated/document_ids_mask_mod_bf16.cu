@@ -292,22 +292,43 @@ enum MaskMode : int {
     MASK_PREDICATE = 2,   // and evaluate the element predicate
 };
 
-// The element predicate: the spec's mask pattern and its mask_mod as code over (h, q_idx, kv_idx); true if none.
-__device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q_idx, int kv_idx) {
+constexpr int SPAN_MIN = -2147483647 - 1, SPAN_MAX = 2147483647;     // a span without that bound
+// The element predicate as spans: every query sees one run of keys and every key is seen by one run of
+// queries (the spec's mask pattern is an interval pattern), so a tile row finds its span once and tests
+// each element against it. Inclusive bounds; lo > hi for none.
+struct RowPredicate {
+    int lo, hi;
+};
+// KEY_ROWS: the row is a key (the dK/dV pass's transposed tiles) and the span runs over its queries.
+template <bool KEY_ROWS>
+__device__ __forceinline__ RowPredicate row_predicate(const ModContext& ctx, int h, int row) {
     [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
-    return (kv_idx <= (q_idx + seqlen_k - seqlen_q)) && user_mask_mod(ctx, h, q_idx, kv_idx);
+    if constexpr (KEY_ROWS) {
+        const int kv_idx = row;
+        return {(kv_idx + seqlen_q - seqlen_k), SPAN_MAX};
+    } else {
+        const int q_idx = row;
+        return {SPAN_MIN, (q_idx + seqlen_k - seqlen_q)};
+    }
+}
+
+template <bool KEY_ROWS>
+__device__ __forceinline__ bool row_visible(const RowPredicate& row, const ModContext& ctx, int h, int q_idx, int kv_idx) {
+    const int along = KEY_ROWS ? q_idx : kv_idx;
+    return along >= row.lo && along <= row.hi && user_mask_mod(ctx, h, q_idx, kv_idx);
 }
 
 
 // Whether the softmax skips element (q_idx, kv_idx), in the forward and the backward alike: past the keys,
-// above the causal diagonal, or, where the tile needs the predicate, hidden by it. Rows past seqlen_q: the
-// backward sums over its queries, so it hides them always (ALL_ROWS); the forward never stores them and
-// hides them only ahead of the predicate, whose reads they would take out of bounds.
-template <bool ALL_ROWS>
+// above the causal diagonal, or, where the tile needs the predicate, hidden by it (row: the element's tile
+// row's row_predicate; KEY_ROWS as there). Rows past seqlen_q: the backward sums over its queries, so it
+// hides them always (ALL_ROWS); the forward never stores them and hides them only ahead of the predicate,
+// whose reads they would take out of bounds.
+template <bool ALL_ROWS, bool KEY_ROWS>
 __device__ __forceinline__ bool element_hidden(const ModContext& ctx, int h, int q_idx, int kv_idx, int causal_offset,
-                                               bool predicate) {
+                                               bool predicate, const RowPredicate& row) {
     return kv_idx >= ctx.seqlen_k || (ALL_ROWS && q_idx >= ctx.seqlen_q) || (CAUSAL && kv_idx > q_idx + causal_offset)
-           || (predicate && (q_idx >= ctx.seqlen_q || !mask_visible(ctx, h, q_idx, kv_idx)));
+           || (predicate && (q_idx >= ctx.seqlen_q || !row_visible<KEY_ROWS>(row, ctx, h, q_idx, kv_idx)));
 }
 
 // ---- masking of one S tile (only the tiles that need it) -----------------------------------------
@@ -318,12 +339,18 @@ __device__ __forceinline__ void apply_mask(float (&s)[M_TILES][BLOCK_N / 8][4], 
 #pragma unroll
     for (int mi = 0; mi < M_TILES; ++mi) {
 #pragma unroll
-        for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
+        for (int half = 0; half < 2; ++half) {                               // rows g and g + 8
+            const int row = row0 + mi * 16 + lane / 4 + half * 8;
+            const RowPredicate along = predicate ? row_predicate<false>(ctx, h, row) : RowPredicate{};
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = row0 + mi * 16 + lane / 4 + (e >= 2 ? 8 : 0);
-                const int col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-                if (element_hidden<false>(ctx, h, row, col, causal_offset, predicate)) s[mi][nt][e] = NEG_INF;
+            for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int col = col0 + nt * 8 + (lane % 4) * 2 + c;
+                    if (element_hidden<false, false>(ctx, h, row, col, causal_offset, predicate, along)) {
+                        s[mi][nt][half * 2 + c] = NEG_INF;
+                    }
+                }
             }
         }
     }

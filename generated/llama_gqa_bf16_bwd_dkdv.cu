@@ -370,21 +370,28 @@ enum MaskMode : int {
 };
 
 // The element predicate: the spec's mask pattern as code over (h, q_idx, kv_idx); true if none.
-__device__ __forceinline__ bool mask_visible(const ModContext& ctx, int h, int q_idx, int kv_idx) {
+// A row needs nothing found ahead (RowPredicate is empty).
+struct RowPredicate {};
+template <bool KEY_ROWS>
+__device__ __forceinline__ RowPredicate row_predicate(const ModContext&, int, int) { return {}; }
+
+template <bool KEY_ROWS>
+__device__ __forceinline__ bool row_visible(const RowPredicate&, const ModContext& ctx, int h, int q_idx, int kv_idx) {
     [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
     return true;
 }
 
 
 // Whether the softmax skips element (q_idx, kv_idx), in the forward and the backward alike: past the keys,
-// above the causal diagonal, or, where the tile needs the predicate, hidden by it. Rows past seqlen_q: the
-// backward sums over its queries, so it hides them always (ALL_ROWS); the forward never stores them and
-// hides them only ahead of the predicate, whose reads they would take out of bounds.
-template <bool ALL_ROWS>
+// above the causal diagonal, or, where the tile needs the predicate, hidden by it (row: the element's tile
+// row's row_predicate; KEY_ROWS as there). Rows past seqlen_q: the backward sums over its queries, so it
+// hides them always (ALL_ROWS); the forward never stores them and hides them only ahead of the predicate,
+// whose reads they would take out of bounds.
+template <bool ALL_ROWS, bool KEY_ROWS>
 __device__ __forceinline__ bool element_hidden(const ModContext& ctx, int h, int q_idx, int kv_idx, int causal_offset,
-                                               bool predicate) {
+                                               bool predicate, const RowPredicate& row) {
     return kv_idx >= ctx.seqlen_k || (ALL_ROWS && q_idx >= ctx.seqlen_q) || (CAUSAL && kv_idx > q_idx + causal_offset)
-           || (predicate && (q_idx >= ctx.seqlen_q || !mask_visible(ctx, h, q_idx, kv_idx)));
+           || (predicate && (q_idx >= ctx.seqlen_q || !row_visible<KEY_ROWS>(row, ctx, h, q_idx, kv_idx)));
 }
 
 
@@ -397,6 +404,11 @@ template <int N, bool TRANSPOSED>
 __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float (&grad_factor)[N / 8][4],
                                                  const ModContext& ctx, int h, int row0, int col0, int causal_offset,
                                                  MaskMode mode, int lane) {
+    // Rows g and g + 8 find their spans whatever the mode: a branch around the search's reads would be a
+    // divergent path in the dP^T wgmma's flight, which ptxas answers by serialising the wgmma (C7519).
+    RowPredicate along[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) along[half] = row_predicate<TRANSPOSED>(ctx, h, row0 + lane / 4 + half * 8);
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt) {
 #pragma unroll
@@ -406,7 +418,8 @@ __device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float 
             float score = s[0][nt][e];
             grad_factor[nt][e] = 1.f;
             if (mode != MASK_NONE) {
-                if (element_hidden<true>(ctx, h, q_idx, kv_idx, causal_offset, mode == MASK_PREDICATE)) score = NEG_INF;
+                if (element_hidden<true, TRANSPOSED>(ctx, h, q_idx, kv_idx, causal_offset, mode == MASK_PREDICATE,
+                                                   along[e >= 2 ? 1 : 0])) score = NEG_INF;
             }
             s[0][nt][e] = score;
         }

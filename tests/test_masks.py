@@ -18,7 +18,7 @@ import attngen.tools.reference as reference
 from attngen.errors import SpecError
 from attngen.masks import (
     And, BigBird, BlockMask, Causal, Dilated, Document, Fixed, Layout, Longformer, Or, SlidingWindow,
-    Strided, cuda_helpers, helper_parts, pattern_from_dict,
+    Strided, cuda_helpers, helper_parts, pattern_from_dict, SPAN_MAX_VALUE,
 )
 from attngen.tools.reference import attention_reference, attention_same_dtype_reference, attention_tiled
 
@@ -201,7 +201,7 @@ def eval_c_expr(expr: str, env: dict, shape) -> np.ndarray:
     non-negative dividend and a positive divisor wherever short-circuiting lets them run, so
     floor division equals C's truncating division there.
     """
-    assert re.fullmatch(r"[a-z_0-9\s()+\-*/%<>=&|,]*", expr), expr
+    assert re.fullmatch(r"[A-Za-z_0-9\s()+\-*/%<>=&|,]*", expr), expr
     py = expr.replace("&&", " and ").replace("||", " or ").replace("/", "//")
     env = dict(env, true=np.True_, false=np.False_)
 
@@ -256,8 +256,17 @@ def c_functions(pattern, sq, sk) -> dict:
     def document_of(starts):
         return lambda active, position: np.searchsorted(np.asarray(starts), position, side="right")
 
-    documents = {p.helper_name: document_of(p._starts) for p in helper_parts(pattern)} if pattern is not None else {}
-    return dict(floor_div=floor_div, block_bit=block_bit, **documents)
+    def document_end(starts, last):
+        bounds = np.concatenate([[0], starts, [SPAN_MAX_VALUE + 1]])
+        return lambda active, position: bounds[np.searchsorted(bounds, position, side="right") - (0 if last else 1)] - last
+
+    documents = {}
+    for p in helper_parts(pattern) if pattern is not None else ():
+        documents.update({p.helper_name: document_of(p._starts), p.helper_name + "_first": document_end(p._starts, 0),
+                          p.helper_name + "_last": document_end(p._starts, 1)})
+    return dict(floor_div=floor_div, block_bit=block_bit, SPAN_MIN=np.int64(-SPAN_MAX_VALUE - 1),
+                SPAN_MAX=np.int64(SPAN_MAX_VALUE), max=lambda active, a, b: np.maximum(a, b),
+                min=lambda active, a, b: np.minimum(a, b), **documents)
 
 
 def c_mask(expr, heads, sq, sk, pattern=None):
@@ -311,6 +320,32 @@ def test_element_matches_brute_force(pattern, heads, sq, sk):
 def test_cuda_expr_means_element(pattern, heads, sq, sk):
     np.testing.assert_array_equal(c_mask(pattern.cuda_expr(), heads, sq, sk, pattern),
                                   brute_mask(pattern, heads, sq, sk))
+
+
+# Interval patterns: their spans must exist and mean the elements; every other pattern has none.
+SPAN_KINDS = ("causal", "sliding_window", "document")
+
+
+def _is_interval(pattern) -> bool:
+    if isinstance(pattern, Or):
+        return False
+    if isinstance(pattern, And):
+        return all(_is_interval(p) for p in pattern.parts)
+    return pattern.kind in SPAN_KINDS
+
+
+@pytest.mark.parametrize("pattern,heads,sq,sk", CASES)
+def test_cuda_spans_mean_the_elements(pattern, heads, sq, sk):
+    """A query sees exactly the keys of its span, a key is seen by exactly the queries of its span (the
+    kernels' row predicates); patterns that are no intervals have no spans."""
+    spans = pattern.cuda_spans()
+    assert (spans is not None) == _is_interval(pattern), pattern.name
+    if spans is None:
+        return
+    key_lo, key_hi, query_lo, query_hi = spans
+    elements = brute_mask(pattern, heads, sq, sk)
+    np.testing.assert_array_equal(c_mask(f"(kv_idx >= {key_lo} && kv_idx <= {key_hi})", heads, sq, sk, pattern), elements)
+    np.testing.assert_array_equal(c_mask(f"(q_idx >= {query_lo} && q_idx <= {query_hi})", heads, sq, sk, pattern), elements)
 
 
 # Patterns whose tile predicates are exact (kept iff some element is visible, full iff all are).
@@ -902,7 +937,20 @@ def test_document_index_is_a_table_search(seq_lens):
         return
     assert helpers.count(f"int {doc.helper_name}(int position)") == 1
     base = cuda_helpers(Document((1, 1)))
-    assert abs(len(helpers) - len(", ".join(map(str, doc._starts))) - (len(base) - 1)) < 16   # only the table grows
+    table = re.search(r"_starts\[\d+\] = \{([^}]*)\}", helpers).group(1).split(", ")
+    assert table[:len(doc._starts)] == [str(x) for x in doc._starts] and len(table) < 2 * len(seq_lens)
+    assert set(table[len(doc._starts):]) <= {str(SPAN_MAX_VALUE)}                    # padding no position reaches
+    assert abs(len(helpers) - len(", ".join(table)) - (len(base) - 1)) < 16         # only the table grows
+    # the C search, step by step: every read inside the table, the count of starts at or before position
+    steps = int(re.search(r"for \(int step = (\d+);", helpers).group(1))
+    starts = np.array(table, dtype=np.int64)
+    for position in (0, 1, sum(seq_lens) - 1, *doc._starts, *(x - 1 for x in doc._starts)):
+        before, step = 0, steps
+        while step:
+            assert before + step - 1 < starts.size
+            before += step if starts[before + step - 1] <= position else 0
+            step //= 2
+        assert before == document_of(seq_lens, position)
     assert cuda_helpers(doc | Document(seq_lens)).count(f"int {doc.helper_name}(") == 1     # once per lengths
     total = sum(seq_lens)
     positions = np.arange(total) if total < 5000 else np.random.default_rng(0).integers(0, total, 3000)

@@ -240,8 +240,13 @@ def test_block_sparse_variants_compile_without_spills(mask, arch):
     else:                                                            # the mask as code, no index tensor
         assert "full_row_ptr" not in source and "list_key_tiles" in source
         kept, full = pattern.cuda_tile_expr()
-        for expr in (pattern.cuda_expr(), kept, full):
+        for expr in (kept, full):
             assert "return " + expr + ";" in source
+        spans = pattern.cuda_spans()                                 # interval patterns: spans per row
+        if spans is None:
+            assert "return " + pattern.cuda_expr() + ";" in source
+        else:
+            assert "return {%s, %s};" % spans[:2] in source and "return {%s, %s};" % spans[2:] in source
         assert ("block_bits" in source) == (pattern.table_block_size is not None)
     assert binary.resources.spill_bytes == 0
 
