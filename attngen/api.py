@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .planner import device as device_mod
-from .build import build, build_backward, plan_and_compile, plan_and_compile_backward  # noqa: F401  (public)
+from .build import build, build_backward, build_decode, plan_and_compile, plan_and_compile_backward  # noqa: F401  (public)
 from .errors import SpecError
 from .runtime.launch import _view
 from .planner.forward import Plan, make_plan
@@ -31,10 +31,11 @@ def attention_backward(q, k, v, out, lse, dout, causal: bool = False, scale: flo
 
 
 def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: bool = False, block_mask=None,
-                    deterministic: bool = False, layout: str = "batch") -> Spec:
+                    deterministic: bool = False, layout: str = "batch", page_size: int | None = None) -> Spec:
     """The spec a call needs: head dims and dtype from the inputs, the modifiers from the keywords; heads,
     scale and ALiBi slopes stay run-time values. A window (left, right) becomes a sliding-window mask
-    (causal clips right to 0), as FlashAttention's window_size does. layout "varlen": packed inputs."""
+    (causal clips right to 0), as FlashAttention's window_size does. layout "varlen": packed inputs;
+    "kvcache": k and v are the caches (page_size: a paged one's rows per page)."""
     qv, kv, vv = _view("q", q), _view("k", k), _view("v", v)
     if len({qv.kind, kv.kind, vv.kind}) > 1:
         raise TypeError(f"q, k, v: expected one array library, got q {qv.kind}, k {kv.kind}, v {vv.kind}")
@@ -46,6 +47,8 @@ def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: boo
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected True or False, got {deterministic!r}")
     extra = {"softcap": softcap, "alibi": alibi, "deterministic": deterministic, "layout": layout}
+    if page_size is not None:
+        extra["page_size"] = page_size
     if window is not None:
         ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(
             isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
@@ -147,6 +150,32 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | No
     return (out, lse) if return_lse else out
 
 
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
+                           causal: bool = False, scale: float | None = None, window=None, softcap: float | None = None,
+                           alibi_slopes=None, num_splits: int = 0, return_lse: bool = False):
+    """Attention of new queries over a KV cache (FlashAttention's flash_attn_with_kvcache): decode, speculative
+    decoding, chunked prefill.
+
+    q [batch, seqlen_q, heads_q, head_dim]; the cache contiguous, k_cache [batch, capacity, heads_kv, head_dim]
+    and v_cache [..., head_dim_v], or paged, [num_pages, page_size, heads_kv, ...] with block_table int32
+    [batch, max_pages] (position p of sequence b in page block_table[b, p // page_size], row p % page_size;
+    page sizes 1..256). cache_seqlens int32 [batch] on q's device: the tokens cached per sequence. k, v
+    [batch, seqlen_new, heads_kv, ...] (optional, together) are written into the cache in place at
+    cache_seqlens[b] .. + seqlen_new - 1, then attended; cache_seqlens itself is not changed. Sequence b
+    attends to its first cache_seqlens[b] + seqlen_new keys; causal aligns bottom-right (the last query at
+    the last key); window, softcap, alibi_slopes as attention(). num_splits: how many CTAs share a
+    sequence's keys (0: the planner chooses from the SMs, batch, heads and the cache's capacity). Returns out
+    [batch, seqlen_q, heads_q, head_dim_v], and lse [batch, heads_q, seqlen_q] fp32 if asked. GQA/MQA:
+    heads_q a multiple of heads_kv. No autograd (the cache is an inference structure)."""
+    page_size = k_cache.shape[1] if block_table is not None and len(k_cache.shape) == 4 else None
+    spec = _spec_for_call(q, k_cache, v_cache, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
+                          block_mask=None, deterministic=False, layout="kvcache", page_size=page_size)
+    out, lse = build_decode(spec, _device_index(q))(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
+                                                     block_table=block_table, scale=scale, alibi_slopes=alibi_slopes,
+                                                     num_splits=num_splits)
+    return (out, lse) if return_lse else out
+
+
 _plain_kernels: dict = {}       # (q, v types/dtype/head dims/rank, causal, device) -> Kernel, for keyword-free calls
 _call_specs: dict = {}          # what a call's spec depends on -> that spec (spec_for_inputs costs ~30 us)
 MAX_CALL_SPECS = 1024
@@ -161,7 +190,7 @@ def _spec_for_call(q, k, v, causal, **keywords) -> Spec:
                causal, type(causal), tuple((w, type(w)) for w in window) if isinstance(window, (list, tuple)) else window,
                keywords["softcap"], type(keywords["softcap"]), keywords["alibi"], keywords["deterministic"],
                type(keywords["deterministic"]),
-               _block_mask_key(keywords["block_mask"]), keywords.get("layout", "batch"))
+               _block_mask_key(keywords["block_mask"]), keywords.get("layout", "batch"), keywords.get("page_size"))
         spec = _call_specs.get(key)
     except (AttributeError, TypeError):        # unusual arguments: no memo, spec_for_inputs explains
         key, spec = None, None

@@ -153,3 +153,30 @@ def build_backward(spec: Spec, device: int | None = None, path: str | None = Non
                                   {k: c[0] for k, c in compiled.items()}, fallback=fallback)
     with _kernels_lock:
         return _kernels.setdefault(key, kernels)
+
+
+def build_decode(spec: Spec, device: int | None = None):
+    """The decode kernels of a `layout: kvcache` spec (append, decode, combine: one module) for a live GPU,
+    cached like build()."""
+    import cupy
+
+    from .planner.decode import make_decode_plan
+    from .runtime.kvcache import DecodeKernel
+
+    if spec.layout != "kvcache":
+        raise ValueError(f"spec.layout: expected 'kvcache' for the decode kernels, got {spec.layout!r}")
+    index = cupy.cuda.runtime.getDevice() if device is None else device
+    key = ("decode", spec, index)
+    with _kernels_lock:
+        if key in _kernels:
+            return _kernels[key]
+    with cupy.cuda.Device(index):
+        dev = device_mod.live_device(index)
+        plan = make_decode_plan(spec, dev)
+        source = render(spec, plan, "decode")
+        binary, cubin_path = compile_cached(source, spec.name, plan.target, kernel_name(spec, "decode"))
+        if not clean(binary.resources):
+            raise PlanError(f"decode: {spec.name} spills on {dev.arch} ({binary.resources.spill_bytes} B)")
+        kernel = DecodeKernel(spec, plan, source, binary, cubin_path, dev.sm_count)
+    with _kernels_lock:
+        return _kernels.setdefault(key, kernel)

@@ -19,7 +19,9 @@ TILE_KEYS = ("block_m", "block_n", "warps", "stages", "path")
 TILE_PATHS = ("mma_sync", "wgmma")     # the forward kernel paths (wgmma: Hopper, sm_90a)
 MASK_BLOCK_DEFAULT = 128
 MASK_BLOCK_SIZES = (16, 32, 64, 128, 256)
-LAYOUTS = ("batch", "varlen")   # varlen: sequences packed along one token axis, bounded by cu_seqlens
+LAYOUTS = ("batch", "varlen", "kvcache")   # varlen: sequences packed along one token axis, bounded by cu_seqlens;
+                                           # kvcache: new queries against a KV cache (decode), contiguous or paged
+PAGE_SIZE_MAX = 256
 RUNTIME_MASK_KIND = "runtime"     # a block layout given at call time (a BlockMask), no element predicate
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")   # used with fullmatch: "$" would allow a trailing "\n"
 
@@ -58,16 +60,17 @@ class Spec:
     backward: bool = False       # `attngen build` also emits the backward kernels (the API builds them on demand)
     deterministic: bool = False  # backward: dQ in its own pass (bit-identical run to run) instead of atomics
     layout: str = "batch"        # "batch": [batch, seqlen, heads, dim]; "varlen": packed [total, heads, dim] + cu_seqlens
+    page_size: int | None = None   # layout kvcache: rows per page of a paged cache (None: a contiguous cache)
 
     def __init__(self, *, head_dim, dtype="bf16", causal=False, head_dim_v=None, num_heads=None,
                  num_kv_heads=None, scale=None, tile=None, name=None, mask=None, softcap=None, alibi=False,
                  score_mod=None, mask_mod=None, tensors=None, backward=False, score_mod_grad=None,
-                 deterministic=False, layout="batch"):
+                 deterministic=False, layout="batch", page_size=None):
         values = dict(head_dim=head_dim, dtype=dtype, causal=causal, head_dim_v=head_dim_v,
                       num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, tile=tile, name=name,
                       mask=mask, softcap=softcap, alibi=alibi, score_mod=score_mod, mask_mod=mask_mod,
                       tensors=tensors, backward=backward, score_mod_grad=score_mod_grad, deterministic=deterministic,
-                      layout=layout)
+                      layout=layout, page_size=page_size)
         for field, value in _validated(values).items():
             object.__setattr__(self, field, value)
 
@@ -389,6 +392,7 @@ def _validated(values: dict) -> dict:
         if out["tensors"]:
             raise SpecError("tensors", values["tensors"], "null with layout: varlen (named tensors are shaped by "
                             "[batch, seqlen] sizes)")
+    out["page_size"] = _kvcache_fields(values, out)
     if out["mask"] is not None and out["causal"]:
         raise SpecError("causal", True, "false when a mask is given: make causality part of the mask "
                         "({kind: causal}, or {kind: and, of: [{kind: causal}, ...]})")
@@ -399,6 +403,34 @@ def _validated(values: dict) -> dict:
         raise SpecError("name", name, "an identifier: letters, digits and '_', at most 64 characters")
     out["name"] = name
     return out
+
+
+def _kvcache_fields(values: dict, out: dict) -> int | None:
+    """page_size, checked with what a decode kernel over a KV cache covers: masks that are one run of keys
+    per query (causal, sliding_window, document and their `and`s), the built-in modifiers, no backward."""
+    page_size = values["page_size"]
+    if values["layout"] != "kvcache":
+        if page_size is not None:
+            raise SpecError("page_size", page_size, "null unless layout: kvcache")
+        return None
+    if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int)
+                                  or not 1 <= page_size <= PAGE_SIZE_MAX):
+        raise SpecError("page_size", page_size, f"an int in 1..{PAGE_SIZE_MAX} (rows per page), or null for a "
+                        "contiguous cache")
+    mask = out["mask"]
+    if mask is not None:
+        from .masks import pattern_from_dict
+
+        if mask.get("kind") == RUNTIME_MASK_KIND or pattern_from_dict(pattern_fields(mask)).cuda_spans() is None:
+            raise SpecError("mask", mask.get("kind"), "with layout: kvcache, a pattern that is one run of keys per "
+                            "query: causal, sliding_window, document, or an `and` of them")
+    for field in ("score_mod", "mask_mod", "tensors"):
+        if out[field]:
+            raise SpecError(field, values[field], "null with layout: kvcache (the decode kernel takes the built-in "
+                            "modifiers: scale, softcap, alibi)")
+    if out["backward"] or out["deterministic"]:
+        raise SpecError("backward", True, "false with layout: kvcache (decode has no backward)")
+    return page_size
 
 
 MASK_NAME_MAX = 40     # longer mask names keep their start and a hash of the whole
@@ -438,7 +470,7 @@ def _default_name(v: dict) -> str:
     if v["alibi"]:
         parts.append("alibi")
     if v["layout"] != "batch":
-        parts.append(v["layout"])
+        parts.append(v["layout"] + (f"_page{v['page_size']}" if v.get("page_size") else ""))
     for mod in ("score_mod", "mask_mod", "score_mod_grad"):
         if v[mod] is not None:     # two specs that differ only in the expression differ in name
             parts.append(mod.replace("_", "") + hashlib.sha1(v[mod].encode()).hexdigest()[:6])

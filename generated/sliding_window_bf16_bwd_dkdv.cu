@@ -186,6 +186,36 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long 
     }
 }
 
+// ROWS rows whose global addresses row_of(r) gives (nullptr: a row of zeros, nothing read) into the shared
+// tile at dst, as load_tile: a chunk of 8 columns per copy, columns past REAL_COLS zero-filled; by LOADERS
+// threads (tid: 0 .. LOADERS-1). For rows that lie anywhere (a paged KV cache, a GQA group's query rows).
+template <int ROWS, int COLS, int STRIDE, int REAL_COLS, int LOADERS, typename RowOf>
+__device__ __forceinline__ void load_rows(unsigned dst, RowOf row_of, int tid) {
+    constexpr int CHUNKS_PER_ROW = COLS / 8;
+    constexpr int LANES_PER_ROW = CHUNKS_PER_ROW <= 1 ? 1 : CHUNKS_PER_ROW <= 2 ? 2 : CHUNKS_PER_ROW <= 4 ? 4
+                                : CHUNKS_PER_ROW <= 8 ? 8 : CHUNKS_PER_ROW <= 16 ? 16 : 32;
+    constexpr int ROWS_PER_PASS = LOADERS / LANES_PER_ROW;
+    constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    const int row = tid / LANES_PER_ROW, col = tid % LANES_PER_ROW * 8;
+    if (LANES_PER_ROW != CHUNKS_PER_ROW && col >= COLS) return;
+#pragma unroll
+    for (int i = 0; i < PASSES; ++i) {
+        const int r = row + i * ROWS_PER_PASS;
+        if (ROWS % ROWS_PER_PASS == 0 || r < ROWS) {
+            const elem_t* const from = row_of(r);
+            const unsigned to = dst + (r * STRIDE + col) * 2;
+            if constexpr (GLOBAL_VECTOR == 8) {
+                const bool valid = from != nullptr && col < REAL_COLS;
+                cp_async_16(to, valid ? from + col : from, valid);
+            } else {
+                const uint4 chunk = load_chunk(from + col, from != nullptr ? REAL_COLS - col : 0);
+                asm volatile("st.shared.v4.b32 [%0], { %1, %2, %3, %4};\n"
+                             :: "r"(to), "r"(chunk.x), "r"(chunk.y), "r"(chunk.z), "r"(chunk.w));
+            }
+        }
+    }
+}
+
 // ---- tile matmuls on the tensor cores (mma.sync m16n8k16, fp32 accumulation) ----------------------
 // Each warp computes MT 16-row tiles. Shared operands are 32-bit shared-window addresses of row-major
 // tiles with the given row strides (elements); every per-(mi, nn, kk) offset below is a constant.

@@ -83,7 +83,7 @@ _REPORT = {
 
 def parse_ptxas_report(log: str, kernel_name: str) -> Resources:
     """Pick the block of the ptxas -v log that belongs to `kernel_name`."""
-    start = log.find(f"Function properties for {kernel_name}")
+    start = log.find(f"Function properties for {kernel_name}\n")   # (the name whole: `_decode` is a prefix of `_decode_combine`)
     if start < 0:
         start = log.find(f"Compiling entry function '{kernel_name}'")
     if start < 0:

@@ -24,16 +24,21 @@ class KernelKind(str, Enum):
     BACKWARD_DELTA = "backward_delta"
     BACKWARD_DQ_CONVERT = "backward_dq_convert"
     VARLEN_SCHEDULE = "varlen_schedule"
+    DECODE = "decode"
+    KVCACHE_APPEND = "kvcache_append"
+    DECODE_COMBINE = "decode_combine"
 
     @property
     def suffix(self) -> str:
         return {"forward": "fwd", "backward_dq": "bwd_dq", "backward_dkdv": "bwd_dkdv", "backward_delta": "bwd_delta",
-                "backward_dq_convert": "bwd_dq_convert", "varlen_schedule": "varlen_schedule"}[self.value]
+                "backward_dq_convert": "bwd_dq_convert", "varlen_schedule": "varlen_schedule", "decode": "decode",
+                "kvcache_append": "kvcache_append", "decode_combine": "decode_combine"}[self.value]
 
     def template(self, path: str) -> str:
         """The entry template of this kind on a kernel path ("mma_sync" | "wgmma")."""
-        if self in (KernelKind.BACKWARD_DELTA, KernelKind.BACKWARD_DQ_CONVERT, KernelKind.VARLEN_SCHEDULE) or (
-                path == "wgmma" and self is KernelKind.BACKWARD_DQ):
+        if self in (KernelKind.BACKWARD_DELTA, KernelKind.BACKWARD_DQ_CONVERT, KernelKind.VARLEN_SCHEDULE,
+                    KernelKind.KVCACHE_APPEND, KernelKind.DECODE_COMBINE) or (
+                path == "wgmma" and self in (KernelKind.BACKWARD_DQ, KernelKind.DECODE)):
             raise ValueError(f"{self.value}: no entry template on the {path} path")
         return f"{self.value}_wgmma.cu.j2" if path == "wgmma" else f"{self.value}.cu.j2"
 
@@ -44,7 +49,7 @@ def kernel_name(spec: Spec, kind: str = "forward") -> str:
 
 def render(spec: Spec, plan, kind: str = "forward") -> str:
     """The CUDA C source of one kernel (forward: a Plan; backward_dq / backward_dkdv: that BackwardPass of
-    a BackwardPlan); a pure function of (spec, plan)."""
+    a BackwardPlan; decode: a DecodePlan); a pure function of (spec, plan)."""
     template = environment().get_template(KernelKind(kind).template(plan.path))
     spec_items = [(k, v) for k, v in spec.to_dict().items()
                   if v is not None and v is not False and (k, v) != ("layout", "batch")]
@@ -53,11 +58,13 @@ def render(spec: Spec, plan, kind: str = "forward") -> str:
     variant = variant_of(spec)
     return template.render(spec=spec, plan=plan, version=__version__, kernel_name=kernel_name(spec, kind),
                            signatures=kernel_signatures(kind, variant, plan), mods=ActiveModifiers(variant),
-                           score_grad=kind != "forward",
+                           score_grad=kind not in ("forward", "decode"),
                            mma_type=MMA_TYPES[spec.dtype], spec_items=spec_items, plan_items=plan_items,
                            variant=variant, tensors=variant.tensors, score_mod=variant.score_mod,
-                           mask_mod=variant.mask_mod, score_mod_grad=variant.score_mod_grad if kind != "forward" else None,
+                           mask_mod=variant.mask_mod, score_mod_grad=variant.score_mod_grad if kind not in ("forward", "decode") else None,
                            probe=False, bwd=plan,
                            delta_kernel_name=kernel_name(spec, "backward_delta"),
                            dq_convert_kernel_name=kernel_name(spec, "backward_dq_convert"),
-                           varlen_schedule_kernel_name=kernel_name(spec, "varlen_schedule"))
+                           varlen_schedule_kernel_name=kernel_name(spec, "varlen_schedule"),
+                           append_kernel_name=kernel_name(spec, "kvcache_append"),
+                           combine_kernel_name=kernel_name(spec, "decode_combine"))

@@ -176,10 +176,36 @@ VARLEN_SCHEDULE = Signature((*pointers("const int*", "cu_seqlens_q", "cu_seqlens
                              Param("int4*", "tile_info")))
 
 
+# ---- attention over a KV cache (layout: kvcache): the decode kernel, and the append and combine beside it
+# The cache's strides are k's and v's: [page or sequence, row, head]; block_table null for a contiguous cache.
+CACHE = (*pointers("const int*", "cache_seqlens", "block_table"),)
+CACHE_SIZES = (Param("int", "block_table_stride"), Param("int", "capacity"))
+
+
+def decode_signature(variant: Variant) -> Signature:
+    """o and lse, or (split keys) o_partial and lse_partial [split][batch x heads_q x seqlen_q][...]."""
+    return Signature((*pointers("const elem_t*", "q", "k_cache", "v_cache"), Param("elem_t*", "o"),
+                      Param("float*", "lse"), *pointers("float*", "o_partial", "lse_partial"), *CACHE,
+                      *strides("q"), *strides("k"), *strides("v"), *strides("o"), *CACHE_SIZES,
+                      Param("int", "seqlen_q"), Param("int", "seqlen_new"), Param("int", "heads_q"),
+                      Param("int", "heads_kv"), Param("int", "group_size"), Param("int", "num_splits"),
+                      Param("float", "scale_log2"), *modifier_params(variant)))
+
+
+KVCACHE_APPEND = Signature((*pointers("const elem_t*", "k_new", "v_new"), *pointers("elem_t*", "k_cache", "v_cache"),
+                            *CACHE, *strides("k_new"), *strides("v_new"), *strides("k"), *strides("v"),
+                            *CACHE_SIZES, Param("int", "heads_kv")))
+DECODE_COMBINE = Signature((*pointers("const float*", "o_partial", "lse_partial"), Param("elem_t*", "o"),
+                            Param("float*", "lse"), *strides("o"), Param("int", "batch_size"), Param("int", "heads_q"),
+                            Param("int", "seqlen_q"), Param("int", "num_splits")))
+
+
 def kernel_signatures(kind: str, variant: Variant, plan) -> dict[str, Signature]:
     """The signatures of every kernel in one rendered source: the entry kernel of `kind` (forward,
     backward_dq, backward_dkdv) with `plan` (its Plan or BackwardPass), plus the helpers compiled beside it
     (the delta kernel; the dQ conversion beside a dK/dV pass that adds dQ with atomics)."""
+    if kind == "decode":
+        return {"decode": decode_signature(variant), "kvcache_append": KVCACHE_APPEND, "decode_combine": DECODE_COMBINE}
     wgmma = plan.path == "wgmma"
     schedule = {"varlen_schedule": VARLEN_SCHEDULE} if variant.varlen else {}
     if kind == "forward":

@@ -41,16 +41,7 @@ def check_views(spec: Spec, views: dict):
     if len(kinds) > 1:
         raise TypeError(f"q, k, v: expected one array library, got {sorted(kinds)}")
     for name, vw in views.items():
-        if len(vw.shape) != 4:
-            raise ValueError(f"{name}: expected 4 dims [batch, seqlen, heads, head_dim], got shape {vw.shape}")
-        if vw.dtype != spec.dtype:
-            raise TypeError(f"{name}: expected dtype {spec.dtype} (the built kernel's), got {vw.dtype}")
-        if vw.strides[-1] != 1:
-            raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {vw.strides}")
-        if any(s % vector for s in vw.strides[:-1]) or vw.ptr % (2 * vector):
-            raise ValueError(f"{name}: row starts must be {2 * vector}-byte aligned (strides multiples of {vector} "
-                             f"elements: this kernel's head dims are multiples of {vector}), got strides {vw.strides} "
-                             f"at address 0x{vw.ptr:x}")
+        check_layout(spec, name, vw, vector)
     devices = {vw.device for vw in views.values()}
     if len(devices) > 1:
         raise ValueError(f"q, k, v: expected one device, got devices {sorted(devices)}")
@@ -76,6 +67,21 @@ def check_views(spec: Spec, views: dict):
         if n < 1 or n >= 2**31 // 2:
             raise ValueError(f"{name}: size {n} out of range 1..2^30")
     return qv, kv, vv, (batch, seqlen_q, seqlen_k, heads_q, heads_kv)
+
+
+def check_layout(spec: Spec, name: str, vw: TensorView, vector: int) -> TensorView:
+    """One 4-dim input's dtype, contiguous last dim and row alignment (vector: elements per global access)."""
+    if len(vw.shape) != 4:
+        raise ValueError(f"{name}: expected 4 dims [batch, seqlen, heads, head_dim], got shape {vw.shape}")
+    if vw.dtype != spec.dtype:
+        raise TypeError(f"{name}: expected dtype {spec.dtype} (the built kernel's), got {vw.dtype}")
+    if vw.strides[-1] != 1:
+        raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {vw.strides}")
+    if any(s % vector for s in vw.strides[:-1]) or vw.ptr % (2 * vector):
+        raise ValueError(f"{name}: row starts must be {2 * vector}-byte aligned (strides multiples of {vector} "
+                         f"elements: this kernel's head dims are multiples of {vector}), got strides {vw.strides} "
+                         f"at address 0x{vw.ptr:x}")
+    return vw
 
 
 def check_varlen_inputs(spec, q, k, v, cu_seqlens_q, cu_seqlens_k):

@@ -21,7 +21,7 @@ from ..codegen.compile import atomic_write, nvrtc_compile, nvrtc_version
 from ..planner.device import ARCH_VARIANTS, PRESETS, live_device, preset
 from ..errors import CompileError, PlanError, SpecError
 from ..planner.forward import REFERENCE_PROBLEM, explain, make_plan
-from ..codegen.render import kernel_name
+from ..codegen.render import kernel_name, render
 from ..spec import Spec
 
 
@@ -128,6 +128,8 @@ def build_artifacts(spec: Spec, device) -> dict:
     """Plan, render and compile offline; returns the files to write, by suffix."""
     from ..api import plan_and_compile
 
+    if spec.layout == "kvcache":
+        return decode_artifacts(spec, device)
     name = kernel_name(spec)
     try:
         chosen, source, (binary, _) = plan_and_compile(
@@ -150,6 +152,27 @@ def build_artifacts(spec: Spec, device) -> dict:
     if spec.backward:
         files |= backward_artifacts(spec, device, manifest)
     return files | {".json": (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def decode_artifacts(spec: Spec, device) -> dict:
+    """A `layout: kvcache` spec: the decode module (append, decode, combine kernels) as NAME.*."""
+    from ..planner.decode import make_decode_plan
+
+    name = kernel_name(spec, "decode")
+    try:
+        plan = make_decode_plan(spec, device)
+        source = render(spec, plan, "decode")
+        binary = nvrtc_compile(source, spec.name, plan.target, name)
+    except PlanError as exc:
+        raise UsageFailure(f"{spec.name}: {exc}") from None
+    except CompileError as exc:
+        raise compile_failure(spec.name, exc) from None
+    manifest = {"attngen_version": __version__, "kernel": name, "spec": spec.to_dict(), "plan": plan.to_dict(),
+                "resources": binary.report(), "nvrtc_version": nvrtc_version(),
+                "source_sha256": hashlib.sha256(source.encode()).hexdigest(),
+                "cubin_sha256": hashlib.sha256(binary.cubin).hexdigest()}
+    return {".cu": source.encode(), ".cubin": binary.cubin, ".ptx": binary.ptx.encode(),
+            ".json": (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}
 
 
 def backward_artifacts(spec: Spec, device, manifest: dict) -> dict:
@@ -195,7 +218,9 @@ def build(spec_path, out_dir, arch):
     r, p = manifest["resources"], manifest["plan"]
     spills = (f"{r['spill_bytes']} spill bytes" if r["spill_bytes"] is not None
               else f"{r['stack_frame']} B stack frame (spills unknown: ptxas skipped by the CUDA cache)")
-    click.echo(f"{spec.name}: {device.arch}, tiles {p['block_m']}x{p['block_n']}, {p['warps']} warps, "
+    tiles = (f"decode {p['block_m']} rows x {p['block_n'] * p['warps']} keys per stage" if spec.layout == "kvcache"
+             else f"tiles {p['block_m']}x{p['block_n']}")
+    click.echo(f"{spec.name}: {device.arch}, {tiles}, {p['warps']} warps, "
                f"{p['stages']} stages, {p['smem_bytes']} B smem, {r['registers']} registers, "
                f"{spills} -> {out}/{spec.name}.{{cu,cubin,ptx,json}}")
     if "backward" in manifest:
@@ -271,6 +296,14 @@ def plan_command(spec_path, arch, seqlen):
     """Show the budget arithmetic and the candidate table, the chosen row marked."""
     spec = load_spec(spec_path)
     device = resolve_device(arch)
+    if spec.layout == "kvcache":
+        from ..planner.decode import explain_decode
+
+        try:
+            click.echo(explain_decode(spec, device))
+        except PlanError as exc:
+            raise UsageFailure(f"{spec_path}: {exc}") from None
+        return
     chosen = plan_or_fail(spec, device, spec_path)
     click.echo(explain(spec, device))
     if spec.backward:

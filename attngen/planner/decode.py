@@ -1,0 +1,138 @@
+"""DecodePlan: the decode kernel over a KV cache (issue 15), and how many splits its keys get.
+
+Decode is memory-bound: each new token reads its sequence's whole K/V cache once, so the plan is about
+bytes in flight and about filling the SMs, not about tensor-core tiles.
+
+- One CTA owns BLOCK_M = 16 packed query rows of one KV head of one sequence: the GQA group's query heads
+  times the new tokens, token-major (a group of 4 at Sq = 1 fills 4 rows). Every K/V byte is read once for
+  the whole group. More rows (bigger groups, speculative tokens) take more row blocks.
+- Its 4 warps split each stage's CTA_KEYS = 4 x BLOCK_N keys, a BLOCK_N-key slice each, with their own online
+  softmax; they merge in shared memory at the end.
+- `stages` K/V stages stream through a cp.async ring: enough for two CTAs per SM at DECODE_SMEM_TARGET bytes.
+- Split-KV: when batch x heads_kv x row blocks CTAs do not fill the GPU, the keys are split over
+  `splits` CTAs per (sequence, KV head, row block), and a combine kernel merges their partial (O, LSE). The
+  split count depends on host-known sizes only (the cache's capacity, not cache_seqlens), so a launch's grid
+  is fixed by the input shapes and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .device import Device
+from .forward import SMEM_RESERVED_PER_CTA, SMEM_ROW_PAD, WarpLaunch, round_up
+from ..errors import PlanError
+from ..spec import Spec
+
+DECODE_ROWS = 16              # packed query rows per CTA: one mma m-tile
+DECODE_WARPS = 4
+DECODE_KEYS_PER_WARP = 16     # keys per warp per stage: CTA_KEYS = 64
+DECODE_SMEM_TARGET = 110 * 1024   # per CTA: two CTAs per SM on sm_80/sm_90 (164/228 KB)
+MIN_STAGES, MAX_STAGES = 2, 4
+MAX_SPLITS = 64               # the split count's bound (the partial buffers' size)
+MIN_TILES_PER_SPLIT = 4       # a split streams at least this many stages (its prologue and merge amortised)
+WAVE_FILL = 0.9               # the busy fraction of the CTA slots a split count must reach
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodePlan(WarpLaunch):
+    arch: str
+    block_m: int              # packed query rows per CTA
+    block_n: int              # keys per warp per stage
+    warps: int
+    stages: int
+    head_dim_padded: int
+    head_dim_v_padded: int
+    smem_row_pad: int
+    smem_bytes: int
+    ctas_per_sm: int
+    m_tiles: int = 1
+    path: str = "mma_sync"
+
+    @property
+    def mma_warps(self) -> int:
+        """Warps that own query rows: one, as far as the tile shape goes (every warp holds all 16 rows, over
+        its own slice of the keys)."""
+        return 1
+
+    @property
+    def cta_keys(self) -> int:
+        return self.block_n * self.warps
+
+
+def decode_smem_bytes(spec: Spec, stages: int) -> int:
+    d, dim_v = round_up(spec.head_dim, 16), round_up(spec.head_dim_v, 16)
+    q_tile = DECODE_ROWS * (max(d, dim_v) + SMEM_ROW_PAD)
+    kv = stages * DECODE_KEYS_PER_WARP * DECODE_WARPS * ((d + SMEM_ROW_PAD) + (dim_v + SMEM_ROW_PAD))
+    merge = DECODE_WARPS * DECODE_ROWS * dim_v * 2     # the warps' fp32 partial O (in bf16 units), in the ring's place
+    return max(q_tile + kv, q_tile + merge) * spec.elem_bytes + merge_stats_bytes()
+
+
+def merge_stats_bytes() -> int:
+    """Each warp's row maxima and sums, then each row's total, for the merge (fp32)."""
+    return (2 * DECODE_WARPS + 2) * DECODE_ROWS * 4
+
+
+def make_decode_plan(spec: Spec, device: Device) -> DecodePlan:
+    """The deepest ring under DECODE_SMEM_TARGET (at least MIN_STAGES, and under the device's limit)."""
+    fits = [s for s in range(MIN_STAGES, MAX_STAGES + 1) if decode_smem_bytes(spec, s) <= device.smem_per_block]
+    if not fits:
+        raise PlanError(f"decode: {spec.name} needs {decode_smem_bytes(spec, MIN_STAGES)} B of shared memory "
+                        f"for {MIN_STAGES} stages; {device.arch} allows {device.smem_per_block} B per CTA")
+    under = [s for s in fits if decode_smem_bytes(spec, s) <= DECODE_SMEM_TARGET]
+    stages = max(under or fits[:1])
+    smem = decode_smem_bytes(spec, stages)
+    ctas = max(1, min(device.smem_per_sm // (smem + SMEM_RESERVED_PER_CTA), device.max_threads_per_sm // (32 * DECODE_WARPS)))
+    return DecodePlan(arch=device.arch, block_m=DECODE_ROWS, block_n=DECODE_KEYS_PER_WARP, warps=DECODE_WARPS,
+                      stages=stages, head_dim_padded=round_up(spec.head_dim, 16),
+                      head_dim_v_padded=round_up(spec.head_dim_v, 16), smem_row_pad=SMEM_ROW_PAD, smem_bytes=smem,
+                      ctas_per_sm=ctas)
+
+
+def decode_splits(plan: DecodePlan, sms: int, batch: int, heads_kv: int, row_blocks: int, capacity: int,
+                  requested: int = 0) -> int:
+    """How many CTAs share one (sequence, KV head, row block)'s keys. requested > 0 is the caller's
+    (FlashAttention's num_splits), capped at MAX_SPLITS. 0: the fewest splits whose CTAs fill their waves
+    (ctas * s over ceil(ctas * s / slots) whole waves of slots = SMs x CTAs per SM) to WAVE_FILL, else the
+    best-filled count: every split adds a CTA prologue and a partial (O, LSE) to write and merge. At most one
+    split per MIN_TILES_PER_SPLIT stages of the cache's capacity, at most MAX_SPLITS. 256 CTAs on 264 slots
+    keep 1 split; 8 CTAs take 30."""
+    if requested > 0:
+        return min(requested, MAX_SPLITS)
+    ctas, slots = batch * heads_kv * row_blocks, sms * plan.ctas_per_sm
+    useful = max(1, min(MAX_SPLITS, capacity // (MIN_TILES_PER_SPLIT * plan.cta_keys)))
+
+    def fill(s):
+        return ctas * s / (math.ceil(ctas * s / slots) * slots)
+    enough = [s for s in range(1, useful + 1) if fill(s) >= WAVE_FILL]
+    return enough[0] if enough else max(range(1, useful + 1), key=lambda s: (fill(s), -s))
+
+
+def explain_decode(spec: Spec, device: Device, shapes=((1, 8, 32768), (8, 8, 32768), (32, 8, 32768),
+                                                       (32, 8, 4096))) -> str:
+    """`attngen plan` for a `layout: kvcache` spec: the kernels, the ring's budget, and the split counts the
+    launch would choose at a few (batch, heads_kv, capacity) shapes (one query token, GQA group <= 16)."""
+    plan = make_decode_plan(spec, device)
+    d, dim_v = plan.head_dim_padded, plan.head_dim_v_padded
+    cache = f"paged, {spec.page_size} rows per page" if spec.page_size else "contiguous per sequence"
+    lines = [
+        f"decode over a KV cache ({cache}) on {device.arch}: three kernels in one module, on the caller's stream:",
+        "  kvcache_append  new k, v rows into the cache at cache_seqlens[b] + i (when given)",
+        f"  decode          one CTA per (split, KV head x row block, sequence): {plan.block_m} packed query rows (the "
+        f"GQA group's heads x the new tokens), {plan.warps} warps each streaming a {plan.block_n}-key slice of every "
+        f"{plan.cta_keys}-key stage",
+        "  decode_combine  merges the splits' partial (O, LSE) when the keys are split",
+        f"smem = (Q tile {plan.block_m} x ({max(d, dim_v)} + {plan.smem_row_pad}) + stages x {plan.cta_keys} x "
+        f"(({d} + {plan.smem_row_pad}) + ({dim_v} + {plan.smem_row_pad}))) x 2 B + merge statistics "
+        f"{merge_stats_bytes()} B",
+        f"  stages: the deepest ring under {DECODE_SMEM_TARGET} B (two CTAs per SM), at least {MIN_STAGES}: "
+        f"{plan.stages} stages -> {plan.smem_bytes} B, {plan.ctas_per_sm} CTAs per SM",
+        f"splits: the fewest whose CTAs fill {WAVE_FILL:.0%} of their waves of {device.sm_count} SMs x "
+        f"{plan.ctas_per_sm} slots, at most {MAX_SPLITS} and one per {MIN_TILES_PER_SPLIT} stages of capacity:",
+    ]
+    for batch, heads_kv, capacity in shapes:
+        s = decode_splits(plan, device.sm_count, batch, heads_kv, 1, capacity)
+        lines.append(f"  batch {batch:>3}, {heads_kv} KV heads, capacity {capacity:>6}: {s:>2} split{'s' if s > 1 else ''}"
+                     f", {batch * heads_kv * s} CTAs")
+    return "\n".join(lines)
