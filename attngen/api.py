@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .planner import device as device_mod
 from .build import build, build_backward, build_decode, plan_and_compile, plan_and_compile_backward  # noqa: F401  (public)
-from .errors import SpecError
+from .calls import UNBOUNDED_WINDOW, _check_block_mask, spec_for_inputs  # noqa: F401  (public: spec_for_inputs)
 from .runtime.launch import _view
 from .planner.forward import Plan, make_plan
 from .spec import Spec
@@ -13,9 +13,6 @@ from .spec import Spec
 def plan(spec: Spec, arch: str | None = None) -> Plan:
     """Choose tiles for `spec` on `arch` (a preset; no GPU needed) or, with arch=None, the current GPU."""
     return make_plan(spec, device_mod.resolve(arch))
-
-
-UNBOUNDED_WINDOW = 1 << 30    # a window side of -1 (FlashAttention's "no limit") as a number
 
 
 def attention_backward(q, k, v, out, lse, dout, causal: bool = False, scale: float | None = None, *,
@@ -28,52 +25,6 @@ def attention_backward(q, k, v, out, lse, dout, causal: bool = False, scale: flo
                            deterministic=deterministic)
     return build_backward(spec, _view("q", q).device)(q, k, v, out, lse, dout, scale=scale,
                                                       alibi_slopes=alibi_slopes)
-
-
-def spec_for_inputs(q, k, v, causal: bool, window=None, softcap=None, alibi: bool = False, block_mask=None,
-                    deterministic: bool = False, layout: str = "batch", page_size: int | None = None) -> Spec:
-    """The spec a call needs: head dims and dtype from the inputs, the modifiers from the keywords; heads,
-    scale and ALiBi slopes stay run-time values. A window (left, right) becomes a sliding-window mask
-    (causal clips right to 0), as FlashAttention's window_size does. layout "varlen": packed inputs;
-    "kvcache": k and v are the caches (page_size: a paged one's rows per page)."""
-    qv, kv, vv = _view("q", q), _view("k", k), _view("v", v)
-    if len({qv.kind, kv.kind, vv.kind}) > 1:
-        raise TypeError(f"q, k, v: expected one array library, got q {qv.kind}, k {kv.kind}, v {vv.kind}")
-    dims = "[total_tokens, heads, head_dim]" if layout == "varlen" else "[batch, seqlen, heads, head_dim]"
-    if len(qv.shape) != len(dims.split(",")) or len(vv.shape) != len(qv.shape):
-        raise ValueError(f"q, v: expected {len(dims.split(','))} dims {dims}, got {qv.shape} and {vv.shape}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected True or False, got {causal!r}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected True or False, got {deterministic!r}")
-    extra = {"softcap": softcap, "alibi": alibi, "deterministic": deterministic, "layout": layout}
-    if page_size is not None:
-        extra["page_size"] = page_size
-    if window is not None:
-        ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(
-            isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
-        if not ok:
-            raise ValueError(f"window: expected (left, right) ints >= 0, or -1 for no limit; got {window!r}")
-        left, right = (UNBOUNDED_WINDOW if w == -1 else w for w in window)
-        extra["mask"] = {"kind": "sliding_window", "left": left, "right": 0 if causal else right}
-        causal = False
-    if block_mask is not None:
-        _check_block_mask(block_mask)
-        if window is not None or causal:
-            raise ValueError("block_mask: give the whole mask in the BlockMask (causal/window as its pattern), "
-                             "not together with causal=True or window=")
-        rows, cols = block_mask.block_size
-        extra["mask"] = {"kind": "runtime", "block_size": rows if rows == cols else [rows, cols]}
-        element = block_mask.kernel_predicate()     # partial blocks evaluate it: exactly element_mask()
-        if element is not None:
-            extra["mask"]["element"] = element.to_dict()
-    try:
-        return Spec(head_dim=qv.shape[-1], head_dim_v=vv.shape[-1], dtype=qv.dtype, causal=causal, **extra)
-    except SpecError as exc:
-        argument = {"head_dim": "q", "head_dim_v": "v", "dtype": "q"}.get(exc.field, exc.field)
-        what = {"head_dim": "head_dim (last dim)", "head_dim_v": "head_dim_v (last dim)"}.get(exc.field, exc.field)
-        raise (TypeError if exc.field == "dtype" else ValueError)(
-            f"{argument}: {what} {exc.value!r} is not supported; allowed: {exc.allowed}") from None
 
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None, return_lse: bool = False, *,
@@ -201,14 +152,6 @@ def _spec_for_call(q, k, v, causal, **keywords) -> Spec:
                 _call_specs.clear()
             _call_specs[key] = spec
     return spec
-
-
-def _check_block_mask(block_mask) -> None:
-    from .masks import BlockMask
-
-    if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"block_mask: expected an attngen.BlockMask (BlockMask.from_dense / from_predicate / "
-                        f"from_pattern), got {type(block_mask).__module__}.{type(block_mask).__name__}")
 
 
 def _block_mask_key(block_mask):

@@ -13,7 +13,7 @@ STAGES = [    # in pipeline order; a module may import its own stage and earlier
     {"planner"},
     {"codegen"},
     {"runtime"},
-    {"build", "tuned"},
+    {"build", "tuned", "calls"},
     {"api", "autograd", "merge"},
     {"tools", "integrations"},
     {"__init__", "__main__"},
