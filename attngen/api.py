@@ -41,6 +41,12 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
     deterministic: the backward (when q, k or v require grad) computes dQ in its own pass instead of
     with fp32 atomics: bit-identical gradients run to run, somewhat slower.
     Returns out (same library, dtype and device as q), and lse [batch, heads_q, seqlen_q] fp32 if asked."""
+    if block_mask is None and _compiling(q):      # torch.compile: the custom op, opaque to the tracer
+        from .autograd import attention_op, window_list
+
+        out, lse = attention_op(q, k, v, None, None, causal, scale, window_list(window), softcap, alibi_slopes,
+                                deterministic)
+        return (out, lse) if return_lse else out
     plain = (window is None and softcap is None and alibi_slopes is None and block_mask is None
              and deterministic is False and (causal is True or causal is False))
     if plain:       # the common call: one dict lookup to the kernel (the call-overhead budget is ~30 us)
@@ -86,6 +92,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | No
     (nothing outside the arrays is touched) and leave out unwritten, as rows in no sequence are.
     Returns out [total_q, heads_q, head_dim_v] (q's library, dtype and device), and lse [heads_q, total_q]
     fp32 if asked; differentiable for torch tensors."""
+    if _compiling(q):                              # torch.compile: the custom op, opaque to the tracer
+        from .autograd import attention_op, window_list
+
+        out, lse = attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window_list(window), softcap,
+                                alibi_slopes, deterministic)
+        return (out, lse) if return_lse else out
     for name, hint in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if hint is not None and (isinstance(hint, bool) or not isinstance(hint, int) or hint < 0):
             raise ValueError(f"{name}: expected None or an int >= 0 (a hint), got {hint!r}")
@@ -118,6 +130,12 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     sequence's keys (0: the planner chooses from the SMs, batch, heads and the cache's capacity). Returns out
     [batch, seqlen_q, heads_q, head_dim_v], and lse [batch, heads_q, seqlen_q] fp32 if asked. GQA/MQA:
     heads_q a multiple of heads_kv. No autograd (the cache is an inference structure)."""
+    if _compiling(q):                              # torch.compile: the custom op (it appends in place)
+        from .autograd import attention_with_kvcache_op, window_list
+
+        out, lse = attention_with_kvcache_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale,
+                                             window_list(window), softcap, alibi_slopes, num_splits)
+        return (out, lse) if return_lse else out
     page_size = k_cache.shape[1] if block_table is not None and len(k_cache.shape) == 4 else None
     spec = _spec_for_call(q, k_cache, v_cache, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
                           block_mask=None, deterministic=False, layout="kvcache", page_size=page_size)
@@ -125,6 +143,15 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                                                      block_table=block_table, scale=scale, alibi_slopes=alibi_slopes,
                                                      num_splits=num_splits)
     return (out, lse) if return_lse else out
+
+
+def _compiling(q) -> bool:
+    """A torch tensor under torch.compile's tracing (torch imported only when q is a torch tensor)."""
+    if not type(q).__module__.startswith("torch"):
+        return False
+    from .autograd import compiling
+
+    return compiling(q)
 
 
 _plain_kernels: dict = {}       # (q, v types/dtype/head dims/rank, causal, device) -> Kernel, for keyword-free calls
