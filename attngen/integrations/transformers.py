@@ -77,6 +77,36 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                                scale=scaling, window=window, softcap=softcap)
         return out[None], None
     if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("attention_mask: attngen takes no padding mask here; pack the documents instead "
-                         "(padding-free: position_ids restarting per document)")
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask: expected transformers' 2-D padding mask [batch, keys] (register() "
+                             f"asks for it), got shape {list(attention_mask.shape)}")
+        return _padded(q, k, v, attention_mask, causal=causal, scale=scaling, window=window, softcap=softcap), None
     return attention(q, k, v, causal=causal, scale=scaling, window=window, softcap=softcap), None
+
+
+def unpadding(padding_mask, seqlen_q: int):
+    """A padded batch as packed sequences: padding_mask [batch, keys] (true: a token) whose last seqlen_q
+    columns are the queries' -> (query rows, key rows) of the [batch * seqlen, ...] views that hold tokens,
+    and cu_seqlens_q, cu_seqlens_k (int32, each row's tokens one sequence, in order)."""
+    import torch
+
+    keys = padding_mask.bool()
+    queries = keys[:, keys.shape[1] - seqlen_q:]
+    rows_q, rows_k = (m.reshape(-1).nonzero().reshape(-1) for m in (queries, keys))
+    cu_q, cu_k = (torch.nn.functional.pad(m.sum(dim=1).cumsum(0), (1, 0)).to(torch.int32) for m in (queries, keys))
+    return rows_q, rows_k, cu_q, cu_k
+
+
+def _padded(q, k, v, padding_mask, **keywords):
+    """Attention of a padded batch through attention_varlen on its tokens; padding rows of the output are 0.
+    (Each row's tokens are one sequence, so left and right padding alike; causal stays bottom-right.)"""
+    import torch
+
+    batch, seqlen_q = q.shape[:2]
+    rows_q, rows_k, cu_q, cu_k = unpadding(padding_mask, seqlen_q)
+    flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]
+    packed = attention_varlen(flat[0].index_select(0, rows_q), flat[1].index_select(0, rows_k),
+                              flat[2].index_select(0, rows_k), cu_q, cu_k, **keywords)
+    out = packed.new_zeros(batch * seqlen_q, *packed.shape[1:])
+    out.index_copy_(0, rows_q, packed)
+    return out.view(batch, seqlen_q, *packed.shape[1:])
