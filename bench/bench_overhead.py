@@ -1,5 +1,6 @@
 """Compile and call overhead: cold NVRTC compile, warm start from the disk cache, Python time per call of
-attngen.attention on a cached kernel (torch and CuPy inputs), and a CUDA-graph capture of a call.
+attngen.attention on a cached kernel (torch and CuPy inputs), through the custom op torch.compile uses and
+inside a compiled function (beside SDPA's, compiled too), and a CUDA-graph capture of a call.
 
     PYTHONPATH=. python3 bench/bench_overhead.py [--json FILE]
 
@@ -95,6 +96,18 @@ def main(argv=None):
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),  # noqa: E731
                                                                      v.transpose(1, 2), is_causal=True)
     row["call_sdpa_us"] = per_call_us(sdpa)
+    # the custom op torch.compile puts in a graph, called as the graph calls it (dispatcher, then the launch)
+    from attngen.autograd import attention_op
+
+    op = lambda: attention_op(q, k, v, None, None, True, None, None, None, None, False)  # noqa: E731
+    row["call_custom_op_us"] = per_call_us(op)
+    compiled = torch.compile(lambda q, k, v: attngen.attention(q, k, v, causal=True), fullgraph=True)
+    compiled(q, k, v)
+    row["call_compiled_us"] = per_call_us(lambda: compiled(q, k, v))
+    compiled_sdpa = torch.compile(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True), fullgraph=True)
+    compiled_sdpa(q, k, v)
+    row["call_compiled_sdpa_us"] = per_call_us(lambda: compiled_sdpa(q, k, v))
 
     # CUDA graphs: capture one call on a side stream, replay it on new inputs copied into the same buffers
     static = [x.clone() for x in (q, k, v)]
@@ -120,9 +133,11 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(row, f, indent=1)
     print(f"{'cold compile (s)':>18} {'warm start (ms)':>16} {'call torch (us)':>16} {'call cupy (us)':>15} "
-          f"{'Kernel() (us)':>14} {'SDPA (us)':>10} {'graph ok':>8}")
+          f"{'Kernel() (us)':>14} {'SDPA (us)':>10} {'op (us)':>8} {'compiled (us)':>13} {'compiled SDPA (us)':>18} "
+          f"{'graph ok':>8}")
     print(f"{row['cold_compile_s']:>18.2f} {row['warm_start_ms']:>16.1f} {row['call_torch_us']:>16.1f} "
           f"{row['call_cupy_us']:>15.1f} {row['call_kernel_object_us']:>14.1f} {row['call_sdpa_us']:>10.1f} "
+          f"{row['call_custom_op_us']:>8.1f} {row['call_compiled_us']:>13.1f} {row['call_compiled_sdpa_us']:>18.1f} "
           f"{str(row['graph_replay_matches_eager']):>8}")
     print(f"# {row['gpu']}, torch {torch.__version__}, cupy {cupy.__version__}, attngen {attngen.__version__}")
 
