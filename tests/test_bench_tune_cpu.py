@@ -128,3 +128,19 @@ def test_build_path_compiles_the_tuned_winner_first(tmp_path, monkeypatch):
     save_tuned(spec, "Test GPU", {"forward": forward_key(ranked[2])}, [])
     tuned, _, _ = plan_and_compile(spec, device, compile_source)
     assert tuned == ranked[2]
+
+
+def test_decode_rows_format_bandwidth_and_ratios():
+    """`attngen bench --suite decode`'s table from rows (no GPU): each column's GB/s, fraction of the peak and
+    time; attngen / cuDNN; a peer that refused a shape prints '-'."""
+    from attngen.tools.benchmark import format_decode_rows
+
+    row = {"batch": 32, "seqlen_k": 32768, "heads_q": 32, "heads_kv": 8, "head_dim": 128, "gpu": "H200",
+           "attngen_page0_us": 1144.0, "attngen_page0_gbps": 3754.0, "attngen_page16_us": 1162.0,
+           "attngen_page16_gbps": 3697.0, "sdpa_flash_us": None, "sdpa_flash_gbps": None,
+           "sdpa_cudnn_us": 1085.0, "sdpa_cudnn_gbps": 3959.0}
+    text = format_decode_rows({"copy_peak_gbps": 4221.0, "rows": [row]})
+    assert "4221 GB/s copy peak" in text and "sdpa_flash" not in text.splitlines()[1]
+    line = text.splitlines()[2]
+    assert "3754 (0.89)" in line and "1144 us" in line and line.rstrip().endswith("0.95")
+    assert text.splitlines()[-1] == "# H200, 32 query / 8 KV heads, d128, bf16"

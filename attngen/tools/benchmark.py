@@ -8,6 +8,7 @@ timings after warm-up; input sets rotate so that L2 holds none of them between c
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
@@ -576,3 +577,102 @@ def plot_rows(rows, path) -> None:
     fig.suptitle(f"attngen vs peers, {rows[0]['gpu']}" if rows else "attngen", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# ---- decode over a KV cache: K/V bandwidth beside SDPA -------------------------------------------------------
+DECODE_SUITE = dict(batches=(1, 8, 32), seqlens=(1024, 4096, 32768, 131072), page_sizes=(0, 16), heads=(32, 8),
+                    head_dim=128)
+DECODE_MEMORY_LIMIT = 24 << 30      # K/V bytes of one input set past which a shape is left out
+DECODE_COLUMNS = ("attngen_page0", "attngen_page16", "sdpa_flash", "sdpa_cudnn")
+
+
+def copy_peak_gbps() -> float:
+    """(read + write bytes) / time of a 2 GiB device-to-device copy: what a streaming kernel can reach."""
+    import torch
+
+    x = torch.empty(2 ** 30, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ms = time_ms(lambda a, b: b.copy_(a), [(x, y)], warmup=3, reps=10)
+    return 2 * x.numel() * 2 / ms / 1e6
+
+
+def decode_input_sets(batch, seqlen, heads_q, heads_kv, d, page_size):
+    """Rotating input sets (q, k_cache, v_cache, cache_seqlens, block_table) past L2, and the K/V bytes of one:
+    Sq = 1 against full caches of seqlen tokens, contiguous (page_size 0) or in shuffled pages."""
+    import torch
+
+    kv_bytes = 2 * batch * seqlen * heads_kv * d * 2
+    n_sets = max(2, math.ceil(2 * L2_BYTES / kv_bytes))
+    gen = torch.Generator(device="cuda").manual_seed(seqlen + batch)
+    sets = []
+    for _ in range(n_sets):
+        q = torch.randn(batch, 1, heads_q, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        if page_size:
+            pages = batch * seqlen // page_size
+            shape = (pages, page_size, heads_kv, d)
+            table = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32).view(batch, -1)
+        else:
+            shape, table = (batch, seqlen, heads_kv, d), None
+        k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+        lengths = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
+        sets.append((q, k, v, lengths, table))
+    return sets, kv_bytes
+
+
+def bench_decode(batches=None, seqlens=None, page_sizes=None, heads=None, head_dim=None, log=None) -> dict:
+    """{"copy_peak_gbps": ..., "rows": [...]}: per (batch, Sk) the time and K/V bandwidth of attngen over a
+    contiguous cache and over each page size, and of SDPA flash and cuDNN on the contiguous caches."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    s = DECODE_SUITE
+    batches, seqlens = batches or s["batches"], seqlens or s["seqlens"]
+    page_sizes, (heads_q, heads_kv), d = page_sizes or s["page_sizes"], heads or s["heads"], head_dim or s["head_dim"]
+    peers = {"sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION, False), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, False)}
+    peak, rows = copy_peak_gbps(), []
+    for batch in batches:
+        for seqlen in seqlens:
+            if 2 * batch * seqlen * heads_kv * d * 2 > DECODE_MEMORY_LIMIT:
+                continue
+            row = {"batch": batch, "seqlen_k": seqlen, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": d,
+                   "gpu": torch.cuda.get_device_name()}
+            for page_size in page_sizes:
+                sets, kv_bytes = decode_input_sets(batch, seqlen, heads_q, heads_kv, d, page_size)
+                functions = {f"attngen_page{page_size}": lambda q, k, v, n, t: attngen.attention_with_kvcache(
+                    q, k, v, cache_seqlens=n, block_table=t)}
+                if page_size == 0:
+                    functions |= {name: (lambda fn: lambda q, k, v, n, t: fn(q, k, v))(fn) for name, fn in peers.items()}
+                for name, fn in functions.items():
+                    try:
+                        ms = time_ms(fn, sets)
+                        row[f"{name}_us"], row[f"{name}_gbps"] = ms * 1e3, kv_bytes / ms / 1e6
+                    except Exception as exc:                 # a backend may refuse the shape: say so, go on
+                        row[f"{name}_us"] = row[f"{name}_gbps"] = None
+                        row[f"{name}_note"] = str(exc).splitlines()[0][:120]
+                del sets
+                torch.cuda.empty_cache()
+            rows.append(row)
+            if log:
+                log(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}))
+    return {"copy_peak_gbps": peak, "rows": rows}
+
+
+def format_decode_rows(result: dict) -> str:
+    """K/V bandwidth per implementation, its fraction of the copy peak and its time; attngen / cuDNN."""
+    peak, rows = result["copy_peak_gbps"], result["rows"]
+    columns = [c for c in DECODE_COLUMNS if any(r.get(c + "_gbps") for r in rows)]
+    lines = [f"K/V bandwidth, GB/s (fraction of the {peak:.0f} GB/s copy peak) and time; Sq = 1; median CUDA events, "
+             "inputs rotated past L2",
+             f"{'batch':>5} {'Sk':>7} " + " ".join(f"{c:>24}" for c in columns) + "  attngen/cudnn"]
+    for r in rows:
+        cells = []
+        for c in columns:
+            g = r.get(c + "_gbps")
+            cells.append(f"{g:8.0f} ({g / peak:4.2f}) {r[c + '_us']:7.0f} us" if g else f"{'-':>24}")
+        cudnn, ours = r.get("sdpa_cudnn_gbps"), r.get("attngen_page0_gbps")
+        lines.append(f"{r['batch']:>5} {r['seqlen_k']:>7} " + " ".join(cells)
+                     + (f"  {ours / cudnn:11.2f}" if cudnn and ours else ""))
+    if rows:
+        r = rows[0]
+        lines.append(f"# {r['gpu']}, {r['heads_q']} query / {r['heads_kv']} KV heads, d{r['head_dim']}, bf16")
+    return "\n".join(lines)

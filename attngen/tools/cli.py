@@ -352,10 +352,12 @@ def check(spec_path, seed):
 
 @main.command()
 @click.argument("spec_path", metavar="[SPEC.yaml]", required=False, type=click.Path(dir_okay=False))
-@click.option("--suite", type=click.Choice(["flash", "varlen"]), default=None,
+@click.option("--suite", type=click.Choice(["flash", "varlen", "decode"]), default=None,
               help="FlashAttention's benchmark shapes (d 64/128, causal and not, seqlen 512..16384) instead of a spec; "
                    "varlen: 16384 tokens of packed documents (uniform, 8, 64, one long) through attention_varlen beside "
-                   "the batch kernel, the document pattern, FlexAttention's document mask and padded SDPA flash")
+                   "the batch kernel, the document pattern, FlexAttention's document mask and padded SDPA flash; "
+                   "decode: one new token over KV caches of 1024..131072 (batch 1/8/32, contiguous and 16-token "
+                   "pages) as K/V bandwidth beside SDPA flash and cuDNN")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True, help="--suite's dtype")
 @click.option("--seqlens", default=None, help="comma-separated [default: 1024,2048,4096,8192; the suite's own]")
 @click.option("--tokens", default=16384, show_default=True, help="batch x seqlen")
@@ -382,6 +384,15 @@ def bench(spec_path, suite, dtype, seqlens, tokens, peers, backward, json_path, 
         raise UsageFailure(f"--peers: got {peers!r}; allowed: a comma-separated subset of {','.join(PEERS)}")
     if plot_path is not None and not plot_path.lower().endswith(".png"):
         raise UsageFailure(f"--plot: got {plot_path!r}; allowed: a .png path")
+    if suite == "decode":
+        require_gpu("bench")
+        from .benchmark import bench_decode, format_decode_rows
+
+        result = bench_decode(seqlens=lengths, log=lambda line: click.echo(f"    {line}", err=True))
+        if json_path:
+            atomic_write(Path(json_path), (json.dumps(result, indent=1) + "\n").encode())
+        click.echo(format_decode_rows(result))
+        return
     if suite == "varlen":
         require_gpu("bench")
         from .benchmark import bench_varlen, format_varlen_rows
