@@ -89,3 +89,12 @@ def test_decode_kernels_compile_without_spills(fields, arch):
     binary = nvrtc_compile(source, spec.name, plan.target, kernel_name(spec, "decode"))
     r = binary.resources
     assert r.spill_bytes == 0 and r.stack_frame == 0 and r.registers > 64   # the decode kernel's report, not a helper's
+
+
+@pytest.mark.parametrize("page_size,says", [(None, "contiguous"), (16, "one block-table read per warp slice"),
+                                            (3, "one block-table read per row")])
+def test_plan_explains_the_page_form(page_size, says):
+    from attngen.planner.decode import explain_decode
+
+    text = explain_decode(kv_spec(page_size=page_size), preset("sm_90"))
+    assert says in text and "splits" in text and "stages" in text

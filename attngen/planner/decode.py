@@ -116,6 +116,12 @@ def explain_decode(spec: Spec, device: Device, shapes=((1, 8, 32768), (8, 8, 327
     plan = make_decode_plan(spec, device)
     d, dim_v = plan.head_dim_padded, plan.head_dim_v_padded
     cache = f"paged, {spec.page_size} rows per page" if spec.page_size else "contiguous per sequence"
+    if not spec.page_size:
+        rows = "a sequence's rows are contiguous: one address per warp slice"
+    elif spec.page_size % plan.block_n == 0:
+        rows = f"{plan.block_n} divides the page size: one block-table read per warp slice (it lies in one page)"
+    else:
+        rows = f"pages of {spec.page_size} rows do not hold whole {plan.block_n}-key slices: one block-table read per row"
     lines = [
         f"decode over a KV cache ({cache}) on {device.arch}: three kernels in one module, on the caller's stream:",
         "  kvcache_append  new k, v rows into the cache at cache_seqlens[b] + i (when given)",
@@ -123,6 +129,7 @@ def explain_decode(spec: Spec, device: Device, shapes=((1, 8, 32768), (8, 8, 327
         f"GQA group's heads x the new tokens), {plan.warps} warps each streaming a {plan.block_n}-key slice of every "
         f"{plan.cta_keys}-key stage",
         "  decode_combine  merges the splits' partial (O, LSE) when the keys are split",
+        f"key rows: {rows}",
         f"smem = (Q tile {plan.block_m} x ({max(d, dim_v)} + {plan.smem_row_pad}) + stages x {plan.cta_keys} x "
         f"(({d} + {plan.smem_row_pad}) + ({dim_v} + {plan.smem_row_pad}))) x 2 B + merge statistics "
         f"{merge_stats_bytes()} B",
