@@ -21,7 +21,7 @@ from ..spec import Spec
 from ..variant import variant_of
 from .arguments import modifier_args, stride_args
 from .interop import _empty_like, _view
-from .launch import ArgumentBlock, _stream_handle, check_layout
+from .launch import ArgumentBlock, _stream_handle, check_layout, output_views
 from .uploads import stream_handle
 
 COMBINE_THREADS = 128     # 4 warps, one output row each
@@ -150,16 +150,7 @@ class DecodeKernel:
         row_blocks = -(-group * seqlen_q // plan.block_m)
         splits = decode_splits(plan, self.sm_count, batch, heads_kv, row_blocks, capacity, num_splits)
         out_shape, lse_shape = (batch, seqlen_q, heads_q, spec.head_dim_v), (batch, heads_q, seqlen_q)
-        out = _empty_like(qv, out_shape, spec.dtype) if out is None else out
-        lse = _empty_like(qv, lse_shape, "fp32") if lse is None else lse
-        ov, lv = _view("out", out), _view("lse", lse)
-        if ov.kind != qv.kind or ov.device != qv.device or ov.shape != out_shape or ov.dtype != spec.dtype \
-                or ov.strides[-1] != 1 or any(st % vector for st in ov.strides[:-1]) or ov.ptr % (2 * vector):
-            raise ValueError(f"out: expected a {qv.kind} {spec.dtype} array of shape {out_shape} on device {qv.device}, "
-                             f"last dim contiguous, rows {2 * vector}-byte aligned")
-        if lv.kind != qv.kind or lv.device != qv.device or lv.shape != lse_shape \
-                or lv.dtype not in ("float32", "torch.float32") or lv.strides != (heads_q * seqlen_q, seqlen_q, 1):
-            raise ValueError(f"lse: expected a contiguous {qv.kind} float32 array of shape {lse_shape} on device {qv.device}")
+        out, lse, ov, lv = output_views(spec, qv, out, lse, out_shape, lse_shape)
         rows = batch * heads_q * seqlen_q
         if splits > 1:
             o_partial = _empty_like(qv, (splits, rows, plan.head_dim_v_padded), "fp32")

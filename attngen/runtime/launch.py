@@ -84,6 +84,25 @@ def check_layout(spec: Spec, name: str, vw: TensorView, vector: int) -> TensorVi
     return vw
 
 
+def output_views(spec: Spec, qv: TensorView, out, lse, out_shape: tuple, lse_shape: tuple):
+    """(out, lse, their views): the caller's out and lse checked against the shapes (out: the spec's dtype, last
+    dim contiguous, rows aligned for the kernel's global accesses; lse: contiguous float32), or new ones made in
+    q's library and device. Nothing is launched before this."""
+    vector = variant_of(spec).global_vector
+    out = _empty_like(qv, out_shape, spec.dtype) if out is None else out
+    lse = _empty_like(qv, lse_shape, "fp32") if lse is None else lse
+    ov, lv = _view("out", out), _view("lse", lse)
+    if ov.kind != qv.kind or ov.shape != out_shape or ov.dtype != spec.dtype or ov.strides[-1] != 1 \
+            or any(s % vector for s in ov.strides[:-1]) or ov.ptr % (2 * vector) or ov.device != qv.device:
+        raise ValueError(f"out: expected a {qv.kind} {spec.dtype} array of shape {out_shape} on device "
+                         f"{qv.device}, last dim contiguous, rows {2 * vector}-byte aligned")
+    contiguous = tuple(math.prod(lse_shape[i + 1:]) for i in range(len(lse_shape)))
+    if lv.kind != qv.kind or lv.shape != lse_shape or lv.dtype not in ("float32", "torch.float32") \
+            or lv.strides != contiguous or lv.device != qv.device:
+        raise ValueError(f"lse: expected a contiguous {qv.kind} float32 array of shape {lse_shape} on device {qv.device}")
+    return out, lse, ov, lv
+
+
 def check_varlen_inputs(spec, q, k, v, cu_seqlens_q, cu_seqlens_k):
     """Validate packed q, k, v and their cu_seqlens; return the packed views of q, k, v, the sizes (batch,
     total_q, total_k, heads_q, heads_kv) and the views of cu_seqlens_q, cu_seqlens_k. The offsets' values
@@ -284,20 +303,9 @@ class Kernel:
         # (varlen: seqlen_q and seqlen_k are the total rows; out and lse have no batch dim)
         out_shape = (batch, seqlen_q, heads_q, self.spec.head_dim_v)[varlen:]
         lse_shape = (batch, heads_q, seqlen_q)[varlen:]
-        out = _empty_like(qv, out_shape, self.spec.dtype) if out is None else out
-        lse = _empty_like(qv, lse_shape, "fp32") if lse is None else lse
-        ov, lv = _view("out", out), _view("lse", lse)
-        vector = self.variant.global_vector
-        if ov.kind != qv.kind or ov.shape != out_shape or ov.dtype != self.spec.dtype or ov.strides[-1] != 1 \
-                or any(s % vector for s in ov.strides[:-1]) or ov.ptr % (2 * vector) or ov.device != qv.device:
-            raise ValueError(f"out: expected a {qv.kind} {self.spec.dtype} array of shape {out_shape} on device "
-                             f"{qv.device}, last dim contiguous, rows {2 * vector}-byte aligned")
+        out, lse, ov, lv = output_views(self.spec, qv, out, lse, out_shape, lse_shape)
         if varlen:
             ov = packed(ov)
-        lse_strides = (heads_q * seqlen_q, seqlen_q, 1)[varlen:]
-        if lv.kind != qv.kind or lv.shape != lse_shape or lv.dtype not in ("float32", "torch.float32") \
-                or lv.strides != lse_strides or lv.device != qv.device:
-            raise ValueError(f"lse: expected a contiguous {qv.kind} float32 array of shape {lse_shape} on device {qv.device}")
         p = self.plan
         if varlen:      # CTAs over (head, scheduled tile), heads fastest
             grid = (heads_q * grid_tiles(seqlen_q, batch, p.block_m), 1, 1)
