@@ -25,7 +25,7 @@ if [ -n "${BENCH:-}" ]; then
 fi
 {
   cat "$LOGS/gpu.txt"
-  for f in "$LOGS"/test_gpu_*.log; do echo "== $(basename "$f")"; grep -E "passed|failed|error|FAILED|ERROR|rc=" "$f" | tail -12; done
+  for f in "$LOGS"/test_*.log; do echo "== $(basename "$f")"; grep -E "passed|failed|error|FAILED|ERROR|rc=" "$f" | tail -12; done
   [ -f "$LOGS/sanitize.log" ] && { echo "== sanitize"; tail -40 "$LOGS/sanitize.log"; }
   [ -f "$LOGS/bench.log" ] && { echo "== bench"; tail -30 "$LOGS/bench.log"; }
 } > "$OUT/summary.txt"
