@@ -100,12 +100,17 @@ def test_cuda_graph_replay_is_bit_identical():
 
 
 def test_reduce_overhead_compile_matches_eager():
+    # reduce-overhead replays the default mode's graph through CUDA graphs: bit for bit the same as it. Against
+    # eager the model's layer norms and GELU are inductor's fused kernels, so only close.
     model = make_model(1).eval()
-    compiled = torch.compile(model, mode="reduce-overhead")
+    replayed = torch.compile(make_model(1).eval(), mode="reduce-overhead")   # own modules: own dynamo caches
+    compiled = torch.compile(make_model(1).eval())
     with torch.no_grad():
         for seed in (1, 2, 3):
             x = randn(2, 200, 256, seed=seed)
-            assert torch.equal(compiled(x).clone(), model(x)), seed
+            out = replayed(x).clone()
+            assert torch.equal(out, compiled(x)), seed
+            torch.testing.assert_close(out, model(x), atol=3e-2, rtol=3e-2)
 
 
 def test_compiled_decode_step_over_a_paged_cache():

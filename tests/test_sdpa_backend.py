@@ -1,7 +1,7 @@
 """attngen as torch's SDPA flash backend (attngen.integrations.sdpa). Without a GPU: registering it where torch
 has the hook, a clear error where it has not. On a GPU (marked): F.scaled_dot_product_attention under the flash
-backend, with attngen activated, equals attngen.attention called directly, forward and backward, bit for bit;
-restoring brings torch's own kernel back."""
+backend, with attngen activated, equals attngen.attention called directly, forward and backward, bit for bit
+(the backward under torch's deterministic switch, which selects attngen's deterministic dQ pass)."""
 
 from __future__ import annotations
 
@@ -36,16 +36,20 @@ def test_sdpa_flash_runs_attngen(causal, heads_kv):
             for _ in range(2))
     dout = torch.randn(2, 8, 300, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    direct = attngen.attention(*(x.transpose(1, 2) for x in leaves), causal=causal).transpose(1, 2)
-    direct.backward(dout)
+    direct = attngen.attention(*(x.transpose(1, 2) for x in leaves), causal=causal, deterministic=True)
+    direct.transpose(1, 2).backward(dout)
     sdpa.register()
     torch.nn.attention.activate_flash_attention_impl(sdpa.NAME)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=heads_kv != 8)
         out.backward(dout)
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         torch.nn.attention.restore_flash_attention_impl()
+    direct = direct.transpose(1, 2)
     assert torch.equal(out, direct)
     for mine, theirs in zip((q, k, v), leaves):
         assert torch.equal(mine.grad, theirs.grad)

@@ -9,7 +9,9 @@ Activated, the flash backend's two dispatcher entries on CUDA, aten::_scaled_dot
 its backward, run attngen.attention's forward and backward kernels (scale, GQA; causal where seqlen_q ==
 seqlen_k, since SDPA aligns it top-left and attngen bottom-right). SDPA lays q, k, v out as [batch, heads, seqlen, head_dim]; attngen takes the transposed views (no
 copy) and returns its output in the layout SDPA's flash returns (a [batch, seqlen, heads, head_dim] buffer
-seen as [batch, heads, seqlen, head_dim]). Dropout is refused by name. Where the installed torch has no
+seen as [batch, heads, seqlen, head_dim]). Under torch.use_deterministic_algorithms(True) the backward
+computes dQ in its own pass (attngen's deterministic=True), bit-identical run to run; otherwise dQ is summed
+with fp32 atomics, as torch's own flash backward does. Dropout is refused by name. Where the installed torch has no
 register_flash_attention_impl (torch.nn.attention), register() says so and changes nothing.
 """
 
@@ -67,7 +69,10 @@ def _spec(query, key, value, is_causal: bool, dropout_p: float):
         raise RuntimeError(f"is_causal: SDPA aligns its causal mask top-left, attngen bottom-right (FlashAttention's "
                            f"convention); they differ for seqlen_q={query.shape[2]} != seqlen_k={key.shape[2]}: call "
                            "attngen.attention directly")
-    return spec_for_inputs(*(x.transpose(1, 2) for x in (query, key, value)), bool(is_causal))
+    import torch
+
+    return spec_for_inputs(*(x.transpose(1, 2) for x in (query, key, value)), bool(is_causal),
+                           deterministic=torch.are_deterministic_algorithms_enabled())
 
 
 def _forward(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
