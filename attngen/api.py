@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .planner import device as device_mod
 from .build import build, build_backward, build_decode, plan_and_compile, plan_and_compile_backward  # noqa: F401  (public)
-from .calls import UNBOUNDED_WINDOW, _check_block_mask, spec_for_inputs  # noqa: F401  (public: spec_for_inputs)
+from .calls import UNBOUNDED_WINDOW, _check_block_mask, position_shift, spec_for_inputs  # noqa: F401  (public: spec_for_inputs)
 from .runtime.launch import _view
 from .planner.forward import Plan, make_plan
 from .spec import Spec
@@ -16,20 +16,23 @@ def plan(spec: Spec, arch: str | None = None) -> Plan:
 
 
 def attention_backward(q, k, v, out, lse, dout, causal: bool = False, scale: float | None = None, *,
-                       window=None, softcap: float | None = None, alibi_slopes=None, deterministic: bool = False):
-    """(dq, dk, dv) of attention(q, k, v, causal, scale, window=, softcap=, alibi_slopes=) from the
-    forward's out and lse and the output gradient dout; torch CUDA tensors or CuPy arrays, in the inputs'
-    dtype. dQ is summed with fp32 atomics unless deterministic=True (a separate dQ pass, bit-identical
-    run to run, as FlashAttention's deterministic flag)."""
+                       window=None, softcap: float | None = None, alibi_slopes=None, deterministic: bool = False,
+                       position_offsets=None):
+    """(dq, dk, dv) of attention(q, k, v, causal, scale, window=, softcap=, alibi_slopes=, position_offsets=)
+    from out and lse and the output gradient dout; torch CUDA tensors or CuPy arrays, in the inputs' dtype.
+    out and lse may be those of a longer attention that q's rows took part in (ring attention's merged
+    result): the gradients are then this block's share of it. dQ is summed with fp32 atomics unless
+    deterministic=True (a separate dQ pass, bit-identical run to run, as FlashAttention's deterministic flag)."""
+    shift = position_shift(position_offsets, q, k)
     spec = spec_for_inputs(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
                            deterministic=deterministic)
     return build_backward(spec, _view("q", q).device)(q, k, v, out, lse, dout, scale=scale,
-                                                      alibi_slopes=alibi_slopes)
+                                                      alibi_slopes=alibi_slopes, position_shift=shift)
 
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None, return_lse: bool = False, *,
               window=None, softcap: float | None = None, alibi_slopes=None, block_mask=None,
-              deterministic: bool = False):
+              deterministic: bool = False, position_offsets=None):
     """softmax(scale * q k^T [modified, masked]) v, compiled for these inputs on first use and cached.
 
     q [batch, seqlen_q, heads_q, head_dim], k [batch, seqlen_k, heads_kv, head_dim],
@@ -40,15 +43,18 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
     block_mask: an attngen.BlockMask (FlexAttention's block_mask): only its kept blocks are computed.
     deterministic: the backward (when q, k or v require grad) computes dQ in its own pass instead of
     with fp32 atomics: bit-identical gradients run to run, somewhat slower.
+    position_offsets=(q_start, kv_start): q and k are shards of one longer sequence starting at these global
+    positions (context parallelism, ring attention); causal, window and ALiBi compare q_start + i with
+    kv_start + j. None: bottom-right alignment. Merge the shards' results with merge_attention.
     Returns out (same library, dtype and device as q), and lse [batch, heads_q, seqlen_q] fp32 if asked."""
     if block_mask is None and _compiling(q):      # torch.compile: the custom op, opaque to the tracer
         from .autograd import attention_op, window_list
 
         out, lse = attention_op(q, k, v, None, None, causal, scale, window_list(window), softcap, alibi_slopes,
-                                deterministic)
+                                deterministic, position_shift(position_offsets, q, k))
         return (out, lse) if return_lse else out
     plain = (window is None and softcap is None and alibi_slopes is None and block_mask is None
-             and deterministic is False and (causal is True or causal is False))
+             and deterministic is False and position_offsets is None and (causal is True or causal is False))
     if plain:       # the common call: one dict lookup to the kernel (the call-overhead budget is ~30 us)
         try:
             plain_key = (type(q), q.dtype, q.shape[-1:], v.shape[-1:], len(q.shape), len(v.shape), causal,
@@ -59,9 +65,10 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
         if kernel is not None and not _needs_grad(q, k, v):
             out, lse = kernel(q, k, v, scale=scale)
             return (out, lse) if return_lse else out
+    shift = position_shift(position_offsets, q, k)
     spec = _spec_for_call(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
                           block_mask=block_mask, deterministic=deterministic)
-    call = dict(scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask)
+    call = dict(scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask, position_shift=shift)
     if _needs_grad(q, k, v):
         from .autograd import attention_with_grad
 
@@ -96,7 +103,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | No
         from .autograd import attention_op, window_list
 
         out, lse = attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window_list(window), softcap,
-                                alibi_slopes, deterministic)
+                                alibi_slopes, deterministic, 0)
         return (out, lse) if return_lse else out
     for name, hint in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if hint is not None and (isinstance(hint, bool) or not isinstance(hint, int) or hint < 0):

@@ -95,20 +95,21 @@ def _built_ahead(spec: Spec, device, backward: bool = False) -> None:
 @torch.library.custom_op("attngen::attention", mutates_args=(), device_types="cuda")
 def attention_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                  causal: bool, scale: Optional[float], window: Optional[list[int]], softcap: Optional[float],
-                 alibi_slopes: Optional[Tensor], deterministic: bool) -> tuple[Tensor, Tensor]:
+                 alibi_slopes: Optional[Tensor], deterministic: bool, position_shift: int) -> tuple[Tensor, Tensor]:
     """(out, lse) of attngen.attention (cu_seqlens None) or attention_varlen."""
     from .build import build
 
     varlen = cu_seqlens_q is not None
     spec = _op_spec(q, k, v, causal, window, softcap, alibi_slopes is not None, deterministic, varlen)
-    call = dict(scale=scale, alibi_slopes=alibi_slopes)
+    call = dict(scale=scale, alibi_slopes=alibi_slopes, position_shift=position_shift)
     if varlen:
         call |= dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return build(spec.forward_spec, q.device.index)(q, k, v, **call)
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap, alibi_slopes, deterministic):
+def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap, alibi_slopes, deterministic,
+                    position_shift):
     varlen = cu_seqlens_q is not None
     _built_ahead(_op_spec(q, k, v, causal, window, softcap, alibi_slopes is not None, deterministic, varlen), q.device)
     if varlen:      # out [total_q, heads_q, dv], lse [heads_q, total_q]
@@ -121,14 +122,15 @@ def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window, 
 def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                           cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], causal: bool,
                           scale: Optional[float], window: Optional[list[int]], softcap: Optional[float],
-                          alibi_slopes: Optional[Tensor], deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+                          alibi_slopes: Optional[Tensor], deterministic: bool,
+                          position_shift: int) -> tuple[Tensor, Tensor, Tensor]:
     from .build import build_backward
 
     varlen = cu_seqlens_q is not None
     spec = _op_spec(q, k, v, causal, window, softcap, alibi_slopes is not None, deterministic, varlen)
     if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]) or dout.data_ptr() % 16:
         dout = dout.contiguous()
-    call = dict(scale=scale, alibi_slopes=alibi_slopes)
+    call = dict(scale=scale, alibi_slopes=alibi_slopes, position_shift=position_shift)
     if varlen:
         call |= dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return build_backward(spec, q.device.index)(q, k, v, out, lse, dout, **call)
@@ -136,26 +138,26 @@ def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale, window, softcap,
-                             alibi_slopes, deterministic):
+                             alibi_slopes, deterministic, position_shift):
     spec = _op_spec(q, k, v, causal, window, softcap, alibi_slopes is not None, deterministic, cu_seqlens_q is not None)
     _built_ahead(spec, q.device, backward=True)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, causal, scale, window, softcap, alibi_slopes, deterministic = inputs
+    q, k, v, cu_q, cu_k, causal, scale, window, softcap, alibi_slopes, deterministic, shift = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
-    ctx.options = (causal, scale, window, softcap, deterministic)
+    ctx.options = (causal, scale, window, softcap, deterministic, shift)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
-    causal, scale, window, softcap, deterministic = ctx.options
+    causal, scale, window, softcap, deterministic, shift = ctx.options
     dq, dk, dv = attention_backward_op(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale, window, softcap,
-                                       alibi_slopes, deterministic)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                                       alibi_slopes, deterministic, shift)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -70,3 +70,22 @@ def _check_block_mask(block_mask) -> None:
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask: expected an attngen.BlockMask (BlockMask.from_dense / from_predicate / "
                         f"from_pattern), got {type(block_mask).__module__}.{type(block_mask).__name__}")
+
+
+def position_shift(position_offsets, q, k) -> int:
+    """The kernels' position_shift for attention's position_offsets=(q_start, kv_start): the global positions
+    of q's first row and k's first row when both are shards of one longer sequence (context parallelism).
+    Causal, windows and ALiBi then compare q_start + i with kv_start + j; the default alignment (None) is
+    bottom-right, q_start - kv_start = seqlen_k - seqlen_q, a shift of 0."""
+    if position_offsets is None:
+        return 0
+    if (not isinstance(position_offsets, (tuple, list)) or len(position_offsets) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in position_offsets)):
+        raise ValueError(f"position_offsets: expected (q_start, kv_start), two ints >= 0 (the global positions of "
+                         f"q's and k's first rows), got {position_offsets!r}")
+    q_shape, k_shape = tuple(getattr(q, "shape", ())), tuple(getattr(k, "shape", ()))
+    if len(q_shape) != 4 or len(k_shape) != 4:
+        raise ValueError(f"position_offsets: needs the batch layout q [batch, seqlen_q, heads, head_dim], got q "
+                         f"{list(q_shape)}, k {list(k_shape)}")
+    q_start, kv_start = position_offsets
+    return (q_start - kv_start) - (k_shape[1] - q_shape[1])

@@ -1,7 +1,8 @@
 """User expressions: the spec's ``score_mod`` / ``mask_mod`` and the named tensors they read.
 
 A score_mod is a CUDA float expression over ``score`` (q.k * scale, after softcap and ALiBi), the ints
-``b, h, q_idx, kv_idx, seqlen_q, seqlen_k, num_heads`` and the named tensors; a mask_mod is a boolean
+``b, h, q_idx, kv_idx, seqlen_q, seqlen_k, num_heads, causal_offset`` (the key position query row 0 is
+aligned at: seqlen_k - seqlen_q, or as a call's position_offsets shift it) and the named tensors; a mask_mod is a boolean
 expression over the same names without ``score``. A score_mod_grad is d(score_mod)/d(score) over the
 same names as the score_mod (training needs it). A named tensor is a ``const float*`` or
 ``const int*`` the caller passes by name (``kernel(q, k, v, tensors={"bias": ...})``); its declared
@@ -27,7 +28,7 @@ from .errors import SpecError
 
 TENSOR_DTYPES = {"float32": "float", "int32": "int"}
 SHAPE_SYMBOLS = ("batch", "heads", "seqlen_q", "seqlen_k")
-INDEX_NAMES = ("b", "h", "q_idx", "kv_idx", "seqlen_q", "seqlen_k", "num_heads")
+INDEX_NAMES = ("b", "h", "q_idx", "kv_idx", "seqlen_q", "seqlen_k", "num_heads", "causal_offset")
 RESERVED_NAMES = INDEX_NAMES + ("score", "ctx", "block_bit", "floor_div")
 MAX_EXPRESSION_CHARS = 2000
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")

@@ -4,7 +4,9 @@ Semantics (as the kernel and FlexAttention): a mask says which (h, q_idx, kv_idx
 visible; invisible scores become -inf, and a query row that sees no key gives out 0 and lse -inf.
 Positions are aligned bottom-right like attngen's causal: query row q_idx sits at key position
 ``q_idx + seqlen_k - seqlen_q`` (its *aligned position*, negative for the first rows when
-seqlen_q > seqlen_k), and causal means kv_idx <= aligned position.
+seqlen_q > seqlen_k), and causal means kv_idx <= aligned position. In the kernels the shift is
+``causal_offset`` (ModContext): seqlen_k - seqlen_q, plus the call's position shift when q and k are
+shards of a longer sequence (attention's position_offsets), so the C predicates read it by that name.
 
 A ``Pattern`` gives ``element(h, q_idx, kv_idx, seqlen_q, seqlen_k)`` (vectorised numpy) and
 ``cuda_expr()``, the same predicate as a C++ boolean expression over the ints h, q_idx, kv_idx,
@@ -45,11 +47,11 @@ CHUNK_ELEMENTS = 1 << 18
 
 # ----------------------------------------------------------------------------- causal alignment
 
-ALIGNED_EXPR = "(q_idx + seqlen_k - seqlen_q)"
+ALIGNED_EXPR = "(q_idx + causal_offset)"          # causal_offset: seqlen_k - seqlen_q (+ shift)
 _DISTANCE_EXPR = f"({ALIGNED_EXPR} - kv_idx)"
 # Tile predicates: the aligned positions of a tile's first and last query rows, and the range of
 # aligned distances (aligned position - kv_idx) over the tile.
-ALIGNED_LO, ALIGNED_HI = "(q_lo + seqlen_k - seqlen_q)", "(q_hi + seqlen_k - seqlen_q)"
+ALIGNED_LO, ALIGNED_HI = "(q_lo + causal_offset)", "(q_hi + causal_offset)"
 _DIST_MIN, _DIST_MAX = f"({ALIGNED_LO} - kv_hi)", f"({ALIGNED_HI} - kv_lo)"
 ALWAYS = ("true", "true")
 SPAN_MAX_VALUE = 2**31 - 1      # SPAN_MAX in the kernels: a bound no position reaches
@@ -74,7 +76,7 @@ def _in_window_expr(left: int, right: int) -> str:
 def _window_spans(left: int | None, right: int) -> tuple[str, str, str, str]:
     """cuda_spans of kv_idx - aligned in [-left, right] (left None: unbounded): the keys around the query's
     aligned position, and the queries whose aligned position lies in [kv_idx - right, kv_idx + left]."""
-    aligned_query = "(kv_idx + seqlen_q - seqlen_k)"              # the query row aligned at kv_idx
+    aligned_query = "(kv_idx - causal_offset)"                   # the query row aligned at kv_idx
 
     def shift(x, n):                                              # no negative literal: x - 3, not x + -3
         return x if n == 0 else f"({x} {'-' if n > 0 else '+'} {abs(n)})"
@@ -423,7 +425,7 @@ class _Composite(Pattern):
 
 @dataclass(frozen=True)
 class Causal(Pattern):
-    """Bottom-right causal: kv_idx <= q_idx + seqlen_k - seqlen_q."""
+    """Bottom-right causal: kv_idx <= q_idx + seqlen_k - seqlen_q (in C, q_idx + causal_offset)."""
 
     kind = "causal"
 

@@ -99,7 +99,7 @@ def main(argv=None):
     # the custom op torch.compile puts in a graph, called as the graph calls it (dispatcher, then the launch)
     from attngen.autograd import attention_op
 
-    op = lambda: attention_op(q, k, v, None, None, True, None, None, None, None, False)  # noqa: E731
+    op = lambda: attention_op(q, k, v, None, None, True, None, None, None, None, False, 0)  # noqa: E731
     row["call_custom_op_us"] = per_call_us(op)
     compiled = torch.compile(lambda q, k, v: attngen.attention(q, k, v, causal=True), fullgraph=True)
     compiled(q, k, v)

@@ -220,6 +220,7 @@ __device__ __forceinline__ int floor_div(int a, int b) {           // rounds tow
 
 struct ModContext {
     int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+    int causal_offset;       // key position of query row 0: seqlen_k - seqlen_q (bottom-right), plus a shard's shift
     const unsigned* __restrict__ block_bits;                       // [heads or 1][q blocks][words], 1 bit per kv block
     int block_bits_heads, block_bits_rows, block_bits_words;
 
@@ -247,9 +248,9 @@ __device__ __forceinline__ RowPredicate row_predicate(const ModContext&, int, in
 
 template <bool KEY_ROWS>
 __device__ __forceinline__ bool row_visible(const RowPredicate&, const ModContext& ctx, int h, int q_idx, int kv_idx) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     auto block_bit = [&](int hh, int q_block, int kv_block) { return ctx.block_bit(hh, q_block, kv_block); };
-    return ((kv_idx / 64 <= floor_div((q_idx + seqlen_k - seqlen_q), 64) + 1 && kv_idx / 64 >= floor_div((q_idx + seqlen_k - seqlen_q), 64) - 1) || ((((q_idx + seqlen_k - seqlen_q) >= 0 && (q_idx + seqlen_k - seqlen_q) <= 1)) || ((kv_idx >= 0 && kv_idx <= 1))) || block_bit(h, q_idx / 64, kv_idx / 64));
+    return ((kv_idx / 64 <= floor_div((q_idx + causal_offset), 64) + 1 && kv_idx / 64 >= floor_div((q_idx + causal_offset), 64) - 1) || ((((q_idx + causal_offset) >= 0 && (q_idx + causal_offset) <= 1)) || ((kv_idx >= 0 && kv_idx <= 1))) || block_bit(h, q_idx / 64, kv_idx / 64));
 }
 
 
@@ -295,14 +296,14 @@ constexpr int PARTIAL_TILE = 1 << 30;            // step list entry flag: the ti
 // A tile is kept if some element may be visible; full if every element is (no element mask then).
 
 __device__ __forceinline__ bool tile_kept(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     auto block_bit = [&](int hh, int q_block, int kv_block) { return ctx.block_bit(hh, q_block, kv_block); };
-    return ((kv_lo / 64 <= floor_div((q_hi + seqlen_k - seqlen_q), 64) + 1 && kv_hi / 64 >= floor_div((q_lo + seqlen_k - seqlen_q), 64) - 1) || (((q_lo + seqlen_k - seqlen_q) <= 1 && (q_hi + seqlen_k - seqlen_q) >= 0) || (kv_lo <= 1 && kv_hi >= 0)) || block_bit(h, q_lo / 64, kv_lo / 64));
+    return ((kv_lo / 64 <= floor_div((q_hi + causal_offset), 64) + 1 && kv_hi / 64 >= floor_div((q_lo + causal_offset), 64) - 1) || (((q_lo + causal_offset) <= 1 && (q_hi + causal_offset) >= 0) || (kv_lo <= 1 && kv_hi >= 0)) || block_bit(h, q_lo / 64, kv_lo / 64));
 }
 __device__ __forceinline__ bool tile_full(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     auto block_bit = [&](int hh, int q_block, int kv_block) { return ctx.block_bit(hh, q_block, kv_block); };
-    return ((kv_hi / 64 <= floor_div((q_lo + seqlen_k - seqlen_q), 64) + 1 && kv_lo / 64 >= floor_div((q_hi + seqlen_k - seqlen_q), 64) - 1) || (((q_lo + seqlen_k - seqlen_q) >= 0 && (q_hi + seqlen_k - seqlen_q) <= 1) || (kv_lo >= 0 && kv_hi <= 1)) || block_bit(h, q_lo / 64, kv_lo / 64));
+    return ((kv_hi / 64 <= floor_div((q_lo + causal_offset), 64) + 1 && kv_lo / 64 >= floor_div((q_hi + causal_offset), 64) - 1) || (((q_lo + causal_offset) >= 0 && (q_hi + causal_offset) <= 1) || (kv_lo >= 0 && kv_hi <= 1)) || block_bit(h, q_lo / 64, kv_lo / 64));
 }
 
 // Kept, and (through full) full, for the tile of rows q_lo..q_hi and keys kv_lo..kv_hi of head h.
@@ -559,7 +560,7 @@ bigbird_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
     elem_t* __restrict__ o, float* __restrict__ lse, long long q_stride_b, long long q_stride_s,
     long long q_stride_h, long long k_stride_b, long long k_stride_s, long long k_stride_h, long long v_stride_b,
     long long v_stride_s, long long v_stride_h, long long o_stride_b, long long o_stride_s, long long o_stride_h,
-    int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2,
+    int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2, int position_shift,
     const unsigned* __restrict__ block_bits, int block_bits_heads, int block_bits_rows, int block_bits_words)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -591,6 +592,7 @@ bigbird_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;
     ctx.seqlen_k = seqlen_k;
+    ctx.causal_offset = seqlen_k - seqlen_q + position_shift;      // position_shift: 0 unless q, k are shards
     ctx.num_heads = heads_q;
     ctx.block_bits = block_bits;
     ctx.block_bits_heads = block_bits_heads;
@@ -602,7 +604,7 @@ bigbird_bf16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k, con
     const elem_t* v_head = v + tensor_batch * v_stride_b + kv_head * v_stride_h;
 
     // Key tiles this query tile visits; the first n_unmasked need no element-wise mask.
-    const int causal_offset = seqlen_k - seqlen_q;                       // bottom-right alignment
+    const int causal_offset = ctx.causal_offset;                         // bottom-right alignment, shifted
     int n_tiles = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
     [[maybe_unused]] int n_unmasked = seqlen_k / BLOCK_N;
 

@@ -223,6 +223,7 @@ __device__ __forceinline__ int floor_div(int a, int b) {           // rounds tow
 
 struct ModContext {
     int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+    int causal_offset;       // key position of query row 0: seqlen_k - seqlen_q (bottom-right), plus a shard's shift
 };
 
 
@@ -241,7 +242,7 @@ __device__ __forceinline__ RowPredicate row_predicate(const ModContext&, int, in
 
 template <bool KEY_ROWS>
 __device__ __forceinline__ bool row_visible(const RowPredicate&, const ModContext& ctx, int h, int q_idx, int kv_idx) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     return true;
 }
 
@@ -538,6 +539,7 @@ decode_paged_llama_bf16_decode(const elem_t* __restrict__ q, const elem_t* __res
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;
     ctx.seqlen_k = seqlen_k;
+    ctx.causal_offset = causal_offset;
     ctx.num_heads = heads_q;
 
     // This thread's two rows (g and g + 8 of the mma layout): their token, their query head, their view

@@ -268,6 +268,7 @@ __device__ __forceinline__ int floor_div(int a, int b) {           // rounds tow
 
 struct ModContext {
     int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+    int causal_offset;       // key position of query row 0: seqlen_k - seqlen_q (bottom-right), plus a shard's shift
 };
 
 
@@ -287,7 +288,7 @@ __device__ __forceinline__ RowPredicate row_predicate(const ModContext&, int, in
 
 template <bool KEY_ROWS>
 __device__ __forceinline__ bool row_visible(const RowPredicate&, const ModContext& ctx, int h, int q_idx, int kv_idx) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     return true;
 }
 
@@ -493,7 +494,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gpt2_causal_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,
     const __grid_constant__ TensorMap v_map, elem_t* __restrict__ o, float* __restrict__ lse,
     long long o_stride_b, long long o_stride_s, long long o_stride_h, int seqlen_q, int seqlen_k, int heads_q,
-    int group_size, float scale_log2)
+    int group_size, float scale_log2, int position_shift)
 {
     // The dynamic window is rounded up to the swizzle's 1024-byte period (the launch adds 1 KB for it).
     extern __shared__ __align__(1024) unsigned char smem_buffer[];
@@ -525,10 +526,11 @@ gpt2_causal_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_const
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;
     ctx.seqlen_k = seqlen_k;
+    ctx.causal_offset = seqlen_k - seqlen_q + position_shift;      // position_shift: 0 unless q, k are shards
     ctx.num_heads = heads_q;
 
     // Key tiles this query tile visits; the first n_unmasked need no element-wise mask.
-    const int causal_offset = seqlen_k - seqlen_q;                       // bottom-right alignment
+    const int causal_offset = ctx.causal_offset;                         // bottom-right alignment, shifted
     int n_tiles = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
     [[maybe_unused]] int n_unmasked = seqlen_k / BLOCK_N;
     const int last_key = m_start + BLOCK_M - 1 + causal_offset;          // seen by the tile's last row

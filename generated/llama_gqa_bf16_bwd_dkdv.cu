@@ -359,6 +359,7 @@ __device__ __forceinline__ int floor_div(int a, int b) {           // rounds tow
 
 struct ModContext {
     int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+    int causal_offset;       // key position of query row 0: seqlen_k - seqlen_q (bottom-right), plus a shard's shift
 };
 
 
@@ -377,7 +378,7 @@ __device__ __forceinline__ RowPredicate row_predicate(const ModContext&, int, in
 
 template <bool KEY_ROWS>
 __device__ __forceinline__ bool row_visible(const RowPredicate&, const ModContext& ctx, int h, int q_idx, int kv_idx) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     return true;
 }
 
@@ -525,7 +526,7 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
     const float2* __restrict__ row_stats, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
     float* __restrict__ dq_accum, int dq_rows_padded, long long dk_stride_b, long long dk_stride_s,
     long long dk_stride_h, long long dv_stride_b, long long dv_stride_s, long long dv_stride_h, int seqlen_q,
-    int seqlen_k, int heads_q, int group_size, float scale_log2, float scale)
+    int seqlen_k, int heads_q, int group_size, float scale_log2, int position_shift, float scale)
 {
     // The dynamic window is rounded up to the swizzle's 1024-byte period (the launch adds 1 KB for it).
     extern __shared__ __align__(1024) unsigned char smem_buffer[];
@@ -558,6 +559,7 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;
     ctx.seqlen_k = seqlen_k;
+    ctx.causal_offset = seqlen_k - seqlen_q + position_shift;      // position_shift: 0 unless q, k are shards
     ctx.num_heads = heads_q;
 
     if (tid == 0) {
@@ -582,7 +584,7 @@ llama_gqa_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid_co
     // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
-    const int causal_offset = seqlen_k - seqlen_q;
+    const int causal_offset = ctx.causal_offset;
     // Keys past seqlen_k are zero rows: their dK/dV rows are never stored, but their dS^T feeds dQ, and an
     // unmasked S = 0 there gives P = exp(-LSE) = inf when every real score is very negative, then
     // dQ += inf * 0 = NaN. So the last key tile always masks its bounds.

@@ -221,6 +221,7 @@ __device__ __forceinline__ int floor_div(int a, int b) {           // rounds tow
 
 struct ModContext {
     int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+    int causal_offset;       // key position of query row 0: seqlen_k - seqlen_q (bottom-right), plus a shard's shift
 };
 
 
@@ -240,7 +241,7 @@ __device__ __forceinline__ RowPredicate row_predicate(const ModContext&, int, in
 
 template <bool KEY_ROWS>
 __device__ __forceinline__ bool row_visible(const RowPredicate&, const ModContext& ctx, int h, int q_idx, int kv_idx) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     return true;
 }
 
@@ -495,7 +496,7 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     elem_t* __restrict__ o, float* __restrict__ lse, long long q_stride_b, long long q_stride_s,
     long long q_stride_h, long long k_stride_b, long long k_stride_s, long long k_stride_h, long long v_stride_b,
     long long v_stride_s, long long v_stride_h, long long o_stride_b, long long o_stride_s, long long o_stride_h,
-    int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2)
+    int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2, int position_shift)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     // Shared-window byte addresses of the Q tile (which also stages the O tile) and the K/V rings.
@@ -525,6 +526,7 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;
     ctx.seqlen_k = seqlen_k;
+    ctx.causal_offset = seqlen_k - seqlen_q + position_shift;      // position_shift: 0 unless q, k are shards
     ctx.num_heads = heads_q;
 
     const elem_t* q_tile = q + tensor_batch * q_stride_b + head * q_stride_h + (long long)(q_first() + m_start) * q_stride_s;
@@ -532,7 +534,7 @@ mla_like_dv_fp16_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const elem_t* v_head = v + tensor_batch * v_stride_b + kv_head * v_stride_h;
 
     // Key tiles this query tile visits; the first n_unmasked need no element-wise mask.
-    const int causal_offset = seqlen_k - seqlen_q;                       // bottom-right alignment
+    const int causal_offset = ctx.causal_offset;                         // bottom-right alignment, shifted
     int n_tiles = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
     [[maybe_unused]] int n_unmasked = seqlen_k / BLOCK_N;
     const int last_key = m_start + BLOCK_M - 1 + causal_offset;          // seen by the tile's last row

@@ -356,6 +356,7 @@ __device__ __forceinline__ int floor_div(int a, int b) {           // rounds tow
 
 struct ModContext {
     int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+    int causal_offset;       // key position of query row 0: seqlen_k - seqlen_q (bottom-right), plus a shard's shift
     float softmax_scale;                                           // scores are modified in natural units
     const float* __restrict__ temperature;                      // float32 [heads]
 };
@@ -363,6 +364,7 @@ struct ModContext {
 // The spec's score_mod, over score (after scale, softcap and ALiBi), b, h, q_idx, kv_idx and the named tensors.
 __device__ __forceinline__ float user_score_mod(const ModContext& ctx, float score, int h, int q_idx, int kv_idx) {
     [[maybe_unused]] const int b = ctx.b, seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, num_heads = ctx.num_heads;
+    [[maybe_unused]] const int causal_offset = ctx.causal_offset;
     [[maybe_unused]] const float* __restrict__ temperature = ctx.temperature;
     return (
         score * temperature[h] - 0.05f * (float)(q_idx - kv_idx)
@@ -371,6 +373,7 @@ __device__ __forceinline__ float user_score_mod(const ModContext& ctx, float sco
 // The spec's score_mod_grad: d(score_mod) / d(score) at the same score (the backward's chain rule).
 __device__ __forceinline__ float user_score_mod_grad(const ModContext& ctx, float score, int h, int q_idx, int kv_idx) {
     [[maybe_unused]] const int b = ctx.b, seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, num_heads = ctx.num_heads;
+    [[maybe_unused]] const int causal_offset = ctx.causal_offset;
     [[maybe_unused]] const float* __restrict__ temperature = ctx.temperature;
     return (
         temperature[h]
@@ -392,7 +395,7 @@ __device__ __forceinline__ RowPredicate row_predicate(const ModContext&, int, in
 
 template <bool KEY_ROWS>
 __device__ __forceinline__ bool row_visible(const RowPredicate&, const ModContext& ctx, int h, int q_idx, int kv_idx) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     return true;
 }
 
@@ -581,7 +584,7 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
     long long do_stride_b, long long do_stride_s, long long do_stride_h, long long dk_stride_b,
     long long dk_stride_s, long long dk_stride_h, long long dv_stride_b, long long dv_stride_s,
     long long dv_stride_h, int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2,
-    float scale, float softmax_scale, const float* __restrict__ temperature)
+    int position_shift, float scale, float softmax_scale, const float* __restrict__ temperature)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     const unsigned k_smem = smem_addr(smem_raw);
@@ -612,6 +615,7 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;
     ctx.seqlen_k = seqlen_k;
+    ctx.causal_offset = seqlen_k - seqlen_q + position_shift;      // position_shift: 0 unless q, k are shards
     ctx.num_heads = heads_q;
     ctx.softmax_scale = softmax_scale;
     ctx.temperature = temperature;
@@ -622,7 +626,7 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
     // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
-    const int causal_offset = seqlen_k - seqlen_q;
+    const int causal_offset = ctx.causal_offset;
     // Keys past seqlen_k are zero rows: their dK/dV rows are never stored, but their dS^T feeds dQ, and an
     // unmasked S = 0 there gives P = exp(-LSE) = inf when every real score is very negative, then
     // dQ += inf * 0 = NaN. So the last key tile always masks its bounds.

@@ -351,6 +351,7 @@ __device__ __forceinline__ int floor_div(int a, int b) {           // rounds tow
 
 struct ModContext {
     int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+    int causal_offset;       // key position of query row 0: seqlen_k - seqlen_q (bottom-right), plus a shard's shift
 };
 
 
@@ -371,13 +372,13 @@ struct RowPredicate {
 // KEY_ROWS: the row is a key (the dK/dV pass's transposed tiles) and the span runs over its queries.
 template <bool KEY_ROWS>
 __device__ __forceinline__ RowPredicate row_predicate(const ModContext& ctx, int h, int row) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     if constexpr (KEY_ROWS) {
         const int kv_idx = row;
-        return {(kv_idx + seqlen_q - seqlen_k), ((kv_idx + seqlen_q - seqlen_k) + 1024)};
+        return {(kv_idx - causal_offset), ((kv_idx - causal_offset) + 1024)};
     } else {
         const int q_idx = row;
-        return {((q_idx + seqlen_k - seqlen_q) - 1024), (q_idx + seqlen_k - seqlen_q)};
+        return {((q_idx + causal_offset) - 1024), (q_idx + causal_offset)};
     }
 }
 
@@ -405,12 +406,12 @@ constexpr int PARTIAL_TILE = 1 << 30;            // step list entry flag: the ti
 // A tile is kept if some element may be visible; full if every element is (no element mask then).
 
 __device__ __forceinline__ bool tile_kept(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
-    return (((q_hi + seqlen_k - seqlen_q) - kv_lo) >= 0 && ((q_lo + seqlen_k - seqlen_q) - kv_hi) <= 1024);
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
+    return (((q_hi + causal_offset) - kv_lo) >= 0 && ((q_lo + causal_offset) - kv_hi) <= 1024);
 }
 __device__ __forceinline__ bool tile_full(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
-    return (((q_lo + seqlen_k - seqlen_q) - kv_hi) >= 0 && ((q_hi + seqlen_k - seqlen_q) - kv_lo) <= 1024);
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
+    return (((q_lo + causal_offset) - kv_hi) >= 0 && ((q_hi + causal_offset) - kv_lo) <= 1024);
 }
 
 // Kept, and (through full) full, for the tile of rows q_lo..q_hi and keys kv_lo..kv_hi of head h.
@@ -494,7 +495,7 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
     long long v_stride_s, long long v_stride_h, long long do_stride_b, long long do_stride_s,
     long long do_stride_h, long long dk_stride_b, long long dk_stride_s, long long dk_stride_h,
     long long dv_stride_b, long long dv_stride_s, long long dv_stride_h, int seqlen_q, int seqlen_k, int heads_q,
-    int group_size, float scale_log2, float scale)
+    int group_size, float scale_log2, int position_shift, float scale)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     const unsigned k_smem = smem_addr(smem_raw);
@@ -524,6 +525,7 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;
     ctx.seqlen_k = seqlen_k;
+    ctx.causal_offset = seqlen_k - seqlen_q + position_shift;      // position_shift: 0 unless q, k are shards
     ctx.num_heads = heads_q;
 
     unsigned char* const step_list_smem = smem_raw + K_TILE_BYTES + V_TILE_BYTES + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES)
@@ -531,7 +533,7 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
     // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
-    const int causal_offset = seqlen_k - seqlen_q;
+    const int causal_offset = ctx.causal_offset;
     // Keys past seqlen_k are zero rows: their dK/dV rows are never stored, but their dS^T feeds dQ, and an
     // unmasked S = 0 there gives P = exp(-LSE) = inf when every real score is very negative, then
     // dQ += inf * 0 = NaN. So the last key tile always masks its bounds.

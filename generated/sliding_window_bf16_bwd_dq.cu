@@ -350,6 +350,7 @@ __device__ __forceinline__ int floor_div(int a, int b) {           // rounds tow
 
 struct ModContext {
     int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+    int causal_offset;       // key position of query row 0: seqlen_k - seqlen_q (bottom-right), plus a shard's shift
 };
 
 
@@ -370,13 +371,13 @@ struct RowPredicate {
 // KEY_ROWS: the row is a key (the dK/dV pass's transposed tiles) and the span runs over its queries.
 template <bool KEY_ROWS>
 __device__ __forceinline__ RowPredicate row_predicate(const ModContext& ctx, int h, int row) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     if constexpr (KEY_ROWS) {
         const int kv_idx = row;
-        return {(kv_idx + seqlen_q - seqlen_k), ((kv_idx + seqlen_q - seqlen_k) + 1024)};
+        return {(kv_idx - causal_offset), ((kv_idx - causal_offset) + 1024)};
     } else {
         const int q_idx = row;
-        return {((q_idx + seqlen_k - seqlen_q) - 1024), (q_idx + seqlen_k - seqlen_q)};
+        return {((q_idx + causal_offset) - 1024), (q_idx + causal_offset)};
     }
 }
 
@@ -404,12 +405,12 @@ constexpr int PARTIAL_TILE = 1 << 30;            // step list entry flag: the ti
 // A tile is kept if some element may be visible; full if every element is (no element mask then).
 
 __device__ __forceinline__ bool tile_kept(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
-    return (((q_hi + seqlen_k - seqlen_q) - kv_lo) >= 0 && ((q_lo + seqlen_k - seqlen_q) - kv_hi) <= 1024);
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
+    return (((q_hi + causal_offset) - kv_lo) >= 0 && ((q_lo + causal_offset) - kv_hi) <= 1024);
 }
 __device__ __forceinline__ bool tile_full(const ModContext& ctx, int h, int q_lo, int q_hi, int kv_lo, int kv_hi) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
-    return (((q_lo + seqlen_k - seqlen_q) - kv_hi) >= 0 && ((q_hi + seqlen_k - seqlen_q) - kv_lo) <= 1024);
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
+    return (((q_lo + causal_offset) - kv_hi) >= 0 && ((q_hi + causal_offset) - kv_lo) <= 1024);
 }
 
 // Kept, and (through full) full, for the tile of rows q_lo..q_hi and keys kv_lo..kv_hi of head h.
@@ -519,7 +520,7 @@ sliding_window_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restric
     long long k_stride_b, long long k_stride_s, long long k_stride_h, long long v_stride_b, long long v_stride_s,
     long long v_stride_h, long long do_stride_b, long long do_stride_s, long long do_stride_h,
     long long dq_stride_b, long long dq_stride_s, long long dq_stride_h, int seqlen_q, int seqlen_k, int heads_q,
-    int group_size, float scale_log2, float scale)
+    int group_size, float scale_log2, int position_shift, float scale)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     const unsigned q_smem = smem_addr(smem_raw);
@@ -548,13 +549,14 @@ sliding_window_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restric
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;
     ctx.seqlen_k = seqlen_k;
+    ctx.causal_offset = seqlen_k - seqlen_q + position_shift;      // position_shift: 0 unless q, k are shards
     ctx.num_heads = heads_q;
 
     const elem_t* k_head = k + tensor_batch * k_stride_b + kv_head * k_stride_h;
     const elem_t* v_head = v + tensor_batch * v_stride_b + kv_head * v_stride_h;
 
     // Key tiles this query tile visits (as the forward); the first n_unmasked need no mask.
-    const int causal_offset = seqlen_k - seqlen_q;
+    const int causal_offset = ctx.causal_offset;
     int n_tiles = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
     [[maybe_unused]] int n_unmasked = seqlen_k / BLOCK_N;
 

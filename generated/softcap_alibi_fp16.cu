@@ -277,6 +277,7 @@ __device__ __forceinline__ int floor_div(int a, int b) {           // rounds tow
 
 struct ModContext {
     int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+    int causal_offset;       // key position of query row 0: seqlen_k - seqlen_q (bottom-right), plus a shard's shift
     float softmax_scale;                                           // scores are modified in natural units
     float alibi_slope;                                             // this (batch, head)'s ALiBi slope
 };
@@ -290,7 +291,7 @@ __device__ __forceinline__ float modify_score(const ModContext& ctx, float score
     score *= ctx.softmax_scale;
     const float t = tanh_approx(score * (1.f / SOFTCAP));
     score = SOFTCAP * t;
-    score -= ctx.alibi_slope * fabsf((float)(q_idx + ctx.seqlen_k - ctx.seqlen_q - kv_idx));
+    score -= ctx.alibi_slope * fabsf((float)(q_idx + ctx.causal_offset - kv_idx));
     return score;
 }
 
@@ -326,7 +327,7 @@ __device__ __forceinline__ RowPredicate row_predicate(const ModContext&, int, in
 
 template <bool KEY_ROWS>
 __device__ __forceinline__ bool row_visible(const RowPredicate&, const ModContext& ctx, int h, int q_idx, int kv_idx) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     return true;
 }
 
@@ -532,8 +533,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 softcap_alibi_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap k_map,
     const __grid_constant__ TensorMap v_map, elem_t* __restrict__ o, float* __restrict__ lse,
     long long o_stride_b, long long o_stride_s, long long o_stride_h, int seqlen_q, int seqlen_k, int heads_q,
-    int group_size, float scale_log2, float softmax_scale, const float* __restrict__ alibi_slopes,
-    int alibi_batch_stride)
+    int group_size, float scale_log2, int position_shift, float softmax_scale,
+    const float* __restrict__ alibi_slopes, int alibi_batch_stride)
 {
     // The dynamic window is rounded up to the swizzle's 1024-byte period (the launch adds 1 KB for it).
     extern __shared__ __align__(1024) unsigned char smem_buffer[];
@@ -565,12 +566,13 @@ softcap_alibi_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_con
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;
     ctx.seqlen_k = seqlen_k;
+    ctx.causal_offset = seqlen_k - seqlen_q + position_shift;      // position_shift: 0 unless q, k are shards
     ctx.num_heads = heads_q;
     ctx.softmax_scale = softmax_scale;
     ctx.alibi_slope = alibi_slopes[batch * alibi_batch_stride + head];
 
     // Key tiles this query tile visits; the first n_unmasked need no element-wise mask.
-    const int causal_offset = seqlen_k - seqlen_q;                       // bottom-right alignment
+    const int causal_offset = ctx.causal_offset;                         // bottom-right alignment, shifted
     int n_tiles = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
     [[maybe_unused]] int n_unmasked = seqlen_k / BLOCK_N;
     const int last_key = m_start + BLOCK_M - 1 + causal_offset;          // seen by the tile's last row

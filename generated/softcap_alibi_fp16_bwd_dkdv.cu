@@ -365,6 +365,7 @@ __device__ __forceinline__ int floor_div(int a, int b) {           // rounds tow
 
 struct ModContext {
     int b, seqlen_q, seqlen_k, num_heads;                          // batch index and problem sizes
+    int causal_offset;       // key position of query row 0: seqlen_k - seqlen_q (bottom-right), plus a shard's shift
     float softmax_scale;                                           // scores are modified in natural units
     float alibi_slope;                                             // this (batch, head)'s ALiBi slope
 };
@@ -385,7 +386,7 @@ __device__ __forceinline__ RowPredicate row_predicate(const ModContext&, int, in
 
 template <bool KEY_ROWS>
 __device__ __forceinline__ bool row_visible(const RowPredicate&, const ModContext& ctx, int h, int q_idx, int kv_idx) {
-    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k;
+    [[maybe_unused]] const int seqlen_q = ctx.seqlen_q, seqlen_k = ctx.seqlen_k, causal_offset = ctx.causal_offset;
     return true;
 }
 
@@ -412,7 +413,7 @@ __device__ __forceinline__ float modify_score(const ModContext& ctx, float score
     const float t = tanh_approx(score * (1.f / SOFTCAP));
     score = SOFTCAP * t;
     grad *= 1.f - t * t;
-    score -= ctx.alibi_slope * fabsf((float)(q_idx + ctx.seqlen_k - ctx.seqlen_q - kv_idx));
+    score -= ctx.alibi_slope * fabsf((float)(q_idx + ctx.causal_offset - kv_idx));
     return score;
 }
 
@@ -575,7 +576,8 @@ softcap_alibi_fp16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restri
     long long do_stride_b, long long do_stride_s, long long do_stride_h, long long dk_stride_b,
     long long dk_stride_s, long long dk_stride_h, long long dv_stride_b, long long dv_stride_s,
     long long dv_stride_h, int seqlen_q, int seqlen_k, int heads_q, int group_size, float scale_log2,
-    float scale, float softmax_scale, const float* __restrict__ alibi_slopes, int alibi_batch_stride)
+    int position_shift, float scale, float softmax_scale, const float* __restrict__ alibi_slopes,
+    int alibi_batch_stride)
 {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     const unsigned k_smem = smem_addr(smem_raw);
@@ -606,6 +608,7 @@ softcap_alibi_fp16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restri
     ctx.b = batch;
     ctx.seqlen_q = seqlen_q;
     ctx.seqlen_k = seqlen_k;
+    ctx.causal_offset = seqlen_k - seqlen_q + position_shift;      // position_shift: 0 unless q, k are shards
     ctx.num_heads = heads_q;
     ctx.softmax_scale = softmax_scale;
     ctx.alibi_slope = alibi_slopes[batch * alibi_batch_stride + head];
@@ -616,7 +619,7 @@ softcap_alibi_fp16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restri
     // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
-    const int causal_offset = seqlen_k - seqlen_q;
+    const int causal_offset = ctx.causal_offset;
     // Keys past seqlen_k are zero rows: their dK/dV rows are never stored, but their dS^T feeds dQ, and an
     // unmasked S = 0 there gives P = exp(-LSE) = inf when every real score is very negative, then
     // dQ += inf * 0 = NaN. So the last key tile always masks its bounds.

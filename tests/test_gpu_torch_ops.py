@@ -22,10 +22,11 @@ def randn(*shape, seed=0, dtype=torch.bfloat16, requires_grad=False):
 
 def test_opcheck():
     q, k, v = (randn(2, 77, h, 64, seed=i, requires_grad=True) for i, h in enumerate((4, 2, 2)))
-    torch.library.opcheck(attention_op, (q, k, v, None, None, True, None, [20, 0], 30.0, None, False))
+    torch.library.opcheck(attention_op, (q, k, v, None, None, True, None, [20, 0], 30.0, None, False, 0))
+    torch.library.opcheck(attention_op, (q, k, v, None, None, True, None, None, None, None, False, -37))
     cu = torch.tensor([0, 30, 77, 154], dtype=torch.int32, device="cuda")
     packed = [x.detach().reshape(154, x.shape[2], 64).requires_grad_(True) for x in (q, k, v)]
-    torch.library.opcheck(attention_op, (*packed, cu, cu, False, 0.2, None, None, None, False))
+    torch.library.opcheck(attention_op, (*packed, cu, cu, False, 0.2, None, None, None, False, 0))
     pages = randn(12, 16, 2, 64, seed=5)
     table = torch.randperm(12, device="cuda").to(torch.int32).view(2, 6)
     lengths = torch.tensor([5, 40], dtype=torch.int32, device="cuda")

@@ -269,13 +269,16 @@ def c_functions(pattern, sq, sk) -> dict:
                 min=lambda active, a, b: np.minimum(a, b), **documents)
 
 
-def c_mask(expr, heads, sq, sk, pattern=None):
+def c_mask(expr, heads, sq, sk, pattern=None, causal_offset=None):
+    """causal_offset: the kernels' ModContext value (default seqlen_k - seqlen_q, bottom-right)."""
     h, q, kv = grid(heads, sq, sk)
-    env = dict(h=h, q_idx=q, kv_idx=kv, seqlen_q=np.int64(sq), seqlen_k=np.int64(sk), **c_functions(pattern, sq, sk))
+    offset = sk - sq if causal_offset is None else causal_offset
+    env = dict(h=h, q_idx=q, kv_idx=kv, seqlen_q=np.int64(sq), seqlen_k=np.int64(sk), causal_offset=np.int64(offset),
+               **c_functions(pattern, sq, sk))
     return eval_c_expr(expr, env, (heads, sq, sk))
 
 
-def c_tiles(exprs, pattern, heads, sq, sk, tile):
+def c_tiles(exprs, pattern, heads, sq, sk, tile, causal_offset=None):
     """Evaluate (kept, full) tile expressions over every tile of a [heads, sq, sk] grid of tile x tile."""
     rows, cols = tile
     h = np.arange(heads)[:, None, None]
@@ -284,6 +287,7 @@ def c_tiles(exprs, pattern, heads, sq, sk, tile):
     shape = (heads, q_lo.shape[1], kv_lo.shape[2])
     env = dict(h=h, q_lo=q_lo, q_hi=np.minimum(q_lo + rows, sq) - 1, kv_lo=kv_lo,
                kv_hi=np.minimum(kv_lo + cols, sk) - 1, seqlen_q=np.int64(sq), seqlen_k=np.int64(sk),
+               causal_offset=np.int64(sk - sq if causal_offset is None else causal_offset),
                **c_functions(pattern, sq, sk))
     return tuple(eval_c_expr(e, env, shape) for e in exprs)
 
@@ -346,6 +350,29 @@ def test_cuda_spans_mean_the_elements(pattern, heads, sq, sk):
     elements = brute_mask(pattern, heads, sq, sk)
     np.testing.assert_array_equal(c_mask(f"(kv_idx >= {key_lo} && kv_idx <= {key_hi})", heads, sq, sk, pattern), elements)
     np.testing.assert_array_equal(c_mask(f"(q_idx >= {query_lo} && q_idx <= {query_hi})", heads, sq, sk, pattern), elements)
+
+
+@pytest.mark.parametrize("pattern", [Causal(), SlidingWindow(50, 0), SlidingWindow(30, 20), SlidingWindow(1 << 30, 5)],
+                         ids=lambda p: p.name)
+@pytest.mark.parametrize("offset", [-150, 0, 37, 80, 400])
+def test_c_predicates_follow_a_shifted_causal_offset(pattern, offset):
+    """A call's position offsets move causal_offset away from seqlen_k - seqlen_q: the C element predicate, the
+    spans and the tile predicates then mean the pattern aligned at that offset, i.e. its elements for a
+    seqlen_q of seqlen_k - offset (these patterns read seqlen_q only through the alignment)."""
+    sq, sk = 120, 200
+    h, q, kv = grid(1, sq, sk)
+    expected = np.broadcast_to(pattern.element(h, q, kv, sk - offset, sk), (1, sq, sk))
+    np.testing.assert_array_equal(c_mask(pattern.cuda_expr(), 1, sq, sk, pattern, offset), expected)
+    key_lo, key_hi, query_lo, query_hi = pattern.cuda_spans()
+    for span in (f"(kv_idx >= {key_lo} && kv_idx <= {key_hi})", f"(q_idx >= {query_lo} && q_idx <= {query_hi})"):
+        np.testing.assert_array_equal(c_mask(span, 1, sq, sk, pattern, offset), expected)
+    tile = (32, 64)
+    kept, full = c_tiles(pattern.cuda_tile_expr(), pattern, 1, sq, sk, tile, offset)
+    for i in range(kept.shape[1]):
+        for j in range(kept.shape[2]):
+            block = expected[0, i * tile[0]:(i + 1) * tile[0], j * tile[1]:(j + 1) * tile[1]]
+            assert kept[0, i, j] or not block.any(), (i, j)
+            assert not full[0, i, j] or block.all(), (i, j)
 
 
 # Patterns whose tile predicates are exact (kept iff some element is visible, full iff all are).

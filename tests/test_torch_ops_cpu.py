@@ -22,14 +22,14 @@ def fake(*shape, dtype=torch.bfloat16, requires_grad=False):
 def test_fake_shapes_and_dtypes():
     with FakeTensorMode():
         q, k, v = fake(2, 100, 8, 64), fake(2, 120, 2, 64), fake(2, 120, 2, 128)
-        out, lse = attention_op(q, k, v, None, None, True, None, [10, -1], 30.0, None, False)
+        out, lse = attention_op(q, k, v, None, None, True, None, [10, -1], 30.0, None, False, 0)
         assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((2, 100, 8, 128), torch.bfloat16, (2, 8, 100),
                                                                 torch.float32)
-        dq, dk, dv = attention_backward_op(out, q, k, v, out, lse, None, None, True, None, None, None, None, False)
+        dq, dk, dv = attention_backward_op(out, q, k, v, out, lse, None, None, True, None, None, None, None, False, 0)
         assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
         cu = torch.empty(4, dtype=torch.int32, device="cuda")
         packed = fake(300, 8, 64, dtype=torch.float16), fake(310, 2, 64, dtype=torch.float16)
-        out, lse = attention_op(packed[0], packed[1], packed[1], cu, cu, False, 0.1, None, None, None, True)
+        out, lse = attention_op(packed[0], packed[1], packed[1], cu, cu, False, 0.1, None, None, None, True, 0)
         assert (out.shape, out.dtype, lse.shape) == ((300, 8, 64), torch.float16, (8, 300))
         pages = fake(40, 16, 2, 64)
         out, lse = attention_with_kvcache_op(fake(3, 1, 8, 64), pages, pages, None, None,
@@ -43,7 +43,7 @@ def test_fake_refuses_what_the_spec_refuses():
     with FakeTensorMode():
         q = fake(2, 10, 4, 64, dtype=torch.float32)
         with pytest.raises(TypeError, match="q: dtype"):
-            attention_op(q, q, q, None, None, False, None, None, None, None, False)
+            attention_op(q, q, q, None, None, False, None, None, None, None, False, 0)
 
 
 def compile_capturing(fn):

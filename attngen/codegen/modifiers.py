@@ -146,7 +146,7 @@ class Alibi(Modifier):
         return "ctx.alibi_slope = alibi_slopes[batch * alibi_batch_stride + head];"
 
     def score_code(self, variant, grad):
-        return "score -= ctx.alibi_slope * fabsf((float)(q_idx + ctx.seqlen_k - ctx.seqlen_q - kv_idx));"
+        return "score -= ctx.alibi_slope * fabsf((float)(q_idx + ctx.causal_offset - kv_idx));"
 
     def reference(self, xp, s, values, where):
         slopes = values.get("alibi_slopes")

@@ -4,7 +4,7 @@ two cannot drift. A new per-call tensor is one Param here (or in its modifier) p
 
 Groups, in the order a kernel takes them:
 - the tensors (pointers, or tensor maps on the wgmma path) and their strides [batch, seq, head];
-- the sizes: seqlen_q, seqlen_k, heads_q, group_size, scale_log2 (and the backward's scale); a varlen
+- the sizes: seqlen_q, seqlen_k, heads_q, group_size, scale_log2, position_shift (and the backward's scale); a varlen
   kernel takes its launch's schedule (a descriptor per tile) and the total rows instead of seqlen_q, seqlen_k;
 - a runtime BlockMask's block-CSR (query-major for the forward and dQ, kv-major for dK/dV);
 - the modifiers' parameters (modifiers.py), the pattern's block table, the named tensors.
@@ -33,8 +33,10 @@ def maps(*names: str) -> tuple[Param, ...]:
     return tuple(Param("const __grid_constant__ TensorMap", f"{name}_map") for name in names)
 
 
+# position_shift: added to the bottom-right alignment seqlen_k - seqlen_q of causal, windows and ALiBi when q and
+# k are shards of a longer sequence (attention's position_offsets); 0 otherwise
 SIZES = (Param("int", "seqlen_q"), Param("int", "seqlen_k"), Param("int", "heads_q"), Param("int", "group_size"),
-         Param("float", "scale_log2"))
+         Param("float", "scale_log2"), Param("int", "position_shift"))
 # tile_info: two int4 per scheduled tile, (sequence, tile, first q row, first k row), (seqlen_q, seqlen_k, -, -)
 VARLEN_SIZES = (Param("const int4*", "tile_info"), Param("int", "total_q"), Param("int", "total_k"), *SIZES[2:])
 # a varlen sequence's rows in the padded per-row buffers (row stats, the dQ accumulator) start at

@@ -100,8 +100,6 @@ def unpadding(padding_mask, seqlen_q: int):
 def _padded(q, k, v, padding_mask, **keywords):
     """Attention of a padded batch through attention_varlen on its tokens; padding rows of the output are 0.
     (Each row's tokens are one sequence, so left and right padding alike; causal stays bottom-right.)"""
-    import torch
-
     batch, seqlen_q = q.shape[:2]
     rows_q, rows_k, cu_q, cu_k = unpadding(padding_mask, seqlen_q)
     flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 
 from .launch import (ELEMENT_ALIGN, MAX_SIGNATURES, ArgumentBlock, _current_stream, _empty_like, _stream_handle, _view,
-                     check_inputs, check_varlen_inputs, ensure_dynamic_smem, packed)
+                     check_inputs, check_position_shift, check_varlen_inputs, ensure_dynamic_smem, packed)
 from ..planner.forward import tile_list_bytes
 from ..planner.backward import BackwardPlan
 from ..spec import Spec
@@ -91,7 +91,8 @@ class BackwardKernels:
         return f"<attngen.BackwardKernels {self.spec.name}: {passes}{'' if self.plan.dq else ' (dQ with atomics)'}>"
 
     def __call__(self, q, k, v, out, lse, dout, *, scale: float | None = None, dq=None, dk=None, dv=None,
-                 alibi_slopes=None, tensors=None, block_mask=None, cu_seqlens_q=None, cu_seqlens_k=None):
+                 alibi_slopes=None, tensors=None, block_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                 position_shift: int = 0):
         """(dq, dk, dv) in the inputs' dtype and library; dq [b, sq, hq, d], dk [b, sk, hkv, d], dv [b, sk, hkv, dv]
         (layout: varlen: packed as q, k, v, with lse [hq, total_q] and cu_seqlens_q/k as the forward's)."""
         spec = self.spec
@@ -109,6 +110,7 @@ class BackwardKernels:
         scale = spec.softmax_scale if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
+        check_position_shift(position_shift, seqlen_q, seqlen_k)
         # (varlen: seqlen_q and seqlen_k are the total rows; the arrays have no batch dim, their views a batch of 1)
         o_shape = (batch, seqlen_q, heads_q, spec.head_dim_v)[varlen:]
         vector = self.variant.global_vector
@@ -128,7 +130,8 @@ class BackwardKernels:
         variant = self.variant
         sizes = {"heads_q": heads_q, "group_size": heads_q // heads_kv,
                  # modified scores are recomputed in natural units, as the forward's
-                 "scale_log2": (1.0 if variant.score_mods else scale) * math.log2(math.e), "scale": scale}
+                 "scale_log2": (1.0 if variant.score_mods else scale) * math.log2(math.e), "scale": scale,
+                 "position_shift": int(position_shift)}
         batch_sizes = {"seqlen_q": seqlen_q, "seqlen_k": seqlen_k}
         keep = []      # per-call device buffers: held until the launches are queued on their stream
         layout_dq = layout_args(spec, variant, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep)
@@ -167,7 +170,7 @@ class BackwardKernels:
                 return self._fallback()(
                     q, k, v, out, lse, dout, scale=scale, dq=grads["dq"][0], dk=grads["dk"][0], dv=grads["dv"][0],
                     alibi_slopes=alibi_slopes, tensors=tensors, block_mask=block_mask, cu_seqlens_q=cu_seqlens_q,
-                    cu_seqlens_k=cu_seqlens_k)
+                    cu_seqlens_k=cu_seqlens_k, position_shift=position_shift)
             # per padded query row: (LSE in base 2, delta)
             delta = _empty_like(qv, (batch, heads_q, rows_padded, 2)[varlen:], "fp32")
             stats = {"lse": lv.ptr, "row_stats": _view("row_stats", delta).ptr, "rows_padded": rows_padded}

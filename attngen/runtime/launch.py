@@ -136,6 +136,18 @@ def check_varlen_inputs(spec, q, k, v, cu_seqlens_q, cu_seqlens_k):
     return qv4, kv4, vv4, (batch, total_q, total_k, heads_q, heads_kv), cu["cu_seqlens_q"], cu["cu_seqlens_k"]
 
 
+MAX_CAUSAL_OFFSET = 1 << 29   # |seqlen_k - seqlen_q + position_shift|: tile and window arithmetic stays in int32
+
+
+def check_position_shift(position_shift, seqlen_q: int, seqlen_k: int) -> None:
+    """A call's position_shift: an int that keeps the shifted diagonal within MAX_CAUSAL_OFFSET."""
+    if isinstance(position_shift, bool) or not isinstance(position_shift, (int, np.integer)):
+        raise TypeError(f"position_shift: expected an int, got {type(position_shift).__name__}")
+    if abs(seqlen_k - seqlen_q + int(position_shift)) > MAX_CAUSAL_OFFSET:
+        raise ValueError(f"position_shift: seqlen_k - seqlen_q + position_shift must lie within +-2^29, got "
+                         f"{seqlen_k} - {seqlen_q} + {int(position_shift)}")
+
+
 def _current_stream(ref: TensorView):
     """The CuPy stream object for the caller's current stream (torch's for torch tensors)."""
     import cupy
@@ -263,24 +275,25 @@ class Kernel:
                 f"{p.stages} stages, {p.smem_bytes} B smem, {self.resources.registers} regs>")
 
     def __call__(self, q, k, v, *, scale: float | None = None, out=None, lse=None, block_mask=None,
-                 alibi_slopes=None, tensors=None, cu_seqlens_q=None, cu_seqlens_k=None):
+                 alibi_slopes=None, tensors=None, cu_seqlens_q=None, cu_seqlens_k=None, position_shift: int = 0):
         """Return (out, lse). `out` [b, sq, hq, head_dim_v] and `lse` [b, hq, sq] fp32 may be given to write into.
         A `mask: {kind: runtime}` spec takes a BlockMask; an alibi spec may take its slopes ([heads_q] or
         [batch, heads_q] fp32; default: ALiBi's standard slopes); a spec with named tensors takes them
         as tensors={name: array}. A `layout: varlen` spec takes packed q [total_q, hq, d], k, v [total_k, hkv, d]
-        with cu_seqlens_q/k (int32 [batch + 1]): out is [total_q, hq, head_dim_v], lse [hq, total_q]."""
+        with cu_seqlens_q/k (int32 [batch + 1]): out is [total_q, hq, head_dim_v], lse [hq, total_q].
+        position_shift: added to the bottom-right alignment of causal, windows and ALiBi (check_position_shift)."""
         varlen = self.variant.varlen
         fast = out is None and lse is None and block_mask is None and alibi_slopes is None and tensors is None
-        signature = _torch_signature(q, k, v, scale) if fast and self._signature_ok else None
+        signature = _torch_signature(q, k, v, (scale, position_shift)) if fast and self._signature_ok else None
         if signature is not None:
             block = self._signatures.get(signature)
             if block is not None:
-                return self._launch_again(block, q, k, v)
+                return self._launch_again(block, q, k, v, scale, position_shift)
         if varlen and fast and self._varlen_signature_ok:
-            signature = _torch_signature(q, k, v, scale, (cu_seqlens_q, cu_seqlens_k))
+            signature = _torch_signature(q, k, v, (scale, position_shift), (cu_seqlens_q, cu_seqlens_k))
             blocks = self._signatures.get(signature) if signature is not None else None
             if blocks is not None:
-                return self._launch_varlen_again(blocks, q, k, v, cu_seqlens_q, cu_seqlens_k)
+                return self._launch_varlen_again(blocks, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, position_shift)
         if varlen:
             if cu_seqlens_q is None or cu_seqlens_k is None:
                 raise ValueError("cu_seqlens_q, cu_seqlens_k: this kernel's layout is varlen; give both")
@@ -294,6 +307,8 @@ class Kernel:
         scale = self.spec.softmax_scale if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
+        check_position_shift(position_shift, seqlen_q, seqlen_k)
+        position_shift = int(position_shift)
         keep = []      # per-call device buffers: held until the launch is queued on their stream
         extra_args = {
             **layout_args(self.spec, self.variant, block_mask, seqlen_q, seqlen_k, heads_q, qv, keep),
@@ -327,7 +342,7 @@ class Kernel:
                 self._untileable.add(layouts)    # later calls skip the encoding attempt
                 return self._fallback()(q, k, v, scale=scale, out=out, lse=lse, block_mask=block_mask,
                                         alibi_slopes=alibi_slopes, tensors=tensors, cu_seqlens_q=cu_seqlens_q,
-                                        cu_seqlens_k=cu_seqlens_k)
+                                        cu_seqlens_k=cu_seqlens_k, position_shift=position_shift)
         else:
             inputs = {"q": qv.ptr, "k": kv.ptr, "v": vv.ptr, **stride_args("q", qv), **stride_args("k", kv),
                       **stride_args("v", vv)}
@@ -352,7 +367,7 @@ class Kernel:
                 "heads_q": heads_q, "group_size": heads_q // heads_kv,
                 # Modified scores are already in natural units; otherwise the kernel scales raw q.k.
                 "scale_log2": (1.0 if self.variant.score_mods else scale) * math.log2(math.e),
-                **extra_args,
+                "position_shift": position_shift, **extra_args,
             })
             block = ArgumentBlock(self._handle, grid, (p.threads, 1, 1), smem, args)
             block.launch(_stream_handle(qv))
@@ -377,7 +392,7 @@ class Kernel:
         v = self.variant
         return not v.alibi and not v.block_table
 
-    def _launch_varlen_again(self, blocks, q, k, v, cu_seqlens_q, cu_seqlens_k):
+    def _launch_varlen_again(self, blocks, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, position_shift):
         """A varlen call whose signature was launched before: a fresh schedule buffer and outputs, the new
         pointers swapped into the remembered schedule and kernel launches."""
         import torch
@@ -386,7 +401,8 @@ class Kernel:
         pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr())
         if (pointers[0] | pointers[1] | pointers[2]) % (2 * self.variant.global_vector):
             self._signatures.clear()                      # the general path explains the misalignment
-            return self(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+            return self(q, k, v, scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                        position_shift=position_shift)
         device = q.device
         out = torch.empty(block.out_shape, dtype=q.dtype, device=device)
         lse = torch.empty(block.lse_shape, dtype=torch.float32, device=device)
@@ -404,14 +420,14 @@ class Kernel:
             block.launch(stream, (*pointers, out.data_ptr(), lse.data_ptr()), ((self._info_slot, info),))
         return out, lse
 
-    def _launch_again(self, block, q, k, v):
+    def _launch_again(self, block, q, k, v, scale, position_shift):
         """A call whose signature was launched before: all it checks is the pointers' alignment."""
         import torch
 
         pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr())
         if (pointers[0] | pointers[1] | pointers[2]) % (2 * self.variant.global_vector):
             self._signatures.clear()                      # the general path explains the misalignment
-            return self(q, k, v)
+            return self(q, k, v, scale=scale, position_shift=position_shift)
         device = q.device
         out = torch.empty(block.out_shape, dtype=q.dtype, device=device)
         lse = torch.empty(block.lse_shape, dtype=torch.float32, device=device)

@@ -462,8 +462,6 @@ def _with_grad(spec, q, k, v):
 def padded(fn, lengths):
     """fn on the documents padded to the longest, [batch, longest, heads, d]: the inputs are padded once per
     input set (a padded user already holds such tensors), the call is what is timed."""
-    import torch
-
     cache = {}
 
     def run(q, k, v):
