@@ -156,12 +156,12 @@ def build_backward(spec: Spec, device: int | None = None, path: str | None = Non
 
 
 def build_decode(spec: Spec, device: int | None = None):
-    """The decode kernels of a `layout: kvcache` spec (append, decode, combine: one module) for a live GPU,
-    cached like build()."""
+    """The decode kernels of a `layout: kvcache` spec (append, decode, combine: one module) for a live GPU, and on
+    Hopper the prefill kernel beside them (the wgmma forward over the cache's pages), cached like build()."""
     import cupy
 
-    from .planner.decode import make_decode_plan
-    from .runtime.kvcache import DecodeKernel
+    from .planner.decode import make_decode_plan, make_prefill_plan
+    from .runtime.kvcache import DecodeKernel, Prefill
 
     if spec.layout != "kvcache":
         raise ValueError(f"spec.layout: expected 'kvcache' for the decode kernels, got {spec.layout!r}")
@@ -177,6 +177,14 @@ def build_decode(spec: Spec, device: int | None = None):
         binary, cubin_path = compile_cached(source, spec.name, plan.target, kernel_name(spec, "decode"))
         if not clean(binary.resources):
             raise PlanError(f"decode: {spec.name} spills on {dev.arch} ({binary.resources.spill_bytes} B)")
-        kernel = DecodeKernel(spec, plan, source, binary, cubin_path, dev.sm_count)
+        prefill = None
+        prefill_plan = make_prefill_plan(spec, dev)
+        if prefill_plan is not None:
+            prefill_source = render(spec, prefill_plan, "prefill")
+            prefill_binary, prefill_path = compile_cached(prefill_source, spec.name, prefill_plan.target,
+                                                          kernel_name(spec, "prefill"))
+            if clean(prefill_binary.resources):       # else the decode kernel serves every seqlen_q
+                prefill = Prefill(spec, prefill_plan, prefill_source, prefill_binary, prefill_path)
+        kernel = DecodeKernel(spec, plan, source, binary, cubin_path, dev.sm_count, prefill)
     with _kernels_lock:
         return _kernels.setdefault(key, kernel)

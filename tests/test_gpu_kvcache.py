@@ -161,6 +161,31 @@ def test_query_lengths_append_across_pages(seqlen_q, causal):
     check_kvcache([0, 15, 17, 1000], seqlen_q=seqlen_q, new=seqlen_q, page_size=16, causal=causal)
 
 
+@pytest.mark.parametrize("page_size", [None, 8, 16, 96, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunked_prefill_over_pages(page_size, causal):
+    """seqlen_q >= PREFILL_MIN_QUERIES runs the prefill kernel on Hopper: the wgmma forward reading each key tile
+    from the cache in boxes that never straddle a page (96-row pages: boxes of 32). Chunks of 300 tokens appended
+    over caches of 0..5000 rows, NaN in every row no sequence holds (also in the last tile's spare rows)."""
+    from attngen.planner.decode import PREFILL_MIN_QUERIES
+
+    spec = attngen.api.spec_for_inputs(torch.empty(1, 1, 8, 128, device="cuda", dtype=torch.bfloat16),
+                                       torch.empty(1, page_size or 8, 2, 128, device="cuda", dtype=torch.bfloat16),
+                                       torch.empty(1, page_size or 8, 2, 128, device="cuda", dtype=torch.bfloat16),
+                                       causal, layout="kvcache", page_size=page_size)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert (attngen.build_decode(spec).prefill is not None) == hopper
+    assert 300 >= PREFILL_MIN_QUERIES
+    check_kvcache([0, 130, 1000, 5000], seqlen_q=300, new=300, page_size=page_size, causal=causal)
+
+
+@pytest.mark.parametrize("page_size", [None, 64])
+def test_chunked_prefill_without_append_and_gqa(page_size):
+    """Queries over the cached keys alone (nothing appended), 16 query heads on 2 KV heads, fp16, 129 rows."""
+    check_kvcache([64, 300, 2000], seqlen_q=129, heads_q=16, heads_kv=2, dtype="fp16", page_size=page_size,
+                  causal=True, seed=3)
+
+
 @pytest.mark.parametrize("heads", [(8, 8), (16, 4), (16, 2), (8, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_gqa_ratios_and_dtypes(heads, dtype):

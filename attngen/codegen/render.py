@@ -9,6 +9,7 @@ from .jinja_env import environment, render_piece, templates_dir  # noqa: F401  (
 from .modifiers import ActiveModifiers
 from .signature import kernel_signatures
 from ..spec import Spec
+from ..planner.decode import prefill_box_rows
 from ..variant import variant_of
 
 MMA_TYPES = {"bf16": "bf16", "fp16": "f16"}
@@ -27,12 +28,13 @@ class KernelKind(str, Enum):
     DECODE = "decode"
     KVCACHE_APPEND = "kvcache_append"
     DECODE_COMBINE = "decode_combine"
+    PREFILL = "prefill"          # the wgmma forward over a KV cache's pages (chunked prefill)
 
     @property
     def suffix(self) -> str:
         return {"forward": "fwd", "backward_dq": "bwd_dq", "backward_dkdv": "bwd_dkdv", "backward_delta": "bwd_delta",
                 "backward_dq_convert": "bwd_dq_convert", "varlen_schedule": "varlen_schedule", "decode": "decode",
-                "kvcache_append": "kvcache_append", "decode_combine": "decode_combine"}[self.value]
+                "kvcache_append": "kvcache_append", "decode_combine": "decode_combine", "prefill": "prefill"}[self.value]
 
     def template(self, path: str) -> str:
         """The entry template of this kind on a kernel path ("mma_sync" | "wgmma")."""
@@ -40,6 +42,10 @@ class KernelKind(str, Enum):
                     KernelKind.KVCACHE_APPEND, KernelKind.DECODE_COMBINE) or (
                 path == "wgmma" and self in (KernelKind.BACKWARD_DQ, KernelKind.DECODE)):
             raise ValueError(f"{self.value}: no entry template on the {path} path")
+        if self is KernelKind.PREFILL:
+            if path != "wgmma":
+                raise ValueError(f"{self.value}: no entry template on the {path} path")
+            return "forward_wgmma.cu.j2"
         return f"{self.value}_wgmma.cu.j2" if path == "wgmma" else f"{self.value}.cu.j2"
 
 
@@ -58,13 +64,14 @@ def render(spec: Spec, plan, kind: str = "forward") -> str:
     variant = variant_of(spec)
     return template.render(spec=spec, plan=plan, version=__version__, kernel_name=kernel_name(spec, kind),
                            signatures=kernel_signatures(kind, variant, plan), mods=ActiveModifiers(variant),
-                           score_grad=kind not in ("forward", "decode"),
+                           score_grad=kind not in ("forward", "decode", "prefill"),
                            mma_type=MMA_TYPES[spec.dtype], spec_items=spec_items, plan_items=plan_items,
                            variant=variant, tensors=variant.tensors, score_mod=variant.score_mod,
-                           mask_mod=variant.mask_mod, score_mod_grad=variant.score_mod_grad if kind not in ("forward", "decode") else None,
+                           mask_mod=variant.mask_mod, score_mod_grad=variant.score_mod_grad if kind not in ("forward", "decode", "prefill") else None,
                            probe=False, bwd=plan,
                            delta_kernel_name=kernel_name(spec, "backward_delta"),
                            dq_convert_kernel_name=kernel_name(spec, "backward_dq_convert"),
                            varlen_schedule_kernel_name=kernel_name(spec, "varlen_schedule"),
                            append_kernel_name=kernel_name(spec, "kvcache_append"),
-                           combine_kernel_name=kernel_name(spec, "decode_combine"))
+                           combine_kernel_name=kernel_name(spec, "decode_combine"),
+                           kv_box_rows=prefill_box_rows(spec, plan.block_n) if kind == "prefill" else None)

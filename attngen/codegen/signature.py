@@ -105,6 +105,8 @@ def _converter(param: Param):
 
 
 def sizes(variant: Variant) -> tuple[Param, ...]:
+    if variant.kvcache:
+        return PREFILL_SIZES
     return VARLEN_SIZES if variant.varlen else SIZES
 
 
@@ -115,7 +117,9 @@ def modifier_params(variant: Variant) -> tuple[Param, ...]:
 
 
 def forward_signature(variant: Variant, wgmma: bool) -> Signature:
-    """q, k, v (tensor maps on the wgmma path), o, lse first: a remembered launch swaps exactly these."""
+    """q, k, v (tensor maps on the wgmma path), o, lse first: a remembered launch swaps exactly these. Over a KV
+    cache (prefill, the wgmma path only) the k and v maps address the cache's pages, [page or sequence, row,
+    head, dim]; the sizes are PREFILL_SIZES."""
     if wgmma:
         inputs = (*maps("q", "k", "v"), Param("elem_t*", "o"), Param("float*", "lse"))
     else:
@@ -184,6 +188,11 @@ CACHE = (*pointers("const int*", "cache_seqlens", "block_table"),)
 CACHE_SIZES = (Param("int", "block_table_stride"), Param("int", "capacity"))
 
 
+# The forward over a KV cache (chunked prefill): sequence b's keys are its first cache_seqlens[b] + seqlen_new cache
+# rows (at most capacity); there is no seqlen_k argument (each CTA finds its own)
+PREFILL_SIZES = (Param("int", "seqlen_q"), *SIZES[2:], *CACHE, *CACHE_SIZES, Param("int", "seqlen_new"))
+
+
 def decode_signature(variant: Variant) -> Signature:
     """o and lse, or (split keys) o_partial and lse_partial [split][batch x heads_q x seqlen_q][...]."""
     return Signature((*pointers("const elem_t*", "q", "k_cache", "v_cache"), Param("elem_t*", "o"),
@@ -208,6 +217,8 @@ def kernel_signatures(kind: str, variant: Variant, plan) -> dict[str, Signature]
     (the delta kernel; the dQ conversion beside a dK/dV pass that adds dQ with atomics)."""
     if kind == "decode":
         return {"decode": decode_signature(variant), "kvcache_append": KVCACHE_APPEND, "decode_combine": DECODE_COMBINE}
+    if kind == "prefill":           # the forward template over a cache: its entry is the forward's
+        return {"forward": forward_signature(variant, True)}
     wgmma = plan.path == "wgmma"
     schedule = {"varlen_schedule": VARLEN_SCHEDULE} if variant.varlen else {}
     if kind == "forward":

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 from .device import Device
-from .forward import SMEM_RESERVED_PER_CTA, SMEM_ROW_PAD, WarpLaunch, round_up
+from .forward import SMEM_RESERVED_PER_CTA, SMEM_ROW_PAD, Plan, WarpLaunch, candidates, round_up
 from ..errors import PlanError
 from ..spec import Spec
 
@@ -33,6 +33,10 @@ MIN_STAGES, MAX_STAGES = 2, 4
 MAX_SPLITS = 64               # the split count's bound (the partial buffers' size)
 MIN_TILES_PER_SPLIT = 4       # a split streams at least this many stages (its prologue and merge amortised)
 WAVE_FILL = 0.9               # the busy fraction of the CTA slots a split count must reach
+# New tokens per sequence from which a call runs the tiled Hopper forward over the cache (chunked prefill)
+# instead of the decode kernel: its 128-row query tiles keep the tensor cores busy, where the decode kernel's
+# 16-row blocks would each read the whole cache again.
+PREFILL_MIN_QUERIES = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,4 +146,35 @@ def explain_decode(spec: Spec, device: Device, shapes=((1, 8, 32768), (8, 8, 327
         s = decode_splits(plan, device.sm_count, batch, heads_kv, 1, capacity)
         lines.append(f"  batch {batch:>3}, {heads_kv} KV heads, capacity {capacity:>6}: {s:>2} split{'s' if s > 1 else ''}"
                      f", {batch * heads_kv * s} CTAs")
+    prefill = make_prefill_plan(spec, device)
+    if prefill is None:
+        lines.append(f"prefill: none on {device.arch} (needs the wgmma path and pages of a multiple of 8 rows); the "
+                     "decode kernel serves every seqlen_q")
+    else:
+        box = prefill_box_rows(spec, prefill.block_n)
+        lines.append(f"prefill (seqlen_q >= {PREFILL_MIN_QUERIES}): the wgmma forward, {prefill.block_m}x{prefill.block_n} "
+                     f"tiles, {prefill.stages} stages, {prefill.smem_bytes} B; each {prefill.block_n}-key tile arrives as "
+                     f"{prefill.block_n // box} copy-engine box{'es' if box < prefill.block_n else ''} of {box} rows, "
+                     "each inside one page (the page looked up one tile ahead)")
     return "\n".join(lines)
+
+
+def prefill_box_rows(spec: Spec, block_n: int) -> int | None:
+    """Rows per copy-engine box of a key tile read from the cache: the whole tile from a contiguous cache; from
+    pages, the longest run dividing both the page and the tile (so no box straddles a page), if it is a multiple
+    of 8 (a box must start on the 128-byte swizzle's 8-row period). None: no box fits."""
+    if not spec.page_size:
+        return block_n
+    rows = math.gcd(spec.page_size, block_n)
+    return rows if rows % 8 == 0 else None
+
+
+def make_prefill_plan(spec: Spec, device: Device) -> Plan | None:
+    """The Hopper forward's best plan for a `layout: kvcache` spec whose key tiles the cache can feed box by box
+    (the chunked-prefill kernel); None without one (no wgmma path, or pages of fewer than 8 rows): the decode
+    kernel then serves every seqlen_q."""
+    for candidate in candidates(spec, device):
+        plan = candidate.plan
+        if plan is not None and plan.path == "wgmma" and prefill_box_rows(spec, plan.block_n) is not None:
+            return plan
+    return None

@@ -4,6 +4,9 @@ One compiled module holds three kernels, launched in order on the caller's strea
 - kvcache_append (when new k, v are given): writes them into the cache at cache_seqlens[b] .. + seqlen_new;
 - decode: one CTA per (split, KV head x row block, sequence) over the cache after the append;
 - decode_combine (when the keys are split): merges the splits' partial (O, LSE).
+On Hopper a second module holds the prefill kernel: the tiled wgmma forward reading its key tiles from the
+cache's pages (planner/decode.py, make_prefill_plan); calls with at least PREFILL_MIN_QUERIES new tokens per
+sequence (chunked prefill) run it after the append instead of decode and combine.
 cache_seqlens and the block table stay on the GPU (never read on the host); the grid follows from the input
 shapes and the cache's capacity, so a call can be captured in a CUDA graph.
 """
@@ -15,13 +18,15 @@ from dataclasses import dataclass
 
 from ..codegen import render
 from ..codegen.compile import Binary
-from ..codegen.signature import DECODE_COMBINE, KVCACHE_APPEND, decode_signature
-from ..planner.decode import DecodePlan, decode_splits
+from ..codegen.signature import DECODE_COMBINE, KVCACHE_APPEND, decode_signature, forward_signature
+from ..planner.decode import PREFILL_MIN_QUERIES, DecodePlan, decode_splits, prefill_box_rows
+from ..planner.forward import Plan, tile_list_bytes
 from ..spec import Spec
 from ..variant import variant_of
 from .arguments import modifier_args, stride_args
 from .interop import _empty_like, _view
-from .launch import ArgumentBlock, _stream_handle, check_layout, output_views
+from .launch import ArgumentBlock, _stream_handle, check_layout, ensure_dynamic_smem, output_views
+from .tma import TensorMapArgument
 from .uploads import stream_handle
 
 COMBINE_THREADS = 128     # 4 warps, one output row each
@@ -44,10 +49,12 @@ class DecodeKernel:
     """The append, decode and combine kernels of one `layout: kvcache` spec. Call it as
     kernel(q, k_cache, v_cache, k, v, cache_seqlens=..., block_table=...) -> (out, lse)."""
 
-    def __init__(self, spec: Spec, plan: DecodePlan, source: str, binary: Binary, cubin_path, sm_count: int):
+    def __init__(self, spec: Spec, plan: DecodePlan, source: str, binary: Binary, cubin_path, sm_count: int,
+                 prefill: "Prefill | None" = None):
         import cupy
 
         self.spec, self.plan, self.source, self.binary, self.sm_count = spec, plan, source, binary, sm_count
+        self.prefill = prefill
         self.variant = variant_of(spec)
         self.signature = decode_signature(self.variant)
         module = cupy.RawModule(path=str(cubin_path))
@@ -76,7 +83,7 @@ class DecodeKernel:
                  scale: float | None = None, alibi_slopes=None, num_splits: int = 0, out=None, lse=None):
         """out [batch, seqlen_q, heads_q, head_dim_v] and lse [batch, heads_q, seqlen_q] fp32 may be given to
         write into (contiguous, q's library and device)."""
-        fast = out is None and lse is None and alibi_slopes is None
+        fast = out is None and lse is None and alibi_slopes is None and not self._prefills(q)
         signature = _call_signature(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, num_splits) if fast else None
         if signature is not None:
             remembered = self._remembered.get(signature)
@@ -174,6 +181,10 @@ class DecodeKernel:
                 appending.launch(stream)
             else:
                 appending = None
+            if self._prefills(qv):
+                self.prefill.launch(qv, kcv, vcv, ov, lv, seqlens, table, table_stride, capacity, seqlen_new, scale,
+                                    mods, stream)
+                return out, lse
             args = self.signature.pack({
                 "q": qv.ptr, "k_cache": kcv.ptr, "v_cache": vcv.ptr, "o": ov.ptr, "lse": lv.ptr,
                 "o_partial": partial[0], "lse_partial": partial[1], "cache_seqlens": seqlens.ptr, "block_table": table,
@@ -200,6 +211,10 @@ class DecodeKernel:
             self._remembered[signature] = Remembered(appending, decoding, combining, out_shape, lse_shape,
                                                      (splits, rows, plan.head_dim_v_padded))
         return out, lse
+
+    def _prefills(self, q) -> bool:
+        """Whether this call runs the prefill kernel: one is built, and each sequence brings enough new tokens."""
+        return self.prefill is not None and len(q.shape) == 4 and q.shape[1] >= PREFILL_MIN_QUERIES
 
     def _launch_again(self, r: "Remembered", q, k_cache, v_cache, k, v, cache_seqlens, block_table):
         """A call whose torch signature was launched before: fresh outputs (and partial buffers), the new
@@ -235,6 +250,45 @@ class DecodeKernel:
 
 
 MAX_REMEMBERED = 256
+
+
+class Prefill:
+    """The forward over a KV cache (chunked prefill): the wgmma forward kernel whose producer reads each key
+    tile from the cache as boxes of KV_BOX_ROWS rows, each inside one page (one box per tile from a contiguous
+    cache). Not remembered per call signature: its K/V tensor maps follow the cache (a long call's ~20 us of
+    host work is small beside its tensor-core time)."""
+
+    def __init__(self, spec: Spec, plan: Plan, source: str, binary: Binary, cubin_path):
+        import cupy
+
+        self.spec, self.plan, self.source, self.binary = spec, plan, source, binary
+        self.variant = variant_of(spec)
+        self.signature = forward_signature(self.variant, True)
+        self.box_rows = prefill_box_rows(spec, plan.block_n)
+        self._module = cupy.RawModule(path=str(cubin_path))
+        self._function = self._module.get_function(render.kernel_name(spec, "prefill"))
+        self._function.max_dynamic_shared_size_bytes = plan.smem_bytes
+        self._handle = self._function.kernel.ptr
+
+    def launch(self, qv, kcv, vcv, ov, lv, seqlens, table: int, table_stride: int, capacity: int, seqlen_new: int,
+               scale: float, mods: dict, stream: int) -> None:
+        p, spec = self.plan, self.spec
+        batch, seqlen_q, heads_q, _ = qv.shape
+        heads_kv = kcv.shape[2]
+        smem = ensure_dynamic_smem(self._function, p.smem_bytes + tile_list_bytes(spec, p.warps, p.block_n, capacity),
+                                   f"k_cache: a capacity of {capacity} rows needs")
+        args = self.signature.pack({
+            "q_map": TensorMapArgument("q", spec.dtype, qv.ptr, qv.shape, qv.strides, p.block_m),
+            "k_map": TensorMapArgument("k_cache", spec.dtype, kcv.ptr, kcv.shape, kcv.strides, self.box_rows),
+            "v_map": TensorMapArgument("v_cache", spec.dtype, vcv.ptr, vcv.shape, vcv.strides, self.box_rows),
+            "o": ov.ptr, "lse": lv.ptr, **stride_args("o", ov), "seqlen_q": seqlen_q, "heads_q": heads_q,
+            "group_size": heads_q // heads_kv,
+            # Modified scores are already in natural units; otherwise the kernel scales raw q.k.
+            "scale_log2": (1.0 if self.variant.score_mods else scale) * math.log2(math.e), "position_shift": 0,
+            "cache_seqlens": seqlens.ptr, "block_table": table, "block_table_stride": table_stride,
+            "capacity": capacity, "seqlen_new": seqlen_new, **mods})
+        ArgumentBlock(self._handle, (math.ceil(seqlen_q / p.block_m), heads_q, batch), (p.threads, 1, 1), smem,
+                      args).launch(stream)
 
 
 @dataclass(frozen=True)

@@ -155,14 +155,20 @@ def build_artifacts(spec: Spec, device) -> dict:
 
 
 def decode_artifacts(spec: Spec, device) -> dict:
-    """A `layout: kvcache` spec: the decode module (append, decode, combine kernels) as NAME.*."""
-    from ..planner.decode import make_decode_plan
+    """A `layout: kvcache` spec: the decode module (append, decode, combine kernels) as NAME.*, and where the
+    device has a prefill kernel (Hopper) NAME_prefill.*, its plan and resources in the manifest."""
+    from ..planner.decode import make_decode_plan, make_prefill_plan
 
     name = kernel_name(spec, "decode")
     try:
         plan = make_decode_plan(spec, device)
         source = render(spec, plan, "decode")
         binary = nvrtc_compile(source, spec.name, plan.target, name)
+        prefill_plan = make_prefill_plan(spec, device)
+        if prefill_plan is not None:
+            prefill_source = render(spec, prefill_plan, "prefill")
+            prefill_binary = nvrtc_compile(prefill_source, f"{spec.name}_prefill", prefill_plan.target,
+                                           kernel_name(spec, "prefill"))
     except PlanError as exc:
         raise UsageFailure(f"{spec.name}: {exc}") from None
     except CompileError as exc:
@@ -171,8 +177,14 @@ def decode_artifacts(spec: Spec, device) -> dict:
                 "resources": binary.report(), "nvrtc_version": nvrtc_version(),
                 "source_sha256": hashlib.sha256(source.encode()).hexdigest(),
                 "cubin_sha256": hashlib.sha256(binary.cubin).hexdigest()}
-    return {".cu": source.encode(), ".cubin": binary.cubin, ".ptx": binary.ptx.encode(),
-            ".json": (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}
+    files = {".cu": source.encode(), ".cubin": binary.cubin, ".ptx": binary.ptx.encode()}
+    if prefill_plan is not None:
+        manifest["prefill"] = {"kernel": kernel_name(spec, "prefill"), "plan": prefill_plan.to_dict(),
+                               "resources": prefill_binary.report(),
+                               "source_sha256": hashlib.sha256(prefill_source.encode()).hexdigest()}
+        files |= {"_prefill.cu": prefill_source.encode(), "_prefill.cubin": prefill_binary.cubin,
+                  "_prefill.ptx": prefill_binary.ptx.encode()}
+    return files | {".json": (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}
 
 
 def backward_artifacts(spec: Spec, device, manifest: dict) -> dict:
