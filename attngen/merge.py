@@ -22,8 +22,9 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     out_a, out_b: [..., seqlen_q, heads, head_dim_v] in any float dtype (attngen's [batch, seqlen_q, heads,
     head_dim_v], or varlen's [total_q, heads, head_dim_v]); lse_a, lse_b: float32 [..., heads, seqlen_q]
     (attngen's [batch, heads, seqlen_q], varlen's [heads, total_q]), natural log. Torch tensors (any device),
-    CuPy or NumPy arrays, all four of one library. The merge is computed in float32; out has the inputs'
-    dtype, lse is float32. Torch autograd flows through it."""
+    CuPy or NumPy arrays, all four of one library. The merge is computed in float32 (float64 when out_a is
+    float64, as a float64 reference ring needs); out has the inputs' dtype, lse the merge's. Torch autograd flows
+    through it."""
     arrays = {"out_a": out_a, "lse_a": lse_a, "out_b": out_b, "lse_b": lse_b}
     kinds = {_kind(name, x) for name, x in arrays.items()}
     if len(kinds) > 1:
@@ -38,6 +39,7 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
             raise ValueError(f"{name}: expected shape {list(expected)} ([..., heads, seqlen_q] of out's "
                              f"{list(out_a.shape)}), got {list(arrays[name].shape)}")
     ops = _Torch() if kinds == {"torch"} else _ArrayModule(kinds.pop())
+    ops.wide = str(out_a.dtype).endswith("float64")
     la, lb = ops.float32(lse_a), ops.float32(lse_b)
     top = ops.maximum(la, lb)
     shift = ops.where(top == -np.inf, ops.zeros_like(top), top)     # both -inf: no key anywhere
@@ -67,9 +69,11 @@ class _Torch:
 
         return getattr(torch, name)
 
-    @staticmethod
-    def float32(x):
-        return x.float()
+    wide = False
+
+    def float32(self, x):
+        """The merge's precision: float32, or float64 for float64 inputs (`wide`)."""
+        return x.double() if self.wide else x.float()
 
     @staticmethod
     def swap_last(x):
@@ -91,8 +95,10 @@ class _ArrayModule:
     def __getattr__(self, name):
         return getattr(self.xp, name)
 
+    wide = False
+
     def float32(self, x):
-        return x.astype(self.xp.float32, copy=False)
+        return x.astype(self.xp.float64 if self.wide else self.xp.float32, copy=False)
 
     @staticmethod
     def swap_last(x):

@@ -15,7 +15,7 @@ STAGES = [    # in pipeline order; a module may import its own stage and earlier
     {"runtime"},
     {"build", "tuned", "calls"},
     {"api", "autograd", "merge"},
-    {"tools", "integrations"},
+    {"tools", "integrations", "distributed"},
     {"__init__", "__main__"},
 ]
 LATER_STAGE_IMPORTS = {

@@ -32,7 +32,7 @@ def split_case(seed, batch=2, sq=37, sk=53, hq=4, hkv=2, d=16, dv=8, split=20, c
 def test_merged_halves_are_attention_over_all_keys(causal):
     (out, lse), (out_a, lse_a), (out_b, lse_b) = split_case(1, causal=causal)
     merged, merged_lse = merge_attention(out_a, lse_a.astype(np.float32), out_b, lse_b.astype(np.float32))
-    assert merged.dtype == out_a.dtype and merged_lse.dtype == np.float32
+    assert merged.dtype == out_a.dtype and merged_lse.dtype == np.float64      # float64 outs: merged in float64
     np.testing.assert_allclose(merged, out, rtol=0, atol=1e-5)
     finite = np.isfinite(lse)
     np.testing.assert_allclose(merged_lse[finite], lse[finite], rtol=0, atol=1e-5)
