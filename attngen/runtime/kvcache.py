@@ -255,8 +255,8 @@ MAX_REMEMBERED = 256
 class Prefill:
     """The forward over a KV cache (chunked prefill): the wgmma forward kernel whose producer reads each key
     tile from the cache as boxes of KV_BOX_ROWS rows, each inside one page (one box per tile from a contiguous
-    cache). Not remembered per call signature: its K/V tensor maps follow the cache (a long call's ~20 us of
-    host work is small beside its tensor-core time)."""
+    cache). Its calls are not remembered per signature yet: each takes the general path (checks, three tensor-map
+    encodings), ~250 us of host time measured on the H200, the gap to the dense call BENCHMARKS.md reports."""
 
     def __init__(self, spec: Spec, plan: Plan, source: str, binary: Binary, cubin_path):
         import cupy
