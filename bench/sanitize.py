@@ -645,49 +645,63 @@ def varlen(ctx):
     ctx.record("varlen bad offsets touch nothing", bool(torch.all(out == 3.0)), "out left as it was")
 
 
-def kvcache(ctx):
-    """Attention over a KV cache (build_decode), d64 bf16: paged caches in a shuffled page table, lengths
-    [0, 1, 17, 300] with 2 new tokens appended across page boundaries, causal; 16-row pages (a page per warp
-    slice) with the keys split over 3 CTAs (append, decode, combine), then 3-row pages (a page per row), one
-    split. The output and the cache after the append are checked against the float64 reference."""
+def _run_paged_cache(ctx, label: str, lengths, new: int, page_size: int, splits: int) -> None:
+    """One call of build_decode over a shuffled page table (d64 bf16, causal, `new` tokens appended and attended),
+    checked against the float64 reference: the output and the cache after the append."""
     import attngen
     import torch
 
     from attngen.tools.reference_kvcache import attention_with_kvcache_reference
 
-    lengths, new = [0, 1, 17, 300], 2
+    pages_per = [-(-(n + new) // page_size) for n in lengths]
+    total = sum(pages_per) + 1
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(page_size)).to(torch.int32)
+    table = torch.full((len(lengths), max(pages_per)), int(order[-1]), dtype=torch.int32)
+    taken = 0
+    for b, n in enumerate(pages_per):
+        table[b, :n] = order[taken:taken + n]
+        taken += n
+    table = table.cuda()
+    k_cache, v_cache = (as_torch(ctx.randn((total, page_size, HKV, 64), "bf16")) for _ in range(2))
+    q = as_torch(ctx.randn((len(lengths), new, HQ, 64), "bf16"))
+    k, v = (as_torch(ctx.randn((len(lengths), new, HKV, 64), "bf16")) for _ in range(2))
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    ref, ref_lse, ref_k, _ = attention_with_kvcache_reference(
+        to64(q), to64(k_cache), to64(v_cache), to64(k), to64(v), cache_seqlens=lengths,
+        block_table=table.cpu().numpy(), causal=True)
+    spec = _spec(head_dim=64, dtype="bf16", causal=True, layout="kvcache", page_size=page_size)
+    out = as_torch(ctx.poisoned(q.shape, "bf16"))
+    lse = as_torch(ctx.poisoned((len(lengths), HQ, new), "fp32"))
+    attngen.build_decode(spec)(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
+                               num_splits=splits, out=out, lse=lse)
+    err = float(np.max(np.abs(to64(out) - ref)))
+    appended = bool(np.array_equal(to64(k_cache), ref_k))
+    ctx.record(label, err < 2e-2 and appended,
+               f"max err {err:.3g}, cache after the append {'as the reference' if appended else 'differs'}")
+
+
+def kvcache(ctx):
+    """Attention over a KV cache (build_decode), d64 bf16: paged caches in a shuffled page table, lengths
+    [0, 1, 17, 300] with 2 new tokens appended across page boundaries, causal; 16-row pages (a page per warp
+    slice) with the keys split over 3 CTAs (append, decode, combine), then 3-row pages (a page per row), one
+    split. The output and the cache after the append are checked against the float64 reference."""
     for page_size, splits in ((16, 3), (3, 1)):
-        pages_per = [-(-(n + new) // page_size) for n in lengths]
-        total = sum(pages_per) + 1
-        order = torch.randperm(total, generator=torch.Generator().manual_seed(page_size)).to(torch.int32)
-        table = torch.full((len(lengths), max(pages_per)), int(order[-1]), dtype=torch.int32)
-        taken = 0
-        for b, n in enumerate(pages_per):
-            table[b, :n] = order[taken:taken + n]
-            taken += n
-        table = table.cuda()
-        k_cache, v_cache = (as_torch(ctx.randn((total, page_size, HKV, 64), "bf16")) for _ in range(2))
-        q = as_torch(ctx.randn((len(lengths), new, HQ, 64), "bf16"))
-        k, v = (as_torch(ctx.randn((len(lengths), new, HKV, 64), "bf16")) for _ in range(2))
-        seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-        ref, ref_lse, ref_k, _ = attention_with_kvcache_reference(
-            to64(q), to64(k_cache), to64(v_cache), to64(k), to64(v), cache_seqlens=lengths,
-            block_table=table.cpu().numpy(), causal=True)
-        spec = _spec(head_dim=64, dtype="bf16", causal=True, layout="kvcache", page_size=page_size)
-        out = as_torch(ctx.poisoned(q.shape, "bf16"))
-        lse = as_torch(ctx.poisoned((len(lengths), HQ, new), "fp32"))
-        attngen.build_decode(spec)(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
-                                   num_splits=splits, out=out, lse=lse)
-        err = float(np.max(np.abs(to64(out) - ref)))
-        appended = bool(np.array_equal(to64(k_cache), ref_k))
-        ctx.record(f"kvcache page {page_size}, {splits} splits", err < 2e-2 and appended,
-                   f"max err {err:.3g}, cache after the append {'as the reference' if appended else 'differs'}")
+        _run_paged_cache(ctx, f"kvcache page {page_size}, {splits} splits", [0, 1, 17, 300], 2, page_size, splits)
+
+
+def kvcache_prefill(ctx):
+    """Chunked prefill over a KV cache (Hopper: the prefill kernel, the wgmma forward over pages): 80 new tokens
+    appended to lengths [0, 5, 100, 300] and attended causally, 16-row pages (8 copy-engine boxes per key tile,
+    pages looked up a tile ahead by the producer warp) and 64-row pages; the last tile's spare value rows are
+    cleared by the compute warpgroups between two barriers, what racecheck and synccheck watch here."""
+    for page_size in (16, 64):
+        _run_paged_cache(ctx, f"kvcache prefill page {page_size}", [0, 5, 100, 300], 80, page_size, 0)
 
 
 WORKLOADS = {f.__name__: f for f in (
     fwd_mma_sync, fwd_wgmma, bwd_mma_sync, bwd_wgmma, bwd_deterministic, tails_large_scores, padded_views,
     runtime_layout, runtime_layout_bwd, pattern_sliding_window, pattern_document, pattern_bigbird,
-    mods_named_tensors, softcap_alibi, cupy_streams, varlen, kvcache)}
+    mods_named_tensors, softcap_alibi, cupy_streams, varlen, kvcache, kvcache_prefill)}
 
 
 def run_workload(name: str, seed: int) -> int:
