@@ -432,3 +432,21 @@ def test_predict_us_matches_plan():
            pytest.approx(p.predicted_time_us)
     # a bigger problem takes longer
     assert predict_us(spec, p, dev, 8, 8192, 8192, 16) > p.predicted_time_us
+
+
+def test_what_the_sm8x_presets_change_at_head_dim_128():
+    """BENCHMARKS.md names what sm_86/sm_89 change in the plan (they cannot be measured here): their 99 KB of
+    shared memory rejects the 128x64 forward tile by 3 KB, so both take 128x32 at one CTA per SM; the padded
+    rows keep even a single-stage 128x32 tile (52224 B) from a second CTA, which FlashAttention-2's unpadded,
+    swizzled 48 KB gets. sm_80 keeps 128x64."""
+    from attngen.planner.forward import evaluate
+
+    spec = Spec(head_dim=128, dtype="bf16", causal=True)
+    assert (make_plan(spec, preset("sm_80")).block_m, make_plan(spec, preset("sm_80")).block_n) == (128, 64)
+    for arch in ("sm_86", "sm_89"):
+        device = preset(arch)
+        chosen = make_plan(spec, device)
+        assert (chosen.block_m, chosen.block_n, chosen.ctas_per_sm) == (128, 32, 1)
+        wider = evaluate(spec, device, 128, 64, 8, 2)
+        assert wider.plan is None and "by 3072 B" in wider.reject
+        assert smem_bytes(spec, 128, 32, 1) == 52224 and 2 * 52224 > device.smem_per_sm
