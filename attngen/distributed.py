@@ -51,7 +51,8 @@ class ReferenceKernels:
     """The same contract in float64 torch (naive attention over global positions): the stand-in for the kernels
     in tests without a GPU. Gradients from the given (merged) out and lse, as the kernels compute them."""
 
-    def _probabilities(self, q, k, causal, scale, window, position_offsets):
+    def _masked_scores(self, q, k, causal, scale, window, position_offsets):
+        """scale q.k over global positions, hidden pairs -inf ([b, h, q, k] float64), and the GQA group size."""
         group = q.shape[2] // k.shape[2]
         kk = k.double().repeat_interleave(group, dim=2)
         s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kk) * scale
@@ -61,14 +62,14 @@ class ReferenceKernels:
         return s.masked_fill(hidden, -math.inf), group
 
     def forward(self, q, k, v, *, causal, scale, window, position_offsets, deterministic):
-        s, group = self._probabilities(q, k, causal, scale, window, position_offsets)
+        s, group = self._masked_scores(q, k, causal, scale, window, position_offsets)
         lse = torch.logsumexp(s, dim=-1)                                     # [b, h, q]; -inf: no key
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
         out = torch.einsum("bhqk,bkhd->bqhd", p, v.double().repeat_interleave(group, dim=2))
         return out.to(q.dtype), lse if q.dtype == torch.float64 else lse.float()
 
     def backward(self, q, k, v, out, lse, dout, *, causal, scale, window, position_offsets, deterministic):
-        s, group = self._probabilities(q, k, causal, scale, window, position_offsets)
+        s, group = self._masked_scores(q, k, causal, scale, window, position_offsets)
         lse = lse.double()
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])    # this block's share of P
         vv = v.double().repeat_interleave(group, dim=2)
@@ -164,7 +165,7 @@ def _wait(works) -> None:
 def _ring_forward(ring: _Ring, q, k, v, kernels, options):
     """(out, lse) of this rank's queries over the whole sequence, and the pairs it computed."""
     chunks = chunk_starts(ring.layout, ring.rank, ring.world, q.shape[1])
-    rows = q.shape[1] // len(chunks)
+    rows, k_rows = q.shape[1] // len(chunks), k.shape[1] // len(chunks)
     merged = [None] * len(chunks)
     block = [k, v]
     for step in range(ring.world):
@@ -174,7 +175,6 @@ def _ring_forward(ring: _Ring, q, k, v, kernels, options):
         for i, (q_start, q_row) in enumerate(chunks):
             qc = q[:, q_row:q_row + rows]
             for k_start, k_row in chunk_starts(ring.layout, source, ring.world, k.shape[1]):
-                k_rows = k.shape[1] // len(chunks)
                 if not pair_visible(q_start, rows, k_start, k_rows, options["causal"], options["window"]):
                     continue
                 part = kernels.forward(qc, block[0][:, k_row:k_row + k_rows], block[1][:, k_row:k_row + k_rows],
