@@ -186,6 +186,25 @@ def test_chunked_prefill_without_append_and_gqa(page_size):
                   causal=True, seed=3)
 
 
+def test_remembered_prefill_launch_swaps_every_pointer():
+    """A repeated prefill call signature reuses its launch: q, both caches (re-encoded tensor maps), out, lse,
+    cache_seqlens and the block table are swapped in; it equals the general path on the same inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    caches = [Cache(gen, lengths, 0, 2, 128, 128, "bf16", 64) for lengths in ([100, 700, 64], [300, 10, 900])]
+    queries = [torch.randn(3, 150, 8, 128, generator=gen, device="cuda").to(torch.bfloat16) for _ in caches]
+    spec = attngen.api.spec_for_inputs(queries[0], caches[0].k, caches[0].v, True, layout="kvcache", page_size=64)
+    kernel = attngen.build_decode(spec)
+    if kernel.prefill is None:
+        pytest.skip("no prefill kernel on this GPU")
+    for q, cache in zip(queries, caches):        # the first call is remembered, the second swaps its pointers
+        got, got_lse = kernel(q, cache.k, cache.v, cache_seqlens=cache.seqlens, block_table=cache.block_table)
+        out = torch.empty_like(got)              # given outputs: the general path
+        kernel(q, cache.k, cache.v, cache_seqlens=cache.seqlens, block_table=cache.block_table, out=out,
+               lse=torch.empty_like(got_lse))
+        assert torch.equal(got, out)
+    assert len(kernel._remembered) == 1
+
+
 @pytest.mark.parametrize("heads", [(8, 8), (16, 4), (16, 2), (8, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_gqa_ratios_and_dtypes(heads, dtype):

@@ -83,7 +83,7 @@ class DecodeKernel:
                  scale: float | None = None, alibi_slopes=None, num_splits: int = 0, out=None, lse=None):
         """out [batch, seqlen_q, heads_q, head_dim_v] and lse [batch, heads_q, seqlen_q] fp32 may be given to
         write into (contiguous, q's library and device)."""
-        fast = out is None and lse is None and alibi_slopes is None and not self._prefills(q)
+        fast = out is None and lse is None and alibi_slopes is None
         signature = _call_signature(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, num_splits) if fast else None
         if signature is not None:
             remembered = self._remembered.get(signature)
@@ -182,8 +182,11 @@ class DecodeKernel:
             else:
                 appending = None
             if self._prefills(qv):
-                self.prefill.launch(qv, kcv, vcv, ov, lv, seqlens, table, table_stride, capacity, seqlen_new, scale,
-                                    mods, stream)
+                prefilling = self.prefill.launch(qv, kcv, vcv, ov, lv, seqlens, table, table_stride, capacity,
+                                                 seqlen_new, scale, mods, stream)
+                if signature is not None:
+                    self._remember(signature, Remembered(appending, prefilling, None, out_shape, lse_shape, (1, 0, 0),
+                                                         self.prefill.cache_slots))
                 return out, lse
             args = self.signature.pack({
                 "q": qv.ptr, "k_cache": kcv.ptr, "v_cache": vcv.ptr, "o": ov.ptr, "lse": lv.ptr,
@@ -206,11 +209,14 @@ class DecodeKernel:
                                           (COMBINE_THREADS, 1, 1), 0, args)
                 combining.launch(stream)
         if signature is not None:
-            if len(self._remembered) >= MAX_REMEMBERED:
-                self._remembered.clear()
-            self._remembered[signature] = Remembered(appending, decoding, combining, out_shape, lse_shape,
-                                                     (splits, rows, plan.head_dim_v_padded))
+            self._remember(signature, Remembered(appending, decoding, combining, out_shape, lse_shape,
+                                                 (splits, rows, plan.head_dim_v_padded)))
         return out, lse
+
+    def _remember(self, signature, launches: "Remembered") -> None:
+        if len(self._remembered) >= MAX_REMEMBERED:
+            self._remembered.clear()
+        self._remembered[signature] = launches
 
     def _prefills(self, q) -> bool:
         """Whether this call runs the prefill kernel: one is built, and each sequence brings enough new tokens."""
@@ -243,7 +249,11 @@ class DecodeKernel:
             stream = stream_handle("torch", index)
             if r.appending is not None:
                 r.appending.launch(stream, (k.data_ptr(), v.data_ptr(), pointers[1], pointers[2], *cache))
-            r.decoding.launch(stream, (*pointers[:3], out.data_ptr(), lse.data_ptr(), *partial, *cache))
+            if r.cache_slots is not None:      # the prefill: q, k, v maps, o, lse lead; the cache's arrays by index
+                r.decoding.launch(stream, (*pointers[:3], out.data_ptr(), lse.data_ptr()),
+                                  tuple(zip(r.cache_slots, cache)))
+            else:
+                r.decoding.launch(stream, (*pointers[:3], out.data_ptr(), lse.data_ptr(), *partial, *cache))
             if r.combining is not None:
                 r.combining.launch(stream, (*partial, out.data_ptr(), lse.data_ptr()))
         return out, lse
@@ -255,8 +265,9 @@ MAX_REMEMBERED = 256
 class Prefill:
     """The forward over a KV cache (chunked prefill): the wgmma forward kernel whose producer reads each key
     tile from the cache as boxes of KV_BOX_ROWS rows, each inside one page (one box per tile from a contiguous
-    cache). Its calls are not remembered per signature yet: each takes the general path (checks, three tensor-map
-    encodings), ~250 us of host time measured on the H200, the gap to the dense call BENCHMARKS.md reports."""
+    cache). A call signature's launch is remembered like the decode kernel's: a repeat swaps q, the caches (their
+    tensor maps re-encode by address), o, lse, cache_seqlens and the block table. (The general path costs ~250 us
+    of host time on the H200.)"""
 
     def __init__(self, spec: Spec, plan: Plan, source: str, binary: Binary, cubin_path):
         import cupy
@@ -265,13 +276,16 @@ class Prefill:
         self.variant = variant_of(spec)
         self.signature = forward_signature(self.variant, True)
         self.box_rows = prefill_box_rows(spec, plan.block_n)
+        names = self.signature.names
+        assert names[:5] == ("q_map", "k_map", "v_map", "o", "lse")       # what a remembered launch swaps first
+        self.cache_slots = (names.index("cache_seqlens"), names.index("block_table"))
         self._module = cupy.RawModule(path=str(cubin_path))
         self._function = self._module.get_function(render.kernel_name(spec, "prefill"))
         self._function.max_dynamic_shared_size_bytes = plan.smem_bytes
         self._handle = self._function.kernel.ptr
 
     def launch(self, qv, kcv, vcv, ov, lv, seqlens, table: int, table_stride: int, capacity: int, seqlen_new: int,
-               scale: float, mods: dict, stream: int) -> None:
+               scale: float, mods: dict, stream: int) -> ArgumentBlock:
         p, spec = self.plan, self.spec
         batch, seqlen_q, heads_q, _ = qv.shape
         heads_kv = kcv.shape[2]
@@ -287,14 +301,17 @@ class Prefill:
             "scale_log2": (1.0 if self.variant.score_mods else scale) * math.log2(math.e), "position_shift": 0,
             "cache_seqlens": seqlens.ptr, "block_table": table, "block_table_stride": table_stride,
             "capacity": capacity, "seqlen_new": seqlen_new, **mods})
-        ArgumentBlock(self._handle, (math.ceil(seqlen_q / p.block_m), heads_q, batch), (p.threads, 1, 1), smem,
-                      args).launch(stream)
+        block = ArgumentBlock(self._handle, (math.ceil(seqlen_q / p.block_m), heads_q, batch), (p.threads, 1, 1),
+                              smem, args)
+        block.launch(stream)
+        return block
 
 
 @dataclass(frozen=True)
 class Remembered:
-    """The launches of one call signature: append (or None), decode, combine (or None); output shapes;
-    (splits, rows, padded head_dim_v) of the partial buffers."""
+    """The launches of one call signature: append (or None), decode or prefill, combine (or None); output
+    shapes; (splits, rows, padded head_dim_v) of the partial buffers; for a prefill, where its arguments hold
+    cache_seqlens and the block table (a decode launch leads with them)."""
 
     appending: ArgumentBlock | None
     decoding: ArgumentBlock
@@ -302,6 +319,7 @@ class Remembered:
     out_shape: tuple
     lse_shape: tuple
     partial: tuple
+    cache_slots: tuple | None = None
 
 
 def _call_signature(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, num_splits):
