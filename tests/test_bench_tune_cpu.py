@@ -144,3 +144,9 @@ def test_decode_rows_format_bandwidth_and_ratios():
     line = text.splitlines()[2]
     assert "3754 (0.89)" in line and "1144 us" in line and line.rstrip().endswith("0.95")
     assert text.splitlines()[-1] == "# H200, 32 query / 8 KV heads, d128, bf16"
+    assert "CUDA graphs" not in text                  # no graph timings: one table
+    row |= {"attngen_page0_graph_us": 1020.0, "attngen_page0_graph_gbps": 4210.0, "sdpa_cudnn_graph_us": 1010.0,
+            "sdpa_cudnn_graph_gbps": 4252.0}
+    lines = format_decode_rows({"copy_peak_gbps": 4221.0, "rows": [row]}).splitlines()
+    assert "in CUDA graphs, no host time" in lines[3] and "attngen_page16" not in lines[4]
+    assert "4210 (1.00)" in lines[5] and lines[5].rstrip().endswith("0.99")
