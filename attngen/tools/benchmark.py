@@ -612,7 +612,7 @@ def plot_rows(rows, path) -> None:
 DECODE_SUITE = dict(batches=(1, 8, 32), seqlens=(1024, 4096, 32768, 131072), page_sizes=(0, 16), heads=(32, 8),
                     head_dim=128)
 DECODE_MEMORY_LIMIT = 24 << 30      # K/V bytes of one input set past which a shape is left out
-DECODE_COLUMNS = ("attngen_page0", "attngen_page16", "sdpa_flash", "sdpa_cudnn")
+DECODE_COLUMNS = ("attngen_page0", "attngen_page16", "sdpa_flash", "sdpa_cudnn", "flex_decoding")
 
 
 def copy_peak_gbps() -> float:
@@ -650,8 +650,10 @@ def decode_input_sets(batch, seqlen, heads_q, heads_kv, d, page_size):
 
 def bench_decode(batches=None, seqlens=None, page_sizes=None, heads=None, head_dim=None, log=None) -> dict:
     """{"copy_peak_gbps": ..., "rows": [...]}: per (batch, Sk) the time and K/V bandwidth of attngen over a
-    contiguous cache and over each page size, and of SDPA flash and cuDNN on the contiguous caches."""
+    contiguous cache and over each page size, and of SDPA flash and cuDNN and torch.compile'd FlexAttention
+    (its decoding kernel at one query token) on the contiguous caches."""
     import torch
+    import torch._dynamo
     from torch.nn.attention import SDPBackend
 
     s = DECODE_SUITE
@@ -670,7 +672,10 @@ def bench_decode(batches=None, seqlens=None, page_sizes=None, heads=None, head_d
                 functions = {f"attngen_page{page_size}": lambda q, k, v, n, t: attngen.attention_with_kvcache(
                     q, k, v, cache_seqlens=n, block_table=t)}
                 if page_size == 0:
-                    functions |= {name: (lambda fn: lambda q, k, v, n, t: fn(q, k, v))(fn) for name, fn in peers.items()}
+                    torch._dynamo.reset()      # FlexAttention compiles per shape: keep under dynamo's limit
+                    flex_decoding = flex(False, seqlen)
+                    functions |= {name: (lambda fn: lambda q, k, v, n, t: fn(q, k, v))(fn)
+                                  for name, fn in (peers | {"flex_decoding": flex_decoding}).items()}
                 for name, fn in functions.items():
                     try:
                         ms = time_ms(fn, sets)
