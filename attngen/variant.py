@@ -48,6 +48,7 @@ class Variant:
     global_vector: int                  # elements per global load/store of q, k, v, o and the gradients (below)
     varlen: bool                        # packed sequences: each CTA finds its sequence through cu_seqlens
     kvcache: bool                       # keys in a KV cache (contiguous or paged), lengths from cache_seqlens
+    page_size: int | None               # a paged cache's rows per page
     reverse_query_tiles: bool           # query tiles run last first: the heavy ones under causal-like masks
 
     @property
@@ -93,7 +94,8 @@ def variant_of(spec: Spec) -> Variant:
         block_table=pattern is not None and pattern.table_block_size is not None,
         mask_mod=spec.mask_mod, score_mod=spec.score_mod, score_mod_grad=spec.score_mod_grad, softcap=spec.softcap, alibi=spec.alibi,
         tensors=tensor_decls(spec.tensors), global_vector=global_vector(spec),
-        varlen=spec.layout == "varlen", kvcache=spec.layout == "kvcache", reverse_query_tiles=spec.causal or schedule == "pattern")
+        varlen=spec.layout == "varlen", kvcache=spec.layout == "kvcache", page_size=spec.page_size,
+        reverse_query_tiles=spec.causal or schedule == "pattern")
 
 
 def global_vector(spec: Spec) -> int:

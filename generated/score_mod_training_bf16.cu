@@ -188,6 +188,10 @@ __device__ __forceinline__ void st_shared_v4(unsigned addr, float a, float b, fl
     asm volatile("st.shared.v4.f32 [%0], { %1, %2, %3, %4 };\n" :: "r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
 // Makes this thread's ordinary shared-memory writes visible to the async proxy (wgmma, bulk copies).
+// The executing thread's cp.async copies so far arrive on bar when they land (the barrier counts the thread).
+__device__ __forceinline__ void cp_async_arrive(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
+}
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 __device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned value) {
@@ -516,6 +520,11 @@ __device__ __forceinline__ void write_output(float (&acc_o)[M_TILES][DV / 8][4],
     }
 }
 
+// A K or V tile has landed in its slot.
+__device__ __forceinline__ void wait_tile(unsigned full, unsigned parity) {
+    mbarrier_wait(full, parity);
+}
+
 constexpr int PRODUCER_REGS = 24;   // per thread after setmaxnreg; the compute
 constexpr int CONSUMER_REGS = 240;   // warpgroups take what the producer gives back
 constexpr int Q_TILE_BYTES = BLOCK_M * D * 2, K_TILE_BYTES = BLOCK_N * D * 2, V_TILE_BYTES = BLOCK_N * DV * 2;
@@ -671,7 +680,7 @@ score_mod_training_bf16_fwd(const __grid_constant__ TensorMap q_map, const __gri
     mbarrier_wait(q_full, 0);
 
     if (n_tiles > 0) {
-        mbarrier_wait(k_full(0), 0);
+        wait_tile(k_full(0), 0);
         wgmma_fence();
         issue_scores(acc_s[0], 0);
         wgmma_wait<0>();
@@ -682,10 +691,10 @@ score_mod_training_bf16_fwd(const __grid_constant__ TensorMap q_map, const __gri
     }
     for (int j = 1; j < n_tiles; ++j) {
         const int slot = j % STAGES, prev = (j - 1) % STAGES;
-        mbarrier_wait(k_full(slot), (j / STAGES) & 1);
+        wait_tile(k_full(slot), (j / STAGES) & 1);
         wgmma_fence();
         issue_scores(acc_s[0], slot);                                    // S_j = Q K_j^T ...
-        mbarrier_wait(v_full(prev), ((j - 1) / STAGES) & 1);
+        wait_tile(v_full(prev), ((j - 1) / STAGES) & 1);
         issue_output(acc_o[0], p_frag[0], prev);                         // ... while O += P_{j-1} V_{j-1}
         wgmma_wait<1>();                                                 // S_j is ready
         fence_accumulators<BLOCK_N>(acc_s[0]);
@@ -699,7 +708,7 @@ score_mod_training_bf16_fwd(const __grid_constant__ TensorMap q_map, const __gri
     }
     if (n_tiles > 0) {
         const int last = (n_tiles - 1) % STAGES;
-        mbarrier_wait(v_full(last), ((n_tiles - 1) / STAGES) & 1);
+        wait_tile(v_full(last), ((n_tiles - 1) / STAGES) & 1);
         wgmma_fence();
         issue_output(acc_o[0], p_frag[0], last);
         wgmma_wait<0>();

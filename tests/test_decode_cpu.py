@@ -100,27 +100,28 @@ def test_plan_explains_the_page_form(page_size, says):
     assert says in text and "splits" in text and "stages" in text
 
 
-@pytest.mark.parametrize("fields,box_rows", [
-    (dict(), 128), (dict(page_size=8), 8), (dict(page_size=16, causal=True), 16), (dict(page_size=96), 32),
-    (dict(page_size=256, softcap=30.0, alibi=True), 128), (dict(head_dim=64, dtype="fp16", page_size=64), 64),
-    (dict(page_size=4), None), (dict(page_size=12), None), (dict(head_dim=96), None),
+@pytest.mark.parametrize("fields,gather", [
+    (dict(), False), (dict(page_size=128, causal=True), False), (dict(page_size=256, softcap=30.0, alibi=True), False),
+    (dict(page_size=16, causal=True), True), (dict(page_size=8), True), (dict(page_size=96), True),
+    (dict(page_size=3), True), (dict(head_dim=64, dtype="fp16", page_size=64), True),
+    (dict(head_dim=256, page_size=16), True),
 ], ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()) if isinstance(f, dict) else str(f))
-def test_prefill_kernel_reads_pages_in_whole_boxes(fields, box_rows):
-    """On Hopper a kvcache spec also gets the prefill kernel (the wgmma forward over the pages) where each key
-    tile splits into boxes of a multiple of 8 rows inside one page; elsewhere none (the decode kernel serves)."""
-    from attngen.planner.decode import make_prefill_plan, prefill_box_rows
+def test_prefill_kernel_loads_tiles_by_box_or_gather(fields, gather):
+    """On Hopper a kvcache spec also gets the prefill kernel (the wgmma forward over the cache): one copy-engine
+    box per key tile where pages hold whole tiles (or the cache is contiguous), else the producer warpgroup
+    gathers rows with cp.async into the swizzled tile (more registers for it); none elsewhere."""
+    from attngen.planner.decode import GATHER_PRODUCER_REGS, make_prefill_plan, prefill_loads
 
     spec = kv_spec(**fields)
     assert make_prefill_plan(spec, preset("sm_80")) is None
     plan = make_prefill_plan(spec, preset("sm_90"))
-    if box_rows is None:
-        assert plan is None
-        return
-    assert plan.path == "wgmma" and prefill_box_rows(spec, plan.block_n) == box_rows
+    loads = prefill_loads(spec.page_size, plan.block_n)
+    assert plan.path == "wgmma" and loads.gather == gather
     source = render(spec, plan, "prefill")
-    assert f"constexpr int KV_BOX_ROWS = {box_rows}, KV_BOXES = BLOCK_N / KV_BOX_ROWS;" in source
     assert "const int seqlen_k = min(max(cache_seqlens[batch], 0) + seqlen_new, capacity);" in source
-    assert ("block_table[(long long)batch * block_table_stride + key / PAGE_SIZE]" in source) == bool(spec.page_size)
+    assert ("cp_async_arrive(k_full(slot));" in source) == gather
+    assert ("clear_values_past_end(n_tiles - 1, last);" in source) == (not gather)     # zero-fill does it
+    assert (f"constexpr int PRODUCER_REGS = {GATHER_PRODUCER_REGS};" in source) == gather
     r = nvrtc_compile(source, spec.name, plan.target, kernel_name(spec, "prefill")).resources
     assert r.spill_bytes == 0 and r.stack_frame == 0 and not r.wgmma_serialized
 
@@ -128,5 +129,6 @@ def test_prefill_kernel_reads_pages_in_whole_boxes(fields, box_rows):
 def test_plan_explains_the_prefill():
     from attngen.planner.decode import explain_decode
 
-    assert "8 copy-engine boxes of 16 rows" in explain_decode(kv_spec(page_size=16), preset("sm_90"))
+    assert "gathers each 128-key tile with 16-byte cp.async" in explain_decode(kv_spec(page_size=16), preset("sm_90"))
+    assert "one copy-engine box" in explain_decode(kv_spec(page_size=128), preset("sm_90"))
     assert "prefill: none on sm_80" in explain_decode(kv_spec(page_size=16), preset("sm_80"))

@@ -165,8 +165,9 @@ def test_query_lengths_append_across_pages(seqlen_q, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_chunked_prefill_over_pages(page_size, causal):
     """seqlen_q >= PREFILL_MIN_QUERIES runs the prefill kernel on Hopper: the wgmma forward reading each key tile
-    from the cache in boxes that never straddle a page (96-row pages: boxes of 32). Chunks of 300 tokens appended
-    over caches of 0..5000 rows, NaN in every row no sequence holds (also in the last tile's spare rows)."""
+    from the cache as one copy-engine box (contiguous, 128- and 256-row pages) or gathered row by row by the
+    producer warpgroup (8, 16, 96-row pages). Chunks of 300 tokens appended over caches of 0..5000 rows, NaN in
+    every row no sequence holds (also in the last tile's spare rows)."""
     from attngen.planner.decode import PREFILL_MIN_QUERIES
 
     spec = attngen.api.spec_for_inputs(torch.empty(1, 1, 8, 128, device="cuda", dtype=torch.bfloat16),

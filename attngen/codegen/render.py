@@ -9,7 +9,7 @@ from .jinja_env import environment, render_piece, templates_dir  # noqa: F401  (
 from .modifiers import ActiveModifiers
 from .signature import kernel_signatures
 from ..spec import Spec
-from ..planner.decode import prefill_box_rows
+from ..planner.decode import prefill_loads
 from ..variant import variant_of
 
 MMA_TYPES = {"bf16": "bf16", "fp16": "f16"}
@@ -74,4 +74,4 @@ def render(spec: Spec, plan, kind: str = "forward") -> str:
                            varlen_schedule_kernel_name=kernel_name(spec, "varlen_schedule"),
                            append_kernel_name=kernel_name(spec, "kvcache_append"),
                            combine_kernel_name=kernel_name(spec, "decode_combine"),
-                           kv_box_rows=prefill_box_rows(spec, plan.block_n) if kind == "prefill" else None)
+                           prefill=prefill_loads(spec.page_size, plan.block_n) if kind == "prefill" else None)

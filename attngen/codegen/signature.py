@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .modifiers import ActiveModifiers, Param
+from ..planner.decode import prefill_loads
 from ..variant import Variant
 
 
@@ -116,11 +117,15 @@ def modifier_params(variant: Variant) -> tuple[Param, ...]:
             *(Param(f"const {t.ctype}*", t.name) for t in variant.tensors))
 
 
-def forward_signature(variant: Variant, wgmma: bool) -> Signature:
+def forward_signature(variant: Variant, wgmma: bool, gather: bool = False) -> Signature:
     """q, k, v (tensor maps on the wgmma path), o, lse first: a remembered launch swaps exactly these. Over a KV
     cache (prefill, the wgmma path only) the k and v maps address the cache's pages, [page or sequence, row,
-    head, dim]; the sizes are PREFILL_SIZES."""
-    if wgmma:
+    head, dim], or (gather: the producer warpgroup reads rows itself) k and v are the caches' pointers with
+    their strides; the sizes are PREFILL_SIZES."""
+    if wgmma and gather:
+        inputs = (*maps("q"), *pointers("const elem_t*", "k", "v"), Param("elem_t*", "o"), Param("float*", "lse"),
+                  *strides("k"), *strides("v"))
+    elif wgmma:
         inputs = (*maps("q", "k", "v"), Param("elem_t*", "o"), Param("float*", "lse"))
     else:
         inputs = (*pointers("const elem_t*", "q", "k", "v"), Param("elem_t*", "o"), Param("float*", "lse"),
@@ -218,7 +223,7 @@ def kernel_signatures(kind: str, variant: Variant, plan) -> dict[str, Signature]
     if kind == "decode":
         return {"decode": decode_signature(variant), "kvcache_append": KVCACHE_APPEND, "decode_combine": DECODE_COMBINE}
     if kind == "prefill":           # the forward template over a cache: its entry is the forward's
-        return {"forward": forward_signature(variant, True)}
+        return {"forward": forward_signature(variant, True, prefill_loads(variant.page_size, plan.block_n).gather)}
     wgmma = plan.path == "wgmma"
     schedule = {"varlen_schedule": VARLEN_SCHEDULE} if variant.varlen else {}
     if kind == "forward":

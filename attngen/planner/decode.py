@@ -21,7 +21,8 @@ import math
 from dataclasses import dataclass
 
 from .device import Device
-from .forward import SMEM_RESERVED_PER_CTA, SMEM_ROW_PAD, Plan, WarpLaunch, candidates, round_up
+from .forward import (SMEM_RESERVED_PER_CTA, SMEM_ROW_PAD, WGMMA_CONSUMER_REGS, WGMMA_PRODUCER_REGS, Plan, WarpLaunch,
+                      candidates, round_up)
 from ..errors import PlanError
 from ..spec import Spec
 
@@ -148,33 +149,51 @@ def explain_decode(spec: Spec, device: Device, shapes=((1, 8, 32768), (8, 8, 327
                      f", {batch * heads_kv * s} CTAs")
     prefill = make_prefill_plan(spec, device)
     if prefill is None:
-        lines.append(f"prefill: none on {device.arch} (needs the wgmma path and pages of a multiple of 8 rows); the "
-                     "decode kernel serves every seqlen_q")
+        lines.append(f"prefill: none on {device.arch} (needs the wgmma path); the decode kernel serves every seqlen_q")
     else:
-        box = prefill_box_rows(spec, prefill.block_n)
+        loads = prefill_loads(spec.page_size, prefill.block_n)
+        how = (f"the producer warpgroup gathers each {prefill.block_n}-key tile with 16-byte cp.async, "
+               f"{GATHER_ROWS_PER_PASS} rows a pass, each row from its page ({loads.producer_registers} registers "
+               "for it)" if loads.gather else
+               f"each {prefill.block_n}-key tile arrives as one copy-engine box (the page looked up one tile ahead)")
         lines.append(f"prefill (seqlen_q >= {PREFILL_MIN_QUERIES}): the wgmma forward, {prefill.block_m}x{prefill.block_n} "
-                     f"tiles, {prefill.stages} stages, {prefill.smem_bytes} B; each {prefill.block_n}-key tile arrives as "
-                     f"{prefill.block_n // box} copy-engine box{'es' if box < prefill.block_n else ''} of {box} rows, "
-                     "each inside one page (the page looked up one tile ahead)")
+                     f"tiles, {prefill.stages} stages, {prefill.smem_bytes} B; {how}")
     return "\n".join(lines)
 
 
-def prefill_box_rows(spec: Spec, block_n: int) -> int | None:
-    """Rows per copy-engine box of a key tile read from the cache: the whole tile from a contiguous cache; from
-    pages, the longest run dividing both the page and the tile (so no box straddles a page), if it is a multiple
-    of 8 (a box must start on the 128-byte swizzle's 8-row period). None: no box fits."""
-    if not spec.page_size:
-        return block_n
-    rows = math.gcd(spec.page_size, block_n)
-    return rows if rows % 8 == 0 else None
+# The producer warpgroup's registers when it gathers key rows itself (cp.async addresses per row) instead of
+# issuing copy-engine boxes from one thread; the compute warpgroups keep the rest (48*128 + 2*232*128 = 64K; 40 spills).
+GATHER_PRODUCER_REGS, GATHER_CONSUMER_REGS = 48, 232
+GATHER_ROWS_PER_PASS = 16     # 128 threads x 16 bytes: 16 rows of one 128-byte column chunk per pass
+
+
+@dataclass(frozen=True)
+class PrefillLoads:
+    """How the prefill kernel's producer fills a key tile from the cache. box_rows: the copy engine's box (a
+    contiguous cache, or pages holding whole tiles: one box per tile from one thread); None: the producer
+    warpgroup gathers the tile row by row with 16-byte cp.async, each row from its own page (pages smaller
+    than a tile, or not dividing it: one box per page would be many small ones from a single thread)."""
+
+    box_rows: int | None
+    producer_registers: int
+    consumer_registers: int
+
+    @property
+    def gather(self) -> bool:
+        return self.box_rows is None
+
+
+def prefill_loads(page_size: int | None, block_n: int) -> PrefillLoads:
+    if not page_size or page_size % block_n == 0:
+        return PrefillLoads(block_n, WGMMA_PRODUCER_REGS, WGMMA_CONSUMER_REGS)
+    return PrefillLoads(None, GATHER_PRODUCER_REGS, GATHER_CONSUMER_REGS)
 
 
 def make_prefill_plan(spec: Spec, device: Device) -> Plan | None:
-    """The Hopper forward's best plan for a `layout: kvcache` spec whose key tiles the cache can feed box by box
-    (the chunked-prefill kernel); None without one (no wgmma path, or pages of fewer than 8 rows): the decode
-    kernel then serves every seqlen_q."""
+    """The Hopper forward's best plan for a `layout: kvcache` spec (the chunked-prefill kernel); None without a
+    wgmma path: the decode kernel then serves every seqlen_q."""
     for candidate in candidates(spec, device):
         plan = candidate.plan
-        if plan is not None and plan.path == "wgmma" and prefill_box_rows(spec, plan.block_n) is not None:
+        if plan is not None and plan.path == "wgmma" and plan.block_n % GATHER_ROWS_PER_PASS == 0:
             return plan
     return None

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..codegen import render
 from ..codegen.compile import Binary
 from ..codegen.signature import DECODE_COMBINE, KVCACHE_APPEND, decode_signature, forward_signature
-from ..planner.decode import PREFILL_MIN_QUERIES, DecodePlan, decode_splits, prefill_box_rows
+from ..planner.decode import PREFILL_MIN_QUERIES, DecodePlan, decode_splits, prefill_loads
 from ..planner.forward import Plan, tile_list_bytes
 from ..spec import Spec
 from ..variant import variant_of
@@ -264,25 +264,33 @@ MAX_REMEMBERED = 256
 
 class Prefill:
     """The forward over a KV cache (chunked prefill): the wgmma forward kernel whose producer reads each key
-    tile from the cache as boxes of KV_BOX_ROWS rows, each inside one page (one box per tile from a contiguous
-    cache). A call signature's launch is remembered like the decode kernel's: a repeat swaps q, the caches (their
-    tensor maps re-encode by address), o, lse, cache_seqlens and the block table. (The general path costs ~250 us
-    of host time on the H200.)"""
+    tile from the cache as one copy-engine box (a contiguous cache, pages of whole tiles) or gathers it row by
+    row with cp.async (smaller pages; planner/decode.py, prefill_loads). A call signature's launch is remembered
+    like the decode kernel's: a repeat swaps q, the caches (tensor maps re-encode by address), o, lse,
+    cache_seqlens and the block table. (The general path costs ~250 us of host time on the H200.)"""
 
     def __init__(self, spec: Spec, plan: Plan, source: str, binary: Binary, cubin_path):
         import cupy
 
         self.spec, self.plan, self.source, self.binary = spec, plan, source, binary
         self.variant = variant_of(spec)
-        self.signature = forward_signature(self.variant, True)
-        self.box_rows = prefill_box_rows(spec, plan.block_n)
+        self.loads = prefill_loads(spec.page_size, plan.block_n)
+        self.signature = forward_signature(self.variant, True, self.loads.gather)
         names = self.signature.names
-        assert names[:5] == ("q_map", "k_map", "v_map", "o", "lse")       # what a remembered launch swaps first
+        assert names[3:5] == ("o", "lse") and names[0] == "q_map"       # what a remembered launch swaps first
         self.cache_slots = (names.index("cache_seqlens"), names.index("block_table"))
         self._module = cupy.RawModule(path=str(cubin_path))
         self._function = self._module.get_function(render.kernel_name(spec, "prefill"))
         self._function.max_dynamic_shared_size_bytes = plan.smem_bytes
         self._handle = self._function.kernel.ptr
+
+    def _cache_arguments(self, kcv, vcv) -> dict:
+        """The caches as the kernel reads them: pointers and strides (the producer gathers rows), or tensor maps
+        with one box per key tile."""
+        if self.loads.gather:
+            return {"k": kcv.ptr, "v": vcv.ptr, **stride_args("k", kcv), **stride_args("v", vcv)}
+        return {"k_map": TensorMapArgument("k_cache", self.spec.dtype, kcv.ptr, kcv.shape, kcv.strides, self.loads.box_rows),
+                "v_map": TensorMapArgument("v_cache", self.spec.dtype, vcv.ptr, vcv.shape, vcv.strides, self.loads.box_rows)}
 
     def launch(self, qv, kcv, vcv, ov, lv, seqlens, table: int, table_stride: int, capacity: int, seqlen_new: int,
                scale: float, mods: dict, stream: int) -> ArgumentBlock:
@@ -293,8 +301,7 @@ class Prefill:
                                    f"k_cache: a capacity of {capacity} rows needs")
         args = self.signature.pack({
             "q_map": TensorMapArgument("q", spec.dtype, qv.ptr, qv.shape, qv.strides, p.block_m),
-            "k_map": TensorMapArgument("k_cache", spec.dtype, kcv.ptr, kcv.shape, kcv.strides, self.box_rows),
-            "v_map": TensorMapArgument("v_cache", spec.dtype, vcv.ptr, vcv.shape, vcv.strides, self.box_rows),
+            **self._cache_arguments(kcv, vcv),
             "o": ov.ptr, "lse": lv.ptr, **stride_args("o", ov), "seqlen_q": seqlen_q, "heads_q": heads_q,
             "group_size": heads_q // heads_kv,
             # Modified scores are already in natural units; otherwise the kernel scales raw q.k.
