@@ -187,11 +187,11 @@ template <int PENDING> __device__ __forceinline__ void bulk_wait() {
 __device__ __forceinline__ void st_shared_v4(unsigned addr, float a, float b, float c, float d) {
     asm volatile("st.shared.v4.f32 [%0], { %1, %2, %3, %4 };\n" :: "r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
-// Makes this thread's ordinary shared-memory writes visible to the async proxy (wgmma, bulk copies).
 // The executing thread's cp.async copies so far arrive on bar when they land (the barrier counts the thread).
 __device__ __forceinline__ void cp_async_arrive(unsigned bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
 }
+// Makes this thread's ordinary shared-memory writes visible to the async proxy (wgmma, bulk copies).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 __device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned value) {
@@ -496,8 +496,8 @@ __device__ __forceinline__ void wait_tile(unsigned full, unsigned parity) {
     fence_async_shared();
 }
 
-constexpr int PRODUCER_REGS = 48;   // per thread after setmaxnreg; the compute
-constexpr int CONSUMER_REGS = 232;   // warpgroups take what the producer gives back
+constexpr int PRODUCER_REGS = 56;   // per thread after setmaxnreg; the compute
+constexpr int CONSUMER_REGS = 224;   // warpgroups take what the producer gives back
 constexpr int Q_TILE_BYTES = BLOCK_M * D * 2, K_TILE_BYTES = BLOCK_N * D * 2, V_TILE_BYTES = BLOCK_N * DV * 2;
 constexpr int K_OFFSET = Q_TILE_BYTES;                                     // STAGES K tiles
 constexpr int V_OFFSET = K_OFFSET + STAGES * K_TILE_BYTES;                 // STAGES V tiles
@@ -585,7 +585,7 @@ decode_paged_llama_bf16_prefill(const __grid_constant__ TensorMap q_map, const e
     __syncthreads();                                                     // the barriers (and step list) are ready
 
     if (warp < 4) {
-        // ---- producer warpgroup: one thread issues every copy ----
+        // ---- producer warpgroup: one thread issues every copy (a gathering one: all 128 threads) ----
         registers_down<PRODUCER_REGS>();
         {
             const int pt = tid % 128, row0 = pt / 8, unit = pt % 8;
@@ -630,6 +630,7 @@ decode_paged_llama_bf16_prefill(const __grid_constant__ TensorMap q_map, const e
                 }
                 cp_async_arrive(v_full(slot));
             }
+            asm volatile("cp.async.wait_all;\n" ::: "memory");      // none of this thread's copies outlive it
         }
         return;
     }

@@ -185,11 +185,11 @@ template <int PENDING> __device__ __forceinline__ void bulk_wait() {
 __device__ __forceinline__ void st_shared_v4(unsigned addr, float a, float b, float c, float d) {
     asm volatile("st.shared.v4.f32 [%0], { %1, %2, %3, %4 };\n" :: "r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
-// Makes this thread's ordinary shared-memory writes visible to the async proxy (wgmma, bulk copies).
 // The executing thread's cp.async copies so far arrive on bar when they land (the barrier counts the thread).
 __device__ __forceinline__ void cp_async_arrive(unsigned bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
 }
+// Makes this thread's ordinary shared-memory writes visible to the async proxy (wgmma, bulk copies).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 __device__ __forceinline__ void st_shared_u32(unsigned addr, unsigned value) {

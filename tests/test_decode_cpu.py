@@ -124,6 +124,8 @@ def test_prefill_kernel_loads_tiles_by_box_or_gather(fields, gather):
     assert (f"constexpr int PRODUCER_REGS = {GATHER_PRODUCER_REGS};" in source) == gather
     r = nvrtc_compile(source, spec.name, plan.target, kernel_name(spec, "prefill")).resources
     assert r.spill_bytes == 0 and r.stack_frame == 0 and not r.wgmma_serialized
+    # setmaxnreg only moves registers within the CTA's launch-time pool: asking for more hangs the kernel
+    assert (loads.producer_registers + 2 * loads.consumer_registers) * 128 <= r.registers * plan.threads
 
 
 def test_plan_explains_the_prefill():

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .device import Device
 from .forward import (SMEM_RESERVED_PER_CTA, SMEM_ROW_PAD, WGMMA_CONSUMER_REGS, WGMMA_PRODUCER_REGS, Plan, WarpLaunch,
-                      candidates, round_up)
+                      candidates, round_up, wgmma_registers)
 from ..errors import PlanError
 from ..spec import Spec
 
@@ -162,8 +162,11 @@ def explain_decode(spec: Spec, device: Device, shapes=((1, 8, 32768), (8, 8, 327
 
 
 # The producer warpgroup's registers when it gathers key rows itself (cp.async addresses per row) instead of
-# issuing copy-engine boxes from one thread; the compute warpgroups keep the rest (48*128 + 2*232*128 = 64K; 40 spills).
-GATHER_PRODUCER_REGS, GATHER_CONSUMER_REGS = 48, 232
+# issuing copy-engine boxes from one thread (40 spills them); the compute warpgroups keep the rest. setmaxnreg
+# moves registers within the CTA's pool, fixed at launch: 384 threads x the 168 each is given (24 + 2 x 240 per
+# thread slot); asking for more blocks setmaxnreg.inc for ever.
+GATHER_PRODUCER_REGS, GATHER_CONSUMER_REGS = 56, 224
+assert GATHER_PRODUCER_REGS + 2 * GATHER_CONSUMER_REGS <= WGMMA_PRODUCER_REGS + 2 * WGMMA_CONSUMER_REGS
 GATHER_ROWS_PER_PASS = 16     # 128 threads x 16 bytes: 16 rows of one 128-byte column chunk per pass
 
 
@@ -194,6 +197,8 @@ def make_prefill_plan(spec: Spec, device: Device) -> Plan | None:
     wgmma path: the decode kernel then serves every seqlen_q."""
     for candidate in candidates(spec, device):
         plan = candidate.plan
-        if plan is not None and plan.path == "wgmma" and plan.block_n % GATHER_ROWS_PER_PASS == 0:
-            return plan
+        if plan is None or plan.path != "wgmma" or plan.block_n % GATHER_ROWS_PER_PASS:
+            continue
+        if wgmma_registers(spec, plan.block_n) <= prefill_loads(spec.page_size, plan.block_n).consumer_registers:
+            return plan                  # (a gathering producer leaves the compute warpgroups fewer registers)
     return None
