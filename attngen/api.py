@@ -129,7 +129,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     q [batch, seqlen_q, heads_q, head_dim]; the cache contiguous, k_cache [batch, capacity, heads_kv, head_dim]
     and v_cache [..., head_dim_v], or paged, [num_pages, page_size, heads_kv, ...] with block_table int32
     [batch, max_pages] (position p of sequence b in page block_table[b, p // page_size], row p % page_size;
-    page sizes 1..256). cache_seqlens int32 [batch] on q's device: the tokens cached per sequence. k, v
+    page sizes 1..256). cache_seqlens int32 [batch] on q's device: the tokens cached per sequence (or one int for
+    every sequence, as FlashAttention takes it: a device array is made of it on q's stream). k, v
     [batch, seqlen_new, heads_kv, ...] (optional, together) are written into the cache in place at
     cache_seqlens[b] .. + seqlen_new - 1, then attended; cache_seqlens itself is not changed. Sequence b
     attends to its first cache_seqlens[b] + seqlen_new keys; causal aligns bottom-right (the last query at
@@ -137,6 +138,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     sequence's keys (0: the planner chooses from the SMs, batch, heads and the cache's capacity). Returns out
     [batch, seqlen_q, heads_q, head_dim_v], and lse [batch, heads_q, seqlen_q] fp32 if asked. GQA/MQA:
     heads_q a multiple of heads_kv. No autograd (the cache is an inference structure)."""
+    cache_seqlens = _lengths_array(cache_seqlens, q)
     if _compiling(q):                              # torch.compile: the custom op (it appends in place)
         from .autograd import attention_with_kvcache_op, window_list
 
@@ -150,6 +152,25 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                                                      block_table=block_table, scale=scale, alibi_slopes=alibi_slopes,
                                                      num_splits=num_splits)
     return (out, lse) if return_lse else out
+
+
+def _lengths_array(cache_seqlens, q):
+    """cache_seqlens as the kernels read it: an int becomes an int32 [batch] array on q's device (torch or CuPy)."""
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, int):
+        return cache_seqlens                       # an array: the launcher checks it
+    if cache_seqlens < 0:
+        raise ValueError(f"cache_seqlens: expected an int >= 0 or an int32 [batch] array, got {cache_seqlens}")
+    shape = getattr(q, "shape", ())
+    if len(shape) != 4:
+        raise ValueError(f"q: expected [batch, seqlen_q, heads_q, head_dim], got {list(shape)}")
+    if type(q).__module__.startswith("torch"):
+        import torch
+
+        return torch.full((shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    import cupy
+
+    with cupy.cuda.Device(q.device.id):
+        return cupy.full((shape[0],), cache_seqlens, dtype=cupy.int32)
 
 
 def _compiling(q) -> bool:

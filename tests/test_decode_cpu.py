@@ -134,3 +134,13 @@ def test_plan_explains_the_prefill():
     assert "gathers each 128-key tile with 16-byte cp.async" in explain_decode(kv_spec(page_size=16), preset("sm_90"))
     assert "one copy-engine box" in explain_decode(kv_spec(page_size=128), preset("sm_90"))
     assert "prefill: none on sm_80" in explain_decode(kv_spec(page_size=16), preset("sm_80"))
+
+
+def test_cache_seqlens_int_is_checked_before_anything_else():
+    import numpy as np
+
+    q = np.zeros((2, 1, 8, 64), np.float16)
+    with pytest.raises(ValueError, match="cache_seqlens: expected an int >= 0"):
+        attngen.attention_with_kvcache(q, q, q, cache_seqlens=-3)
+    with pytest.raises(ValueError, match=r"q: expected \[batch, seqlen_q, heads_q, head_dim\]"):
+        attngen.attention_with_kvcache(q[0], q, q, cache_seqlens=5)

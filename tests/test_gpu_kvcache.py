@@ -256,6 +256,18 @@ def test_public_call_and_non_contiguous_query():
     assert np.max(np.abs(to64(lse) - ref_lse)) < 2e-3
 
 
+def test_cache_seqlens_as_one_int():
+    """FlashAttention takes cache_seqlens as one int for every sequence: the same result as the array."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    q = torch.randn(2, 1, 8, 64, generator=gen, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(2, 300, 2, 64, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.full((2,), 257, dtype=torch.int32, device="cuda")
+    by_int = attngen.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=257, causal=True)
+    assert torch.equal(by_int, attngen.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=True))
+    with pytest.raises(ValueError, match="cache_seqlens: expected an int >= 0"):
+        attngen.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=-1)
+
+
 def test_bad_inputs_launch_nothing():
     """Clear errors naming the argument; the output buffer stays untouched."""
     q = torch.randn(2, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
