@@ -84,6 +84,12 @@ __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool 
     const int src_bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
 }
+// The same for streams that read every byte of their 128-byte lines once (a KV cache's rows): a miss fetches
+// the whole line into L2 at once. Measured on the H200 decode kernel: +2.4 % K/V bandwidth (256 B: none).
+__device__ __forceinline__ void cp_async_16_whole_line(unsigned dst, const void* src, bool valid) {
+    const int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
+}
 // 4-byte global -> shared copy (through L1); valid = false zero-fills the destination.
 __device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, bool valid) {
     const int src_bytes = valid ? 4 : 0;
@@ -193,7 +199,8 @@ __device__ __forceinline__ void load_tile(unsigned dst, const elem_t* src, long 
 
 // ROWS rows whose global addresses row_of(r) gives (nullptr: a row of zeros, nothing read) into the shared
 // tile at dst, as load_tile: a chunk of 8 columns per copy, columns past REAL_COLS zero-filled; by LOADERS
-// threads (tid: 0 .. LOADERS-1). For rows that lie anywhere (a paged KV cache, a GQA group's query rows).
+// threads (tid: 0 .. LOADERS-1). For rows that lie anywhere (a paged KV cache, a GQA group's query rows), read
+// whole: each copy asks L2 for its 128-byte line.
 template <int ROWS, int COLS, int STRIDE, int REAL_COLS, int LOADERS, typename RowOf>
 __device__ __forceinline__ void load_rows(unsigned dst, RowOf row_of, int tid) {
     constexpr int CHUNKS_PER_ROW = COLS / 8;
@@ -211,7 +218,7 @@ __device__ __forceinline__ void load_rows(unsigned dst, RowOf row_of, int tid) {
             const unsigned to = dst + (r * STRIDE + col) * 2;
             if constexpr (GLOBAL_VECTOR == 8) {
                 const bool valid = from != nullptr && col < REAL_COLS;
-                cp_async_16(to, valid ? from + col : from, valid);
+                cp_async_16_whole_line(to, valid ? from + col : from, valid);
             } else {
                 const uint4 chunk = load_chunk(from + col, from != nullptr ? REAL_COLS - col : 0);
                 asm volatile("st.shared.v4.b32 [%0], { %1, %2, %3, %4};\n"

@@ -87,6 +87,12 @@ __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool 
     const int src_bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
 }
+// The same for streams that read every byte of their 128-byte lines once (a KV cache's rows): a miss fetches
+// the whole line into L2 at once. Measured on the H200 decode kernel: +2.4 % K/V bandwidth (256 B: none).
+__device__ __forceinline__ void cp_async_16_whole_line(unsigned dst, const void* src, bool valid) {
+    const int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(src_bytes));
+}
 // 4-byte global -> shared copy (through L1); valid = false zero-fills the destination.
 __device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, bool valid) {
     const int src_bytes = valid ? 4 : 0;

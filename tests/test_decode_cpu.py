@@ -102,14 +102,15 @@ def test_plan_explains_the_page_form(page_size, says):
 
 @pytest.mark.parametrize("fields,gather", [
     (dict(), False), (dict(page_size=128, causal=True), False), (dict(page_size=256, softcap=30.0, alibi=True), False),
-    (dict(page_size=16, causal=True), True), (dict(page_size=8), True), (dict(page_size=96), True),
-    (dict(page_size=3), True), (dict(head_dim=64, dtype="fp16", page_size=64), True),
-    (dict(head_dim=256, page_size=16), True),
+    (dict(page_size=16, causal=True), False), (dict(page_size=8), False), (dict(page_size=96), False),
+    (dict(head_dim=64, dtype="fp16", page_size=64), False), (dict(page_size=3), True), (dict(page_size=12), True),
+    (dict(head_dim=256, page_size=20), True), (dict(head_dim=64, page_size=36, causal=True), True),
 ], ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()) if isinstance(f, dict) else str(f))
 def test_prefill_kernel_loads_tiles_by_box_or_gather(fields, gather):
-    """On Hopper a kvcache spec also gets the prefill kernel (the wgmma forward over the cache): one copy-engine
-    box per key tile where pages hold whole tiles (or the cache is contiguous), else the producer warpgroup
-    gathers rows with cp.async into the swizzled tile (more registers for it); none elsewhere."""
+    """On Hopper a kvcache spec also gets the prefill kernel (the wgmma forward over the cache): copy-engine
+    boxes wherever a run of 8k rows divides both the page and the tile (or the cache is contiguous), else the
+    producer warpgroup gathers rows with cp.async into the swizzled tile (more registers for it); none
+    elsewhere."""
     from attngen.planner.decode import GATHER_PRODUCER_REGS, make_prefill_plan, prefill_loads
 
     spec = kv_spec(**fields)
@@ -131,8 +132,9 @@ def test_prefill_kernel_loads_tiles_by_box_or_gather(fields, gather):
 def test_plan_explains_the_prefill():
     from attngen.planner.decode import explain_decode
 
-    assert "gathers each 128-key tile with 16-byte cp.async" in explain_decode(kv_spec(page_size=16), preset("sm_90"))
-    assert "one copy-engine box" in explain_decode(kv_spec(page_size=128), preset("sm_90"))
+    assert "gathers each 128-key tile with 16-byte cp.async" in explain_decode(kv_spec(page_size=12), preset("sm_90"))
+    assert "arrives as 8 copy-engine boxes of 16 rows" in explain_decode(kv_spec(page_size=16), preset("sm_90"))
+    assert "arrives as 1 copy-engine box of 128 rows" in explain_decode(kv_spec(page_size=128), preset("sm_90"))
     assert "prefill: none on sm_80" in explain_decode(kv_spec(page_size=16), preset("sm_80"))
 
 

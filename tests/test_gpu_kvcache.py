@@ -161,12 +161,12 @@ def test_query_lengths_append_across_pages(seqlen_q, causal):
     check_kvcache([0, 15, 17, 1000], seqlen_q=seqlen_q, new=seqlen_q, page_size=16, causal=causal)
 
 
-@pytest.mark.parametrize("page_size", [None, 8, 16, 96, 128, 256])
+@pytest.mark.parametrize("page_size", [None, 8, 12, 16, 96, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_chunked_prefill_over_pages(page_size, causal):
     """seqlen_q >= PREFILL_MIN_QUERIES runs the prefill kernel on Hopper: the wgmma forward reading each key tile
-    from the cache as one copy-engine box (contiguous, 128- and 256-row pages) or gathered row by row by the
-    producer warpgroup (8, 16, 96-row pages). Chunks of 300 tokens appended over caches of 0..5000 rows, NaN in
+    from the cache as copy-engine boxes (contiguous; 8, 16, 96, 128, 256-row pages) or gathered row by row by
+    the producer warpgroup (12-row pages). Chunks of 300 tokens appended over caches of 0..5000 rows, NaN in
     every row no sequence holds (also in the last tile's spare rows)."""
     from attngen.planner.decode import PREFILL_MIN_QUERIES
 
@@ -191,7 +191,8 @@ def test_remembered_prefill_launch_swaps_every_pointer():
     """A repeated prefill call signature reuses its launch: q, both caches (re-encoded tensor maps), out, lse,
     cache_seqlens and the block table are swapped in; it equals the general path on the same inputs."""
     gen = torch.Generator(device="cuda").manual_seed(9)
-    caches = [Cache(gen, lengths, 0, 2, 128, 128, "bf16", 64) for lengths in ([100, 700, 64], [300, 10, 900])]
+    # the same page counts per sequence, so both calls have one signature (the caches' shapes)
+    caches = [Cache(gen, lengths, 0, 2, 128, 128, "bf16", 64) for lengths in ([100, 700, 64], [120, 650, 30])]
     queries = [torch.randn(3, 150, 8, 128, generator=gen, device="cuda").to(torch.bfloat16) for _ in caches]
     spec = attngen.api.spec_for_inputs(queries[0], caches[0].k, caches[0].v, True, layout="kvcache", page_size=64)
     kernel = attngen.build_decode(spec)

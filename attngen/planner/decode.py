@@ -155,7 +155,9 @@ def explain_decode(spec: Spec, device: Device, shapes=((1, 8, 32768), (8, 8, 327
         how = (f"the producer warpgroup gathers each {prefill.block_n}-key tile with 16-byte cp.async, "
                f"{GATHER_ROWS_PER_PASS} rows a pass, each row from its page ({loads.producer_registers} registers "
                "for it)" if loads.gather else
-               f"each {prefill.block_n}-key tile arrives as one copy-engine box (the page looked up one tile ahead)")
+               f"each {prefill.block_n}-key tile arrives as {prefill.block_n // loads.box_rows} copy-engine "
+               f"box{'es' if loads.box_rows < prefill.block_n else ''} of {loads.box_rows} rows, each inside one page "
+               "(the page looked up one tile ahead)")
         lines.append(f"prefill (seqlen_q >= {PREFILL_MIN_QUERIES}): the wgmma forward, {prefill.block_m}x{prefill.block_n} "
                      f"tiles, {prefill.stages} stages, {prefill.smem_bytes} B; {how}")
     return "\n".join(lines)
@@ -172,10 +174,9 @@ GATHER_ROWS_PER_PASS = 16     # 128 threads x 16 bytes: 16 rows of one 128-byte 
 
 @dataclass(frozen=True)
 class PrefillLoads:
-    """How the prefill kernel's producer fills a key tile from the cache. box_rows: the copy engine's box (a
-    contiguous cache, or pages holding whole tiles: one box per tile from one thread); None: the producer
-    warpgroup gathers the tile row by row with 16-byte cp.async, each row from its own page (pages smaller
-    than a tile, or not dividing it: one box per page would be many small ones from a single thread)."""
+    """How the prefill kernel's producer fills a key tile from the cache. box_rows: copy-engine boxes of that
+    many rows, each inside one page, all issued by one thread (a contiguous cache: one box per tile); None: the
+    producer warpgroup gathers the tile row by row with 16-byte cp.async, each row from its own page."""
 
     box_rows: int | None
     producer_registers: int
@@ -187,8 +188,13 @@ class PrefillLoads:
 
 
 def prefill_loads(page_size: int | None, block_n: int) -> PrefillLoads:
-    if not page_size or page_size % block_n == 0:
-        return PrefillLoads(block_n, WGMMA_PRODUCER_REGS, WGMMA_CONSUMER_REGS)
+    """Boxes wherever they fit: the longest run of rows dividing both the page and the tile, if it is a multiple
+    of 8 (a box starts on the 128-byte swizzle's 8-row period). Measured on the H200 (BENCHMARKS.md), 16-row
+    pages ran 1.41x the dense forward as 8 boxes per tile and 1.63x gathered, so the gather only serves the
+    page sizes no box fits (1 to 7, 12, 20, ...), which would otherwise fall to the decode kernel."""
+    rows = math.gcd(page_size, block_n) if page_size else block_n
+    if rows % 8 == 0:
+        return PrefillLoads(rows, WGMMA_PRODUCER_REGS, WGMMA_CONSUMER_REGS)
     return PrefillLoads(None, GATHER_PRODUCER_REGS, GATHER_CONSUMER_REGS)
 
 
