@@ -579,6 +579,11 @@ decode_paged_llama_bf16_prefill(const __grid_constant__ TensorMap q_map, const _
             mbarrier_init(v_empty(slot), MMA_WARPS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");   // visible to the copy engine
+    }
+    // Warp 0 meets before the first arrival: racecheck reported the Q barrier's initialisation and its
+    // expect_tx as a warp-level hazard (with softcap, ALiBi and a window, d64), though one thread does both.
+    __syncwarp();
+    if (tid == 0) {
         // Q first: it does not depend on the key schedule, so its copy overlaps the building of the step list.
         mbarrier_expect_bytes(q_full, Q_TILE_BYTES);
 #pragma unroll
