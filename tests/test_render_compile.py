@@ -133,6 +133,7 @@ ptxas info    : Used 168 registers, used 1 barriers, 64 bytes smem
 """
     assert parse_ptxas_report(log, "mine") == Resources(168, 0, 0, 0, 64)
     assert parse_ptxas_report(log, "other").spill_bytes == 12
+    assert parse_ptxas_report(log, "other").static_smem == 0        # not the next kernel's 64 bytes
     with pytest.raises(CompileError, match="no ptxas report for kernel 'absent'"):
         parse_ptxas_report(log, "absent")
 

@@ -88,7 +88,8 @@ def parse_ptxas_report(log: str, kernel_name: str) -> Resources:
         start = log.find(f"Compiling entry function '{kernel_name}'")
     if start < 0:
         raise CompileError(f"no ptxas report for kernel '{kernel_name}' in the NVRTC log:\n{log}")
-    section = log[start:]
+    end = log.find("Compiling entry function", start + 1)
+    section = log[start:end if end > 0 else len(log)]    # not the next kernel's lines (a field may be absent)
     values = {}
     for field, pattern in _REPORT.items():
         match = pattern.search(section)
