@@ -693,8 +693,10 @@ def kvcache_prefill(ctx):
     """Chunked prefill over a KV cache (Hopper: the prefill kernel, the wgmma forward over pages): 80 new tokens
     appended to lengths [0, 5, 100, 300] and attended causally, 16-row pages (8 copy-engine boxes per key tile,
     pages looked up a tile ahead by the producer warp) and 64-row pages; the last tile's spare value rows are
-    cleared by the compute warpgroups between two barriers, what racecheck and synccheck watch here."""
-    for page_size in (16, 64):
+    cleared by the compute warpgroups between two barriers, what racecheck and synccheck watch here. 12-row
+    pages: the producer warpgroup gathers rows with cp.async into the swizzled tile (completion on the tile's
+    barrier through cp.async.mbarrier.arrive, zero-fill past the keys)."""
+    for page_size in (16, 64, 12):
         _run_paged_cache(ctx, f"kvcache prefill page {page_size}", [0, 5, 100, 300], 80, page_size, 0)
 
 
