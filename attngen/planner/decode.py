@@ -190,7 +190,7 @@ class PrefillLoads:
 def prefill_loads(page_size: int | None, block_n: int) -> PrefillLoads:
     """Boxes wherever they fit: the longest run of rows dividing both the page and the tile, if it is a multiple
     of 8 (a box starts on the 128-byte swizzle's 8-row period). Measured on the H200 (BENCHMARKS.md), 16-row
-    pages ran 1.41x the dense forward as 8 boxes per tile and 1.63x gathered, so the gather only serves the
+    pages ran 1.30-1.48x the dense forward as 8 boxes per tile and 1.63-2.02x gathered, so the gather only serves the
     page sizes no box fits (1 to 7, 12, 20, ...), which would otherwise fall to the decode kernel."""
     rows = math.gcd(page_size, block_n) if page_size else block_n
     if rows % 8 == 0:
