@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .errors import SpecError, shown
 
-DTYPES = ("fp16", "bf16")
+DTYPES = ("fp16", "bf16", "fp8_e4m3")
+FP8_HEAD_DIMS = (128, 256)    # the 128-byte swizzle holds 128 fp8 columns: whole chunks only (d64 needs the 64-byte one)
 HEAD_DIM_MIN, HEAD_DIM_MAX = 1, 256   # FlashAttention's range: kernels pad to 16 inside their loads and stores
 TILE_KEYS = ("block_m", "block_n", "warps", "stages", "path")
 TILE_PATHS = ("mma_sync", "wgmma")     # the forward kernel paths (wgmma: Hopper, sm_90a)
@@ -113,7 +114,17 @@ class Spec:
 
     @property
     def elem_bytes(self) -> int:
-        return 2
+        """Bytes of a q, k or v element."""
+        return 1 if self.dtype == "fp8_e4m3" else 2
+
+    @property
+    def fp8(self) -> bool:
+        return self.dtype == "fp8_e4m3"
+
+    @property
+    def out_dtype(self) -> str:
+        """The output's dtype: the inputs', except fp8 inputs give bf16 (as FlashAttention-3's FP8 forward)."""
+        return "bf16" if self.fp8 else self.dtype
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -393,6 +404,7 @@ def _validated(values: dict) -> dict:
             raise SpecError("tensors", values["tensors"], "null with layout: varlen (named tensors are shaped by "
                             "[batch, seqlen] sizes)")
     out["page_size"] = _kvcache_fields(values, out)
+    _fp8_fields(values, out)
     if out["mask"] is not None and out["causal"]:
         raise SpecError("causal", True, "false when a mask is given: make causality part of the mask "
                         "({kind: causal}, or {kind: and, of: [{kind: causal}, ...]})")
@@ -431,6 +443,22 @@ def _kvcache_fields(values: dict, out: dict) -> int | None:
     if out["backward"] or out["deterministic"]:
         raise SpecError("backward", True, "false with layout: kvcache (decode has no backward)")
     return page_size
+
+
+def _fp8_fields(values: dict, out: dict) -> None:
+    """What the FP8 forward covers: Hopper's wgmma with both operands K-major, so whole 128-column chunks of
+    the head dims, the batch layout, and no backward (FlashAttention-3's FP8 is forward only too)."""
+    if values["dtype"] != "fp8_e4m3":
+        return
+    if out["head_dim"] not in FP8_HEAD_DIMS or out["head_dim_v"] != out["head_dim"]:
+        raise SpecError("head_dim", (out["head_dim"], out["head_dim_v"]), "with dtype: fp8_e4m3, head_dim = "
+                        f"head_dim_v in {FP8_HEAD_DIMS} (whole 128-byte rows of the tensor cores' swizzle)")
+    if values["layout"] != "batch":
+        raise SpecError("layout", values["layout"], "batch with dtype: fp8_e4m3")
+    if out["backward"] or out["deterministic"]:
+        raise SpecError("backward", True, "false with dtype: fp8_e4m3 (the FP8 path is forward only)")
+    if out["tile"] is not None and out["tile"].path != "wgmma":
+        raise SpecError("tile", values["tile"], "a wgmma tile with dtype: fp8_e4m3 (Hopper's FP8 tensor cores)")
 
 
 MASK_NAME_MAX = 40     # longer mask names keep their start and a hash of the whole
