@@ -50,6 +50,7 @@ class Variant:
     kvcache: bool                       # keys in a KV cache (contiguous or paged), lengths from cache_seqlens
     page_size: int | None               # a paged cache's rows per page
     reverse_query_tiles: bool           # query tiles run last first: the heavy ones under causal-like masks
+    fp8: bool = False                   # e4m3 inputs (V as V^T in P's key order), descale factors, bf16 output
 
     @property
     def score_mods(self) -> bool:
@@ -95,7 +96,7 @@ def variant_of(spec: Spec) -> Variant:
         mask_mod=spec.mask_mod, score_mod=spec.score_mod, score_mod_grad=spec.score_mod_grad, softcap=spec.softcap, alibi=spec.alibi,
         tensors=tensor_decls(spec.tensors), global_vector=global_vector(spec),
         varlen=spec.layout == "varlen", kvcache=spec.layout == "kvcache", page_size=spec.page_size,
-        reverse_query_tiles=spec.causal or schedule == "pattern")
+        reverse_query_tiles=spec.causal or schedule == "pattern", fp8=spec.fp8)
 
 
 def global_vector(spec: Spec) -> int:

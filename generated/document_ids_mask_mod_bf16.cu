@@ -55,8 +55,9 @@ constexpr bool CAUSAL    = false;
 constexpr int GLOBAL_VECTOR = 8;   // elements per global access of a row: 8 (16 bytes), or 1 for head dims off the multiples of 8
 #define NEG_INF __int_as_float(0xff800000u)   // -inf without the math headers
 
-// Tiles are stored in the 128-byte swizzle (see the Hopper piece): column chunks of 64 elements.
-constexpr int CHUNK = 64;
+// Tiles are stored in the 128-byte swizzle (see the Hopper piece): column chunks of 128 bytes.
+constexpr int ELEM_BYTES = 2;   // of q, k, v
+constexpr int CHUNK = 128 / ELEM_BYTES;
 constexpr int Q_CHUNK_BYTES = BLOCK_M * 128, KV_CHUNK_BYTES = BLOCK_N * 128;
 static_assert(D % CHUNK == 0 && DV % CHUNK == 0 && DV <= D, "head dims are whole chunks; O is staged in the Q tile");
 
@@ -575,8 +576,13 @@ __device__ __forceinline__ void wait_tile(unsigned full, unsigned parity) {
 
 constexpr int PRODUCER_REGS = 24;   // per thread after setmaxnreg; the compute
 constexpr int CONSUMER_REGS = 240;   // warpgroups take what the producer gives back
-constexpr int Q_TILE_BYTES = BLOCK_M * D * 2, K_TILE_BYTES = BLOCK_N * D * 2, V_TILE_BYTES = BLOCK_N * DV * 2;
-constexpr int K_OFFSET = Q_TILE_BYTES;                                     // STAGES K tiles
+constexpr int Q_TILE_BYTES = BLOCK_M * D * ELEM_BYTES, K_TILE_BYTES = BLOCK_N * D * ELEM_BYTES;
+constexpr int V_TILE_BYTES = BLOCK_N * DV * ELEM_BYTES;
+constexpr int O_TILE_BYTES = BLOCK_M * DV * 2;                             // staged in the Q tile's place
+// O += P V in steps of 32 bytes of P's row: 16 keys 16 rows of V apart (2048 B) at 16 bits, 32 keys 32
+// bytes apart along V^T's rows at 8.
+constexpr int P_STEPS = BLOCK_N * ELEM_BYTES / 32, V_STEP_BYTES = 2048;
+constexpr int K_OFFSET = Q_TILE_BYTES > O_TILE_BYTES ? Q_TILE_BYTES : O_TILE_BYTES;   // STAGES K tiles
 constexpr int V_OFFSET = K_OFFSET + STAGES * K_TILE_BYTES;                 // STAGES V tiles
 constexpr int BARRIER_OFFSET = V_OFFSET + STAGES * V_TILE_BYTES;           // q_full, then per slot: k_full,
 constexpr int BARRIER_BYTES = (1 + 4 * STAGES) * 8;                        // v_full, k_empty, v_empty
@@ -702,24 +708,24 @@ document_ids_mask_mod_bf16_fwd(const __grid_constant__ TensorMap q_map, const __
     RowStats stats;
     init_accumulators(acc_o, stats);
     float acc_s[M_TILES][BLOCK_N / 8][4];
-    unsigned p_frag[M_TILES][BLOCK_N / 16][4];
+    unsigned p_frag[M_TILES][P_STEPS][4];
     float correction[M_TILES][2];
 
-    // S = Q K^T over D / 16 k-steps: chunk c, 16 columns (32 bytes) at a time.
+    // S = Q K^T over k-steps of 32 bytes of columns (16 at 16 bits, 32 at 8), 4 to a 128-byte chunk.
     auto issue_scores = [&](float (&s)[BLOCK_N / 8][4], int slot) {
         const unsigned long long k_slot = k_desc(slot);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < D * ELEM_BYTES / 32; ++kk) {
             const int offset = (kk / 4 * Q_CHUNK_BYTES + kk % 4 * 32) >> 4, k_offset = (kk / 4 * KV_CHUNK_BYTES + kk % 4 * 32) >> 4;
             wgmma_scores(s, q_desc + offset, k_slot + k_offset, kk > 0);
         }
         wgmma_commit();
     };
-    // O += P V over BLOCK_N / 16 key steps of 16 rows (2048 bytes) each.
-    auto issue_output = [&](float (&acc)[DV / 8][4], const unsigned (&p)[BLOCK_N / 16][4], int slot) {
+    // O += P V over P_STEPS key steps, V_STEP_BYTES apart in the V tile.
+    auto issue_output = [&](float (&acc)[DV / 8][4], const unsigned (&p)[P_STEPS][4], int slot) {
         const unsigned long long v_slot = v_desc(slot);
 #pragma unroll
-        for (int ks = 0; ks < BLOCK_N / 16; ++ks) wgmma_output(acc, p[ks], v_slot + ((ks * 16 * 128) >> 4), 1);
+        for (int ks = 0; ks < P_STEPS; ++ks) wgmma_output(acc, p[ks], v_slot + ((ks * V_STEP_BYTES) >> 4), 1);
         wgmma_commit();
     };
     // Score modifiers and the mask of step j, then the softmax: S becomes unnormalised P in place.

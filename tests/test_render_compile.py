@@ -366,7 +366,8 @@ def test_kernel_kinds_name_their_templates_and_suffixes():
     spec = attngen.Spec(head_dim=64, name="k")
     assert [kernel_name(spec, kind) for kind in KernelKind] == ["k_fwd", "k_bwd_dq", "k_bwd_dkdv", "k_bwd_delta",
                                                                  "k_bwd_dq_convert", "k_varlen_schedule", "k_decode",
-                                                                 "k_kvcache_append", "k_decode_combine", "k_prefill"]
+                                                                 "k_kvcache_append", "k_decode_combine", "k_prefill",
+                                                                 "k_v_transpose"]
     assert KernelKind.DECODE.template("mma_sync") == "decode.cu.j2"
     assert KernelKind.PREFILL.template("wgmma") == "forward_wgmma.cu.j2"       # the forward, over a cache's pages
     with pytest.raises(ValueError, match="prefill: no entry template on the mma_sync path"):

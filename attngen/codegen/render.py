@@ -10,9 +10,10 @@ from .modifiers import ActiveModifiers
 from .signature import kernel_signatures
 from ..spec import Spec
 from ..planner.decode import prefill_loads
+from .fp8 import P_SCALE_LOG2
 from ..variant import variant_of
 
-MMA_TYPES = {"bf16": "bf16", "fp16": "f16"}
+MMA_TYPES = {"bf16": "bf16", "fp16": "f16", "fp8_e4m3": "e4m3"}
 
 
 class KernelKind(str, Enum):
@@ -29,17 +30,19 @@ class KernelKind(str, Enum):
     KVCACHE_APPEND = "kvcache_append"
     DECODE_COMBINE = "decode_combine"
     PREFILL = "prefill"          # the wgmma forward over a KV cache's pages (chunked prefill)
+    FP8_V_TRANSPOSE = "fp8_v_transpose"    # V -> V^T in P's key order, beside the FP8 forward
 
     @property
     def suffix(self) -> str:
         return {"forward": "fwd", "backward_dq": "bwd_dq", "backward_dkdv": "bwd_dkdv", "backward_delta": "bwd_delta",
                 "backward_dq_convert": "bwd_dq_convert", "varlen_schedule": "varlen_schedule", "decode": "decode",
-                "kvcache_append": "kvcache_append", "decode_combine": "decode_combine", "prefill": "prefill"}[self.value]
+                "kvcache_append": "kvcache_append", "decode_combine": "decode_combine", "prefill": "prefill",
+                "fp8_v_transpose": "v_transpose"}[self.value]
 
     def template(self, path: str) -> str:
         """The entry template of this kind on a kernel path ("mma_sync" | "wgmma")."""
         if self in (KernelKind.BACKWARD_DELTA, KernelKind.BACKWARD_DQ_CONVERT, KernelKind.VARLEN_SCHEDULE,
-                    KernelKind.KVCACHE_APPEND, KernelKind.DECODE_COMBINE) or (
+                    KernelKind.KVCACHE_APPEND, KernelKind.DECODE_COMBINE, KernelKind.FP8_V_TRANSPOSE) or (
                 path == "wgmma" and self in (KernelKind.BACKWARD_DQ, KernelKind.DECODE)):
             raise ValueError(f"{self.value}: no entry template on the {path} path")
         if self is KernelKind.PREFILL:
@@ -65,7 +68,8 @@ def render(spec: Spec, plan, kind: str = "forward") -> str:
     return template.render(spec=spec, plan=plan, version=__version__, kernel_name=kernel_name(spec, kind),
                            signatures=kernel_signatures(kind, variant, plan), mods=ActiveModifiers(variant),
                            score_grad=kind not in ("forward", "decode", "prefill"),
-                           mma_type=MMA_TYPES[spec.dtype], spec_items=spec_items, plan_items=plan_items,
+                           mma_type=MMA_TYPES[spec.dtype], out_type=MMA_TYPES[spec.out_dtype],
+                           fp8_p_scale=2 ** P_SCALE_LOG2, spec_items=spec_items, plan_items=plan_items,
                            variant=variant, tensors=variant.tensors, score_mod=variant.score_mod,
                            mask_mod=variant.mask_mod, score_mod_grad=variant.score_mod_grad if kind not in ("forward", "decode", "prefill") else None,
                            probe=False, bwd=plan,
@@ -74,4 +78,5 @@ def render(spec: Spec, plan, kind: str = "forward") -> str:
                            varlen_schedule_kernel_name=kernel_name(spec, "varlen_schedule"),
                            append_kernel_name=kernel_name(spec, "kvcache_append"),
                            combine_kernel_name=kernel_name(spec, "decode_combine"),
+                           v_transpose_kernel_name=kernel_name(spec, "fp8_v_transpose"),
                            prefill=prefill_loads(spec.page_size, plan.block_n) if kind == "prefill" else None)

@@ -117,11 +117,23 @@ def modifier_params(variant: Variant) -> tuple[Param, ...]:
             *(Param(f"const {t.ctype}*", t.name) for t in variant.tensors))
 
 
+# FP8: the factors that undo each input's quantisation, per (batch, KV head) at [b * stride_b + h * stride_h]
+# (strides 0: one factor for the whole tensor), as FlashAttention-3's q_descale, k_descale, v_descale.
+FP8_DESCALES = (*pointers("const float*", "q_descale", "k_descale", "v_descale"), Param("int", "descale_stride_b"),
+                Param("int", "descale_stride_h"))
+
+
+# FP8's V^T pass (pieces/fp8_v_transpose.cu.j2): V's strides in elements (= bytes), V^T contiguous.
+FP8_V_TRANSPOSE = Signature((Param("const unsigned char*", "v"), Param("unsigned char*", "vt"), *strides("v"),
+                             Param("int", "seqlen_k"), Param("int", "keys_padded")))
+
+
 def forward_signature(variant: Variant, wgmma: bool, gather: bool = False) -> Signature:
     """q, k, v (tensor maps on the wgmma path), o, lse first: a remembered launch swaps exactly these. Over a KV
     cache (prefill, the wgmma path only) the k and v maps address the cache's pages, [page or sequence, row,
     head, dim], or (gather: the producer warpgroup reads rows itself) k and v are the caches' pointers with
-    their strides; the sizes are PREFILL_SIZES."""
+    their strides; the sizes are PREFILL_SIZES. FP8: the v map addresses V^T in P's key order (fp8.py).
+    """
     if wgmma and gather:
         inputs = (*maps("q"), *pointers("const elem_t*", "k", "v"), Param("elem_t*", "o"), Param("float*", "lse"),
                   *strides("k"), *strides("v"))
@@ -131,7 +143,9 @@ def forward_signature(variant: Variant, wgmma: bool, gather: bool = False) -> Si
         inputs = (*pointers("const elem_t*", "q", "k", "v"), Param("elem_t*", "o"), Param("float*", "lse"),
                   *strides("q"), *strides("k"), *strides("v"))
     layout = QUERY_MAJOR_LAYOUT if variant.schedule == "runtime" else ()
-    return Signature((*inputs, *strides("o"), *sizes(variant), *layout, *modifier_params(variant)))
+    return Signature((*inputs, *strides("o"), *sizes(variant), *layout, *modifier_params(variant),
+                      *(FP8_DESCALES if variant.fp8 else ())))
+
 
 
 def backward_dq_signature(variant: Variant) -> Signature:
@@ -227,7 +241,8 @@ def kernel_signatures(kind: str, variant: Variant, plan) -> dict[str, Signature]
     wgmma = plan.path == "wgmma"
     schedule = {"varlen_schedule": VARLEN_SCHEDULE} if variant.varlen else {}
     if kind == "forward":
-        return {"forward": forward_signature(variant, wgmma), **schedule}
+        transpose = {"fp8_v_transpose": FP8_V_TRANSPOSE} if variant.fp8 else {}
+        return {"forward": forward_signature(variant, wgmma), **schedule, **transpose}
     if kind == "backward_dq":
         return {"backward_dq": backward_dq_signature(variant), "backward_delta": backward_delta_signature(False),
                 **schedule}

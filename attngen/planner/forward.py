@@ -116,21 +116,30 @@ def smem_bytes(spec: Spec, block_m: int, block_n: int, stages: int) -> int:
 
 
 def wgmma_smem_bytes(spec: Spec, block_m: int, block_n: int, stages: int) -> int:
-    """Q tile, the K/V rings (no padding: swizzled), the mbarriers, and 1 KB to align the window."""
+    """Q tile (or the 16-bit O staged in its place, if larger: FP8), the K/V rings (no padding: swizzled), the
+    mbarriers, and 1 KB to align the window."""
     d, dim_v = round_up(spec.head_dim, 64), round_up(spec.head_dim_v, 64)
     barriers = round_up((1 + 4 * stages) * 8, 16)
-    return WGMMA_SMEM_ALIGN + (block_m * d + stages * block_n * (d + dim_v)) * spec.elem_bytes + barriers
+    q_region = max(block_m * d * spec.elem_bytes, block_m * dim_v * 2)
+    return WGMMA_SMEM_ALIGN + q_region + stages * block_n * (d + dim_v) * spec.elem_bytes + barriers
+
+
+FP8_REG_MARGIN = 16
 
 
 def wgmma_registers(spec: Spec, block_n: int) -> int:
-    """Per compute thread: the 64 x dim_v O accumulator, the 64 x block_n S tile and its packed P over 128 threads."""
-    return round_up(spec.head_dim_v, 64) // 2 + block_n // 2 + block_n // 4 + WGMMA_REG_OVERHEAD + mask_registers(spec)
+    """Per compute thread: the 64 x dim_v O accumulator, the 64 x block_n S tile and its packed P (two values a
+    register, four at FP8) over 128 threads."""
+    packed_p = block_n // (8 if spec.fp8 else 4)
+    return round_up(spec.head_dim_v, 64) // 2 + block_n // 2 + packed_p + WGMMA_REG_OVERHEAD + mask_registers(spec)
 
 
 def wgmma_unsupported(spec: Spec, device: Device) -> str:
     """Why the wgmma path cannot serve this spec on this device ("" when it can)."""
     if device.cc != 90:
         return f"wgmma needs sm_90 (Hopper), not {device.arch}"
+    if spec.fp8 and spec.head_dim % 128:
+        return f"FP8 wgmma: head_dim={spec.head_dim} must be whole 128-byte rows"
     if spec.head_dim % 64 or spec.head_dim_v % 64 or spec.head_dim_v > spec.head_dim:
         return (f"wgmma path: head_dim={spec.head_dim}, head_dim_v={spec.head_dim_v} must be multiples of 64 "
                 "with head_dim_v <= head_dim")
@@ -251,6 +260,8 @@ def evaluate(spec: Spec, device: Device, block_m: int, block_n: int, warps: int,
 
     if path == "wgmma":
         return evaluate_wgmma(spec, device, block_m, block_n, warps, stages, reject)
+    if spec.fp8:
+        return reject("fp8_e4m3 runs on Hopper's wgmma path only (mma.sync here takes 16-bit inputs)")
 
     if block_m % (16 * warps):
         return reject(f"block_m={block_m} is not a multiple of 16 rows x warps={warps}")
@@ -290,12 +301,16 @@ def evaluate_wgmma(spec: Spec, device: Device, block_m: int, block_n: int, warps
                       f"on {4 * (1 + WGMMA_COMPUTE_GROUPS)} warps")
     if block_n % 16 or not 16 <= block_n <= 256:
         return reject(f"wgmma path: block_n={block_n} must be a multiple of 16 in 16..256")
+    if spec.fp8 and block_n != 128:
+        return reject(f"FP8 wgmma: block_n={block_n}; V^T's rows are one 128-byte swizzle row of keys (128)")
     smem = wgmma_smem_bytes(spec, block_m, block_n, stages)
     _, why = layout_fit(spec, device, block_m, block_n, warps, smem)
     if why:
         return reject(why)
     regs = wgmma_registers(spec, block_n)
-    if regs > WGMMA_CONSUMER_REGS:
+    # At FP8 the estimate runs ~16 over ptxas (d256 128x128: estimated 256, compiled without spills at 240);
+    # within that margin the build's spill check decides.
+    if regs > WGMMA_CONSUMER_REGS + (FP8_REG_MARGIN if spec.fp8 else 0):
         return reject(f"~{regs} registers per compute thread exceed the {WGMMA_CONSUMER_REGS} setmaxnreg gives")
     ref = REFERENCE_PROBLEM | {"heads": spec.num_heads or REFERENCE_PROBLEM["heads"]}
     flops, hbm, smem_read, t_us, bound = problem_cost(spec, block_m, block_n, warps, 1, device, 1, **ref, path="wgmma")
@@ -344,6 +359,8 @@ def make_plan(spec: Spec, device: Device) -> Plan:
             raise PlanError(f"tile override {t.block_m}x{t.block_n}, {t.warps} warps, {t.stages} stages "
                             f"does not fit {device.arch}: {c.reject}")
         return c.plan
+    if spec.fp8 and device.cc != 90:
+        raise PlanError(f"dtype fp8_e4m3 needs Hopper (sm_90, wgmma with e4m3 operands), not {device.arch}")
     ranked = candidates(spec, device)
     if not ranked or ranked[0].plan is None:
         raise PlanError(f"no tile configuration fits {device.arch} for head_dim={spec.head_dim}")

@@ -14,12 +14,13 @@ from collections import OrderedDict
 
 MAP_BYTES = 128                      # sizeof(CUtensorMap); it must be 64-byte aligned
 MAP_ALIGN = 64
-DATA_TYPES = {"fp16": 6, "bf16": 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
+DATA_TYPES = {"fp16": 6, "bf16": 9, "fp8_e4m3": 0}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16 / _UINT8 (raw bytes)
+ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp8_e4m3": 1}
 INTERLEAVE_NONE = 0
 SWIZZLE_128B = 3                     # CU_TENSOR_MAP_SWIZZLE_128B: the layout wgmma's descriptors name
 L2_PROMOTION_256B = 3                # CU_TENSOR_MAP_L2_PROMOTION_L2_256B
 OOB_FILL_ZEROS = 0                   # CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE: rows past the end read as zeros
-BOX_COLUMNS = 64                     # 64 bf16/fp16 = 128 bytes: one swizzle row per copy
+SWIZZLE_ROW_BYTES = 128              # a box row is one swizzle row: 64 bf16/fp16 or 128 fp8 columns
 CACHED_ADDRESSES = 8                 # encodings kept per argument: an encode costs ~7 us, a copy ~0.3 us
 
 
@@ -36,12 +37,12 @@ def _encode_tiled():
 
 class TensorMapArgument:
     """One kernel argument holding the tensor map of a [batch, seqlen, heads, dim] tensor (strides in
-    elements, the last one 1), copied in boxes of BOX_COLUMNS x box_rows. Assigning `value` a new base
+    elements, the last one 1), copied in boxes of (128 bytes of dim) x box_rows. Assigning `value` a new base
     address re-encodes the map (so an ArgumentBlock can swap pointers like any other argument)."""
 
     def __init__(self, name: str, dtype: str, ptr: int, shape, strides, box_rows: int, encodings=None):
         batch, seqlen, heads, dim = shape
-        elem = 2
+        elem = ELEM_BYTES[dtype]
         self.name = name
         self._storage = (ctypes.c_uint8 * (MAP_BYTES + MAP_ALIGN))()
         self.address = -(-ctypes.addressof(self._storage) // MAP_ALIGN) * MAP_ALIGN
@@ -51,7 +52,7 @@ class TensorMapArgument:
         # a batch of one (a packed varlen tensor, batch stride 0) never steps its batch stride: any valid one
         batch_stride = strides[0] if batch > 1 else strides[1] * max(seqlen, 1)
         self._strides = (ctypes.c_uint64 * 3)(strides[1] * elem, strides[2] * elem, batch_stride * elem)
-        self._box = (ctypes.c_uint32 * 4)(BOX_COLUMNS, box_rows, 1, 1)
+        self._box = (ctypes.c_uint32 * 4)(SWIZZLE_ROW_BYTES // elem, box_rows, 1, 1)
         self._element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
         # base address -> the map's bytes (callers reuse buffers); `encodings` shares them between arguments
         # of one layout and box
