@@ -32,11 +32,13 @@ def attention_backward(q, k, v, out, lse, dout, causal: bool = False, scale: flo
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None, return_lse: bool = False, *,
               window=None, softcap: float | None = None, alibi_slopes=None, block_mask=None,
-              deterministic: bool = False, position_offsets=None):
+              deterministic: bool = False, position_offsets=None, q_descale=None, k_descale=None, v_descale=None):
     """softmax(scale * q k^T [modified, masked]) v, compiled for these inputs on first use and cached.
 
     q [batch, seqlen_q, heads_q, head_dim], k [batch, seqlen_k, heads_kv, head_dim],
-    v [batch, seqlen_k, heads_kv, head_dim_v]; torch CUDA tensors or CuPy arrays, fp16 or bf16.
+    v [batch, seqlen_k, heads_kv, head_dim_v]; torch CUDA tensors or CuPy arrays, fp16 or bf16; or torch
+    float8_e4m3fn on Hopper (head_dim = head_dim_v 128 or 256, forward only, bf16 out) with q_descale,
+    k_descale, v_descale: float32, one factor or [batch, heads_kv] (FlashAttention-3's), None for 1.
     window=(left, right): each query sees keys within left before and right after its (bottom-right
     aligned) position, -1 for no limit; softcap: scores become softcap * tanh(score / softcap);
     alibi_slopes: fp32 [heads_q] or [batch, heads_q], adds -slope * |i + seqlen_k - seqlen_q - j|;
@@ -47,14 +49,19 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
     positions (context parallelism, ring attention); causal, window and ALiBi compare q_start + i with
     kv_start + j. None: bottom-right alignment. Merge the shards' results with merge_attention.
     Returns out (same library, dtype and device as q), and lse [batch, heads_q, seqlen_q] fp32 if asked."""
+    descales = {"q_descale": q_descale, "k_descale": k_descale, "v_descale": v_descale}
+    descaled = any(x is not None for x in descales.values())
     if block_mask is None and _compiling(q):      # torch.compile: the custom op, opaque to the tracer
+        if descaled:
+            raise ValueError("q_descale, k_descale, v_descale: not through torch.compile yet; call attention eagerly")
         from .autograd import attention_op, window_list
 
         out, lse = attention_op(q, k, v, None, None, causal, scale, window_list(window), softcap, alibi_slopes,
                                 deterministic, position_shift(position_offsets, q, k))
         return (out, lse) if return_lse else out
     plain = (window is None and softcap is None and alibi_slopes is None and block_mask is None
-             and deterministic is False and position_offsets is None and (causal is True or causal is False))
+             and deterministic is False and position_offsets is None and (causal is True or causal is False)
+             and not descaled)
     if plain:       # the common call: one dict lookup to the kernel (the call-overhead budget is ~30 us)
         try:
             plain_key = (type(q), q.dtype, q.shape[-1:], v.shape[-1:], len(q.shape), len(v.shape), causal,
@@ -68,7 +75,8 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
     shift = position_shift(position_offsets, q, k)
     spec = _spec_for_call(q, k, v, causal, window=window, softcap=softcap, alibi=alibi_slopes is not None,
                           block_mask=block_mask, deterministic=deterministic)
-    call = dict(scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask, position_shift=shift)
+    call = dict(scale=scale, alibi_slopes=alibi_slopes, block_mask=block_mask, position_shift=shift,
+                **(descales if descaled else {}))
     if _needs_grad(q, k, v):
         from .autograd import attention_with_grad
 

@@ -99,7 +99,8 @@ def build(spec: Spec, device: int | None = None, path: str | None = None) -> Ker
         chosen, source, (binary, cubin_path) = plan_and_compile(
             spec, dev, lambda src, chosen: compile_cached(src, spec.name, chosen.target, name), path)
         # inputs the copy engine cannot address (stride-0 K/V, say) run on the mma.sync kernel instead
-        fallback = functools.partial(build, spec, index, "mma_sync") if chosen.path == "wgmma" else None
+        # (FP8 has no mma.sync kernel: inputs the copy engine cannot address are refused)
+        fallback = functools.partial(build, spec, index, "mma_sync") if chosen.path == "wgmma" and not spec.fp8 else None
         kernel = Kernel(spec, chosen, source, binary, cubin_path, name, fallback=fallback)
     with _kernels_lock:
         return _kernels.setdefault(key, kernel)

@@ -73,6 +73,9 @@ def test_format_rows_gives_ratios_and_the_roofline_fraction():
     assert numbers[:4] == ["s", "fwd", "4096", "300.0"]
     assert "0.91" in numbers and "0.75" in numbers and "0.38" in numbers      # /flash, /flex, roofline
     assert "sdpa_cudnn" not in text                                           # a peer that never ran
+    assert "fp8" not in text
+    with_fp8 = format_rows([row | {"attngen_fp8": 480.0}])
+    assert "fp8/bf16" in with_fp8 and with_fp8.splitlines()[2].split()[-2:] == ["480.0", "1.60"]
 
 
 def test_plot_rows_writes_a_png(tmp_path):

@@ -74,3 +74,63 @@ def test_fp8_spec_sizes():
     spec = attngen.Spec(head_dim=256, dtype="fp8_e4m3", causal=True)
     assert spec.elem_bytes == 1 and spec.out_dtype == "bf16" and spec.name == "attn_d256_fp8_e4m3_causal"
     assert attngen.Spec(head_dim=128).out_dtype == "bf16" and attngen.Spec(head_dim=64, dtype="fp16").elem_bytes == 2
+
+
+def test_e4m3_rounding_matches_torch():
+    torch = pytest.importorskip("torch")
+    from attngen.tools.reference import round_to_e4m3
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(20000) * s for s in (1e-3, 0.05, 1.0, 30.0, 300.0)]
+                       + [np.array([0.0, -0.0, 2.0 ** -9, 2.0 ** -10, 3 * 2.0 ** -11, 448.0, 464.0, 1e6, -1e6])])
+    want = torch.from_numpy(np.clip(x, -448, 448)).to(torch.float8_e4m3fn).to(torch.float64).numpy()
+    np.testing.assert_array_equal(round_to_e4m3(x), want)
+
+
+def test_fp8_reference_rounds_the_weights_only():
+    from attngen.tools.reference import attention_fp8_reference, attention_reference
+
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, 40, 2, 128)) for _ in range(3))
+    exact, lse = attention_reference(q, k, v, causal=True)
+    fp8, fp8_lse = attention_fp8_reference(q, k, v, causal=True)
+    np.testing.assert_array_equal(lse, fp8_lse)                     # the statistics are not rounded
+    err = np.max(np.abs(fp8 - exact))
+    assert 1e-3 < err < 0.1                                        # e4m3's 3 mantissa bits show, and only them
+    wide, _ = attention_fp8_reference(q, k, v, causal=True, p_scale=2.0 ** 20)   # (then: saturation dominates)
+    assert np.max(np.abs(wide - exact)) > err
+
+
+@pytest.mark.parametrize("fields", [dict(head_dim=128), dict(head_dim=128, causal=True), dict(head_dim=256),
+                                    dict(head_dim=128, softcap=30.0, alibi=True, causal=True),
+                                    dict(head_dim=128, mask={"kind": "sliding_window", "left": 100, "right": 0})])
+def test_fp8_kernels_compile_clean(fields):
+    """The FP8 forward and its V^T transpose build for Hopper with no spills, no stack and no serialised wgmma;
+    the forward's shared memory is the plan's (a static_assert ties the layout to it)."""
+    from attngen.codegen.compile import nvrtc_compile
+    from attngen.codegen.render import kernel_name, render
+    from attngen.planner.device import preset
+    from attngen.planner.forward import make_plan
+
+    spec = attngen.Spec(dtype="fp8_e4m3", **fields)
+    plan = make_plan(spec, preset("sm_90"))
+    assert plan.path == "wgmma" and plan.block_n == 128
+    source = render(spec, plan)
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in source
+    assert "to_a_fragments_fp8<M_TILES, BLOCK_N>(p_frag, acc_s);" in source
+    for kind in ("forward", "fp8_v_transpose"):
+        r = nvrtc_compile(source, spec.name, plan.target, kernel_name(spec, kind)).resources
+        assert r.spill_bytes == 0 and r.stack_frame == 0 and not r.wgmma_serialized
+
+
+def test_fp8_plans_only_on_hopper():
+    from attngen.errors import PlanError
+    from attngen.planner.device import preset
+    from attngen.planner.forward import explain, make_plan
+
+    spec = attngen.Spec(dtype="fp8_e4m3", head_dim=128)
+    with pytest.raises(PlanError, match="needs Hopper"):
+        make_plan(spec, preset("sm_80"))
+    assert "V^T" in explain(spec, preset("sm_90"))
+    # the Q region holds the bf16 O staged in its place: twice the fp8 Q tile
+    assert make_plan(spec, preset("sm_90")).smem_bytes == 1024 + 128 * 128 * 2 + 2 * 128 * 256 + 80

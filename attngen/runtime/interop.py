@@ -17,7 +17,7 @@ class TensorView(NamedTuple):
     obj: object
 
 
-_TORCH_DTYPE_NAMES = {"torch.float16": "fp16", "torch.bfloat16": "bf16"}
+_TORCH_DTYPE_NAMES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float8_e4m3fn": "fp8_e4m3"}
 
 
 def _view(name: str, x) -> TensorView:
@@ -42,9 +42,11 @@ def _empty_like(ref: TensorView, shape, dtype: str):
     if ref.kind == "torch":
         import torch
 
-        tdtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int32": torch.int32}[dtype]
+        tdtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int32": torch.int32,
+                  "uint8": torch.uint8}[dtype]
         return torch.empty(shape, dtype=tdtype, device=ref.obj.device)
     import cupy
 
     with cupy.cuda.Device(ref.device):
-        return cupy.empty(shape, dtype={"fp16": cupy.float16, "fp32": cupy.float32, "int32": cupy.int32}[dtype])
+        return cupy.empty(shape, dtype={"fp16": cupy.float16, "fp32": cupy.float32, "int32": cupy.int32,
+                                        "uint8": cupy.uint8}[dtype])

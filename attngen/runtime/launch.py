@@ -22,6 +22,7 @@ from .arguments import layout_args, modifier_args, stride_args
 from ..codegen.signature import VARLEN_SCHEDULE, forward_signature
 from .interop import TensorView, _empty_like, _view  # noqa: F401  (TensorView: the launchers' view of an input)
 from .uploads import stream_handle
+from .fp8 import DESCALES, TRANSPOSE_THREADS, descale_args, transposed_v
 from .varlen import SCHEDULE_THREADS, grid_tiles, packed, schedule_args, schedule_buffer, varlen_sizes
 from ..variant import variant_of
 
@@ -77,8 +78,9 @@ def check_layout(spec: Spec, name: str, vw: TensorView, vector: int) -> TensorVi
         raise TypeError(f"{name}: expected dtype {spec.dtype} (the built kernel's), got {vw.dtype}")
     if vw.strides[-1] != 1:
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {vw.strides}")
-    if any(s % vector for s in vw.strides[:-1]) or vw.ptr % (2 * vector):
-        raise ValueError(f"{name}: row starts must be {2 * vector}-byte aligned (strides multiples of {vector} "
+    step = 2 * vector // spec.elem_bytes                # elements per aligned access (16 bytes, or 2 at vector 1)
+    if any(s % step for s in vw.strides[:-1]) or vw.ptr % (2 * vector):
+        raise ValueError(f"{name}: row starts must be {2 * vector}-byte aligned (strides multiples of {step} "
                          f"elements: this kernel's head dims are multiples of {vector}), got strides {vw.strides} "
                          f"at address 0x{vw.ptr:x}")
     return vw
@@ -89,12 +91,12 @@ def output_views(spec: Spec, qv: TensorView, out, lse, out_shape: tuple, lse_sha
     dim contiguous, rows aligned for the kernel's global accesses; lse: contiguous float32), or new ones made in
     q's library and device. Nothing is launched before this."""
     vector = variant_of(spec).global_vector
-    out = _empty_like(qv, out_shape, spec.dtype) if out is None else out
+    out = _empty_like(qv, out_shape, spec.out_dtype) if out is None else out
     lse = _empty_like(qv, lse_shape, "fp32") if lse is None else lse
     ov, lv = _view("out", out), _view("lse", lse)
-    if ov.kind != qv.kind or ov.shape != out_shape or ov.dtype != spec.dtype or ov.strides[-1] != 1 \
+    if ov.kind != qv.kind or ov.shape != out_shape or ov.dtype != spec.out_dtype or ov.strides[-1] != 1 \
             or any(s % vector for s in ov.strides[:-1]) or ov.ptr % (2 * vector) or ov.device != qv.device:
-        raise ValueError(f"out: expected a {qv.kind} {spec.dtype} array of shape {out_shape} on device "
+        raise ValueError(f"out: expected a {qv.kind} {spec.out_dtype} array of shape {out_shape} on device "
                          f"{qv.device}, last dim contiguous, rows {2 * vector}-byte aligned")
     contiguous = tuple(math.prod(lse_shape[i + 1:]) for i in range(len(lse_shape)))
     if lv.kind != qv.kind or lv.shape != lse_shape or lv.dtype not in ("float32", "torch.float32") \
@@ -264,6 +266,9 @@ class Kernel:
             self._info_slot = self.signature.names.index("tile_info")
             self._schedule_slots = [VARLEN_SCHEDULE.names.index(n) for n in ("tile_order", "tile_start", "tile_info")]
             assert VARLEN_SCHEDULE.names[:2] == ("cu_seqlens_q", "cu_seqlens_k")
+        if self.variant.fp8:
+            transpose = self._module.get_function(render.kernel_name(spec, render.KernelKind.FP8_V_TRANSPOSE))
+            self._transpose_handle = transpose.kernel.ptr
 
     @property
     def resources(self):
@@ -275,15 +280,22 @@ class Kernel:
                 f"{p.stages} stages, {p.smem_bytes} B smem, {self.resources.registers} regs>")
 
     def __call__(self, q, k, v, *, scale: float | None = None, out=None, lse=None, block_mask=None,
-                 alibi_slopes=None, tensors=None, cu_seqlens_q=None, cu_seqlens_k=None, position_shift: int = 0):
+                 alibi_slopes=None, tensors=None, cu_seqlens_q=None, cu_seqlens_k=None, position_shift: int = 0,
+                 q_descale=None, k_descale=None, v_descale=None):
         """Return (out, lse). `out` [b, sq, hq, head_dim_v] and `lse` [b, hq, sq] fp32 may be given to write into.
         A `mask: {kind: runtime}` spec takes a BlockMask; an alibi spec may take its slopes ([heads_q] or
         [batch, heads_q] fp32; default: ALiBi's standard slopes); a spec with named tensors takes them
         as tensors={name: array}. A `layout: varlen` spec takes packed q [total_q, hq, d], k, v [total_k, hkv, d]
         with cu_seqlens_q/k (int32 [batch + 1]): out is [total_q, hq, head_dim_v], lse [hq, total_q].
-        position_shift: added to the bottom-right alignment of causal, windows and ALiBi (check_position_shift)."""
-        varlen = self.variant.varlen
-        fast = out is None and lse is None and block_mask is None and alibi_slopes is None and tensors is None
+        position_shift: added to the bottom-right alignment of causal, windows and ALiBi (check_position_shift).
+        An fp8_e4m3 spec takes q, k, v as float8_e4m3fn and the factors that undo their quantisation
+        (runtime/fp8.py, descale_args); its out is bf16. Each call transposes V first (not remembered)."""
+        varlen, fp8 = self.variant.varlen, self.variant.fp8
+        descales = {"q_descale": q_descale, "k_descale": k_descale, "v_descale": v_descale}
+        if not fp8 and any(x is not None for x in descales.values()):
+            raise ValueError(f"{', '.join(DESCALES)}: only for an fp8_e4m3 kernel; this one is {self.spec.dtype}")
+        fast = (out is None and lse is None and block_mask is None and alibi_slopes is None and tensors is None
+                and not fp8)
         signature = _torch_signature(q, k, v, (scale, position_shift)) if fast and self._signature_ok else None
         if signature is not None:
             block = self._signatures.get(signature)
@@ -333,12 +345,18 @@ class Kernel:
                     raise ValueError("known untileable")
                 inputs = {
                     "q_map": TensorMapArgument("q", self.spec.dtype, qv.ptr, qv.shape, qv.strides, p.block_m),
-                    "k_map": TensorMapArgument("k", self.spec.dtype, kv.ptr, kv.shape, kv.strides, p.block_n),
-                    "v_map": TensorMapArgument("v", self.spec.dtype, vv.ptr, vv.shape, vv.strides, p.block_n)}
+                    "k_map": TensorMapArgument("k", self.spec.dtype, kv.ptr, kv.shape, kv.strides, p.block_n)}
+                if fp8:          # V^T, transposed below on the kernel's stream
+                    transpose_grid, transpose_args, inputs["v_map"] = transposed_v(self.spec, vv, batch, heads_kv,
+                                                                                   seqlen_k, keep)
+                    inputs.update(descale_args(qv, descales, batch, heads_kv, keep))
+                else:
+                    inputs["v_map"] = TensorMapArgument("v", self.spec.dtype, vv.ptr, vv.shape, vv.strides, p.block_n)
             except ValueError as exc:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V)
                 if self._fallback is None:
                     raise ValueError(f"q, k, v: the Hopper kernel's copy engine cannot address these layouts ({exc}); "
-                                     "build the kernel with path='mma_sync'") from None
+                                     + ("FP8 runs on it only: make the rows 16-byte aligned" if fp8 else
+                                        "build the kernel with path='mma_sync'")) from None
                 self._untileable.add(layouts)    # later calls skip the encoding attempt
                 return self._fallback()(q, k, v, scale=scale, out=out, lse=lse, block_mask=block_mask,
                                         alibi_slopes=alibi_slopes, tensors=tensors, cu_seqlens_q=cu_seqlens_q,
@@ -362,6 +380,9 @@ class Kernel:
                                                self.variant.reverse_query_tiles, capacity, buffers)))
                 scheduling.launch(_stream_handle(qv))
                 sizes = varlen_sizes(buffers[2], seqlen_q, seqlen_k)
+            if fp8:
+                ArgumentBlock(self._transpose_handle, transpose_grid, (TRANSPOSE_THREADS, 1, 1), 0,
+                              transpose_args).launch(_stream_handle(qv))
             args = self.signature.pack({
                 **inputs, "o": ov.ptr, "lse": lv.ptr, **stride_args("o", ov), **sizes,
                 "heads_q": heads_q, "group_size": heads_q // heads_kv,

@@ -346,6 +346,27 @@ def flex_for_spec(case: Case):
     return run
 
 
+def fp8_applies(spec, device) -> bool:
+    """Whether the suite adds attngen's FP8 forward beside the bf16 one: plain attention at an FP8 head dim on
+    Hopper."""
+    from ..spec import FP8_HEAD_DIMS
+
+    plain = spec.mask is None and spec.softcap is None and not spec.alibi and spec.score_mod is None
+    return plain and device.cc == 90 and spec.head_dim == spec.head_dim_v and spec.head_dim in FP8_HEAD_DIMS
+
+
+def fp8_function(spec):
+    """attngen's FP8 forward of the spec's attention (descale factors 1: the suite's N(0, 1) inputs fit e4m3)."""
+    kernel = attngen.build(attngen.Spec(head_dim=spec.head_dim, dtype="fp8_e4m3", causal=spec.causal))
+    return lambda q, k, v: kernel(q, k, v)[0]
+
+
+def fp8_inputs(inputs):
+    import torch
+
+    return [tuple(x.to(torch.float8_e4m3fn) for x in qkv) for qkv in inputs]
+
+
 def attngen_function(case: Case, backward: bool):
     """attngen on the case's spec: the kernel call, or (backward) autograd through attngen's kernels."""
     from ..autograd import attention_with_grad
@@ -405,6 +426,8 @@ def bench_case(case: Case, modes=("fwd",), peers=PEERS, log=None) -> list[dict]:
                    peak_tflops=peak)
         timed = {"attngen": attngen_function(case, mode == "fwd+bwd")} | functions
         time_into(row, timed, mode, factor * work, inputs, log, case.label)
+        if mode == "fwd" and fp8_applies(spec, device):
+            time_into(row, {"attngen_fp8": fp8_function(spec)}, mode, work, fp8_inputs(inputs), log, case.label)
         kernel = attngen.build(spec)
         row["attngen_plan"] = f"{kernel.plan.block_m}x{kernel.plan.block_n}x{kernel.plan.warps}x{kernel.plan.stages}"
         if mode == "fwd":
@@ -563,16 +586,19 @@ def format_rows(rows) -> str:
     """TFLOP/s per implementation, attngen's ratio to each peer, and its fraction of the matrix peak."""
     nan = float("nan")
     names = [n for n in PEERS if any(r.get(n) for r in rows)]
+    fp8 = any(r.get("attngen_fp8") for r in rows)
     head = (f"{'spec':<22} {'mode':>7} {'seqlen':>6} {'attngen':>8} " + " ".join(f"{n:>14}" for n in names)
-            + " " + " ".join(f"{'/' + n.removeprefix('sdpa_'):>10}" for n in names) + f" {'roofline':>8}")
+            + " " + " ".join(f"{'/' + n.removeprefix('sdpa_'):>10}" for n in names) + f" {'roofline':>8}"
+            + (f" {'fp8':>8} {'fp8/bf16':>8}" if fp8 else ""))
     lines = ["TFLOP/s (median of CUDA-event timings, inputs rotated past L2; fwd+bwd counts 3.5x the forward)",
              head]
     for r in rows:
         ours = r.get("attngen") or nan
         cells = " ".join(f"{r.get(n) or nan:>14.1f}" for n in names)
         ratios = " ".join(f"{ours / r[n] if r.get(n) else nan:>10.2f}" for n in names)
+        eight = r.get("attngen_fp8") or nan
         lines.append(f"{r['spec'][:22]:<22} {r['mode']:>7} {r['seqlen']:>6} {ours:>8.1f} {cells} {ratios} "
-                     f"{r.get('attngen_roofline') or nan:>8.2f}")
+                     f"{r.get('attngen_roofline') or nan:>8.2f}" + (f" {eight:>8.1f} {eight / ours:>8.2f}" if fp8 else ""))
     if rows:
         lines.append(f"# {rows[0]['gpu']}; roofline: the bf16/fp16 matrix peak, {rows[0]['peak_tflops']:.0f} TFLOP/s")
     return "\n".join(lines)

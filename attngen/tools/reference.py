@@ -40,6 +40,8 @@ __all__ = [
     "alibi_slopes",
     "lse_check",
     "round_to_dtype",
+    "round_to_e4m3",
+    "attention_fp8_reference",
     "visibility_mask",
 ]
 
@@ -296,11 +298,13 @@ def _rows_per_chunk(dims: _Dims) -> int:
     return max(1, MAX_SCORE_ELEMENTS // (dims.heads_q * dims.seqlen_k))
 
 
-def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None, mask=None, mods=None):
+def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None, mask=None, mods=None,
+                     round_weights=None):
     """Naive attention in compute_dtype, per batch and per chunk of query rows.
 
     Normalises P before P @ V so ``round_probs`` (if given) sees the softmax output, as a
-    framework running softmax then a low-precision matmul does.
+    framework running softmax then a low-precision matmul does. ``round_weights`` (instead) rounds the
+    unnormalised exp(s - max) before P @ V and divides by the unrounded row sum, as a flash kernel does.
     """
     q, k, v, dims = _check_inputs(q, k, v)
     scale = np.asarray(_resolve_scale(scale, dims.head_dim), dtype=compute_dtype)
@@ -327,7 +331,7 @@ def _naive_attention(q, k, v, *, causal, scale, compute_dtype, round_probs=None,
             row_max = _finite_shift(s.max(axis=-1))
             p = np.exp(s - row_max[..., None])
             row_sum = p.sum(axis=-1)
-            probs = _safe_divide(p, row_sum)
+            probs = _safe_divide(p if round_weights is None else round_weights(p), row_sum)
             if round_probs is not None:
                 probs = round_probs(probs)
             out[b, ..., r0:r1, :] = _apply_values(probs, v[b])
@@ -439,6 +443,32 @@ def round_to_dtype(x, dtype: str) -> np.ndarray:
         if dtype == "fp16":
             return x.astype(np.float16).astype(np.float32)
         return _round_bf16(np.array(x, dtype=np.float32, order="C"))
+
+
+E4M3_MAX, E4M3_MIN_NORMAL_EXP, E4M3_MANTISSA_BITS = 448.0, -6, 3
+
+
+def round_to_e4m3(x) -> np.ndarray:
+    """Round to float8 e4m3 (finite-only "fn": 4 exponent bits, bias 7, 3 mantissa bits, subnormals down to
+    2^-9), to nearest with ties to even, saturating at +-448 as cvt.rn.satfinite does; float64 values."""
+    x = np.asarray(x, dtype=np.float64)
+    a = np.abs(x)
+    with np.errstate(divide="ignore"):
+        exponent = np.maximum(np.floor(np.log2(np.where(a > 0, a, 1.0))), E4M3_MIN_NORMAL_EXP)
+    step = np.exp2(exponent - E4M3_MANTISSA_BITS)
+    return np.sign(x) * np.minimum(np.rint(a / step) * step, E4M3_MAX)
+
+
+def attention_fp8_reference(q, k, v, *, causal: bool = False, scale: float | None = None, mask=None,
+                            p_scale: float = 256.0, **mods):
+    """The FP8 forward's algorithm at its rounding points (the acceptance criterion's baseline for e4m3
+    inputs, as FlashAttention-3 tests its FP8 path): q, k, v are the dequantised values (e4m3 values times
+    their descale factors); scores and softmax exact; the unnormalised weights exp(s - max) are rounded to
+    e4m3 as p_scale * weight (the kernel packs P scaled into e4m3's range); output rounded to bf16.
+    Returns float64 (out, lse)."""
+    out, lse = _naive_attention(q, k, v, causal=causal, scale=scale, compute_dtype=np.dtype(np.float64), mask=mask,
+                                mods=mods, round_weights=lambda p: round_to_e4m3(p * p_scale) / p_scale)
+    return round_to_dtype(out, "bf16").astype(np.float64), lse
 
 
 def attention_same_dtype_reference(q, k, v, *, causal: bool = False, scale: float | None = None,

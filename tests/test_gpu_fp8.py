@@ -1,0 +1,121 @@
+"""GPU tests of the FP8 (e4m3) forward on Hopper against the float64 reference.
+
+Inputs are quantised as a user would: x8 = (x / descale) in e4m3 with descale = amax / 448 per tensor or per
+(batch, KV head). The reference attends over the dequantised values (x8 * descale) in float64. The criterion is
+FlashAttention's with the FP8 algorithm as the baseline, as FlashAttention-3 tests its FP8 path: max|out - ref64|
+<= 2 * max|fp8_algorithm - ref64| + 1e-5, where fp8_algorithm (reference.attention_fp8_reference) rounds the
+softmax weights through e4m3 as the kernel does and its output to bf16. Marked `gpu`; skipped without a Hopper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import attngen
+from attngen.tools.reference import acceptance_check, attention_fp8_reference, attention_reference
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+E4M3_MAX = 448.0
+
+
+@pytest.fixture(autouse=True)
+def hopper():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("FP8 attention runs on Hopper (sm_90)")
+
+
+def quantised(x, heads_kv: int, per_head: bool):
+    """(x8, descale) with x8 * descale ~ x: descale = amax / 448 over the whole tensor (one factor), or per
+    (batch, KV head) over the KV head's group of heads ([batch, heads_kv], as the kernel takes them)."""
+    batch, seqlen, heads, d = x.shape
+    if not per_head:
+        descale = (x.abs().amax().float().clamp(min=1e-6) / E4M3_MAX).reshape(1)
+        return (x.float() / descale).to(torch.float8_e4m3fn), descale
+    amax = x.abs().view(batch, seqlen, heads_kv, heads // heads_kv, d).amax(dim=(1, 3, 4)).float()
+    descale = (amax.clamp(min=1e-6) / E4M3_MAX).contiguous()
+    return (x.float() / per_query_head(descale, heads)[:, None, :, None]).to(torch.float8_e4m3fn), descale
+
+
+def per_query_head(descale, heads: int):
+    """[batch, heads_kv] -> [batch, heads] (each head takes its KV head's factor)."""
+    return descale.repeat_interleave(heads // descale.shape[1], dim=1)
+
+
+def dequantised(x8, descale):
+    x, d = x8.to(torch.float64), descale.to(torch.float64)
+    scaled = x * (per_query_head(d, x.shape[2])[:, None, :, None] if d.dim() == 2 else d)
+    return scaled.cpu().numpy()
+
+
+def run(batch, sq, sk, hq, hkv, d, causal, per_head=False, magnitude=1.0, seed=0, **mods):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(batch, s, h, d, generator=gen, device="cuda") * magnitude
+               for s, h in ((sq, hq), (sk, hkv), (sk, hkv)))
+    (q8, qd), (k8, kd), (v8, vd) = (quantised(x, hkv, per_head) for x in (q, k, v))
+    out = torch.full((batch, sq, hq, d), float("nan"), device="cuda", dtype=torch.bfloat16)      # poisoned
+    lse = torch.full((batch, hq, sq), float("nan"), device="cuda")
+    kernel = attngen.build(attngen.api.spec_for_inputs(q8, k8, v8, causal, softcap=mods.get("softcap"),
+                                                       window=mods.get("window")))
+    kernel(q8, k8, v8, out=out, lse=lse, q_descale=qd, k_descale=kd, v_descale=vd)
+    q64, k64, v64 = dequantised(q8, qd), dequantised(k8, kd), dequantised(v8, vd)
+    keywords = reference_keywords(mods, causal, sq, sk)
+    ref, ref_lse = attention_reference(q64, k64, v64, **keywords)
+    alg, _ = attention_fp8_reference(q64, k64, v64, **keywords)
+    ok, err, bound = acceptance_check(out.double().cpu().numpy(), alg, ref)
+    assert ok, f"max|out - ref64| = {err:.3g} > bound {bound:.3g}"
+    got_lse = lse.double().cpu().numpy()
+    finite = np.isfinite(ref_lse)
+    assert np.array_equal(np.isneginf(got_lse), np.isneginf(ref_lse)), "LSE -inf pattern differs"
+    assert np.max(np.abs(got_lse[finite] - ref_lse[finite]), initial=0.0) < 2e-3
+    # the call users make: attention() allocates a bf16 out and gives the same values
+    same = attngen.attention(q8, k8, v8, causal=causal, q_descale=qd, k_descale=kd, v_descale=vd, **mods)
+    assert same.dtype == torch.bfloat16 and torch.equal(same, out)
+
+
+def reference_keywords(mods, causal, sq, sk):
+    """The reference's keywords for attention()'s: a window (causal clips it right of the diagonal) becomes
+    the sliding-window pattern's element mask, bottom-right aligned."""
+    keywords = {k: v for k, v in mods.items() if k != "window"}
+    if "window" not in mods:
+        return dict(causal=causal, **keywords)
+    from attngen.masks import SlidingWindow
+
+    left, right = mods["window"]
+    pattern = SlidingWindow(left, 0 if causal else right)
+    mask = pattern.element(np.arange(1)[:, None, None], np.arange(sq)[None, :, None], np.arange(sk)[None, None, :], sq, sk)
+    return dict(causal=False, mask=np.asarray(mask, dtype=bool), **keywords)
+
+
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (113, 203), (203, 113), (512, 512), (1000, 2048)])
+def test_fp8_forward_matches_float64(d, causal, sq, sk):
+    run(2, sq, sk, 4, 2, d, causal)
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2), (8, 1)])
+def test_fp8_gqa_with_factors_per_sequence_and_head(hq, hkv):
+    run(2, 300, 700, hq, hkv, 128, True, per_head=True, seed=hq + hkv)
+
+
+def test_fp8_large_magnitudes():
+    """Scores of hundreds: the factors carry the range, the kernel's softmax its own."""
+    run(1, 256, 256, 4, 2, 128, False, magnitude=30.0)
+
+
+def test_fp8_softcap_and_window():
+    run(1, 300, 300, 4, 2, 128, True, softcap=30.0, seed=5)
+    run(1, 300, 500, 4, 2, 128, True, window=(64, 0), seed=6)
+
+
+def test_fp8_errors_name_the_argument():
+    q = torch.zeros(1, 8, 2, 128, device="cuda").to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="k_descale"):
+        attngen.attention(q, q, q, k_descale=torch.ones(3, device="cuda"))
+    with pytest.raises(ValueError, match="q_descale"):
+        attngen.attention(q.to(torch.bfloat16), q.to(torch.bfloat16), q.to(torch.bfloat16),
+                          q_descale=torch.ones(1, device="cuda"))
+    with pytest.raises(attngen.SpecError, match="head_dim"):
+        small = torch.zeros(1, 8, 2, 64, device="cuda").to(torch.float8_e4m3fn)
+        attngen.attention(small, small, small)
