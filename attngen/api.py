@@ -48,12 +48,13 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, return_
     position_offsets=(q_start, kv_start): q and k are shards of one longer sequence starting at these global
     positions (context parallelism, ring attention); causal, window and ALiBi compare q_start + i with
     kv_start + j. None: bottom-right alignment. Merge the shards' results with merge_attention.
-    Returns out (same library, dtype and device as q), and lse [batch, heads_q, seqlen_q] fp32 if asked."""
+    Returns out (same library and device as q; q's dtype, bf16 for fp8), and lse [batch, heads_q, seqlen_q] fp32
+    if asked."""
     descales = {"q_descale": q_descale, "k_descale": k_descale, "v_descale": v_descale}
     descaled = any(x is not None for x in descales.values())
     if block_mask is None and _compiling(q):      # torch.compile: the custom op, opaque to the tracer
-        if descaled:
-            raise ValueError("q_descale, k_descale, v_descale: not through torch.compile yet; call attention eagerly")
+        if descaled or "float8" in str(q.dtype):
+            raise ValueError("q: fp8_e4m3 attention does not run under torch.compile yet; call attention eagerly")
         from .autograd import attention_op, window_list
 
         out, lse = attention_op(q, k, v, None, None, causal, scale, window_list(window), softcap, alibi_slopes,

@@ -339,6 +339,7 @@ class Kernel:
         else:
             grid = (math.ceil(seqlen_q / p.block_m), heads_q, batch)
         if p.path == "wgmma":     # q, k, v reach the kernel as tensor maps (their strides inside)
+            descaling = descale_args(qv, descales, batch, heads_kv, keep) if fp8 else {}
             layouts = (qv.shape, qv.strides, kv.shape, kv.strides, vv.shape, vv.strides)
             try:
                 if layouts in self._untileable:
@@ -349,14 +350,14 @@ class Kernel:
                 if fp8:          # V^T, transposed below on the kernel's stream
                     transpose_grid, transpose_args, inputs["v_map"] = transposed_v(self.spec, vv, batch, heads_kv,
                                                                                    seqlen_k, keep)
-                    inputs.update(descale_args(qv, descales, batch, heads_kv, keep))
+                    inputs.update(descaling)
                 else:
                     inputs["v_map"] = TensorMapArgument("v", self.spec.dtype, vv.ptr, vv.shape, vv.strides, p.block_n)
             except ValueError as exc:    # a layout the copy engine cannot address (e.g. a stride-0 expanded K/V)
                 if self._fallback is None:
                     raise ValueError(f"q, k, v: the Hopper kernel's copy engine cannot address these layouts ({exc}); "
-                                     + ("FP8 runs on it only: make the rows 16-byte aligned" if fp8 else
-                                        "build the kernel with path='mma_sync'")) from None
+                                     + ("FP8 runs on it only: give q, k, v whose strides it can address (no "
+                                        "stride-0 expansions)" if fp8 else "build the kernel with path='mma_sync'")) from None
                 self._untileable.add(layouts)    # later calls skip the encoding attempt
                 return self._fallback()(q, k, v, scale=scale, out=out, lse=lse, block_mask=block_mask,
                                         alibi_slopes=alibi_slopes, tensors=tensors, cu_seqlens_q=cu_seqlens_q,
