@@ -12,7 +12,7 @@ from .planner import device as device_mod
 from .codegen.compile import compile_cached
 from .errors import PlanError
 from .runtime.launch import Kernel
-from .planner.forward import candidates, make_plan
+from .planner.forward import candidates, check_dtype, make_plan
 from .codegen.render import kernel_name, render
 from .spec import Spec
 
@@ -35,9 +35,10 @@ def plan_and_compile(spec: Spec, device, compile_source, path: str | None = None
     if spec.tile is not None:
         ranked = [make_plan(spec, device)]
     else:      # `attngen tune`'s measured winner for this GPU first, when there is one
+        check_dtype(spec, device)
         ranked = [c.plan for c in candidates(spec, device) if c.plan is not None and path in (None, c.plan.path)]
         if not ranked:
-            raise PlanError(f"no {path} candidate fits {spec.name} on {device.arch}")
+            raise PlanError(f"no {path + ' ' if path else ''}candidate fits {spec.name} on {device.arch}")
         ranked = tuned_first(ranked, load_tuned(spec, device.name).get("forward"), forward_key)
     chosen, (source, result), rejected = first_clean(ranked, lambda plan: _render_and_compile(
         spec, plan, lambda source: compile_source(source, plan)))

@@ -140,3 +140,14 @@ def test_fp8_errors_name_the_argument():
     with pytest.raises(ValueError, match="head_dim"):
         small = torch.zeros(1, 8, 2, 64, device="cuda").to(torch.float8_e4m3fn)
         attngen.attention(small, small, small)
+
+
+def test_attngen_check_on_the_fp8_example():
+    """`attngen check` runs the FP8 example against the float64 reference with the FP8 algorithm as baseline."""
+    from click.testing import CliRunner
+
+    from attngen.tools.cli import main
+
+    result = CliRunner().invoke(main, ["check", "examples/fp8_e4m3_d128_causal.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "FAIL" not in result.output

@@ -351,6 +351,12 @@ def candidates(spec: Spec, device: Device) -> list[Candidate]:
     return fits + [c for c in evaluated if not c.plan]
 
 
+def check_dtype(spec: Spec, device: Device) -> None:
+    """FP8 has kernels on Hopper only: say so before any candidate is weighed."""
+    if spec.fp8 and device.cc != 90:
+        raise PlanError(f"dtype fp8_e4m3 needs Hopper (sm_90, wgmma with e4m3 operands), not {device.arch}")
+
+
 def make_plan(spec: Spec, device: Device) -> Plan:
     if spec.tile is not None:
         t = spec.tile
@@ -359,8 +365,7 @@ def make_plan(spec: Spec, device: Device) -> Plan:
             raise PlanError(f"tile override {t.block_m}x{t.block_n}, {t.warps} warps, {t.stages} stages "
                             f"does not fit {device.arch}: {c.reject}")
         return c.plan
-    if spec.fp8 and device.cc != 90:
-        raise PlanError(f"dtype fp8_e4m3 needs Hopper (sm_90, wgmma with e4m3 operands), not {device.arch}")
+    check_dtype(spec, device)
     ranked = candidates(spec, device)
     if not ranked or ranked[0].plan is None:
         raise PlanError(f"no tile configuration fits {device.arch} for head_dim={spec.head_dim}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .reference import acceptance_check, attention_reference, attention_same_dtype_reference
+from .reference import acceptance_check, attention_fp8_reference, attention_reference, attention_same_dtype_reference
 
 # (seqlen_q, seqlen_k): tails and unequal lengths both ways.
 CHECK_SEQLENS = ((1, 1), (17, 17), (113, 203), (203, 113), (512, 512), (1000, 1000))
@@ -38,8 +38,12 @@ def check_spec(spec, seed: int = 0, echo=print) -> bool:
         forward_mods = {name: fn for name, fn in mods.items() if name != "score_mod_grad"}
         ref, ref_lse = attention_reference(q64, k64, v64, causal=spec.causal, scale=spec.scale, mask=mask,
                                            **forward_mods)
-        same, _ = attention_same_dtype_reference(q64, k64, v64, causal=spec.causal, scale=spec.scale,
-                                                 dtype=spec.dtype, mask=mask, **forward_mods)
+        if spec.fp8:        # the baseline: the FP8 algorithm at its rounding points (P through e4m3, bf16 out)
+            same, _ = attention_fp8_reference(q64, k64, v64, causal=spec.causal, scale=spec.scale, mask=mask,
+                                              **forward_mods)
+        else:
+            same, _ = attention_same_dtype_reference(q64, k64, v64, causal=spec.causal, scale=spec.scale,
+                                                     dtype=spec.dtype, mask=mask, **forward_mods)
         ok, err, bound = acceptance_check(got, same, ref)
         finite = np.isfinite(ref_lse)
         lse_ok = np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)) and (
@@ -177,10 +181,11 @@ def element_mask(spec, sq, sk):
 
 
 def to_device(x, dtype):
-    """float32 host array -> torch CUDA tensor in `dtype` (CuPy has no bf16)."""
+    """float32 host array -> torch CUDA tensor in `dtype` (CuPy has no bf16; N(0, 1) values fit e4m3 as they are)."""
     import torch
 
-    return torch.from_numpy(x).to("cuda", {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    return torch.from_numpy(x).to("cuda", {"fp16": torch.float16, "bf16": torch.bfloat16,
+                                           "fp8_e4m3": torch.float8_e4m3fn}[dtype])
 
 
 def to_float64(x):
@@ -258,7 +263,8 @@ def kernel_output(kernel, q, k, v, tensors=None):
     import torch
 
     b, sq, h, _ = q.shape
-    out = torch.full((b, sq, h, kernel.spec.head_dim_v), float("nan"), device="cuda", dtype=q.dtype)   # poisoned
+    dtype = torch.bfloat16 if kernel.spec.fp8 else q.dtype
+    out = torch.full((b, sq, h, kernel.spec.head_dim_v), float("nan"), device="cuda", dtype=dtype)   # poisoned
     lse = torch.full((b, h, sq), float("nan"), device="cuda", dtype=torch.float32)
     kernel(q, k, v, out=out, lse=lse, tensors=tensors or None)
     torch.cuda.synchronize()
