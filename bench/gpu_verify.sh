@@ -3,7 +3,7 @@
 # in parallel; one kernel cache), beside the compute-sanitizer matrix (bench/sanitize.py), then an optional
 # benchmark once the GPU is quiet. Logs are bundled into $OUT/logs.tgz; $OUT/summary.txt has the tails.
 # Measured on the H200 machine (16 cores): every GPU test file in parallel ~6.5 min; the full sanitizer matrix
-# (15 workloads x 4 tools) needs a call of its own (SAN_TIMEOUT=0 here, or bench/sanitize.py --jobs 12).
+# (every workload x 4 tools, 90+ runs) needs a call of its own (SAN_TIMEOUT=0 here, or bench/sanitize.py --jobs 12).
 # Env: TEST_TIMEOUT (s, default 420), SAN_TIMEOUT (s, default 420), SAN_JOBS (default 6), SAN_ARGS,
 #      BENCH (a command run at the end, e.g. "python3 bench/bench_backward.py --seqlens 8192"), TESTS (files).
 set -o pipefail
