@@ -24,7 +24,7 @@
 //   predicted_flops:     5.498e+11
 //   predicted_hbm_bytes: 2.282e+09
 //   predicted_smem_bytes: 5.369e+09
-//   predicted_time_us:   717.6
+//   predicted_time_us:   358.8
 //   bound:               mma
 //   path:                wgmma
 //   threads:             384

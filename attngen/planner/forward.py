@@ -220,7 +220,7 @@ def problem_cost(spec: Spec, block_m: int, block_n: int, warps: int, m_tiles: in
     # Resident warps hide the latency of ldmatrix -> mma -> exp2 chains; about 12 per SM suffice.
     latency_efficiency = min(1.0, 0.7 + 0.3 * ctas_per_sm * warps / 12)
     if path == "wgmma":    # asynchronous warpgroup MMAs with the softmax overlapped: latency is hidden
-        latency_efficiency, rate = 1.0, device.matrix_peak_tflops
+        latency_efficiency, rate = 1.0, device.matrix_peak_tflops * (2 if spec.fp8 else 1)   # e4m3: twice bf16's
     else:
         rate = device.mma_tflops
     t_mma = flops / (rate * 1e12 * latency_efficiency)
@@ -323,9 +323,9 @@ def evaluate_wgmma(spec: Spec, device: Device, block_m: int, block_n: int, warps
 
 
 def candidate_grid(spec: Spec, device: Device):
-    """(block_m, block_n, warps, stages, path) of every candidate: the mma.sync grid, and on Hopper the
-    wgmma one."""
-    for warps in (4, 8):
+    """(block_m, block_n, warps, stages, path) of every candidate: the mma.sync grid (not for FP8, which has
+    no mma.sync kernel), and on Hopper the wgmma one."""
+    for warps in (4, 8) if not spec.fp8 else ():
         for m_tiles in (1, 2):
             for block_n in (32, 64, 128):
                 for stages in (2, 3):
