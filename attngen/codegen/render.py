@@ -69,7 +69,7 @@ def render(spec: Spec, plan, kind: str = "forward") -> str:
                            signatures=kernel_signatures(kind, variant, plan), mods=ActiveModifiers(variant),
                            score_grad=kind not in ("forward", "decode", "prefill"),
                            mma_type=MMA_TYPES[spec.dtype], out_type=MMA_TYPES[spec.out_dtype],
-                           fp8_p_scale=2 ** P_SCALE_LOG2, spec_items=spec_items, plan_items=plan_items,
+                           p_scale_log2=P_SCALE_LOG2 if spec.fp8 else 0, spec_items=spec_items, plan_items=plan_items,
                            variant=variant, tensors=variant.tensors, score_mod=variant.score_mod,
                            mask_mod=variant.mask_mod, score_mod_grad=variant.score_mod_grad if kind not in ("forward", "decode", "prefill") else None,
                            probe=False, bwd=plan,
