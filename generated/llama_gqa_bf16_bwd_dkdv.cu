@@ -226,10 +226,6 @@ template <int REGS> __device__ __forceinline__ void registers_up() {
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
-// Counts the calling warps into barrier `id` of `threads` threads without waiting for it.
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
-}
 
 // wgmma shared-memory matrix descriptor for a 128-byte-swizzled operand: start address, the byte
 // distance between 64-element column chunks along M/N (used by N-major operands), and between 8-row

@@ -26,7 +26,6 @@
 //   predicted_time_us:   858.9
 //   bound:               smem
 //   path:                mma_sync
-//   pingpong:            False
 //   threads:             128
 // FlashAttention-2 forward: one CTA owns a BLOCK_M-row tile of Q for one (batch, head); K/V tiles of
 // BLOCK_N rows stream through a STAGES-deep cp.async ring in shared memory; S = Q K^T and O += P V run on
@@ -416,15 +415,14 @@ __device__ __forceinline__ void softmax_rows(float (&s)[M_TILES][BLOCK_N / 8][4]
             const float new_max = fmaxf(stats.max[mi][r], quad_max(tile_max));
             // A row that has seen only masked keys keeps max -inf; use 0 so exp2 gives 0, not NaN.
             const float max_scaled = new_max == NEG_INF ? 0.f : new_max * scale_log2;
-            // Exactly 1 when the max holds, so rescale_output_if_changed can skip the multiply.
-            correction[mi][r] = new_max == stats.max[mi][r] ? 1.f : fast_exp2(stats.max[mi][r] * scale_log2 - max_scaled);
+            correction[mi][r] = fast_exp2(stats.max[mi][r] * scale_log2 - max_scaled);
             stats.max[mi][r] = new_max;
-            const float bias = max_scaled - P_LOG2_SCALE;
+            const float shifted_max = max_scaled - P_LOG2_SCALE;
             float row_sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
-                s[mi][nt][2 * r] = fast_exp2(s[mi][nt][2 * r] * scale_log2 - bias);
-                s[mi][nt][2 * r + 1] = fast_exp2(s[mi][nt][2 * r + 1] * scale_log2 - bias);
+                s[mi][nt][2 * r] = fast_exp2(s[mi][nt][2 * r] * scale_log2 - shifted_max);
+                s[mi][nt][2 * r + 1] = fast_exp2(s[mi][nt][2 * r + 1] * scale_log2 - shifted_max);
                 row_sum += s[mi][nt][2 * r] + s[mi][nt][2 * r + 1];
             }
             stats.sum[mi][r] = stats.sum[mi][r] * correction[mi][r] + row_sum;
@@ -441,15 +439,6 @@ __device__ __forceinline__ void rescale_output(float (&acc_o)[M_TILES][DV / 8][4
             for (int e = 0; e < 4; ++e) acc_o[mi][nt][e] *= correction[mi][e / 2];
         }
     }
-}
-
-// rescale_output, skipped when no row of the warp changed its max (the common case once a row's largest
-// scores are behind it): the branch is warp-uniform, and a skipped multiply would have been by exactly 1.
-__device__ __forceinline__ void rescale_output_if_changed(float (&acc_o)[M_TILES][DV / 8][4], const float (&correction)[M_TILES][2]) {
-    bool changed = false;
-#pragma unroll
-    for (int mi = 0; mi < M_TILES; ++mi) changed |= correction[mi][0] != 1.f || correction[mi][1] != 1.f;
-    if (__any_sync(0xffffffffu, changed)) rescale_output(acc_o, correction);
 }
 
 // Turns S into P (packed fp16 A-operand fragments), rescales O, updates max and sum.

@@ -29,7 +29,6 @@
 //   predicted_time_us:   358.8
 //   bound:               mma
 //   path:                wgmma
-//   pingpong:            False
 //   threads:             384
 // FlashAttention-3-style forward for Hopper (sm_90a): one CTA owns a BLOCK_M-row tile of Q for one
 // (batch, head). Warpgroup 0 is the producer: one thread brings Q and a STAGES-deep ring of K/V tiles
@@ -226,10 +225,6 @@ template <int REGS> __device__ __forceinline__ void registers_up() {
 // A barrier among the `threads` threads that use barrier `id` (1..15; 0 is __syncthreads).
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
-}
-// Counts the calling warps into barrier `id` of `threads` threads without waiting for it.
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
 
 // wgmma shared-memory matrix descriptor for a 128-byte-swizzled operand: start address, the byte
@@ -453,15 +448,14 @@ __device__ __forceinline__ void softmax_rows(float (&s)[M_TILES][BLOCK_N / 8][4]
             const float new_max = fmaxf(stats.max[mi][r], quad_max(tile_max));
             // A row that has seen only masked keys keeps max -inf; use 0 so exp2 gives 0, not NaN.
             const float max_scaled = new_max == NEG_INF ? 0.f : new_max * scale_log2;
-            // Exactly 1 when the max holds, so rescale_output_if_changed can skip the multiply.
-            correction[mi][r] = new_max == stats.max[mi][r] ? 1.f : fast_exp2(stats.max[mi][r] * scale_log2 - max_scaled);
+            correction[mi][r] = fast_exp2(stats.max[mi][r] * scale_log2 - max_scaled);
             stats.max[mi][r] = new_max;
-            const float bias = max_scaled - P_LOG2_SCALE;
+            const float shifted_max = max_scaled - P_LOG2_SCALE;
             float row_sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
-                s[mi][nt][2 * r] = fast_exp2(s[mi][nt][2 * r] * scale_log2 - bias);
-                s[mi][nt][2 * r + 1] = fast_exp2(s[mi][nt][2 * r + 1] * scale_log2 - bias);
+                s[mi][nt][2 * r] = fast_exp2(s[mi][nt][2 * r] * scale_log2 - shifted_max);
+                s[mi][nt][2 * r + 1] = fast_exp2(s[mi][nt][2 * r + 1] * scale_log2 - shifted_max);
                 row_sum += s[mi][nt][2 * r] + s[mi][nt][2 * r + 1];
             }
             stats.sum[mi][r] = stats.sum[mi][r] * correction[mi][r] + row_sum;
@@ -478,15 +472,6 @@ __device__ __forceinline__ void rescale_output(float (&acc_o)[M_TILES][DV / 8][4
             for (int e = 0; e < 4; ++e) acc_o[mi][nt][e] *= correction[mi][e / 2];
         }
     }
-}
-
-// rescale_output, skipped when no row of the warp changed its max (the common case once a row's largest
-// scores are behind it): the branch is warp-uniform, and a skipped multiply would have been by exactly 1.
-__device__ __forceinline__ void rescale_output_if_changed(float (&acc_o)[M_TILES][DV / 8][4], const float (&correction)[M_TILES][2]) {
-    bool changed = false;
-#pragma unroll
-    for (int mi = 0; mi < M_TILES; ++mi) changed |= correction[mi][0] != 1.f || correction[mi][1] != 1.f;
-    if (__any_sync(0xffffffffu, changed)) rescale_output(acc_o, correction);
 }
 
 // Turns S into P (packed fp16 A-operand fragments), rescales O, updates max and sum.
@@ -712,18 +697,12 @@ softcap_alibi_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_con
         softmax_rows(s, stats, correction, scale_log2);
     };
 
-    // (no ping-pong in this plan: the warpgroups issue as they are ready)
-    const bool last_group = false;
-    auto await_turn = [] {};
-    auto pass_turn = [] {};
     mbarrier_wait(q_full, 0);
 
     if (n_tiles > 0) {
         wait_tile(k_full(0), 0);
         wgmma_fence();
-        await_turn();
         issue_scores(acc_s[0], 0);
-        pass_turn();
         wgmma_wait<0>();
         fence_accumulators<BLOCK_N>(acc_s[0]);
         if (lane == 0) mbarrier_arrive(k_empty(0));
@@ -734,11 +713,9 @@ softcap_alibi_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_con
         const int slot = j % STAGES, prev = (j - 1) % STAGES;
         wait_tile(k_full(slot), (j / STAGES) & 1);
         wgmma_fence();
-        await_turn();
         issue_scores(acc_s[0], slot);                                    // S_j = Q K_j^T ...
         wait_tile(v_full(prev), ((j - 1) / STAGES) & 1);
         issue_output(acc_o[0], p_frag[0], prev);                         // ... while O += P_{j-1} V_{j-1}
-        pass_turn();
         wgmma_wait<1>();                                                 // S_j is ready
         fence_accumulators<BLOCK_N>(acc_s[0]);
         if (lane == 0) mbarrier_arrive(k_empty(slot));
@@ -746,16 +723,14 @@ softcap_alibi_fp16_fwd(const __grid_constant__ TensorMap q_map, const __grid_con
         wgmma_wait<0>();
         fence_accumulators<DV>(acc_o[0]);
         if (lane == 0) mbarrier_arrive(v_empty(prev));
-        rescale_output_if_changed(acc_o, correction);
+        rescale_output(acc_o, correction);
         to_a_fragments<M_TILES, BLOCK_N>(p_frag, acc_s);
     }
     if (n_tiles > 0) {
         const int last = (n_tiles - 1) % STAGES;
         wait_tile(v_full(last), ((n_tiles - 1) / STAGES) & 1);
         wgmma_fence();
-        await_turn();
         issue_output(acc_o[0], p_frag[0], last);
-        if (!last_group) pass_turn();
         wgmma_wait<0>();
         fence_accumulators<DV>(acc_o[0]);
     }

@@ -90,7 +90,6 @@ class Plan(WarpLaunch):
     predicted_time_us: float
     bound: str                # which term of the cost model dominates: "mma", "hbm" or "smem"
     path: str = "mma_sync"    # "mma_sync" | "wgmma" (sm_90a: TMA, warpgroups, setmaxnreg)
-    pingpong: bool = False    # wgmma: the compute warpgroups take turns at issuing (wgmma_pingpong)
 
     @property
     def mma_warps(self) -> int:
@@ -319,17 +318,8 @@ def evaluate_wgmma(spec: Spec, device: Device, block_m: int, block_n: int, warps
                 head_dim_padded=round_up(spec.head_dim, 64), head_dim_v_padded=round_up(spec.head_dim_v, 64),
                 smem_row_pad=0, smem_bytes=smem, regs_estimate=regs, ctas_per_sm=1, predicted_flops=flops,
                 predicted_hbm_bytes=hbm, predicted_smem_bytes=smem_read, predicted_time_us=t_us, bound=bound,
-                path="wgmma", pingpong=wgmma_pingpong(spec))
+                path="wgmma")
     return Candidate(block_m, block_n, warps, stages, plan, "", "wgmma")
-
-
-def wgmma_pingpong(spec: Spec) -> bool:
-    """FlashAttention-3's warpgroup ping-pong: the compute warpgroups issue their wgmmas in turn, so one
-    group's softmax runs under the other's matrix products rather than both softmaxes meeting over an idle
-    tensor core. It pays where the softmax is as long as the products: at e4m3 the tensor cores run twice
-    as fast over the same exponentials (a 128 x 128 tile at d128: 1024 cycles of products, 1024 of MUFU).
-    Not at d256: its turns cost the registers it has left (ptxas spills 16-52 bytes at 240)."""
-    return spec.fp8 and spec.head_dim <= 128
 
 
 def candidate_grid(spec: Spec, device: Device):
