@@ -18,9 +18,7 @@ import math
 import torch
 
 import attngen
-
-E4M3_MAX = 448.0
-
+from attngen.tools.benchmark import quantised_e4m3
 
 def hadamard(d: int, gen) -> torch.Tensor:
     """An orthogonal d x d matrix: Sylvester's Hadamard with random column signs, scaled by 1/sqrt(d)."""
@@ -29,18 +27,6 @@ def hadamard(d: int, gen) -> torch.Tensor:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     signs = torch.randint(0, 2, (d,), generator=gen, device="cuda").double() * 2 - 1
     return h * signs / math.sqrt(d)
-
-
-def quantised(x, heads_kv: int, per_head: bool):
-    """(x8, descale): descale = amax / 448 over the tensor, or per (batch, KV head) as [batch, heads_kv]."""
-    batch, seqlen, heads, d = x.shape
-    if not per_head:
-        descale = (x.abs().amax().float().clamp(min=1e-6) / E4M3_MAX).reshape(1)
-        return (x.float() / descale).to(torch.float8_e4m3fn), descale
-    amax = x.abs().view(batch, seqlen, heads_kv, heads // heads_kv, d).amax(dim=(1, 3, 4)).float()
-    descale = (amax.clamp(min=1e-6) / E4M3_MAX).contiguous()
-    per_query = descale.repeat_interleave(heads // heads_kv, dim=1)[:, None, :, None]
-    return (x.float() / per_query).to(torch.float8_e4m3fn), descale
 
 
 def reference64(q, k, v, causal: bool):
@@ -97,7 +83,7 @@ def main():
                                            ("attngen_fp8_per_head", True, False),
                                            ("attngen_fp8_per_head_hadamard", True, True)):
                 qr, kr = (q @ rotation, k @ rotation) if rotate else (q, k)
-                (q8, qd), (k8, kd), (v8, vd) = (quantised(x, args.heads_kv, per_head) for x in (qr, kr, v))
+                (q8, qd), (k8, kd), (v8, vd) = (quantised_e4m3(x, args.heads_kv, per_head) for x in (qr, kr, v))
                 out = attngen.attention(q8, k8, v8, causal=causal, q_descale=qd, k_descale=kd, v_descale=vd)
                 row[name] = rmse(out, ref)
             rows.append(row)

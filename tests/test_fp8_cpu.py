@@ -134,3 +134,22 @@ def test_fp8_plans_only_on_hopper():
     assert "V^T" in explain(spec, preset("sm_90"))
     # the Q region holds the bf16 O staged in its place: twice the fp8 Q tile
     assert make_plan(spec, preset("sm_90")).smem_bytes == 1024 + 128 * 128 * 2 + 2 * 128 * 256 + 80
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_quantised_e4m3_maps_each_group_amax_to_448(per_head):
+    """The quantiser the GPU tests and bench/fp8_accuracy.py share: x8 * descale recovers x to e4m3's
+    relative step (2^-3 of the value, or the subnormal step), and each group's largest |x| lands on 448."""
+    torch = pytest.importorskip("torch")
+    from attngen.tools.benchmark import quantised_e4m3
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 33, 6, 128, generator=gen) * torch.tensor([1.0, 3.0, 0.5, 8.0, 2.0, 1.0])[:, None]
+    x8, descale = quantised_e4m3(x, heads_kv=3, per_head=per_head)
+    assert x8.dtype == torch.float8_e4m3fn and descale.dtype == torch.float32
+    assert descale.shape == ((2, 3) if per_head else (1,))
+    factor = descale.repeat_interleave(2, dim=1)[:, None, :, None] if per_head else descale
+    back = x8.float() * factor
+    assert torch.all((back - x).abs() <= x.abs() * 2.0 ** -4 + factor * 2.0 ** -9 + 1e-12)
+    groups = x8.float().abs().view(2, 33, 3, 2, 128).amax(dim=(1, 3, 4)) if per_head else x8.float().abs().amax()
+    assert torch.all(groups == 448.0)

@@ -12,29 +12,17 @@ import numpy as np
 import pytest
 
 import attngen
+from attngen.tools.benchmark import quantised_e4m3
 from attngen.tools.reference import acceptance_check, attention_fp8_reference, attention_reference
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
-E4M3_MAX = 448.0
 
 
 @pytest.fixture(autouse=True)
 def hopper():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("FP8 attention runs on Hopper (sm_90)")
-
-
-def quantised(x, heads_kv: int, per_head: bool):
-    """(x8, descale) with x8 * descale ~ x: descale = amax / 448 over the whole tensor (one factor), or per
-    (batch, KV head) over the KV head's group of heads ([batch, heads_kv], as the kernel takes them)."""
-    batch, seqlen, heads, d = x.shape
-    if not per_head:
-        descale = (x.abs().amax().float().clamp(min=1e-6) / E4M3_MAX).reshape(1)
-        return (x.float() / descale).to(torch.float8_e4m3fn), descale
-    amax = x.abs().view(batch, seqlen, heads_kv, heads // heads_kv, d).amax(dim=(1, 3, 4)).float()
-    descale = (amax.clamp(min=1e-6) / E4M3_MAX).contiguous()
-    return (x.float() / per_query_head(descale, heads)[:, None, :, None]).to(torch.float8_e4m3fn), descale
 
 
 def per_query_head(descale, heads: int):
@@ -54,7 +42,7 @@ def run(batch, sq, sk, hq, hkv, d, causal, per_head=False, magnitude=1.0, seed=0
     q, k, v = (torch.randn(batch, s, h, d, generator=gen, device="cuda") * magnitude
                for s, h in ((sq, hq), (sk, hkv), (sk, hkv)))
     if descaled:
-        (q8, qd), (k8, kd), (v8, vd) = (quantised(x, hkv, per_head) for x in (q, k, v))
+        (q8, qd), (k8, kd), (v8, vd) = (quantised_e4m3(x, hkv, per_head) for x in (q, k, v))
     else:            # N(0, 1) values fit e4m3 as they are: no factors given (1)
         (q8, k8, v8), qd = (x.to(torch.float8_e4m3fn) for x in (q, k, v)), torch.ones(1, device="cuda")
         kd = vd = qd

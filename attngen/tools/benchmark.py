@@ -365,6 +365,25 @@ def fp8_function(spec):
     return lambda q, k, v: kernel(q, k, v)[0]
 
 
+E4M3_MAX = 448.0
+
+
+def quantised_e4m3(x, heads_kv: int, per_head: bool):
+    """(x8, descale) with x8 * descale ~ x [batch, seqlen, heads, d], as a user quantises for the FP8 forward:
+    descale = amax / 448 over the whole tensor (one factor, shape [1]) or per (batch, KV head) over that KV
+    head's group of heads ([batch, heads_kv] float32, the kernel's per-head form)."""
+    import torch
+
+    batch, seqlen, heads, d = x.shape
+    if not per_head:
+        descale = (x.abs().amax().float().clamp(min=1e-6) / E4M3_MAX).reshape(1)
+        return (x.float() / descale).to(torch.float8_e4m3fn), descale
+    amax = x.abs().view(batch, seqlen, heads_kv, heads // heads_kv, d).amax(dim=(1, 3, 4)).float()
+    descale = (amax.clamp(min=1e-6) / E4M3_MAX).contiguous()
+    per_query_head = descale.repeat_interleave(heads // heads_kv, dim=1)[:, None, :, None]
+    return (x.float() / per_query_head).to(torch.float8_e4m3fn), descale
+
+
 def fp8_inputs(inputs):
     import torch
 
