@@ -1,5 +1,5 @@
 """Compile and call overhead: cold NVRTC compile, warm start from the disk cache, Python time per call of
-attngen.attention on a cached kernel (torch and CuPy inputs), through the custom op torch.compile uses and
+attngen.attention on a cached kernel (torch and CuPy inputs; on Hopper also the FP8 forward), through the custom op torch.compile uses and
 inside a compiled function (beside SDPA's, compiled too), and a CUDA-graph capture of a call.
 
     PYTHONPATH=. python3 bench/bench_overhead.py [--json FILE]
@@ -93,6 +93,12 @@ def main(argv=None):
     row["call_cupy_us"] = per_call_us(lambda: attngen.attention(qc, kc, vc))
     kernel = attngen.build(attngen.api.spec_for_inputs(q, k, v, True))
     row["call_kernel_object_us"] = per_call_us(lambda: kernel(q, k, v))
+    if torch.cuda.get_device_capability() == (9, 0):    # the FP8 forward: V's transpose and the forward per call
+        q8, k8, v8 = (torch.randn(1, 128, 2, 128, device="cuda", generator=gen).to(torch.float8_e4m3fn)
+                      for _ in range(3))
+        factors = dict(zip(("q_descale", "k_descale", "v_descale"), (torch.ones(1, device="cuda") for _ in range(3))))
+        attngen.attention(q8, k8, v8, causal=True, **factors)
+        row["call_fp8_us"] = per_call_us(lambda: attngen.attention(q8, k8, v8, causal=True, **factors))
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),  # noqa: E731
                                                                      v.transpose(1, 2), is_causal=True)
     row["call_sdpa_us"] = per_call_us(sdpa)
@@ -139,6 +145,8 @@ def main(argv=None):
           f"{row['call_cupy_us']:>15.1f} {row['call_kernel_object_us']:>14.1f} {row['call_sdpa_us']:>10.1f} "
           f"{row['call_custom_op_us']:>8.1f} {row['call_compiled_us']:>13.1f} {row['call_compiled_sdpa_us']:>18.1f} "
           f"{str(row['graph_replay_matches_eager']):>8}")
+    if "call_fp8_us" in row:
+        print(f"FP8 call (torch, descale factors given): {row['call_fp8_us']:.1f} us")
     print(f"# {row['gpu']}, torch {torch.__version__}, cupy {cupy.__version__}, attngen {attngen.__version__}")
 
 

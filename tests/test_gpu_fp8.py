@@ -139,3 +139,31 @@ def test_attngen_check_on_the_fp8_example():
     result = CliRunner().invoke(main, ["check", "examples/fp8_e4m3_d128_causal.yaml"])
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output and "FAIL" not in result.output
+
+
+@pytest.mark.parametrize("factors", ["per_tensor", "per_head", "none"])
+def test_fp8_remembered_launch_swaps_every_pointer(factors):
+    """Calls after the first with the same shapes take the remembered launch: each must get its own q, k, v,
+    V^T, outputs and descale factors (or fresh ones for none), so every call matches its own reference, on
+    values and factors that change from call to call. One remembered launch serves them all."""
+    kernel = attngen.build(attngen.Spec(head_dim=128, dtype="fp8_e4m3", causal=True))
+    kernel._signatures.clear()
+    for seed in range(3):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        q, k, v = (torch.randn(2, s, h, 128, generator=gen, device="cuda") * (1.0 + seed) for s, h in
+                   ((113, 4), (203, 2), (203, 2)))
+        if factors == "none":
+            (q8, k8, v8), given = (x.to(torch.float8_e4m3fn) for x in (q, k, v)), {}
+            descaled = [(x8, torch.ones(1, device="cuda")) for x8 in (q8, k8, v8)]
+        else:
+            descaled = [quantised_e4m3(x, 2, factors == "per_head") for x in (q, k, v)]
+            (q8, qd), (k8, kd), (v8, vd) = descaled
+            given = dict(q_descale=qd, k_descale=kd, v_descale=vd)
+        out, lse = kernel(q8, k8, v8, **given)
+        q64, k64, v64 = (dequantised(x8, d) for x8, d in descaled)
+        ref, ref_lse = attention_reference(q64, k64, v64, causal=True)
+        alg, _ = attention_fp8_reference(q64, k64, v64, causal=True)
+        ok, err, bound = acceptance_check(out.double().cpu().numpy(), alg, ref)
+        assert ok, f"call {seed}: max|out - ref64| = {err:.3g} > bound {bound:.3g}"
+        assert np.max(np.abs(lse.double().cpu().numpy() - ref_lse) / np.maximum(1.0, np.abs(ref_lse))) < 2e-3
+    assert len(kernel._signatures) == 1

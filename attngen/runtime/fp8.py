@@ -50,12 +50,23 @@ def descale_args(qv: TensorView, descales: dict, batch: int, heads_kv: int, keep
     return args
 
 
+def vt_shape(spec: Spec, batch: int, heads_kv: int, seqlen_k: int) -> tuple:
+    """V^T's shape: [batch, heads_kv, head_dim_v, keys padded to 128] (whole boxes of the forward's key tile)."""
+    return batch, heads_kv, spec.head_dim_v, -(-seqlen_k // KEYS_ALIGN) * KEYS_ALIGN
+
+
+def descale_shape(given) -> tuple:
+    """The shape of the ones that stand in for missing factors: the given ones' ([batch, heads_kv]), or (1,)."""
+    shapes = [tuple(x.shape) for x in given if math.prod(x.shape) != 1]
+    return shapes[0] if shapes else (1,)
+
+
 def transposed_v(spec: Spec, vv: TensorView, batch: int, heads_kv: int, seqlen_k: int, keep: list):
-    """(grid, packed arguments, v map): the transpose of V into a new V^T [batch, heads_kv, head_dim_v, keys
-    padded to 128] for the caller to launch on the forward's stream, and the forward's tensor map over it
-    (boxes of 128 keys, one swizzle row, x head_dim_v rows)."""
-    keys = -(-seqlen_k // KEYS_ALIGN) * KEYS_ALIGN
-    vt = _empty_like(vv, (batch, heads_kv, spec.head_dim_v, keys), "uint8")
+    """(grid, packed arguments, v map): the transpose of V into a new V^T (vt_shape) for the caller to launch on
+    the forward's stream, and the forward's tensor map over it (boxes of 128 keys, one swizzle row, x
+    head_dim_v rows)."""
+    keys = vt_shape(spec, batch, heads_kv, seqlen_k)[3]
+    vt = _empty_like(vv, vt_shape(spec, batch, heads_kv, seqlen_k), "uint8")
     keep.append(vt)
     vtv = _view("vt", vt)
     args = FP8_V_TRANSPOSE.pack({"v": vv.ptr, "vt": vtv.ptr, "v_stride_b": vv.strides[0], "v_stride_s": vv.strides[1],

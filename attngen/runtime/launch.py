@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import math
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,10 +20,10 @@ from ..planner.forward import tile_list_bytes
 from ..spec import Spec
 from .tma import TensorMapArgument
 from .arguments import layout_args, modifier_args, stride_args
-from ..codegen.signature import VARLEN_SCHEDULE, forward_signature
+from ..codegen.signature import FP8_V_TRANSPOSE, VARLEN_SCHEDULE, forward_signature
 from .interop import TensorView, _empty_like, _view  # noqa: F401  (TensorView: the launchers' view of an input)
 from .uploads import stream_handle
-from .fp8 import DESCALES, TRANSPOSE_THREADS, descale_args, transposed_v
+from .fp8 import DESCALES, TRANSPOSE_THREADS, descale_args, descale_shape, transposed_v, vt_shape
 from .varlen import SCHEDULE_THREADS, grid_tiles, packed, schedule_args, schedule_buffer, varlen_sizes
 from ..variant import variant_of
 
@@ -222,6 +223,15 @@ class ArgumentBlock:
                                 ctypes.addressof(self.pointers), 0)
 
 
+class Fp8Launch(NamedTuple):
+    """A remembered FP8 call: the V transpose and the forward (q, k, V^T maps, o, lse lead; the descale factors
+    by index), and the shapes of the per-call V^T and of the ones that stand in for missing factors."""
+    transposing: "ArgumentBlock"
+    forward: "ArgumentBlock"
+    vt_shape: tuple
+    descale_shape: tuple
+
+
 MAX_SIGNATURES = 256        # remembered input signatures (argument blocks) per kernel
 
 
@@ -269,6 +279,9 @@ class Kernel:
         if self.variant.fp8:
             transpose = self._module.get_function(render.kernel_name(spec, render.KernelKind.FP8_V_TRANSPOSE))
             self._transpose_handle = transpose.kernel.ptr
+            # the arguments a remembered FP8 launch swaps besides the leading pointers
+            self._descale_slots = [self.signature.names.index(n) for n in DESCALES]
+            assert FP8_V_TRANSPOSE.names[:2] == ("v", "vt")
 
     @property
     def resources(self):
@@ -289,18 +302,22 @@ class Kernel:
         with cu_seqlens_q/k (int32 [batch + 1]): out is [total_q, hq, head_dim_v], lse [hq, total_q].
         position_shift: added to the bottom-right alignment of causal, windows and ALiBi (check_position_shift).
         An fp8_e4m3 spec takes q, k, v as float8_e4m3fn and the factors that undo their quantisation
-        (runtime/fp8.py, descale_args); its out is bf16. Each call transposes V first (not remembered)."""
+        (runtime/fp8.py, descale_args); its out is bf16. Each call transposes V first into a fresh V^T."""
         varlen, fp8 = self.variant.varlen, self.variant.fp8
         descales = {"q_descale": q_descale, "k_descale": k_descale, "v_descale": v_descale}
         if not fp8 and any(x is not None for x in descales.values()):
             raise ValueError(f"{', '.join(DESCALES)}: only for an fp8_e4m3 kernel; this one is {self.spec.dtype}")
-        fast = (out is None and lse is None and block_mask is None and alibi_slopes is None and tensors is None
-                and not fp8)
-        signature = _torch_signature(q, k, v, (scale, position_shift)) if fast and self._signature_ok else None
+        fast = out is None and lse is None and block_mask is None and alibi_slopes is None and tensors is None
+        # FP8: which factors are given, and their shapes and strides, fix the launch too (their pointers do not)
+        given = tuple(x for x in descales.values() if x is not None)
+        fixed = (scale, position_shift) + ((tuple(x is None for x in descales.values()),) if fp8 else ())
+        signature = _torch_signature(q, k, v, fixed, given) if fast and self._signature_ok else None
         if signature is not None:
-            block = self._signatures.get(signature)
-            if block is not None:
-                return self._launch_again(block, q, k, v, scale, position_shift)
+            remembered = self._signatures.get(signature)
+            if remembered is not None and fp8:
+                return self._launch_fp8_again(remembered, q, k, v, descales, scale, position_shift)
+            if remembered is not None:
+                return self._launch_again(remembered, q, k, v, scale, position_shift)
         if varlen and fast and self._varlen_signature_ok:
             signature = _torch_signature(q, k, v, (scale, position_shift), (cu_seqlens_q, cu_seqlens_k))
             blocks = self._signatures.get(signature) if signature is not None else None
@@ -382,8 +399,9 @@ class Kernel:
                 scheduling.launch(_stream_handle(qv))
                 sizes = varlen_sizes(buffers[2], seqlen_q, seqlen_k)
             if fp8:
-                ArgumentBlock(self._transpose_handle, transpose_grid, (TRANSPOSE_THREADS, 1, 1), 0,
-                              transpose_args).launch(_stream_handle(qv))
+                transposing = ArgumentBlock(self._transpose_handle, transpose_grid, (TRANSPOSE_THREADS, 1, 1), 0,
+                                            transpose_args)
+                transposing.launch(_stream_handle(qv))
             args = self.signature.pack({
                 **inputs, "o": ov.ptr, "lse": lv.ptr, **stride_args("o", ov), **sizes,
                 "heads_q": heads_q, "group_size": heads_q // heads_kv,
@@ -397,7 +415,12 @@ class Kernel:
             if len(self._signatures) >= MAX_SIGNATURES:
                 self._signatures.clear()
             block.out_shape, block.lse_shape = out_shape, lse_shape
-            self._signatures[signature] = (scheduling, block, batch, capacity) if varlen else block
+            if fp8:
+                remembered = Fp8Launch(transposing, block, vt_shape(self.spec, batch, heads_kv, seqlen_k),
+                                       descale_shape(given))
+            else:
+                remembered = (scheduling, block, batch, capacity) if varlen else block
+            self._signatures[signature] = remembered
         return out, lse
 
     @property
@@ -440,6 +463,32 @@ class Kernel:
             stream = _raw_torch_stream(index)
             scheduling.launch(stream, cu, tuple(zip(self._schedule_slots, (order, start, info))))
             block.launch(stream, (*pointers, out.data_ptr(), lse.data_ptr()), ((self._info_slot, info),))
+        return out, lse
+
+    def _launch_fp8_again(self, r: "Fp8Launch", q, k, v, descales: dict, scale, position_shift):
+        """An FP8 call whose signature was launched before: fresh outputs, a fresh V^T and ones for the factors
+        not given, all allocated on the caller's stream (where both launches run); the new pointers swapped into
+        the remembered transpose and forward."""
+        import torch
+
+        pointers = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+        if (pointers[0] | pointers[1] | pointers[2]) % 16:   # the copy engine's and the transpose's 16-byte rows
+            self._signatures.clear()                      # the general path explains the misalignment
+            return self(q, k, v, scale=scale, position_shift=position_shift, **descales)
+        device = q.device
+        out = torch.empty(r.forward.out_shape, dtype=torch.bfloat16, device=device)
+        lse = torch.empty(r.forward.lse_shape, dtype=torch.float32, device=device)
+        vt = torch.empty(r.vt_shape, dtype=torch.uint8, device=device)
+        factors = [x if x is not None else torch.ones(r.descale_shape, dtype=torch.float32, device=device)
+                   for x in descales.values()]
+        index = q.get_device()
+        import cupy
+
+        with cupy.cuda.Device(index):
+            stream = _raw_torch_stream(index)
+            r.transposing.launch(stream, (pointers[2], vt.data_ptr()))
+            r.forward.launch(stream, (pointers[0], pointers[1], vt.data_ptr(), out.data_ptr(), lse.data_ptr()),
+                             tuple(zip(self._descale_slots, (f.data_ptr() for f in factors))))
         return out, lse
 
     def _launch_again(self, block, q, k, v, scale, position_shift):
