@@ -1,6 +1,7 @@
 """Compile and call overhead: cold NVRTC compile, warm start from the disk cache, Python time per call of
-attngen.attention on a cached kernel (torch and CuPy inputs; on Hopper also the FP8 forward), through the custom op torch.compile uses and
-inside a compiled function (beside SDPA's, compiled too), and a CUDA-graph capture of a call.
+attngen.attention on a cached kernel (torch and CuPy inputs; on Hopper also the FP8 forward), through the
+custom op torch.compile uses and inside a compiled function (beside SDPA's, compiled too), and a CUDA-graph
+capture of a call.
 
     PYTHONPATH=. python3 bench/bench_overhead.py [--json FILE]
 

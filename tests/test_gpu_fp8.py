@@ -145,9 +145,14 @@ def test_attngen_check_on_the_fp8_example():
 def test_fp8_remembered_launch_swaps_every_pointer(factors):
     """Calls after the first with the same shapes take the remembered launch: each must get its own q, k, v,
     V^T, outputs and descale factors (or fresh ones for none), so every call matches its own reference, on
-    values and factors that change from call to call. One remembered launch serves them all."""
+    values and factors that change from call to call. After each call the blocks it freed (V^T, the ones) are
+    taken by poisoned tensors kept alive, so a pointer left unswapped would read poison. One remembered launch
+    serves them all, and the V^T the transpose writes is the one the forward reads."""
+    from attngen.runtime.fp8 import vt_shape
+
     kernel = attngen.build(attngen.Spec(head_dim=128, dtype="fp8_e4m3", causal=True))
     kernel._signatures.clear()
+    poisoned = []
     for seed in range(3):
         gen = torch.Generator(device="cuda").manual_seed(seed)
         q, k, v = (torch.randn(2, s, h, 128, generator=gen, device="cuda") * (1.0 + seed) for s, h in
@@ -160,6 +165,11 @@ def test_fp8_remembered_launch_swaps_every_pointer(factors):
             (q8, qd), (k8, kd), (v8, vd) = descaled
             given = dict(q_descale=qd, k_descale=kd, v_descale=vd)
         out, lse = kernel(q8, k8, v8, **given)
+        if seed:
+            remembered = next(iter(kernel._signatures.values()))
+            assert remembered.transposing.slots[1].value == remembered.forward.slots[2].value
+        poisoned += [torch.full(vt_shape(kernel.spec, 2, 2, 203), 0x7E, dtype=torch.uint8, device="cuda")]
+        poisoned += [torch.full((2, 2) if factors == "per_head" else (1,), 3.0, device="cuda") for _ in range(3)]
         q64, k64, v64 = (dequantised(x8, d) for x8, d in descaled)
         ref, ref_lse = attention_reference(q64, k64, v64, causal=True)
         alg, _ = attention_fp8_reference(q64, k64, v64, causal=True)
@@ -167,3 +177,23 @@ def test_fp8_remembered_launch_swaps_every_pointer(factors):
         assert ok, f"call {seed}: max|out - ref64| = {err:.3g} > bound {bound:.3g}"
         assert np.max(np.abs(lse.double().cpu().numpy() - ref_lse) / np.maximum(1.0, np.abs(ref_lse))) < 2e-3
     assert len(kernel._signatures) == 1
+
+
+def test_fp8_remembered_launches_follow_the_given_factors():
+    """Which factors are given is part of the remembered signature: the same q, k, v with all three, with
+    q_descale only and with none are three launches, each correct (a missing factor is 1)."""
+    kernel = attngen.build(attngen.Spec(head_dim=128, dtype="fp8_e4m3"))
+    kernel._signatures.clear()
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(1, 77, 2, 128, generator=gen, device="cuda") for _ in range(3))
+    (q8, qd), (k8, kd), (v8, vd) = (quantised_e4m3(x, 2, False) for x in (q, k, v))
+    one = torch.ones(1, device="cuda")
+    for given, used in ((dict(q_descale=qd, k_descale=kd, v_descale=vd), (qd, kd, vd)),
+                        (dict(q_descale=qd), (qd, one, one)), ({}, (one, one, one))):
+        for _ in range(2):                                   # the second call takes the remembered launch
+            out, _ = kernel(q8, k8, v8, **given)
+            q64, k64, v64 = (dequantised(x8, d) for x8, d in zip((q8, k8, v8), used))
+            alg, ref = attention_fp8_reference(q64, k64, v64)[0], attention_reference(q64, k64, v64)[0]
+            ok, err, bound = acceptance_check(out.double().cpu().numpy(), alg, ref)
+            assert ok, f"{sorted(given)}: max|out - ref64| = {err:.3g} > bound {bound:.3g}"
+    assert len(kernel._signatures) == 3

@@ -310,7 +310,9 @@ class Kernel:
         fast = out is None and lse is None and block_mask is None and alibi_slopes is None and tensors is None
         # FP8: which factors are given, and their shapes and strides, fix the launch too (their pointers do not)
         given = tuple(x for x in descales.values() if x is not None)
-        fixed = (scale, position_shift) + ((tuple(x is None for x in descales.values()),) if fp8 else ())
+        # (their types too: True == 1, but the general path refuses a bool scale or shift)
+        fixed = (scale, type(scale), position_shift, type(position_shift)) + (
+            (tuple(x is None for x in descales.values()),) if fp8 else ())
         signature = _torch_signature(q, k, v, fixed, given) if fast and self._signature_ok else None
         if signature is not None:
             remembered = self._signatures.get(signature)
@@ -484,11 +486,16 @@ class Kernel:
         index = q.get_device()
         import cupy
 
-        with cupy.cuda.Device(index):
+        def launch():
             stream = _raw_torch_stream(index)
             r.transposing.launch(stream, (pointers[2], vt.data_ptr()))
             r.forward.launch(stream, (pointers[0], pointers[1], vt.data_ptr(), out.data_ptr(), lse.data_ptr()),
                              tuple(zip(self._descale_slots, (f.data_ptr() for f in factors))))
+        if cupy.cuda.runtime.getDevice() != index:
+            with cupy.cuda.Device(index):
+                launch()
+        else:
+            launch()
         return out, lse
 
     def _launch_again(self, block, q, k, v, scale, position_shift):
