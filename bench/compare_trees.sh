@@ -7,7 +7,8 @@
 # Env: BEFORE (default before_tree), SEQLENS (default 1024,4096,16384), PEERS (default sdpa_cudnn), ROUNDS
 # (default 2), OUT (the
 # rows and logs go to OUT/compare/), WARM=only|skip (compile without timing, e.g. beside a sanitizer run / time
-# only, after such a run).
+# only, after such a run), EXTRA (more `attngen bench` options, e.g. "--no-backward" to time the forward only;
+# the fp8 column comes with it on Hopper).
 set -o pipefail
 export PYTHONUNBUFFERED=1 ATTNGEN_CACHE_DIR=${ATTNGEN_CACHE_DIR:-/tmp/attngen-cache}
 BEFORE=${BEFORE:-before_tree}; SEQLENS=${SEQLENS:-1024,4096,16384}; PEERS=${PEERS:-sdpa_cudnn}; OUT=${OUT:-/tmp/out}
@@ -22,7 +23,7 @@ warm() {
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for tree in before after; do
     root=$([ $tree = before ] && echo "$BEFORE" || echo .)
-    PYTHONPATH=$root python3 -m attngen bench --suite flash --dtype bf16 --seqlens "$SEQLENS" --peers "$PEERS" \
+    PYTHONPATH=$root python3 -m attngen bench --suite flash --dtype bf16 --seqlens "$SEQLENS" --peers "$PEERS" ${EXTRA:-} \
       --json "$OUT/${tree}_$round.json" > "$OUT/${tree}_$round.txt" 2>&1 || { echo "$tree round $round failed"; tail "$OUT/${tree}_$round.txt"; }
   done
 done
@@ -45,5 +46,9 @@ for key in sorted(before, key=str):
     peer = statistics.median(r.get("sdpa_cudnn") or 0 for r in before[key] + after[key])
     ratios.append(a / b)
     print(f"{key[0]:8} {key[1]:>4} {str(key[2]):>6} {key[3]:>6} {b:8.1f} {a:8.1f} {a / b:12.3f} {peer:8.1f}")
+    if all(r.get("attngen_fp8") for r in before[key] + after[key]):       # the e4m3 column, on Hopper
+        b8 = statistics.median(r["attngen_fp8"] for r in before[key])
+        a8 = statistics.median(r["attngen_fp8"] for r in after[key])
+        print(f"{'  fp8':8} {key[1]:>4} {str(key[2]):>6} {key[3]:>6} {b8:8.1f} {a8:8.1f} {a8 / b8:12.3f}")
 print(f"after/before: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}")
 PY

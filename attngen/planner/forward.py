@@ -415,7 +415,8 @@ def explain(spec: Spec, device: Device) -> str:
         lines += [
             "fp8    q, k, v e4m3 (1 B), out bf16; wgmma k = 32, both operands K-major: a transpose kernel writes V^T "
             "per call with each 32 keys in P's register order (codegen/fp8.py); the Q region is max(block_m*d, "
-            "block_m*dim_v*2) B, the bf16 O staged there; P packed as 256 P; descales per (batch, KV head)"]
+            "block_m*dim_v*2) B, the bf16 O staged there; P packed as 256 P (+8 in the exp2 shift); descales per "
+            "(batch, KV head)"]
     lines += [
         "",
         f"  {'path':>8} {'bm':>4} {'bn':>4} {'warps':>5} {'stg':>3} {'smem B':>8} {'regs':>4} {'cta/SM':>6} "

@@ -284,6 +284,12 @@ def _dense_mask(case: Case):
         np.arange(pattern.heads)[:, None, None], np.arange(n)[None, :, None], np.arange(n)[None, None, :], n, n))).cuda()
 
 
+def is_plain(spec) -> bool:
+    """Plain softmax attention (causal or not): no mask, softcap, ALiBi, score_mod or mask_mod."""
+    return (spec.mask is None and spec.softcap is None and not spec.alibi and spec.score_mod is None
+            and spec.mask_mod is None)
+
+
 def peer_functions(case: Case) -> dict:
     """name -> fn(q, k, v) for each peer that computes the same attention, or name -> why not."""
     import torch
@@ -292,7 +298,7 @@ def peer_functions(case: Case) -> dict:
     if s.fp8:
         why = "no peer here takes e4m3 inputs (--suite flash sets attngen's FP8 beside its bf16)"
         return {name: why for name in PEERS}
-    plain = s.mask is None and s.softcap is None and not s.alibi and s.score_mod is None and s.mask_mod is None
+    plain = is_plain(s)
     peers = {}
     if plain:
         backend, gqa = torch.nn.attention.SDPBackend, case.heads != case.heads_kv
@@ -355,8 +361,7 @@ def fp8_applies(spec, device) -> bool:
     Hopper."""
     from ..spec import FP8_HEAD_DIMS
 
-    plain = spec.mask is None and spec.softcap is None and not spec.alibi and spec.score_mod is None
-    return plain and not spec.fp8 and device.cc == 90 and spec.head_dim == spec.head_dim_v and spec.head_dim in FP8_HEAD_DIMS
+    return is_plain(spec) and not spec.fp8 and device.cc == 90 and spec.head_dim == spec.head_dim_v and spec.head_dim in FP8_HEAD_DIMS
 
 
 def fp8_function(spec):
@@ -365,14 +370,13 @@ def fp8_function(spec):
     return lambda q, k, v: kernel(q, k, v)[0]
 
 
-E4M3_MAX = 448.0
-
-
 def quantised_e4m3(x, heads_kv: int, per_head: bool):
     """(x8, descale) with x8 * descale ~ x [batch, seqlen, heads, d], as a user quantises for the FP8 forward:
     descale = amax / 448 over the whole tensor (one factor, shape [1]) or per (batch, KV head) over that KV
     head's group of heads ([batch, heads_kv] float32, the kernel's per-head form)."""
     import torch
+
+    from .reference import E4M3_MAX
 
     batch, seqlen, heads, d = x.shape
     if not per_head:
