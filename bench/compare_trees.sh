@@ -1,54 +1,65 @@
 #!/usr/bin/env bash
-# `attngen bench --suite flash` of two source trees in one device call, interleaved (before, after, before,
-# after) so that clock and thermal drift fall on both: BEFORE is a folder holding another commit's attngen/
-# and templates/ (e.g. `git archive <commit> attngen templates | tar -x -C before_tree`, carried to the
-# device), the other tree is this one. The suite's kernels are compiled first, both trees in parallel, so
-# that nothing compiles while the GPU is timed. Prints each tree's TFLOP/s per row and after / before.
-# Env: BEFORE (default before_tree), SEQLENS (default 1024,4096,16384), PEERS (default sdpa_cudnn), ROUNDS
-# (default 2), OUT (the
-# rows and logs go to OUT/compare/), WARM=only|skip (compile without timing, e.g. beside a sanitizer run / time
-# only, after such a run), EXTRA (more `attngen bench` options, e.g. "--no-backward" to time the forward only;
-# the fp8 column comes with it on Hopper).
+# `attngen bench --suite flash` of several source trees in one device call, interleaved (A, B, C, A, B, C) so
+# that clock and thermal drift fall on all of them. TREES lists folders holding attngen/ and templates/ (e.g.
+# `git archive <commit> attngen templates | tar -x -C before_tree`, carried to the device); "." is this tree.
+# The default, "$BEFORE .", is the two-tree A/B. The suite's kernels are compiled first, all trees in parallel,
+# so that nothing compiles while the GPU is timed. Prints each tree's TFLOP/s per row and its ratio to the
+# first tree.
+# Env: TREES, BEFORE (default before_tree), SEQLENS (default 1024,4096,16384), PEERS (default sdpa_cudnn),
+# ROUNDS (default 2), OUT (the rows and logs go to OUT/compare/), WARM=only|skip (compile without timing, e.g.
+# beside a sanitizer run / time only, after such a run), EXTRA (more `attngen bench` options, e.g.
+# "--no-backward" to time the forward only; the fp8 column comes with it on Hopper).
 set -o pipefail
 export PYTHONUNBUFFERED=1 ATTNGEN_CACHE_DIR=${ATTNGEN_CACHE_DIR:-/tmp/attngen-cache}
-BEFORE=${BEFORE:-before_tree}; SEQLENS=${SEQLENS:-1024,4096,16384}; PEERS=${PEERS:-sdpa_cudnn}; OUT=${OUT:-/tmp/out}
+BEFORE=${BEFORE:-before_tree}; TREES=${TREES:-$BEFORE .}
+SEQLENS=${SEQLENS:-1024,4096,16384}; PEERS=${PEERS:-sdpa_cudnn}; OUT=${OUT:-/tmp/out}
 OUT=$OUT/compare; mkdir -p "$OUT"
+label() { [ "$1" = . ] && echo this || basename "$1"; }
 warm() {
   for d in 64 128; do for causal in False True; do
     PYTHONPATH=$1 python3 -c "import attngen; s = attngen.Spec(head_dim=$d, dtype='bf16', causal=$causal, backward=True); attngen.build(s); attngen.build_backward(s)" &
   done; done; wait
 }
-[ "${WARM:-}" = skip ] || { warm "$BEFORE" & warm . & wait; }
+if [ "${WARM:-}" != skip ]; then
+  for tree in $TREES; do warm "$tree" & done; wait
+fi
 [ "${WARM:-}" = only ] && exit 0
 for round in $(seq 1 "${ROUNDS:-2}"); do
-  for tree in before after; do
-    root=$([ $tree = before ] && echo "$BEFORE" || echo .)
-    PYTHONPATH=$root python3 -m attngen bench --suite flash --dtype bf16 --seqlens "$SEQLENS" --peers "$PEERS" ${EXTRA:-} \
-      --json "$OUT/${tree}_$round.json" > "$OUT/${tree}_$round.txt" 2>&1 || { echo "$tree round $round failed"; tail "$OUT/${tree}_$round.txt"; }
+  for tree in $TREES; do
+    name=$(label "$tree")
+    PYTHONPATH=$tree python3 -m attngen bench --suite flash --dtype bf16 --seqlens "$SEQLENS" --peers "$PEERS" ${EXTRA:-} \
+      --json "$OUT/${name}_$round.json" > "$OUT/${name}_$round.txt" 2>&1 || { echo "$name round $round failed"; tail "$OUT/${name}_$round.txt"; }
   done
 done
-python3 - "$OUT" "${ROUNDS:-2}" <<'PY'
+python3 - "$OUT" "${ROUNDS:-2}" $(for tree in $TREES; do label "$tree"; done) <<'PY'
 import json, statistics, sys
-out = sys.argv[1]
-def load(tree):
+out, rounds, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def load(name):
     rows = {}
-    for r in range(1, int(sys.argv[2]) + 1):
-        for row in json.load(open(f"{out}/{tree}_{r}.json")):
+    for r in range(1, rounds + 1):
+        for row in json.load(open(f"{out}/{name}_{r}.json")):
             key = (row.get("mode"), row.get("head_dim"), row.get("causal"), row.get("seqlen"))
             rows.setdefault(key, []).append(row)
     return rows
-before, after = load("before"), load("after")
-print(f"{'mode':8} {'d':>4} {'causal':>6} {'seqlen':>6} {'before':>8} {'after':>8} {'after/before':>12} {'cudnn':>8}")
-ratios = []
-for key in sorted(before, key=str):
-    b = statistics.median(r["attngen"] for r in before[key])
-    a = statistics.median(r["attngen"] for r in after[key])
-    peer = statistics.median(r.get("sdpa_cudnn") or 0 for r in before[key] + after[key])
-    ratios.append(a / b)
-    print(f"{key[0]:8} {key[1]:>4} {str(key[2]):>6} {key[3]:>6} {b:8.1f} {a:8.1f} {a / b:12.3f} {peer:8.1f}")
-    if all(r.get("attngen_fp8") for r in before[key] + after[key]):       # the e4m3 column, on Hopper
-        b8 = statistics.median(r["attngen_fp8"] for r in before[key])
-        a8 = statistics.median(r["attngen_fp8"] for r in after[key])
-        print(f"{'  fp8':8} {key[1]:>4} {str(key[2]):>6} {key[3]:>6} {b8:8.1f} {a8:8.1f} {a8 / b8:12.3f}")
-print(f"after/before: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}")
+trees = {name: load(name) for name in names}
+first, others = names[0], names[1:]
+def median(name, key, column):
+    return statistics.median(r[column] for r in trees[name][key])
+print(f"{'mode':8} {'d':>4} {'causal':>6} {'seqlen':>6} " + " ".join(f"{n[:10]:>10}" for n in names)
+      + " " + " ".join(f"{(n + '/' + first)[:16]:>16}" for n in others) + f" {'cudnn':>8}")
+ratios = {name: [] for name in others}
+for key in sorted(trees[first], key=str):
+    for column, mode in (("attngen", key[0]), ("attngen_fp8", "  fp8")):
+        if not all(r.get(column) for name in names for r in trees[name][key]):
+            continue                                   # the e4m3 column exists on Hopper only
+        values = {name: median(name, key, column) for name in names}
+        peer = statistics.median(r.get("sdpa_cudnn") or 0 for name in names for r in trees[name][key])
+        line = f"{mode:8} {key[1]:>4} {str(key[2]):>6} {key[3]:>6} " + " ".join(f"{values[n]:10.1f}" for n in names)
+        for name in others:
+            ratios[name].append(values[name] / values[first])
+            line += f" {values[name] / values[first]:16.3f}"
+        print(line + (f" {peer:8.1f}" if column == "attngen" else ""))
+for name in others:
+    r = ratios[name]
+    print(f"{name}/{first}: median {statistics.median(r):.3f}, min {min(r):.3f}, max {max(r):.3f}")
 PY
