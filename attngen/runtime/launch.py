@@ -170,6 +170,17 @@ def _torch_stream(device: int):
     return torch.cuda.current_stream(device)
 
 
+def _on_device(index: int, launch) -> None:
+    """launch() with device `index` current in CuPy; the switch (two driver calls) only when another one is."""
+    import cupy
+
+    if cupy.cuda.runtime.getDevice() != index:
+        with cupy.cuda.Device(index):
+            launch()
+    else:
+        launch()
+
+
 def _raw_torch_stream(device: int) -> int:
     return stream_handle("torch", device)
 
@@ -484,18 +495,13 @@ class Kernel:
         factors = [x if x is not None else torch.ones(r.descale_shape, dtype=torch.float32, device=device)
                    for x in descales.values()]
         index = q.get_device()
-        import cupy
 
         def launch():
             stream = _raw_torch_stream(index)
             r.transposing.launch(stream, (pointers[2], vt.data_ptr()))
             r.forward.launch(stream, (pointers[0], pointers[1], vt.data_ptr(), out.data_ptr(), lse.data_ptr()),
                              tuple(zip(self._descale_slots, (f.data_ptr() for f in factors))))
-        if cupy.cuda.runtime.getDevice() != index:
-            with cupy.cuda.Device(index):
-                launch()
-        else:
-            launch()
+        _on_device(index, launch)
         return out, lse
 
     def _launch_again(self, block, q, k, v, scale, position_shift):
@@ -510,11 +516,5 @@ class Kernel:
         out = torch.empty(block.out_shape, dtype=q.dtype, device=device)
         lse = torch.empty(block.lse_shape, dtype=torch.float32, device=device)
         index = q.get_device()
-        import cupy
-
-        if cupy.cuda.runtime.getDevice() != index:
-            with cupy.cuda.Device(index):
-                block.launch(_raw_torch_stream(index), (*pointers, out.data_ptr(), lse.data_ptr()))
-        else:
-            block.launch(_raw_torch_stream(index), (*pointers, out.data_ptr(), lse.data_ptr()))
+        _on_device(index, lambda: block.launch(_raw_torch_stream(index), (*pointers, out.data_ptr(), lse.data_ptr())))
         return out, lse
