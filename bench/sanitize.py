@@ -351,6 +351,15 @@ def bwd_wgmma(ctx):
                                    (64, "fp16", True, SK, SQ)))
 
 
+def bwd_wgmma_wide(ctx):
+    """Backward, the wgmma dK/dV pass with keys as columns (dK^T, dV^T accumulated; P^T and dS^T through
+    shared memory by stmatrix.trans; dQ tiles by vector atomics) and padded head dims: d256 bf16 causal
+    77x203, d192 fp16 full 203x77, d96 bf16 causal 77x203 (keys as rows, padded to 128)."""
+    ctx.require_hopper("the wgmma dK/dV pass")
+    _dense_backward(ctx, "wgmma", ((256, "bf16", True, SQ, SK), (192, "fp16", False, SK, SQ),
+                                   (96, "bf16", True, SQ, SK)))
+
+
 def bwd_deterministic(ctx):
     """Backward with deterministic=True: delta kernel, the separate dQ pass (no atomics), the mma.sync
     dK/dV pass without dQ. d64 bf16 causal 77x203, d128 fp16 full 203x77."""
@@ -736,7 +745,7 @@ def fp8_forward(ctx):
 
 
 WORKLOADS = {f.__name__: f for f in (
-    fwd_mma_sync, fwd_wgmma, bwd_mma_sync, bwd_wgmma, bwd_deterministic, tails_large_scores, padded_views,
+    fwd_mma_sync, fwd_wgmma, bwd_mma_sync, bwd_wgmma, bwd_wgmma_wide, bwd_deterministic, tails_large_scores, padded_views,
     runtime_layout, runtime_layout_bwd, pattern_sliding_window, pattern_document, pattern_bigbird,
     mods_named_tensors, softcap_alibi, cupy_streams, varlen, kvcache, kvcache_prefill, fp8_forward)}
 

@@ -514,7 +514,8 @@ constexpr int BARRIER_BYTES = (1 + 4 * STAGES) * 8;                        // v_
 static_assert(BARRIER_OFFSET % 8 == 0, "mbarriers are 8-byte aligned");
 constexpr int TILE_LIST_OFFSET = BARRIER_OFFSET + (BARRIER_BYTES + 15) / 16 * 16;   // then WARPS + n_kv_tiles ints
 static_assert(1024 + TILE_LIST_OFFSET == 164944, "the plan's shared memory is this layout (+1 KB to align)");
-static_assert(D == HEAD_DIM && DV == HEAD_DIM_V, "the wgmma path takes whole 64-column chunks");
+static_assert(D % CHUNK == 0 && DV % CHUNK == 0 && D - HEAD_DIM < CHUNK && DV - HEAD_DIM_V < CHUNK,
+              "the wgmma path pads the head dims to whole chunks (the tensor map fills the padding with zeros)");
 static_assert(Q_TILE_BYTES % 1024 == 0 && K_TILE_BYTES % 1024 == 0 && V_TILE_BYTES % 1024 == 0,
               "every tile starts on the swizzle's 1024-byte period");
 
@@ -631,11 +632,12 @@ llama_gqa_bf16_fwd(const __grid_constant__ TensorMap q_map, const __grid_constan
     unsigned p_frag[M_TILES][P_STEPS][4];
     float correction[M_TILES][2];
 
-    // S = Q K^T over k-steps of 32 bytes of columns (16 at 16 bits, 32 at 8), 4 to a 128-byte chunk.
+    // S = Q K^T over k-steps of 32 bytes of columns (16 at 16 bits, 32 at 8), 4 to a 128-byte chunk; the
+    // padding's zero columns are skipped.
     auto issue_scores = [&](float (&s)[BLOCK_N / 8][4], int slot) {
         const unsigned long long k_slot = k_desc(slot);
 #pragma unroll
-        for (int kk = 0; kk < D * ELEM_BYTES / 32; ++kk) {
+        for (int kk = 0; kk < (HEAD_DIM * ELEM_BYTES + 31) / 32; ++kk) {
             const int offset = (kk / 4 * Q_CHUNK_BYTES + kk % 4 * 32) >> 4, k_offset = (kk / 4 * KV_CHUNK_BYTES + kk % 4 * 32) >> 4;
             wgmma_scores(s, q_desc + offset, k_slot + k_offset, kk > 0);
         }

@@ -29,6 +29,7 @@
 //   fused_dq:            True
 //   vector_atomics:      True
 //   path:                mma_sync
+//   keys_as_columns:     False
 //   threads:             256
 // FlashAttention-2 backward, dK/dV: a CTA holds BLOCK_N keys and values of one (batch, kv head) and CHUNK
 // columns of dK and dV; the query tiles of every query head of its GQA group stream through a STAGES-deep
@@ -339,13 +340,14 @@ __device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const 
         for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta(nt, e)) * grad_factor[nt][e];
 }
 
-// Writes a warp's 16 x CHUNK fp32 accumulator, times `factor`, as fp16 rows of dst (row stride
-// row_stride elements), rows < rows_left and columns < cols_left only: a 4-byte store per pair of columns,
-// or (GLOBAL_VECTOR 1: rows 2-byte aligned, cols_left maybe odd) a 2-byte store per column.
-__device__ __forceinline__ void store_rows(const float (&acc)[1][CHUNK / 8][4], float factor, elem_t* dst,
+// Writes a warp's 16 x N fp32 accumulator (N = CHUNK unless given), times `factor`, as fp16 rows of
+// dst (row stride row_stride elements), rows < rows_left and columns < cols_left only: a 4-byte store per pair
+// of columns, or (GLOBAL_VECTOR 1: rows 2-byte aligned, cols_left maybe odd) a 2-byte store per column.
+template <int N = CHUNK>
+__device__ __forceinline__ void store_rows(const float (&acc)[1][N / 8][4], float factor, elem_t* dst,
                                            long long row_stride, int rows_left, int cols_left, int lane) {
 #pragma unroll
-    for (int nt = 0; nt < CHUNK / 8; ++nt) {
+    for (int nt = 0; nt < N / 8; ++nt) {
         const int col = nt * 8 + (lane % 4) * 2;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {

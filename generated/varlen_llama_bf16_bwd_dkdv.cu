@@ -29,25 +29,26 @@
 //   fused_dq:            True
 //   vector_atomics:      True
 //   path:                wgmma
+//   keys_as_columns:     False
 //   threads:             384
 // FlashAttention-3-style backward for Hopper (sm_90a), dK/dV with dQ: a CTA holds BLOCK_N keys and values
 // of one (batch, kv head). Warpgroup 0 is the producer: one thread brings K and V in once and then a
 // STAGES-deep ring of query tiles of every query head of the GQA group, each as Q (with its rows' LSE
-// and delta) and dO, by the tensor memory accelerator. Warpgroups 1 and 2 own 64 keys each and hold all
-// of dK and dV in registers. Per step, with wgmma:
+// and delta) and dO, by the tensor memory accelerator. Warpgroups 1 and 2 compute, per step, with wgmma:
+// keys as rows: each owns 64 keys and holds all of their dK and dV in registers.
 //   S^T = K Q^T and dP^T = V dO^T (both from shared memory), P^T = exp(scale S^T - LSE),
 //   dV += P^T dO and dK += dS^T Q (P^T and dS^T = P^T (dP^T - delta) from registers),
 //   dQ += dS K (dS^T of both warpgroups through swizzled shared memory): each warpgroup stages its 64 x 64
 //   part in shared memory and the copy engine adds it to an fp32 buffer in one bulk reduction
 //   (cp.reduce.async.bulk), so dQ's rounding depends on the order the CTAs add in.
-// A slot is handed back to the producer when the step's last wgmma has read it.
+// A slot is handed back to the producer when the step's last wgmma that reads Q or dO is done.
 
 // ---- compile-time shape of this backward kernel ----------------------------------------------------
 typedef unsigned short elem_t;          // raw bf16 bits; arithmetic happens in fp32
 
 constexpr int HEAD_DIM   = 128;   // as given
 constexpr int HEAD_DIM_V = 128;
-constexpr int D          = 128;   // padded to the mma k-step; padding is zero-filled
+constexpr int D          = 128;   // padded to the mma k-step (wgmma: to the copy engine's 64-column chunks); padding is zero-filled
 constexpr int DV         = 128;
 constexpr int BLOCK_M    = 64;   // query rows per step
 constexpr int BLOCK_N    = 128;   // key rows per CTA
@@ -69,7 +70,7 @@ constexpr int V_STRIDE  = DV + ROW_PAD;
 constexpr int DO_STRIDE = DV + ROW_PAD;
 constexpr int Q_TILE_BYTES = BLOCK_M * Q_STRIDE * 2, DO_TILE_BYTES = BLOCK_M * DO_STRIDE * 2;
 constexpr int K_TILE_BYTES = BLOCK_N * K_STRIDE * 2, V_TILE_BYTES = BLOCK_N * V_STRIDE * 2;
-static_assert(D % CHUNK == 0 && DV % CHUNK == 0, "chunks tile the gradient columns");
+static_assert(CHUNK == (D > DV ? D : DV), "the wgmma pass: a CTA holds every gradient column");
 static_assert(CHUNK % 16 == 0 && BLOCK_M % 16 == 0 && BLOCK_N % 16 == 0, "mma tiles are 16 wide");
 
 // ---- PTX wrappers: async copies, ldmatrix, mma.sync, fast exp2/log2 --------------------------------
@@ -264,9 +265,9 @@ __device__ __forceinline__ void wgmma_scores(float (&d)[8][4], unsigned long lon
 }
 
 
-// dV[64 keys x D] += P^T[64 x 16 queries] dO[16 x D], and dK from dS^T and Q: the A operand from registers,
-// B as stored, [queries][D] (N-major).
-__device__ __forceinline__ void wgmma_gradient(float (&d)[16][4], const unsigned (&a)[4], unsigned long long desc_b,
+// dK[64 keys x D] += dS^T[64 x 16 queries] Q[16 x D] and dV[64 x DV] += P^T dO[16 x DV]: the A operand from
+// registers, B as stored, [queries][columns] (N-major); one function per width.
+__device__ __forceinline__ void wgmma_gradient_n128(float (&d)[16][4], const unsigned (&a)[4], unsigned long long desc_b,
                                           int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
@@ -321,13 +322,14 @@ __device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const 
         for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta(nt, e)) * grad_factor[nt][e];
 }
 
-// Writes a warp's 16 x CHUNK fp32 accumulator, times `factor`, as bf16 rows of dst (row stride
-// row_stride elements), rows < rows_left and columns < cols_left only: a 4-byte store per pair of columns,
-// or (GLOBAL_VECTOR 1: rows 2-byte aligned, cols_left maybe odd) a 2-byte store per column.
-__device__ __forceinline__ void store_rows(const float (&acc)[1][CHUNK / 8][4], float factor, elem_t* dst,
+// Writes a warp's 16 x N fp32 accumulator (N = CHUNK unless given), times `factor`, as bf16 rows of
+// dst (row stride row_stride elements), rows < rows_left and columns < cols_left only: a 4-byte store per pair
+// of columns, or (GLOBAL_VECTOR 1: rows 2-byte aligned, cols_left maybe odd) a 2-byte store per column.
+template <int N = CHUNK>
+__device__ __forceinline__ void store_rows(const float (&acc)[1][N / 8][4], float factor, elem_t* dst,
                                            long long row_stride, int rows_left, int cols_left, int lane) {
 #pragma unroll
-    for (int nt = 0; nt < CHUNK / 8; ++nt) {
+    for (int nt = 0; nt < N / 8; ++nt) {
         const int col = nt * 8 + (lane % 4) * 2;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -602,11 +604,14 @@ varlen_llama_bf16_bwd_dq_convert(const float* __restrict__ dq_accum, elem_t* __r
     }
 }
 
-constexpr int MMA_WARPS = WARPS - 4;                  // two compute warpgroups of 64 keys
+constexpr int MMA_WARPS = WARPS - 4;                  // two compute warpgroups
+constexpr int KEYS_PER_GROUP = BLOCK_N / 2;           // keys as the wgmma M (rows)
 constexpr int PRODUCER_REGS = 24;   // per thread after setmaxnreg
 constexpr int CONSUMER_REGS = 240;
 constexpr int SWIZZLE_COLS = 64;                      // a swizzled tile is column chunks of 64 elements
 constexpr int Q_CHUNK_BYTES = BLOCK_M * 128, KV_CHUNK_BYTES = BLOCK_N * 128;
+// The k-steps of S and dP run over the real columns only (the padding is zeros).
+constexpr int QK_STEPS = (HEAD_DIM + 15) / 16, V_STEPS = (HEAD_DIM_V + 15) / 16;
 constexpr int DS_TILE_BYTES = BLOCK_N * BLOCK_M * 2;  // dS^T, [keys][queries], swizzled like the tiles
 constexpr int STATS_BYTES = BLOCK_M * 8;              // (LSE in base 2, delta) per query row
 constexpr int V_OFFSET = K_TILE_BYTES;
@@ -623,9 +628,9 @@ static_assert(1024 + STEP_LIST_OFFSET == 198720, "the plan's shared memory is th
 // dQ of a step is 2 parts of 64 x 64, one per compute warpgroup: the two column chunks at D = 128 (64-query
 // steps), the two row halves at D = 64 (128-query steps).
 constexpr int DQ_ROW_PARTS = BLOCK_M / 64, DQ_COL_PARTS = D / SWIZZLE_COLS;
-static_assert(D == DV && CHUNK == D && D % SWIZZLE_COLS == 0 && BLOCK_M % 64 == 0 && BLOCK_N == 2 * 64
-              && DQ_ROW_PARTS * DQ_COL_PARTS == 2, "the wgmma pass: 64 keys per compute warpgroup, dQ in two parts");
-static_assert(ROW_PAD == 0 && Q_TILE_BYTES % 1024 == 0 && K_TILE_BYTES % 1024 == 0,
+static_assert(D % SWIZZLE_COLS == 0 && DV % SWIZZLE_COLS == 0 && BLOCK_M % 64 == 0 && KEYS_PER_GROUP == 64
+              && DQ_ROW_PARTS * DQ_COL_PARTS == 2, "keys as rows: 64 keys per compute warpgroup, dQ in two parts");
+static_assert(ROW_PAD == 0 && Q_TILE_BYTES % 1024 == 0 && K_TILE_BYTES % 1024 == 0 && DS_TILE_BYTES % 1024 == 0,
               "every tile starts on the swizzle's 1024-byte period");
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
@@ -701,6 +706,9 @@ varlen_llama_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid
 #pragma unroll
         for (int c = 0; c < D / SWIZZLE_COLS; ++c) {
             tma_load(k_smem + c * KV_CHUNK_BYTES, k_map, c * SWIZZLE_COLS, k_first() + n_start, kv_head, tensor_batch, kv_full);
+        }
+#pragma unroll
+        for (int c = 0; c < DV / SWIZZLE_COLS; ++c) {
             tma_load(v_smem + c * KV_CHUNK_BYTES, v_map, c * SWIZZLE_COLS, k_first() + n_start, kv_head, tensor_batch, kv_full);
         }
     }
@@ -755,20 +763,26 @@ varlen_llama_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid
         return;
     }
 
-    // ---- compute warpgroups: 64 keys each; warp w of the group owns keys 16w..16w+15 of them ----
+    // ---- compute warpgroups: KEYS_PER_GROUP keys each ----
     registers_up<CONSUMER_REGS>();
-    const int group = warp / 4 - 1, group_thread = tid % 128, group_key0 = group * 64, warp_key0 = group_key0 + warp % 4 * 16;
+    const int group = warp / 4 - 1, group_thread = tid % 128, group_key0 = group * KEYS_PER_GROUP;
     // K-major operands advance 16 columns (32 bytes) per k-step within a chunk; N-/M-major ones 16 rows (2 KB).
     auto k_major_step = [](int kk, int chunk_bytes) { return (kk / 4 * chunk_bytes + kk % 4 * 32) >> 4; };
     constexpr int ROWS_STEP = (16 * 128) >> 4;
     const unsigned long long k_rows = smem_descriptor(k_smem + group_key0 * 128, 16);   // this group's keys
     const unsigned long long v_rows = smem_descriptor(v_smem + group_key0 * 128, 16);
 
+    // Keys as rows: warp w of the group owns keys 16w..16w+15 of the group's 64.
+    const int warp_key0 = group_key0 + warp % 4 * 16;
     float acc_dk[1][D / 8][4], acc_dv[1][DV / 8][4];
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dk[0][nt][e] = acc_dv[0][nt][e] = 0.f;
+        for (int e = 0; e < 4; ++e) acc_dk[0][nt][e] = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dv[0][nt][e] = 0.f;
 
     mbarrier_wait(kv_full, 0);
     for (int j = 0; j < n_steps; ++j) {
@@ -782,14 +796,14 @@ varlen_llama_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid
         wgmma_fence();
         const unsigned long long q_k_major = smem_descriptor(q_tile(slot), 16);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < QK_STEPS; ++kk) {
             wgmma_scores(p[0], k_rows + k_major_step(kk, KV_CHUNK_BYTES), q_k_major + k_major_step(kk, Q_CHUNK_BYTES), kk > 0);
         }
         wgmma_commit();
         mbarrier_wait(do_full(slot), parity);
         const unsigned long long do_k_major = smem_descriptor(do_tile(slot), 16);
 #pragma unroll
-        for (int kk = 0; kk < DV / 16; ++kk) {
+        for (int kk = 0; kk < V_STEPS; ++kk) {
             wgmma_scores(ds[0], v_rows + k_major_step(kk, KV_CHUNK_BYTES), do_k_major + k_major_step(kk, Q_CHUNK_BYTES), kk > 0);
         }
         wgmma_commit();
@@ -817,9 +831,9 @@ varlen_llama_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid
         const unsigned long long do_n_major = smem_descriptor(do_tile(slot), Q_CHUNK_BYTES);
         const unsigned long long q_n_major = smem_descriptor(q_tile(slot), Q_CHUNK_BYTES);
 #pragma unroll
-        for (int ks = 0; ks < BLOCK_M / 16; ++ks) wgmma_gradient(acc_dv[0], p_frag[0][ks], do_n_major + ks * ROWS_STEP, 1);
+        for (int ks = 0; ks < BLOCK_M / 16; ++ks) wgmma_gradient_n128(acc_dv[0], p_frag[0][ks], do_n_major + ks * ROWS_STEP, 1);
 #pragma unroll
-        for (int ks = 0; ks < BLOCK_M / 16; ++ks) wgmma_gradient(acc_dk[0], ds_frag[0][ks], q_n_major + ks * ROWS_STEP, 1);
+        for (int ks = 0; ks < BLOCK_M / 16; ++ks) wgmma_gradient_n128(acc_dk[0], ds_frag[0][ks], q_n_major + ks * ROWS_STEP, 1);
         wgmma_commit();
 
         // dS^T to shared memory for dQ, [keys][queries] swizzled: the pair of queries (c, c+1) of key row r
@@ -878,8 +892,8 @@ varlen_llama_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid
     // dK = scale * dS^T Q (dS is the gradient of the scaled scores); rows past seqlen_k are not stored.
     const int rows_left = seqlen_k - n_start - warp_key0;
     const long long key0 = k_first() + n_start;                              // the tile's first row in dK, dV
-    store_rows(acc_dk, scale, dk + tensor_batch * dk_stride_b + kv_head * dk_stride_h + (key0 + warp_key0) * dk_stride_s,
+    store_rows<D>(acc_dk, scale, dk + tensor_batch * dk_stride_b + kv_head * dk_stride_h + (key0 + warp_key0) * dk_stride_s,
                dk_stride_s, rows_left, HEAD_DIM, lane);
-    store_rows(acc_dv, 1.f, dv + tensor_batch * dv_stride_b + kv_head * dv_stride_h + (key0 + warp_key0) * dv_stride_s,
+    store_rows<DV>(acc_dv, 1.f, dv + tensor_batch * dv_stride_b + kv_head * dv_stride_h + (key0 + warp_key0) * dv_stride_s,
                dv_stride_s, rows_left, HEAD_DIM_V, lane);
 }

@@ -69,9 +69,10 @@ def test_backward_plan_fits_every_head_dim(d, arch, deterministic):
     for p in plan.passes.values():
         assert p.smem_bytes <= device.smem_per_block and p.regs_estimate <= 255
         assert p.head_dim_padded % p.chunk == 0 and p.head_dim_v_padded % p.chunk == 0
-    wgmma = arch == "sm_90" and not deterministic and d in (64, 128)
+    wgmma = arch == "sm_90" and not deterministic and d % 32 == 0      # padded to 64-column chunks
     assert plan.dkdv.path == ("wgmma" if wgmma else "mma_sync") and plan.dkdv.target == arch + ("a" if wgmma else "")
-    assert plan.dkdv.block_n == (128 if wgmma else 16 * plan.dkdv.warps) and plan.dkdv.fused_dq == (not deterministic)
+    wgmma_keys = 128 if d <= 128 else 64                                # keys as rows, or as columns
+    assert plan.dkdv.block_n == (wgmma_keys if wgmma else 16 * plan.dkdv.warps) and plan.dkdv.fused_dq == (not deterministic)
     assert plan.dkdv.vector_atomics == (arch == "sm_90")
     if deterministic:
         assert plan.dq.block_m == 16 * plan.dq.warps
@@ -81,25 +82,43 @@ def test_backward_plan_fits_every_head_dim(d, arch, deterministic):
 
 
 def test_wgmma_backward_plan_formulas_and_refusals():
-    """The wgmma dK/dV pass: 128 keys (two compute warpgroups of 64) per CTA, steps of 8192 / head_dim queries,
-    the shared-memory formula of its layout, and the specs it leaves to mma.sync."""
-    from attngen.planner.backward import _wgmma_dkdv_pass, wgmma_dkdv_smem_bytes
+    """The wgmma dK/dV pass: keys as rows at padded head dims 64/128 (128 keys, two compute warpgroups of 64,
+    steps of 8192 / head_dim queries), keys as columns for wider heads (64 keys, 32 per warpgroup as the wgmma
+    N, 64-query steps), the shared-memory formula of each layout, and the specs it leaves to mma.sync."""
+    from attngen.planner.backward import _wgmma_dkdv_pass, wgmma_dkdv_shape, wgmma_dkdv_smem_bytes
 
     h100 = preset("sm_90")
     for d in (64, 128):
         p, why = _wgmma_dkdv_pass(attngen.Spec(head_dim=d), h100, 2)
         assert why == "" and (p.block_m, p.block_n, p.warps, p.chunk, p.n_chunks) == (8192 // d, 128, 12, d, 1)
+        assert not p.keys_as_columns
         tiles = 2 * 128 * d * 2 + 2 * (2 * p.block_m * d * 2 + p.block_m * 8) + 2 * 128 * p.block_m * 2 + 2 * 64 * 64 * 4
-        assert p.smem_bytes == wgmma_dkdv_smem_bytes(d, p.block_m, 128, 2) == 1024 + tiles + 64
+        assert p.smem_bytes == wgmma_dkdv_smem_bytes(d, d, wgmma_dkdv_shape(d, d), 2) == 1024 + tiles + 64
         assert p.regs_estimate <= 240 and p.matmul_factor == 2.5 and p.target == "sm_90a"
-    refusals = [(attngen.Spec(head_dim=256), h100, "head_dim"), (attngen.Spec(head_dim=128, head_dim_v=64), h100, "head_dim"),
+    # padded (96 -> 128), head_dim_v != head_dim, and wide heads with the keys as columns
+    layouts = {(96, 96): (False, 128, 128), (128, 64): (False, 128, 64), (160, 160): (True, 192, 192),
+               (192, 192): (True, 192, 192), (192, 128): (True, 192, 128), (256, 256): (True, 256, 256),
+               (256, 128): (True, 256, 128)}
+    for (d, dv), (columns, d_padded, dv_padded) in layouts.items():
+        p, why = _wgmma_dkdv_pass(attngen.Spec(head_dim=d, head_dim_v=dv), h100, 2)
+        assert why == "" and p.keys_as_columns == columns, (d, dv, why)
+        assert (p.head_dim_padded, p.head_dim_v_padded, p.chunk) == (d_padded, dv_padded, d_padded)
+        assert p.regs_estimate <= 240 and p.smem_bytes <= h100.smem_per_block
+        if columns:
+            scores = 64 * 64 * 2       # P^T, and two dS^T buffers
+            tiles = 64 * (d_padded + dv_padded) * 2 + 2 * (64 * (d_padded + dv_padded) * 2 + 64 * 8) + 3 * scores
+            assert (p.block_m, p.block_n) == (64, 64) and p.smem_bytes == 1024 + tiles + 64
+    refusals = [(attngen.Spec(head_dim=80), h100, "multiples of 32"),
+                (attngen.Spec(head_dim=128, head_dim_v=48), h100, "multiples of 32"),
                 (attngen.Spec(head_dim=128, deterministic=True), h100, "deterministic"),
                 (attngen.Spec(head_dim=128), preset("sm_80"), "sm_90"),
                 (attngen.Spec(head_dim=128, mask={"kind": "runtime", "block_size": 64}), h100, "mask blocks")]
     for spec, device, word in refusals:
         p, why = _wgmma_dkdv_pass(spec, device, 2)
         assert p is None and word in why
-    # patterns as code are offered (the build passes over a candidate whose wgmma ptxas serialises)
+    # keys as columns tile a 64-block layout; patterns as code are offered (the build passes over a candidate
+    # whose wgmma ptxas serialises)
+    assert _wgmma_dkdv_pass(attngen.Spec(head_dim=256, mask={"kind": "runtime", "block_size": 64}), h100, 2)[0]
     window = attngen.Spec(head_dim=128, mask={"kind": "sliding_window", "left": 256, "right": 0})
     assert _wgmma_dkdv_pass(window, h100, 2)[0] is not None
     assert "wgmma" in explain_backward(attngen.Spec(head_dim=128), h100)
@@ -108,6 +127,9 @@ def test_wgmma_backward_plan_formulas_and_refusals():
 BACKWARD_VARIANTS = [dict(head_dim=d, dtype=t, causal=c) for d in (8, 32, 64, 96, 128, 160, 256)
                      for t in ("fp16", "bf16") for c in (False, True)]
 BACKWARD_VARIANTS += [dict(head_dim=64, head_dim_v=128), dict(head_dim=128, head_dim_v=64, causal=True),
+                      dict(head_dim=192, head_dim_v=128, causal=True), dict(head_dim=256, head_dim_v=128),
+                      dict(head_dim=256, causal=True, softcap=30.0, alibi=True),
+                      dict(head_dim=256, mask={"kind": "runtime", "block_size": 64}),
                       dict(head_dim=24, head_dim_v=56), dict(head_dim=128, softcap=30.0, alibi=True, causal=True),
                       dict(head_dim=64, mask={"kind": "sliding_window", "left": 256, "right": 0}),
                       dict(head_dim=128, mask={"kind": "bigbird", "window": 3, "global_tokens": [0], "random_blocks": 2}),
@@ -137,6 +159,9 @@ def test_backward_kernels_compile_without_spills(fields, arch):
     dkdv = sources["backward_dkdv"]
     if spec.deterministic:
         assert "red.global.add" not in dkdv and "bwd_delta(" in sources["backward_dq"]
+    elif plan.dkdv.path == "wgmma" and plan.dkdv.keys_as_columns:   # dQ tiles added with vector atomics
+        assert "red_add_v4(dq_part" in dkdv and "bulk_reduce_add_f32(dq_accum" not in dkdv and "stmatrix" in dkdv
+        assert "wgmma.mma_async" in dkdv and plan.dkdv.target == "sm_90a"
     elif plan.dkdv.path == "wgmma":     # dQ parts added by the copy engine, one bulk reduction per warpgroup and step
         assert "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32" in dkdv and "red.global.add" not in dkdv
         assert "wgmma.mma_async" in dkdv and plan.dkdv.target == "sm_90a"

@@ -71,6 +71,60 @@ def test_gradients_with_head_dim_v(d, dv):
     check_gradients(q, k, v, causal=True)
 
 
+# (head_dim, head_dim_v) -> keys as the wgmma N (columns) or M (rows) in the wgmma dK/dV pass
+WGMMA_HEADS = {(32, 32): False, (96, 96): False, (128, 64): False, (160, 160): True, (192, 192): True,
+               (192, 128): True, (256, 256): True, (256, 128): True}
+
+
+def on_wgmma_dkdv(spec, columns):
+    """The spec's backward kernels, which must take the wgmma dK/dV pass with the given layout (sm_90 only)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma dK/dV pass needs an sm_90 GPU")
+    kernels = attngen.build_backward(spec)
+    assert kernels.plan.dkdv.path == "wgmma" and kernels.plan.dkdv.keys_as_columns == columns, kernels
+    return kernels
+
+
+@pytest.mark.parametrize("d,dv", list(WGMMA_HEADS), ids=lambda x: str(x))
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_uneven_and_wide_heads_train_on_the_wgmma_pass(d, dv, causal):
+    """Head dims padded to 64-column chunks, head_dim_v != head_dim, and wide heads (keys as the wgmma N, dK^T and
+    dV^T accumulated): GQA, seqlen_q != seqlen_k both ways, tails of both."""
+    on_wgmma_dkdv(attngen.Spec(head_dim=d, head_dim_v=dv, dtype="bf16", causal=causal), WGMMA_HEADS[d, dv])
+    for sq, sk in ((113, 203), (203, 17)):
+        q, k, v = inputs(d + dv + sq, 2, sq, sk, 4, 2, d, dv)
+        check_gradients(q, k, v, causal)
+
+
+@pytest.mark.parametrize("d", [192, 256])
+def test_wide_heads_with_modifiers_window_and_block_mask(d):
+    """Keys as columns under softcap and ALiBi (fp16), a sliding window, and a runtime block mask of 64 x 64
+    blocks (the layout's tiles), large-magnitude inputs included."""
+    on_wgmma_dkdv(attngen.Spec(head_dim=d, dtype="fp16", causal=True, softcap=5.0, alibi=True), True)
+    q, k, v = inputs(d, 2, 203, 317, 4, 2, d, dtype=torch.float16)
+    check_modified_gradients(q, k, v, causal=True, softcap=5.0, alibi=True)
+    from attngen.masks import BlockMask, SlidingWindow
+
+    sq = sk = 300
+    q, k, v = inputs(d + 1, 1, sq, sk, 4, 1, d)
+    mask = np.broadcast_to(SlidingWindow(70, 0).element(0, np.arange(sq)[:, None], np.arange(sk)[None], sq, sk), (1, sq, sk))
+    check_modified_gradients(q, k, v, mask=mask, causal=True, window=(70, 0))
+    sq, sk, hq, hkv = 203, 390, 4, 2
+    layout = np.random.default_rng(d).random((hq, -(-sq // 64), -(-sk // 64))) < 0.4
+    block_mask = BlockMask.from_dense(layout, sq, sk, block_size=64)
+    q, k, v = (x * 4 for x in inputs(d + 2, 2, sq, sk, hq, hkv, d))      # logits in the hundreds
+    dout = torch.randn(2, sq, hq, d, device="cuda", dtype=q.dtype)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    attngen.attention(*leaves, block_mask=block_mask).backward(dout)
+    mask = block_mask.element_mask()
+    same = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    framework_attention(*same, False, 1 / math.sqrt(d), mask=mask).backward(dout)
+    ref = attention_reference_backward(to64(q), to64(k), to64(v), to64(dout), mask=mask)
+    for name, mine, theirs, r in zip(("dq", "dk", "dv"), leaves, same, ref):
+        ok, err, bound = acceptance_check(to64(mine.grad), to64(theirs.grad), r)
+        assert ok, f"{name}: max|grad - ref64| = {err:.3g} > bound {bound:.3g}"
+
+
 def test_non_contiguous_inputs_and_gradient_layout():
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs(5, 2, 130, 130, 4, 2, 64))
     assert not q.is_contiguous()

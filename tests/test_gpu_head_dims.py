@@ -28,6 +28,7 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # (head_dim, head_dim_v): odd, prime, one past a multiple of 16, just under 256, unequal, and one multiple
 # of 8 beside an odd one (the whole kernel then moves elements)
 HEAD_DIMS = [(1, 1), (7, 7), (33, 33), (59, 59), (111, 111), (255, 255), (59, 33), (33, 59), (64, 59)]
+PADDED_HEAD_DIMS = [(32, 32), (96, 96), (96, 64), (160, 96), (224, 224)]   # wgmma: padded to 64-column chunks
 SENTINEL = -3.0       # the border around sliced outputs: it must survive every call
 BORDER = 3            # extra columns of a sliced tensor: one before the slice, two after
 
@@ -81,12 +82,10 @@ FORWARD_CASES = [   # (seqlen_q, seqlen_k, heads_q, heads_kv, layout): tails, un
 ]
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-@pytest.mark.parametrize("d,dv", HEAD_DIMS, ids=lambda x: str(x))
-def test_forward(d, dv, dtype, causal):
+def run_forward(d, dv, dtype, causal, path):
+    """The forward into sentinel-bordered outputs of each case's layout, against float64."""
     kernel = attngen.build(attngen.Spec(head_dim=d, head_dim_v=dv, dtype=dtype, causal=causal))
-    assert kernel.plan.path == "mma_sync"
+    assert kernel.plan.path == path
     for i, (sq, sk, hq, hkv, layout) in enumerate(FORWARD_CASES):
         layout = layout_of(layout, d, dv)
         q, k, v = case_inputs(100 * d + dv + i, 2, sq, sk, hq, hkv, d, dv, dtype, layout)
@@ -96,6 +95,31 @@ def test_forward(d, dv, dtype, causal):
         torch.cuda.synchronize()
         assert_border_kept(out_storage, dv, "out")
         check(q, k, v, out, lse, causal, dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("d,dv", HEAD_DIMS, ids=lambda x: str(x))
+def test_forward(d, dv, dtype, causal):
+    run_forward(d, dv, dtype, causal, "mma_sync")
+
+
+def hopper_or_skip():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma path needs an sm_90 GPU (H100/H200)")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d,dv", PADDED_HEAD_DIMS, ids=lambda x: str(x))
+def test_padded_head_dims_on_the_wgmma_path(d, dv, causal):
+    """Head dims that are multiples of 32, padded with zeros to 64-column chunks on Hopper: forward and backward
+    over the same layouts (transposed, sliced with a border that must survive), tails, GQA/MQA."""
+    hopper_or_skip()
+    dtype = "bf16" if causal else "fp16"
+    run_forward(d, dv, dtype, causal, "wgmma")
+    for i, (sq, sk, hq, hkv, layout) in enumerate(BACKWARD_CASES):
+        run_backward(13 * d + dv + i, 2, sq, sk, hq, hkv, d, dv, dtype, causal, False, layout_of(layout, d, dv),
+                     path="wgmma")
 
 
 def test_forward_through_attention_with_unaligned_rows_repeatedly():
@@ -137,7 +161,7 @@ BACKWARD_CASES = [   # (seqlen_q, seqlen_k, heads_q, heads_kv, layout)
 ]
 
 
-def run_backward(seed, batch, sq, sk, hq, hkv, d, dv, dtype, causal, deterministic, layout):
+def run_backward(seed, batch, sq, sk, hq, hkv, d, dv, dtype, causal, deterministic, layout, path="mma_sync"):
     """Forward, then the backward kernels into poisoned gradient buffers of the same layout; every gradient
     against float64 with the same-dtype framework's error as the bound."""
     from attngen.api import build_backward
@@ -151,7 +175,7 @@ def run_backward(seed, batch, sq, sk, hq, hkv, d, dv, dtype, causal, determinist
     grads = {name: make(shape, dtype, layout, border=SENTINEL) for name, shape in
              (("dq", q.shape), ("dk", k.shape), ("dv", v.shape))}
     backward = build_backward(spec)
-    assert backward.plan.dkdv.path == "mma_sync" or (d, dv) == (64, 64)
+    assert backward.plan.dkdv.path == path or (d, dv) == (64, 64)
     result = backward(q, k, v, out, lse, dout, dq=grads["dq"][0], dk=grads["dk"][0], dv=grads["dv"][0])
     torch.cuda.synchronize()
     assert_border_kept(out_storage, dv, "out")

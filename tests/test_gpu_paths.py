@@ -53,7 +53,7 @@ def test_planner_picks_wgmma_on_hopper():
         kernel = attngen.build(attngen.Spec(head_dim=d, dtype="bf16", causal=True))
         assert kernel.plan.path == "wgmma" and kernel.binary.arch == "sm_90a"
         assert kernel.resources.spill_bytes in (0, None) and kernel.resources.stack_frame == 0
-    assert attngen.build(attngen.Spec(head_dim=96, dtype="bf16")).plan.path == "mma_sync"
+    assert attngen.build(attngen.Spec(head_dim=80, dtype="bf16")).plan.path == "mma_sync"   # not a multiple of 32
 
 
 @pytest.mark.parametrize("path", ["wgmma", "mma_sync"])
@@ -167,7 +167,9 @@ def test_backward_planner_picks_wgmma_on_hopper():
     for d, causal in ((64, False), (128, False), (128, True)):
         spec = attngen.Spec(head_dim=d, dtype="bf16", causal=causal, backward=True)
         assert attngen.build_backward(spec).plan.dkdv.path == "wgmma"
-    assert attngen.build_backward(attngen.Spec(head_dim=256, backward=True)).plan.dkdv.path == "mma_sync"
+    wide = attngen.build_backward(attngen.Spec(head_dim=256, backward=True)).plan.dkdv    # keys as the wgmma N
+    assert wide.path == "wgmma" and wide.keys_as_columns
+    assert attngen.build_backward(attngen.Spec(head_dim=80, backward=True)).plan.dkdv.path == "mma_sync"
     with pytest.raises(ValueError, match="path"):
         attngen.build_backward(attngen.Spec(head_dim=128, backward=True), path="tcgen05")
 

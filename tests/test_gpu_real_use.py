@@ -165,8 +165,8 @@ def _overflow_case(path, d, sq, sk, dtype, causal, deterministic, seed):
 @pytest.mark.parametrize("seqlen", [1, 2, 3, 17, 113, 130, 203])
 @pytest.mark.parametrize("path", ["mma_sync", "wgmma"])
 def test_backward_overflow_at_tiny_lengths(d, seqlen, path):
-    if path == "wgmma" and (d % 64 or torch.cuda.get_device_capability() != (9, 0)):
-        pytest.skip("the wgmma pass takes head dims 64 and 128 on sm_90")
+    if path == "wgmma" and (d % 32 or torch.cuda.get_device_capability() != (9, 0)):
+        pytest.skip("the wgmma pass takes head dims that are multiples of 32 on sm_90")
     _overflow_case(path, d, seqlen, seqlen, "fp16", False, False, 1300 + d + seqlen)
 
 

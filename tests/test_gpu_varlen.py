@@ -126,7 +126,7 @@ def test_one_long_sequence(path, causal):
 
 
 @pytest.mark.parametrize("d,dv", [(32, 32), (64, 64), (96, 96), (128, 128), (256, 256), (33, 33), (59, 59),
-                                  (64, 128)])
+                                  (64, 128), (192, 128)])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
 def test_head_dims(d, dv, deterministic):
     q, k, v, cu_q, cu_k = packed_inputs(d + dv, [113, 1, 17, 0, 300], [200, 7, 17, 5, 130], 4, 2, d, dv)

@@ -67,8 +67,8 @@ def test_planner_plans_every_head_dim(dtype, arch):
         spec = Spec(head_dim=d, dtype=dtype, causal=d % 2 == 0)
         p = attngen.plan(spec, arch=arch)
         assert p.smem_bytes <= device.smem_per_block and p.regs_estimate <= 255
-        # Hopper's wgmma path takes whole 64-column chunks and 16-byte TMA rows: never for other head dims
-        assert (p.path == "wgmma") == (arch == "sm_90" and d % 64 == 0)
+        # Hopper's wgmma path takes head dims padded to whole 64-column chunks (multiples of 32): never others
+        assert (p.path == "wgmma") == (arch == "sm_90" and d % 32 == 0)
         if p.path == "mma_sync":
             assert p.head_dim_padded == p.head_dim_v_padded == -(-d // 16) * 16
             assert p.smem_bytes == smem_bytes(spec, p.block_m, p.block_n, p.stages)
@@ -79,7 +79,8 @@ def test_planner_plans_every_head_dim(dtype, arch):
             for bp in b.passes.values():
                 assert bp.smem_bytes <= device.smem_per_block and bp.regs_estimate <= 255
                 assert bp.head_dim_padded % bp.chunk == 0 and bp.head_dim_v_padded % bp.chunk == 0
-                assert bp.path == "mma_sync" or d in (64, 128)
+                # the wgmma dK/dV pass pads head dims that are multiples of 32 to 64-column chunks
+                assert (bp.path == "wgmma") == (arch == "sm_90" and not deterministic and d % 32 == 0)
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])

@@ -55,7 +55,7 @@ def check_budget_formulas(p, d, dv):
     if p.path == "wgmma":
         assert p.arch == "sm_90" and p.target == "sm_90a"
         assert (p.block_m, p.warps, p.mma_warps, p.m_tiles) == (128, 12, 8, 1)
-        assert p.head_dim_padded == pad64(d) == d and p.head_dim_v_padded == pad64(dv) == dv <= d
+        assert p.head_dim_padded == pad64(d) and p.head_dim_v_padded == pad64(dv) and dv <= d   # zero padding
         assert p.smem_bytes == design_smem_wgmma(d, dv, p.block_m, p.block_n, p.stages)
         assert p.regs_estimate == design_regs_wgmma(dv, p.block_n) <= 240
     else:
@@ -96,7 +96,7 @@ def test_plan_always_fits(d, dtype, causal, arch):
         assert p.smem_bytes == smem_bytes(spec, p.block_m, p.block_n, p.stages)
     check_budget_formulas(p, d, d)
     # Hopper takes the wgmma path wherever it can serve the head dim; other GPUs never do
-    assert (p.path == "wgmma") == (arch == "sm_90" and d % 64 == 0)
+    assert (p.path == "wgmma") == (arch == "sm_90" and d % 32 == 0)      # padded to 64-column chunks
     assert p.bound in ("mma", "hbm", "smem")
     assert p.predicted_time_us > 0 and math.isfinite(p.predicted_time_us)
     # the public entry point and make_plan over the preset agree
@@ -164,7 +164,7 @@ def test_candidates(d, arch):
             for c in table:
                 if c.path == "wgmma":
                     smem = design_smem_wgmma(d, d, c.block_m, c.block_n, c.stages)
-                    assert (c.plan is None) == (d % 64 != 0 or smem > dev.smem_per_block
+                    assert (c.plan is None) == (d % 32 != 0 or smem > dev.smem_per_block
                                                 or design_regs_wgmma(d, c.block_n) > 240), (c, smem)
                     continue
                 smem = design_smem(d, d, c.block_m, c.block_n, c.stages)
@@ -272,11 +272,18 @@ def test_wgmma_override_rejected(tile, arch, why):
 
 
 def test_wgmma_head_dims():
-    """Head dims that are not whole 64-column chunks (or a wider V than K) stay on mma.sync on Hopper."""
-    for d, dv in ((96, 96), (80, 80), (64, 128), (32, 32)):
+    """Head dims that are multiples of 32 take the wgmma path padded with zeros to 64-column chunks; others (or a
+    wider V than K, or a KV cache's head dims off whole chunks) stay on mma.sync on Hopper."""
+    for d, dv in ((96, 96), (32, 32), (160, 96), (224, 224)):
+        p = attngen.plan(Spec(head_dim=d, head_dim_v=dv), arch="sm_90")
+        assert p.path == "wgmma" and (p.head_dim_padded, p.head_dim_v_padded) == (pad64(d), pad64(dv))
+    for d, dv in ((80, 80), (64, 128), (48, 48)):
         assert attngen.plan(Spec(head_dim=d, head_dim_v=dv), arch="sm_90").path == "mma_sync"
+    with pytest.raises(PlanError, match="multiples of 32"):
+        attngen.plan(Spec(head_dim=80, tile={"block_m": 128, "block_n": 128, "warps": 12, "path": "wgmma"}), arch="sm_90")
     with pytest.raises(PlanError, match="multiples of 64"):
-        attngen.plan(Spec(head_dim=96, tile={"block_m": 128, "block_n": 128, "warps": 12, "path": "wgmma"}), arch="sm_90")
+        attngen.plan(Spec(head_dim=96, layout="kvcache", tile={"block_m": 128, "block_n": 128, "warps": 12,
+                                                               "path": "wgmma"}), arch="sm_90")
 
 
 def test_tile_path_validated():

@@ -10,10 +10,15 @@ Registers bound the accumulators, so wide heads split the gradient columns into 
 every chunk recomputes the scores, which the ranking counts as extra matmul work. Shared memory holds the
 resident tiles plus a STAGES-deep ring of the streamed ones (rows padded like the forward's).
 
-On Hopper (sm_90a) the fused dK/dV pass has a wgmma form, ranked first where it applies (head_dim =
-head_dim_v = 64 or 128): a producer warpgroup brings K/V once and a ring of Q (with the rows' LSE and
-delta) and dO tiles by TMA; two compute warpgroups of 64 keys each hold all of dK and dV in registers
-and run the five matmuls per step as wgmma, dQ included (dS^T goes through swizzled shared memory).
+On Hopper (sm_90a) the fused dK/dV pass has a wgmma form, ranked first where it applies (head dims that
+are multiples of 32, padded with zeros to the copy engine's 64-column chunks): a producer warpgroup brings
+K/V once and a ring of Q (with the rows' LSE and delta) and dO tiles by TMA; two compute warpgroups run the
+five matmuls per step as wgmma, dQ included. It has two layouts:
+- keys as rows (padded head dims 64 or 128): each warpgroup owns 64 keys as the wgmma M and holds all of
+  their dK and dV rows; P^T and dS^T feed the products from registers, dS^T reaches dQ through shared memory.
+- keys as columns (wider heads, as FlashAttention-3 does for 192 and 256): 64 keys per CTA, 32 per warpgroup
+  as the wgmma N, so the accumulators are dK^T and dV^T (head_dim / 64 tiles of 64 x 32: 256 columns cost 64
+  registers each instead of 128); P^T and dS^T go through shared memory.
 """
 
 from __future__ import annotations
@@ -33,12 +38,16 @@ DKDV_REGS_PER_CHUNK_COL, DKDV_REGS_PER_QUERY, DKDV_REG_OVERHEAD = 1.25, 1.7, 36
 # The dK/dV pass's measured best CTA size on sm_90 (bench_backward_tiles.py, BENCHMARKS.md): 4 warps (64
 # keys) when it computes dK/dV only, 8 warps (128 keys) when it also adds dQ (half the atomics per FLOP).
 DKDV_WARPS, DKDV_WARPS_FUSED = 4, 8
-# The wgmma dK/dV pass: 64 keys per compute warpgroup (the wgmma M of S^T); steps of 64 queries at head_dim
-# 128 and 128 at 64, so that each step's dQ is two 64 x 64 parts, one per warpgroup. A 3-deep ring
+# The wgmma dK/dV pass, keys as rows: 64 keys per compute warpgroup (the wgmma M of S^T); steps of 64 queries
+# at head_dim 128 and 128 at 64, so that each step's dQ is two 64 x 64 parts, one per warpgroup. A 3-deep ring
 # measured the same as 2 (d128 16384: 417 vs 422 TFLOP/s; causal 414 vs 401; d64 396 vs 394).
 WGMMA_BWD_KEYS_PER_GROUP, WGMMA_BWD_STAGES = 64, 2
-WGMMA_BWD_HEAD_DIMS = (64, 128)    # dK and dV (64 + 64 registers per thread at 128) stay in registers
+WGMMA_BWD_ROW_HEAD_DIMS = (64, 128)   # padded head_dim; dK and dV rows (d/2 + d_v/2 registers) stay in registers
 WGMMA_BWD_REG_OVERHEAD = 40        # descriptors, barrier addresses, the step's LSE/delta, loop state
+# Keys as columns: 32 keys per warpgroup (the wgmma N), 64 per CTA, steps of 64 queries; each accumulator tile
+# of 64 head columns x 32 keys is 16 registers per thread.
+WGMMA_BWD_COLUMN_KEYS_PER_GROUP = 32
+WGMMA_BWD_PAD = 64                 # TMA brings 64-column chunks: head dims are padded to them with zeros
 
 
 def wgmma_dkdv_unsupported(spec: Spec, device: Device) -> str:
@@ -47,25 +56,48 @@ def wgmma_dkdv_unsupported(spec: Spec, device: Device) -> str:
         return f"wgmma needs sm_90 (Hopper), not {device.arch}"
     if spec.deterministic:
         return "deterministic: the wgmma pass adds dQ with atomics"
-    if spec.head_dim != spec.head_dim_v or spec.head_dim not in WGMMA_BWD_HEAD_DIMS:
-        return f"wgmma backward: head_dim = head_dim_v in {WGMMA_BWD_HEAD_DIMS}, got {spec.head_dim}/{spec.head_dim_v}"
+    if spec.head_dim % 32 or spec.head_dim_v % 32:
+        return (f"wgmma backward: head_dim and head_dim_v must be multiples of 32 (padded with zeros to 64-column "
+                f"chunks), got {spec.head_dim}/{spec.head_dim_v}")
     # Pattern masks are offered too: where a ptxas serialises the pass's wgmma behind the pattern's step
     # classification (seen as C7519 with the H200 machine's NVRTC; not with 13.5), the build rejects the
     # candidate (build.clean) and takes the mma.sync one.
     return ""
 
 
-def wgmma_dkdv_block_m(d: int) -> int:
-    return 64 * 64 * WGMMA_COMPUTE_GROUPS // d
+@dataclass(frozen=True)
+class WgmmaDkdvShape:
+    """The wgmma dK/dV pass's layout for a pair of padded head dims: keys as the wgmma M (rows) or N (columns)."""
+    keys_as_columns: bool
+    block_m: int              # queries per step
+    block_n: int              # keys per CTA
+    registers: int            # estimated per compute thread
 
 
-def wgmma_dkdv_smem_bytes(d: int, block_m: int, block_n: int, stages: int) -> int:
+def wgmma_dkdv_shape(d: int, dim_v: int) -> WgmmaDkdvShape:
+    """Keys as rows where its registers fit (padded d 64 or 128), else keys as columns. d and dim_v padded."""
+    if d in WGMMA_BWD_ROW_HEAD_DIMS:
+        block_m = 64 * 64 * WGMMA_COMPUTE_GROUPS // d     # dQ of a step: two 64 x 64 parts, one per warpgroup
+        # dK and dV accumulators (d/2 and dim_v/2 per thread), S^T and dP^T (block_m/2 each; dQ's 32 reuse them)
+        regs = (d + dim_v) // 2 + block_m + WGMMA_BWD_REG_OVERHEAD
+        if regs <= WGMMA_CONSUMER_REGS:
+            return WgmmaDkdvShape(False, block_m, WGMMA_BWD_KEYS_PER_GROUP * WGMMA_COMPUTE_GROUPS, regs)
+    keys = WGMMA_BWD_COLUMN_KEYS_PER_GROUP
+    # dK^T and dV^T (16 registers per 64 columns), S and dP (16 each), then a 64 x 64 dQ tile (32) in their place
+    regs = (d + dim_v) // 64 * (keys // 2) + keys + WGMMA_BWD_REG_OVERHEAD
+    return WgmmaDkdvShape(True, 64, keys * WGMMA_COMPUTE_GROUPS, regs)
+
+
+def wgmma_dkdv_smem_bytes(d: int, dim_v: int, shape: WgmmaDkdvShape, stages: int) -> int:
     """K and V, a ring of Q and dO tiles with 8 bytes of row statistics per query, two dS^T buffers (one
-    is read by the other warpgroup's dQ while this one writes), two fp32 64 x 64 dQ parts (staged for the
-    bulk reduction), then the mbarriers (kv, then per slot q, do, empty) in 16-byte units; plus the 1 KB
-    the launch adds to align to the swizzle period."""
-    tiles = (2 * block_n * d * 2 + stages * (2 * block_m * d * 2 + block_m * 8) + 2 * block_n * block_m * 2
-             + WGMMA_COMPUTE_GROUPS * 64 * 64 * 4)
+    is read by the other warpgroup's dQ while this one writes); keys as rows: two fp32 64 x 64 dQ parts
+    (staged for the bulk reduction); keys as columns: P^T (dQ is added from registers); then the mbarriers
+    (kv, then per slot q, do, empty) in 16-byte units; plus the 1 KB the launch adds to align to the swizzle
+    period. d and dim_v padded."""
+    block_m, block_n = shape.block_m, shape.block_n
+    scores = block_n * block_m * 2
+    tiles = (block_n * (d + dim_v) * 2 + stages * (block_m * (d + dim_v) * 2 + block_m * 8) + 2 * scores
+             + (scores if shape.keys_as_columns else WGMMA_COMPUTE_GROUPS * 64 * 64 * 4))
     barriers = (1 + 3 * stages) * 8
     return WGMMA_SMEM_ALIGN + tiles + round_up(barriers, 16)
 
@@ -74,24 +106,26 @@ def _wgmma_dkdv_pass(spec: Spec, device: Device, stages: int) -> tuple[BackwardP
     why = wgmma_dkdv_unsupported(spec, device)
     if why:
         return None, why
-    d = spec.head_dim
-    block_m, block_n = wgmma_dkdv_block_m(d), WGMMA_BWD_KEYS_PER_GROUP * WGMMA_COMPUTE_GROUPS
+    d, dim_v = round_up(spec.head_dim, WGMMA_BWD_PAD), round_up(spec.head_dim_v, WGMMA_BWD_PAD)
+    shape = wgmma_dkdv_shape(d, dim_v)
+    block_m, block_n = shape.block_m, shape.block_n
     if variant_of(spec).schedule == "runtime" or variant_of(spec).block_table:
         rows, cols = spec.mask_block_size
         if rows % block_m or cols % block_n:
             return None, f"tiles {block_m}x{block_n} do not divide the mask blocks {rows}x{cols}"
-    smem = wgmma_dkdv_smem_bytes(d, block_m, block_n, stages)
+    smem = wgmma_dkdv_smem_bytes(d, dim_v, shape, stages)
     if smem > device.smem_per_block:
         return None, f"shared memory {smem} B exceeds {device.smem_per_block} B"
-    # dK and dV accumulators (d/2 each per thread), S^T and dP^T (block_m/2 each; dQ's 32 reuse them)
-    regs = d + block_m + WGMMA_BWD_REG_OVERHEAD
-    if regs > WGMMA_CONSUMER_REGS:
-        return None, f"~{regs} registers/thread exceed {WGMMA_CONSUMER_REGS}"
+    if shape.registers > WGMMA_CONSUMER_REGS:
+        return None, f"~{shape.registers} registers/thread exceed {WGMMA_CONSUMER_REGS}"
     warps = 4 * (1 + WGMMA_COMPUTE_GROUPS)
+    # S, dP, dV, dK and dQ against the forward's S and O (padding included: it is computed)
+    factor = (2 * d + 2 * dim_v + d) / (d + dim_v)
     return BackwardPass(arch=device.arch, kind="dkdv", block_m=block_m, block_n=block_n, warps=warps, stages=stages,
-                        chunk=d, n_chunks=1, head_dim_padded=d, head_dim_v_padded=d, smem_row_pad=0, smem_bytes=smem,
-                        regs_estimate=regs, ctas_per_sm=1, matmul_factor=(2 * (d + d) + d) / (2 * d), fused_dq=True,
-                        vector_atomics=True, path="wgmma"), ""
+                        chunk=max(d, dim_v), n_chunks=1, head_dim_padded=d, head_dim_v_padded=dim_v, smem_row_pad=0,
+                        smem_bytes=smem, regs_estimate=shape.registers, ctas_per_sm=1, matmul_factor=factor,
+                        fused_dq=True, vector_atomics=True, path="wgmma",
+                        keys_as_columns=shape.keys_as_columns), ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +148,7 @@ class BackwardPass(WarpLaunch):
     fused_dq: bool            # dkdv: also adds dQ with atomics (no dq pass)
     vector_atomics: bool      # sm_90+: red.global.add.v2.f32 (two columns per instruction)
     path: str = "mma_sync"    # "mma_sync" | "wgmma" (dK/dV on sm_90a)
+    keys_as_columns: bool = False   # wgmma: keys are the wgmma N and the accumulators dK^T, dV^T (wide heads)
 
 
 @dataclass(frozen=True)
@@ -189,8 +224,9 @@ def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, 
     out = []
     if kind == "dkdv" and device.cc == 90:
         p, why = _wgmma_dkdv_pass(spec, device, WGMMA_BWD_STAGES)
-        out.append(((wgmma_dkdv_block_m(spec.head_dim), WGMMA_BWD_KEYS_PER_GROUP * WGMMA_COMPUTE_GROUPS,
-                     4 * (1 + WGMMA_COMPUTE_GROUPS), d, WGMMA_BWD_STAGES, "wgmma"), p, why))
+        shape = wgmma_dkdv_shape(round_up(spec.head_dim, WGMMA_BWD_PAD), round_up(spec.head_dim_v, WGMMA_BWD_PAD))
+        out.append(((shape.block_m, shape.block_n, 4 * (1 + WGMMA_COMPUTE_GROUPS), max(d, dim_v), WGMMA_BWD_STAGES,
+                     "wgmma"), p, why))
     for warps in (2, 4, 8):
         for other in (32, 64, 128) if kind == "dq" else (32, 64):
             for chunk in _chunks(d, dim_v, kind):
@@ -229,9 +265,11 @@ def explain_backward(spec: Spec, device: Device) -> str:
     lines = [f"backward on {device.arch}: {how}; ranked by matmul work (chunks recompute the scores), then "
              f"tile area, then CTAs per SM"]
     if device.cc == 90:
-        lines.append("  sm_90: the wgmma dK/dV pass first where it applies (dQ added by bulk reductions; build keeps it "
-                     "only if ptxas reports no spills); smem = 1024 + 2*block_n*d*2 + stages*(2*block_m*d*2 + 8*block_m) "
-                     "+ 2*block_n*block_m*2 + 2*64*64*4 + mbarriers")
+        lines.append("  sm_90: the wgmma dK/dV pass first where it applies (build keeps it only if ptxas reports no "
+                     "spills), head dims padded to 64; keys as rows (d 64/128: dQ by bulk reductions) or as columns "
+                     "(wider: dK^T, dV^T accumulators, dQ by vector atomics); smem = 1024 + block_n*(d+dv)*2 + "
+                     "stages*(block_m*(d+dv)*2 + 8*block_m) + 2*block_n*block_m*2 + (rows: 2*64*64*4; columns: "
+                     "block_n*block_m*2) + mbarriers")
     for kind in pass_kinds(spec):
         lines.append(f"  {kind}: {'block_m (CTA) x block_n (step)' if kind == 'dq' else 'block_m (step) x block_n (CTA)'}")
         lines.append(f"    {'':2}{'tile':>9} {'path':>8} {'warps':>5} {'chunk':>5} {'stages':>6} {'smem B':>7} {'regs':>5} "

@@ -140,8 +140,12 @@ def wgmma_unsupported(spec: Spec, device: Device) -> str:
         return f"wgmma needs sm_90 (Hopper), not {device.arch}"
     if spec.fp8 and spec.head_dim % 128:
         return f"FP8 wgmma: head_dim={spec.head_dim} must be whole 128-byte rows"
-    if spec.head_dim % 64 or spec.head_dim_v % 64 or spec.head_dim_v > spec.head_dim:
-        return (f"wgmma path: head_dim={spec.head_dim}, head_dim_v={spec.head_dim_v} must be multiples of 64 "
+    # TMA brings 64-column chunks; a head dim that is a multiple of 32 is padded to them with zeros (the
+    # tensor map's bounds fill the padding). A KV cache's gathering producer copies whole chunks of cache rows,
+    # so there the head dims must be whole chunks.
+    align = 64 if variant_of(spec).kvcache else 32
+    if spec.head_dim % align or spec.head_dim_v % align or spec.head_dim_v > spec.head_dim:
+        return (f"wgmma path: head_dim={spec.head_dim}, head_dim_v={spec.head_dim_v} must be multiples of {align} "
                 "with head_dim_v <= head_dim")
     return ""
 
