@@ -8,7 +8,9 @@
 # Env: TREES, BEFORE (default before_tree), SEQLENS (default 1024,4096,16384), PEERS (default sdpa_cudnn),
 # ROUNDS (default 2), OUT (the rows and logs go to OUT/compare/), WARM=only|skip (compile without timing, e.g.
 # beside a sanitizer run / time only, after such a run), EXTRA (more `attngen bench` options, e.g.
-# "--no-backward" to time the forward only; the fp8 column comes with it on Hopper).
+# "--no-backward" to time the forward only; the fp8 column comes with it on Hopper), CLOCKS=1 (sample the SM
+# clock, power and clock-event reasons every 50 ms while each tree runs, and print their medians under load:
+# whether a tree's kernels run slower clocks than another's).
 set -o pipefail
 export PYTHONUNBUFFERED=1 ATTNGEN_CACHE_DIR=${ATTNGEN_CACHE_DIR:-/tmp/attngen-cache}
 BEFORE=${BEFORE:-before_tree}; TREES=${TREES:-$BEFORE .}
@@ -27,8 +29,15 @@ fi
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for tree in $TREES; do
     name=$(label "$tree")
+    if [ "${CLOCKS:-}" = 1 ]; then
+      reasons=clocks_event_reasons.active
+      nvidia-smi --query-gpu=$reasons --format=csv > /dev/null 2>&1 || reasons=clocks_throttle_reasons.active
+      nvidia-smi --query-gpu=utilization.gpu,clocks.sm,power.draw,temperature.gpu,$reasons --format=csv,noheader,nounits \
+        -lms 50 > "$OUT/${name}_$round.clocks" 2>/dev/null & sampler=$!
+    fi
     PYTHONPATH=$tree python3 -m attngen bench --suite flash --dtype bf16 --seqlens "$SEQLENS" --peers "$PEERS" ${EXTRA:-} \
       --json "$OUT/${name}_$round.json" > "$OUT/${name}_$round.txt" 2>&1 || { echo "$name round $round failed"; tail "$OUT/${name}_$round.txt"; }
+    [ "${CLOCKS:-}" = 1 ] && kill "$sampler" 2>/dev/null
   done
 done
 python3 - "$OUT" "${ROUNDS:-2}" $(for tree in $TREES; do label "$tree"; done) <<'PY'
@@ -62,4 +71,20 @@ for key in sorted(trees[first], key=str):
 for name in others:
     r = ratios[name]
     print(f"{name}/{first}: median {statistics.median(r):.3f}, min {min(r):.3f}, max {max(r):.3f}")
+import glob
+for name in names:          # CLOCKS=1: the samples taken while the GPU was busy (utilization >= 90 %)
+    busy = []
+    for path in sorted(glob.glob(f"{out}/{name}_*.clocks")):
+        for line in open(path):
+            fields = [f.strip() for f in line.split(",")]
+            try:
+                if len(fields) == 5 and float(fields[0]) >= 90:
+                    busy.append((float(fields[1]), float(fields[2]), float(fields[3]), int(fields[4], 16)))
+            except ValueError:
+                pass
+    if busy:
+        limited = sum(1 for b in busy if b[3] & ~0x1) / len(busy)      # any reason but "GPU idle"
+        print(f"{name}: {len(busy)} busy samples, SM clock median {statistics.median(b[0] for b in busy):.0f} MHz "
+              f"(min {min(b[0] for b in busy):.0f}), power median {statistics.median(b[1] for b in busy):.0f} W, "
+              f"temperature max {max(b[2] for b in busy):.0f} C, clock-event reasons in {100 * limited:.0f} %")
 PY

@@ -1,7 +1,7 @@
 """GPU tests of the two forward paths side by side on Hopper: the wgmma path (TMA, warpgroups,
 setmaxnreg; sm_90a) and the mma.sync path, each forced by a tile override, against the float64
 reference (ARCHITECTURE.md criterion). The other GPU tests run whichever path the planner picks (wgmma for
-head dims that are whole 64-column chunks on an H100/H200), so both stay covered."""
+head dims that are multiples of 32 on an H100/H200), so both stay covered."""
 
 from __future__ import annotations
 

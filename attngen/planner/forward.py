@@ -412,8 +412,8 @@ def explain(spec: Spec, device: Device) -> str:
         lines[3:3] = ["path   mma_sync (the formulas below) | wgmma (sm_90a: 1 loading + "
                       f"{WGMMA_COMPUTE_GROUPS} compute warpgroups, 1 CTA/SM):"]
         lines += [
-            f"wgmma  smem = {WGMMA_SMEM_ALIGN} + (block_m*d + stages*block_n*(d+dim_v)) * {eb} + mbarriers B (swizzled, no "
-            f"padding; d, dim_v whole 64-column chunks); regs ~ dim_v/2 + block_n/2 + block_n/4 + {WGMMA_REG_OVERHEAD} per "
+            f"wgmma  smem = {WGMMA_SMEM_ALIGN} + (block_m*d + stages*block_n*(d+dim_v)) * {eb} + mbarriers B (swizzled rows, "
+            f"no row padding; d, dim_v rounded up to whole 64-column chunks, zero-filled); regs ~ dim_v/2 + block_n/2 + block_n/4 + {WGMMA_REG_OVERHEAD} per "
             f"compute thread <= {WGMMA_CONSUMER_REGS}; time at {device.matrix_peak_tflops:g} TFLOP/s"]
     if spec.fp8:
         lines += [
