@@ -98,11 +98,11 @@ def test_wgmma_backward_plan_formulas_and_refusals():
     # padded (96 -> 128), head_dim_v != head_dim, and wide heads with the keys as columns
     layouts = {(96, 96): (False, 128, 128), (128, 64): (False, 128, 64), (160, 160): (True, 192, 192),
                (192, 192): (True, 192, 192), (192, 128): (True, 192, 128), (256, 256): (True, 256, 256),
-               (256, 128): (True, 256, 128)}
+               (256, 128): (True, 256, 128), (64, 128): (True, 64, 128)}   # rows would need 264 registers
     for (d, dv), (columns, d_padded, dv_padded) in layouts.items():
         p, why = _wgmma_dkdv_pass(attngen.Spec(head_dim=d, head_dim_v=dv), h100, 2)
         assert why == "" and p.keys_as_columns == columns, (d, dv, why)
-        assert (p.head_dim_padded, p.head_dim_v_padded, p.chunk) == (d_padded, dv_padded, d_padded)
+        assert (p.head_dim_padded, p.head_dim_v_padded, p.chunk) == (d_padded, dv_padded, max(d_padded, dv_padded))
         assert p.regs_estimate <= 240 and p.smem_bytes <= h100.smem_per_block
         if columns:
             scores = 64 * 64 * 2       # P^T, and two dS^T buffers
