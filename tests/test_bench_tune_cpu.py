@@ -43,6 +43,8 @@ def test_flash_suite_is_flashattentions_benchmark_shapes():
     assert {(c.spec.head_dim, c.spec.causal) for c in cases} == {(64, False), (64, True), (128, False), (128, True)}
     with pytest.raises(ValueError, match="flash"):
         suite_cases("other")
+    wide = suite_cases("flash", seqlens=[4096], head_dims=[64, 256])        # --head-dims adds d256's rows
+    assert [(c.spec.head_dim, c.heads, c.batch) for c in wide] == [(64, 32, 4), (64, 32, 4), (256, 8, 4), (256, 8, 4)]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -52,6 +54,9 @@ def test_flash_suite_is_flashattentions_benchmark_shapes():
     (["--suite", "flash", "--seqlens", "0"], "--seqlens"),
     (["--suite", "flash", "--peers", "sdpa_flash,xformers"], "--peers"),
     (["--suite", "flash", "--plot", "out.svg"], "--plot"),
+    (["--suite", "flash", "--head-dims", "64,300"], "--head-dims"),
+    (["--suite", "flash", "--head-dims", "d128"], "--head-dims"),
+    (["examples/gpt2_causal_fp16.yaml", "--head-dims", "64"], "--suite flash only"),
     (["missing.yaml"], "cannot read the spec"),
 ])
 def test_bench_argument_errors_name_the_option(args, message):

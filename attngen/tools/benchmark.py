@@ -239,11 +239,13 @@ class Case:
         return f"{s.name} d{s.head_dim} {s.dtype} {what} seqlen {self.seqlen} ({self.batch}x{self.heads})"
 
 
-def suite_cases(name: str, dtype: str = "bf16", seqlens=None) -> list[Case]:
+def suite_cases(name: str, dtype: str = "bf16", seqlens=None, head_dims=None) -> list[Case]:
+    """The flash suite's cases: its head dims (or `head_dims`, e.g. 256 beside them), causal and not, its
+    seqlens (or `seqlens`), at batch x seqlen = 16384 tokens and heads x head_dim = 2048."""
     if name != "flash":
         raise ValueError(f"--suite: unknown suite {name!r}; allowed: flash")
     cases = []
-    for d in FLASH_SUITE["head_dims"]:
+    for d in head_dims or FLASH_SUITE["head_dims"]:
         for causal in FLASH_SUITE["causal"]:
             for seqlen in seqlens or FLASH_SUITE["seqlens"]:
                 heads = FLASH_SUITE["hidden"] // d

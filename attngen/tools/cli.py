@@ -372,6 +372,8 @@ def check(spec_path, seed):
                    "pages) as K/V bandwidth beside SDPA flash and cuDNN")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True, help="--suite's dtype")
 @click.option("--seqlens", default=None, help="comma-separated [default: 1024,2048,4096,8192; the suite's own]")
+@click.option("--head-dims", "head_dims", default=None,
+              help="--suite flash: comma-separated head dims in 1..256 [default: 64,128, FlashAttention's]")
 @click.option("--tokens", default=16384, show_default=True, help="batch x seqlen")
 @click.option("--peers", default="sdpa_flash,sdpa_cudnn,sdpa_efficient,flex", show_default=True,
               help="the peers to time beside attngen (those that compute the same attention)")
@@ -379,7 +381,7 @@ def check(spec_path, seed):
               help="also forward + backward [default: with the suite, or when the spec has backward: true]")
 @click.option("--json", "json_path", default=None, help="also write the rows as JSON")
 @click.option("--plot", "plot_path", default=None, help="also write a PNG: TFLOP/s over seqlen, a line per implementation")
-def bench(spec_path, suite, dtype, seqlens, tokens, peers, backward, json_path, plot_path):
+def bench(spec_path, suite, dtype, seqlens, head_dims, tokens, peers, backward, json_path, plot_path):
     """GPU: time attngen beside torch SDPA (flash, cuDNN, efficient) and FlexAttention, same inputs, one run."""
     from .benchmark import PEERS, bench_case, format_rows, plot_rows, spec_cases, suite_cases
 
@@ -391,6 +393,16 @@ def bench(spec_path, suite, dtype, seqlens, tokens, peers, backward, json_path, 
         raise UsageFailure(f"--seqlens: got {seqlens!r}; allowed: comma-separated positive ints") from None
     if lengths is not None and (not lengths or min(lengths) < 1):
         raise UsageFailure(f"--seqlens: got {seqlens!r}; allowed: comma-separated positive ints")
+    dims = None
+    if head_dims is not None:
+        if suite != "flash":
+            raise UsageFailure("--head-dims: allowed with --suite flash only")
+        try:
+            dims = [int(x) for x in head_dims.split(",")]
+        except ValueError:
+            dims = []
+        if not dims or not all(1 <= d <= 256 for d in dims):
+            raise UsageFailure(f"--head-dims: got {head_dims!r}; allowed: comma-separated ints in 1..256")
     chosen = [p for p in peers.split(",") if p]
     if any(p not in PEERS for p in chosen):
         raise UsageFailure(f"--peers: got {peers!r}; allowed: a comma-separated subset of {','.join(PEERS)}")
@@ -416,7 +428,7 @@ def bench(spec_path, suite, dtype, seqlens, tokens, peers, backward, json_path, 
         click.echo(format_varlen_rows(rows))
         return
     if suite:
-        cases, with_backward = suite_cases(suite, dtype, lengths), backward is not False
+        cases, with_backward = suite_cases(suite, dtype, lengths, dims), backward is not False
     else:
         spec = load_spec(spec_path)
         cases = spec_cases(spec, lengths or (1024, 2048, 4096, 8192), tokens)
