@@ -5,6 +5,7 @@
 //   dtype:         bf16
 //   head_dim_v:    256
 //   name:          d256_bf16
+//   backward:      True
 // plan (sm_90):
 //   arch:                sm_90
 //   block_m:             128
