@@ -65,8 +65,9 @@ def transposed_v(spec: Spec, vv: TensorView, batch: int, heads_kv: int, seqlen_k
     """(grid, packed arguments, v map): the transpose of V into a new V^T (vt_shape) for the caller to launch on
     the forward's stream, and the forward's tensor map over it (boxes of 128 keys, one swizzle row, x
     head_dim_v rows)."""
-    keys = vt_shape(spec, batch, heads_kv, seqlen_k)[3]
-    vt = _empty_like(vv, vt_shape(spec, batch, heads_kv, seqlen_k), "uint8")
+    shape = vt_shape(spec, batch, heads_kv, seqlen_k)
+    keys = shape[3]
+    vt = _empty_like(vv, shape, "uint8")
     keep.append(vt)
     vtv = _view("vt", vt)
     args = FP8_V_TRANSPOSE.pack({"v": vv.ptr, "vt": vtv.ptr, "v_stride_b": vv.strides[0], "v_stride_s": vv.strides[1],
