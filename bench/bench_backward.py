@@ -18,7 +18,7 @@ import sys
 import torch
 
 import attngen
-from attngen.tools.benchmark import flops, forward_backward, make_inputs, sdpa, time_ms
+from attngen.tools.benchmark import flash_shapes, flops, forward_backward, make_inputs, sdpa, time_ms
 
 
 def main(argv=None):
@@ -29,38 +29,34 @@ def main(argv=None):
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     rows = []
-    for d in (int(x) for x in args.dims.split(",")):
-        heads = 2048 // d
-        for causal in (c == "true" for c in args.causal.split(",")):
-            for seqlen in (int(s) for s in args.seqlens.split(",")):
-                batch = max(1, 16384 // seqlen)
-                inputs = make_inputs(batch, seqlen, heads, heads, d, "bf16")
-                work = flops(batch, heads, seqlen, d, causal)
-                peers = {"flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
-                         "cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION}
-                row = dict(d=d, causal=causal, seqlen=seqlen, batch=batch, heads=heads)
-                for name, backend in peers.items():
-                    try:
-                        run = sdpa(backend, causal)
-                        row[name] = 3.5 * work / time_ms(forward_backward(lambda q, k, v: run(q, k, v)), inputs) / 1e9
-                    except Exception as exc:   # a peer may not support the shape; report and go on
-                        row[name] = None
-                        print(f"# {name} unavailable: {str(exc).splitlines()[0]}", file=sys.stderr)
-                for key, det in (("attngen", False), ("deterministic", True)):
-                    ours = lambda q, k, v: attngen.attention(q, k, v, causal=causal, deterministic=det)  # noqa: E731
-                    row[key] = 3.5 * work / time_ms(forward_backward(ours), inputs) / 1e9
-                kernel = attngen.build_backward(attngen.Spec(head_dim=d, causal=causal))
-                mma_sync = attngen.build_backward(attngen.Spec(head_dim=d, causal=causal), path="mma_sync")
-                bwd_sets = []
-                for q, k, v in inputs:
-                    out, lse = attngen.attention(q, k, v, causal=causal, return_lse=True)
-                    bwd_sets.append((q, k, v, out, lse, torch.randn_like(out)))
-                row["attngen_bwd"] = 2.5 * work / time_ms(lambda *a: kernel(*a), bwd_sets) / 1e9
-                row["mma_sync_bwd"] = 2.5 * work / time_ms(lambda *a: mma_sync(*a), bwd_sets) / 1e9
-                row["plan"] = ", ".join(f"{kind} {p.block_m}x{p.block_n}x{p.warps} c{p.chunk} {p.path}"
-                                        for kind, p in kernel.plan.passes.items())
-                rows.append(row)
-                print(row, file=sys.stderr, flush=True)
+    for d, causal, seqlen, batch, heads in flash_shapes(args.dims, args.causal, args.seqlens):
+        inputs = make_inputs(batch, seqlen, heads, heads, d, "bf16")
+        work = flops(batch, heads, seqlen, d, causal)
+        peers = {"flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+                 "cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION}
+        row = dict(d=d, causal=causal, seqlen=seqlen, batch=batch, heads=heads)
+        for name, backend in peers.items():
+            try:
+                run = sdpa(backend, causal)
+                row[name] = 3.5 * work / time_ms(forward_backward(lambda q, k, v: run(q, k, v)), inputs) / 1e9
+            except Exception as exc:   # a peer may not support the shape; report and go on
+                row[name] = None
+                print(f"# {name} unavailable: {str(exc).splitlines()[0]}", file=sys.stderr)
+        for key, det in (("attngen", False), ("deterministic", True)):
+            ours = lambda q, k, v: attngen.attention(q, k, v, causal=causal, deterministic=det)  # noqa: E731
+            row[key] = 3.5 * work / time_ms(forward_backward(ours), inputs) / 1e9
+        kernel = attngen.build_backward(attngen.Spec(head_dim=d, causal=causal))
+        mma_sync = attngen.build_backward(attngen.Spec(head_dim=d, causal=causal), path="mma_sync")
+        bwd_sets = []
+        for q, k, v in inputs:
+            out, lse = attngen.attention(q, k, v, causal=causal, return_lse=True)
+            bwd_sets.append((q, k, v, out, lse, torch.randn_like(out)))
+        row["attngen_bwd"] = 2.5 * work / time_ms(lambda *a: kernel(*a), bwd_sets) / 1e9
+        row["mma_sync_bwd"] = 2.5 * work / time_ms(lambda *a: mma_sync(*a), bwd_sets) / 1e9
+        row["plan"] = ", ".join(f"{kind} {p.block_m}x{p.block_n}x{p.warps} c{p.chunk} {p.path}"
+                                for kind, p in kernel.plan.passes.items())
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

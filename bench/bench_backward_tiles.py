@@ -2,6 +2,7 @@
 ranking can be checked against measurement (the autotuner's job later).
 
     PYTHONPATH=. python3 bench/bench_backward_tiles.py [--dims 64,128] [--seqlen 8192] [--top 6] [--deterministic]
+        [--path mma_sync] [--tiles 32x64x4c128s3,32x128x8c128s2]
 
 bf16, batch x seqlen = 16384, hidden 2048, causal and not; prints the whole backward's time with one pass
 swapped for each candidate (the other pass at rank 0).
@@ -39,7 +40,14 @@ def main(argv=None):
     ap.add_argument("--seqlen", type=int, default=8192)
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--deterministic", action="store_true", help="the two-pass backward (default: dQ with atomics)")
+    ap.add_argument("--path", choices=("mma_sync", "wgmma"), help="only this path's candidates (default: both)")
+    ap.add_argument("--tiles", default="", help="only these candidates, BMxBNxWARPScCHUNKsSTAGES, comma-separated")
     args = ap.parse_args(argv)
+    wanted = {t for t in args.tiles.split(",") if t}
+
+    def chosen(p) -> bool:
+        label = f"{p.block_m}x{p.block_n}x{p.warps}c{p.chunk}s{p.stages}"
+        return (args.path in (None, p.path)) and (not wanted or label in wanted)
     dev = device_mod.live_device(torch.cuda.current_device())
     print(f"{'d':>4} {'causal':>6} {'pass':>5} {'tile':>9} {'warps':>5} {'chunk':>5} {'stages':>6} {'regs':>5} {'spill':>5} "
           f"{'ms':>8}  rank")
@@ -52,7 +60,8 @@ def main(argv=None):
             out, lse = attngen.attention(q, k, v, causal=causal, return_lse=True)
             dout = torch.randn_like(out)
             kinds = pass_kinds(spec)
-            ranked = {kind: [p for _, p, _ in pass_candidates(kind, spec, dev) if p][:args.top] for kind in kinds}
+            ranked = {kind: [p for _, p, _ in pass_candidates(kind, spec, dev) if p and chosen(p)][:args.top]
+                      for kind in kinds}
             for kind in kinds:
                 for rank, cand in enumerate(ranked[kind]):
                     pair = {k: ranked[k][0] if k in kinds else None for k in ("dq", "dkdv")} | {kind: cand}

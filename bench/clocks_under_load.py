@@ -19,7 +19,7 @@ import time
 import torch
 
 import attngen
-from attngen.tools.benchmark import flops, make_inputs, sdpa
+from attngen.tools.benchmark import flash_shapes, flops, make_inputs, sdpa
 
 FIELDS = "clocks.sm,power.draw,temperature.gpu"
 REASONS = {0x1: "idle", 0x2: "app clocks", 0x4: "SW power cap", 0x8: "HW slowdown", 0x20: "sync boost",
@@ -76,23 +76,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
     reasons = reasons_field()
     print(f"{'d':>4} {'causal':>6} {'seqlen':>6} {'kernel':>8} {'TFLOP/s':>8} {'SM MHz':>7} {'W':>5} {'C':>4}  reasons")
-    for d in (int(x) for x in args.dims.split(",")):
-        heads = 2048 // d
-        for causal in (c == "true" for c in args.causal.split(",")):
-            for seqlen in (int(x) for x in args.seqlens.split(",")):
-                batch = max(1, 16384 // seqlen)
-                inputs = make_inputs(batch, seqlen, heads, heads, d, "bf16")
-                kernel = attngen.build(attngen.Spec(head_dim=d, dtype="bf16", causal=causal))
-                for name, fn in (("attngen", lambda q, k, v: kernel(q, k, v)),
-                                 ("cudnn", sdpa(torch.nn.attention.SDPBackend.CUDNN_ATTENTION, causal)),
-                                 ("flash", sdpa(torch.nn.attention.SDPBackend.FLASH_ATTENTION, causal))):
-                    fn(*inputs[0])                                       # compile / pick the kernel first
-                    torch.cuda.synchronize()
-                    r = under_load(fn, inputs, args.seconds, reasons)
-                    tflops = flops(batch, heads, seqlen, d, causal) / r["ms_per_call"] / 1e9
-                    print(f"{d:>4} {str(causal):>6} {seqlen:>6} {name:>8} {tflops:8.1f} {r['clock']:7.0f} "
-                          f"{r['power']:5.0f} {r['temperature']:4.0f}  {r['reasons']} ({r['samples']} samples)")
-                    time.sleep(1.0)                                      # let the card settle between kernels
+    for d, causal, seqlen, batch, heads in flash_shapes(args.dims, args.causal, args.seqlens):
+        inputs = make_inputs(batch, seqlen, heads, heads, d, "bf16")
+        kernel = attngen.build(attngen.Spec(head_dim=d, dtype="bf16", causal=causal))
+        for name, fn in (("attngen", lambda q, k, v: kernel(q, k, v)),
+                         ("cudnn", sdpa(torch.nn.attention.SDPBackend.CUDNN_ATTENTION, causal)),
+                         ("flash", sdpa(torch.nn.attention.SDPBackend.FLASH_ATTENTION, causal))):
+            fn(*inputs[0])                                       # compile / pick the kernel first
+            torch.cuda.synchronize()
+            r = under_load(fn, inputs, args.seconds, reasons)
+            tflops = flops(batch, heads, seqlen, d, causal) / r["ms_per_call"] / 1e9
+            print(f"{d:>4} {str(causal):>6} {seqlen:>6} {name:>8} {tflops:8.1f} {r['clock']:7.0f} "
+                  f"{r['power']:5.0f} {r['temperature']:4.0f}  {r['reasons']} ({r['samples']} samples)")
+            time.sleep(1.0)                                      # let the card settle between kernels
 
 
 if __name__ == "__main__":

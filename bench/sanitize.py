@@ -307,9 +307,10 @@ def _spec(**fields):
 
 def fwd_mma_sync(ctx):
     """Forward, mma.sync path (cp.async + ldmatrix + mma.sync): d64 bf16 causal 77x203 (issue 12's initcheck
-    site), d128 fp16 full 203x77, d96 bf16 causal 203x77 (126 query rows that see no key: out 0, LSE -inf)."""
+    site), d128 fp16 full 203x77, d96 bf16 causal 203x77 (126 query rows that see no key: out 0, LSE -inf),
+    d256 bf16 full 77x203 (128x64 on 8 warps)."""
     for d, dtype, causal, sq, sk in ((64, "bf16", True, SQ, SK), (128, "fp16", False, SK, SQ),
-                                     (96, "bf16", True, SK, SQ)):
+                                     (96, "bf16", True, SK, SQ), (256, "bf16", False, SQ, SK)):
         spec = _spec(head_dim=d, dtype=dtype, causal=causal)
         forward_case(ctx, f"d{d} {dtype} {'causal' if causal else 'full'} {sq}x{sk}", spec, "mma_sync",
                      (B, sq, sk, HQ, HKV))
@@ -337,9 +338,10 @@ def _dense_backward(ctx, path, cases, deterministic=False):
 
 def bwd_mma_sync(ctx):
     """Backward, mma.sync dK/dV pass with dQ added by fp32 atomics: delta kernel, dK/dV(+dQ) kernel, dQ
-    conversion kernel. d64 bf16 causal 77x203, d128 fp16 full 203x77, d96 fp16 causal 203x77."""
+    conversion kernel. d64 bf16 causal 77x203, d128 fp16 full 203x77, d96 fp16 causal 203x77, d256 bf16
+    causal 203x77 (128 keys on 8 warps, two 128-column chunks, a 2-deep ring)."""
     _dense_backward(ctx, "mma_sync", ((64, "bf16", True, SQ, SK), (128, "fp16", False, SK, SQ),
-                                      (96, "fp16", True, SK, SQ)))
+                                      (96, "fp16", True, SK, SQ), (256, "bf16", True, SK, SQ)))
 
 
 def bwd_wgmma(ctx):

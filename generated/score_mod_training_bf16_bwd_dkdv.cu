@@ -605,6 +605,8 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
     float* const delta_smem = lse_smem + STAGES * BLOCK_M;
     const unsigned ds_smem = smem_addr(delta_smem + STAGES * BLOCK_M);  // [BLOCK_N][DS_STRIDE]
     constexpr int N_CHUNKS = (D > DV ? D : DV) / CHUNK;
+    static_assert(K_TILE_BYTES + V_TILE_BYTES + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES + 2 * BLOCK_M * 4) + DS_TILE_BYTES
+                  == 112128, "the plan's shared memory is this layout (LSE and delta: 8 bytes a row)");
 
     const int n_block = blockIdx.x;
     const int column = blockIdx.y, batch = blockIdx.z;                  // column: the grid's head (and chunk)

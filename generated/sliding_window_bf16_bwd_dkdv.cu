@@ -515,6 +515,8 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
                                                      + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES));   // STAGES x [BLOCK_M]
     float* const delta_smem = lse_smem + STAGES * BLOCK_M;
     constexpr int N_CHUNKS = (D > DV ? D : DV) / CHUNK;
+    static_assert(K_TILE_BYTES + V_TILE_BYTES + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES + 2 * BLOCK_M * 4)
+                  == 87808, "the plan's shared memory is this layout (LSE and delta: 8 bytes a row)");
 
     const int n_block = blockIdx.x;
     const int column = blockIdx.y, batch = blockIdx.z;                  // column: the grid's head (and chunk)

@@ -281,3 +281,19 @@ def test_score_mod_grad_spec_field():
     source = render(spec, plan.dkdv, "backward_dkdv")
     assert "user_score_mod_grad" in source and "gain[h]" in source
     assert "user_score_mod_grad" not in render(spec, attngen.plan(spec, "sm_90"))      # the forward needs no derivative
+
+
+@pytest.mark.parametrize("arch,tile,stages", [("sm_90", (32, 128, 8), 2), ("sm_80", (32, 64, 4), 2)])
+def test_dkdv_ranks_resident_warps_before_ring_depth(arch, tile, stages):
+    """d256's mma.sync dK/dV pass on the H200: 32x128 on 8 warps with 2 stages ran 1.12-1.26x 32x64 on 4 with
+    3, and 32x32 on 2 warps ran at half the speed (BENCHMARKS.md, issue 17 round 6). sm_80's 163 KB holds 4
+    warps' tile at 2 stages, no longer the 2-warp tile at 3; d64 and d128 keep their measured tiles."""
+    from attngen.planner.backward import pass_candidates
+
+    def best(d):
+        return next(p for _, p, _ in pass_candidates("dkdv", attngen.Spec(head_dim=d, backward=True), preset(arch))
+                    if p and p.path == "mma_sync")
+    p = best(256)
+    assert ((p.block_m, p.block_n, p.warps), p.stages) == (tile, stages)
+    assert [(best(d).block_m, best(d).block_n, best(d).warps, best(d).stages) for d in (64, 128)] == \
+        [(64, 128, 8, 3), (32, 128, 8, 3)]

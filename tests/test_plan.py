@@ -457,3 +457,14 @@ def test_what_the_sm8x_presets_change_at_head_dim_128():
         wider = evaluate(spec, device, 128, 64, 8, 2)
         assert wider.plan is None and "by 3072 B" in wider.reject
         assert smem_bytes(spec, 128, 32, 1) == 52224 and 2 * 52224 > device.smem_per_sm
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_wide_heads_rank_resident_warps_on_mma_sync(arch):
+    """At d256 the mma.sync forward's 64-row and 128-row tiles tie in the model (same ldmatrix bytes per
+    query row); the tie goes to more resident warps: 64x64 on 4 warps ran 0.80x 128x64 on 8 on the H200."""
+    device = preset(arch)
+    for causal in (False, True):
+        best = next(c.plan for c in candidates(Spec(head_dim=256, causal=causal), device)
+                    if c.plan and c.plan.path == "mma_sync")
+        assert best.ctas_per_sm * best.warps == 8, (best.block_m, best.block_n, best.warps, best.ctas_per_sm)

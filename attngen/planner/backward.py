@@ -38,6 +38,7 @@ DKDV_REGS_PER_CHUNK_COL, DKDV_REGS_PER_QUERY, DKDV_REG_OVERHEAD = 1.25, 1.7, 36
 # The dK/dV pass's measured best CTA size on sm_90 (bench_backward_tiles.py, BENCHMARKS.md): 4 warps (64
 # keys) when it computes dK/dV only, 8 warps (128 keys) when it also adds dQ (half the atomics per FLOP).
 DKDV_WARPS, DKDV_WARPS_FUSED = 4, 8
+RESIDENT_WARPS_ENOUGH = 8      # warps per SM past which more resident warps stop ranking a tile higher
 # The wgmma dK/dV pass, keys as rows: 64 keys per compute warpgroup (the wgmma M of S^T); steps of 64 queries
 # at head_dim 128 and 128 at 64, so that each step's dQ is two 64 x 64 parts, one per warpgroup. A 3-deep ring
 # measured the same as 2 (d128 16384: 417 vs 422 TFLOP/s; causal 414 vs 401; d64 396 vs 394).
@@ -239,12 +240,15 @@ def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, 
         p = item[1]
         if p is None:
             return (math.inf,)
-        # overlapped loads, least recomputation, the biggest tile (operand reuse), more CTAs per SM; dK/dV
-        # first prefers its measured best warp count
+        # least recomputation, enough resident warps to hide the step's latencies (up to 8: d256's dK/dV
+        # pass on the H200 ran 32x64 on 4 warps at 0.79x and 32x32 on 2 at 0.50x the speed of 32x128 on 8
+        # with a ring one stage shorter), overlapped loads, then dK/dV's measured best warp count, the
+        # biggest tile (operand reuse), more CTAs per SM
         preferred = 0 if kind == "dq" or p.warps == (DKDV_WARPS_FUSED if p.fused_dq else DKDV_WARPS) else 1
         if p.path == "wgmma":     # the tensor cores' own path first
             return (-math.inf,)
-        return (-p.stages, p.matmul_factor, preferred, -(p.block_m * p.block_n), -p.ctas_per_sm)
+        resident_warps = min(RESIDENT_WARPS_ENOUGH, p.ctas_per_sm * p.warps)
+        return (p.matmul_factor, -resident_warps, -p.stages, preferred, -(p.block_m * p.block_n), -p.ctas_per_sm)
     return sorted(out, key=rank)
 
 

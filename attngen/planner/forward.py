@@ -343,9 +343,11 @@ def candidate_grid(spec: Spec, device: Device):
 def rank_key(c: Candidate):
     p = c.plan
     # Fastest predicted first; among near-ties prefer (wgmma) longer key tiles, whose fixed per-step cost
-    # (barrier waits, the softmax's row reductions) the model leaves out, then fewer registers, then less
-    # shared memory.
-    return (round(p.predicted_time_us, 1), -p.block_n if p.path == "wgmma" else 0, p.regs_estimate, p.smem_bytes)
+    # (barrier waits, the softmax's row reductions) the model leaves out, then more warps resident per SM
+    # to hide ldmatrix and exp2 latency (d256 on mma.sync: 64x64 on 4 warps ran 0.80x 128x64 on 8 on the
+    # H200, a tie in the model), then fewer registers, then less shared memory.
+    return (round(p.predicted_time_us, 1), -p.block_n if p.path == "wgmma" else 0, -p.ctas_per_sm * p.warps,
+            p.regs_estimate, p.smem_bytes)
 
 
 def candidates(spec: Spec, device: Device) -> list[Candidate]:

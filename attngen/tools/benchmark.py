@@ -24,6 +24,15 @@ from attngen.planner.forward import predict_us
 L2_BYTES = 64 << 20
 
 
+def flash_shapes(dims: str, causal_modes: str, seqlens: str):
+    """(d, causal, seqlen, batch, heads) of FlashAttention's benchmark shapes (batch x seqlen = 16384 tokens,
+    heads x d = 2048) for the scripts' comma-separated options, e.g. ("64,128", "false,true", "2048,8192")."""
+    for d in (int(x) for x in dims.split(",")):
+        for causal in (c == "true" for c in causal_modes.split(",")):
+            for seqlen in (int(s) for s in seqlens.split(",")):
+                yield d, causal, seqlen, max(1, 16384 // seqlen), 2048 // d
+
+
 def flops(batch, heads, seqlen, d, causal):
     return 4.0 * batch * heads * seqlen * seqlen * d / (2 if causal else 1)
 
