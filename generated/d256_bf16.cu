@@ -9,19 +9,19 @@
 // plan (sm_90):
 //   arch:                sm_90
 //   block_m:             128
-//   block_n:             64
+//   block_n:             80
 //   warps:               12
 //   m_tiles:             1
 //   stages:              2
 //   head_dim_padded:     256
 //   head_dim_v_padded:   256
 //   smem_row_pad:        0
-//   smem_bytes:          197712
-//   regs_estimate:       224
+//   smem_bytes:          230480
+//   regs_estimate:       236
 //   ctas_per_sm:         1
 //   predicted_flops:     1.1e+12
 //   predicted_hbm_bytes: 8.858e+09
-//   predicted_smem_bytes: 2.577e+10
+//   predicted_smem_bytes: 2.443e+10
 //   predicted_time_us:   1435
 //   bound:               mma
 //   path:                wgmma
@@ -42,7 +42,7 @@ constexpr int HEAD_DIM_V = 256;
 constexpr int D          = 256;   // padded to the mma k-step; padding is zero-filled
 constexpr int DV         = 256;
 constexpr int BLOCK_M    = 128;   // query rows per CTA
-constexpr int BLOCK_N    = 64;   // key rows per pipeline stage
+constexpr int BLOCK_N    = 80;   // key rows per pipeline stage
 constexpr int WARPS      = 12;   // all warps of the CTA: one loading warpgroup, the rest compute
 constexpr int MMA_WARPS  = 8;   // warps that own query rows
 constexpr int M_TILES    = 1;   // 16-row mma tiles per warp
@@ -243,13 +243,14 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[N / 8][4]) {
 
 // S[64 x BLOCK_N] (+)= Q[64 x 16] * K[BLOCK_N x 16]^T for one 16-wide k-step: both operands in shared
 // memory, K-major (descriptors).
-__device__ __forceinline__ void wgmma_scores(float (&d)[8][4], unsigned long long desc_a, unsigned long long desc_b,
+__device__ __forceinline__ void wgmma_scores(float (&d)[10][4], unsigned long long desc_a, unsigned long long desc_b,
                                           int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}, %40, %41, p, 1, 1, 0, 0;\n}\n"
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3])
                  : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
@@ -512,7 +513,7 @@ constexpr int BARRIER_OFFSET = V_OFFSET + STAGES * V_TILE_BYTES;           // q_
 constexpr int BARRIER_BYTES = (1 + 4 * STAGES) * 8;                        // v_full, k_empty, v_empty
 static_assert(BARRIER_OFFSET % 8 == 0, "mbarriers are 8-byte aligned");
 constexpr int TILE_LIST_OFFSET = BARRIER_OFFSET + (BARRIER_BYTES + 15) / 16 * 16;   // then WARPS + n_kv_tiles ints
-static_assert(1024 + TILE_LIST_OFFSET == 197712, "the plan's shared memory is this layout (+1 KB to align)");
+static_assert(1024 + TILE_LIST_OFFSET == 230480, "the plan's shared memory is this layout (+1 KB to align)");
 static_assert(D % CHUNK == 0 && DV % CHUNK == 0 && D - HEAD_DIM < CHUNK && DV - HEAD_DIM_V < CHUNK,
               "the wgmma path pads the head dims to whole chunks (the tensor map fills the padding with zeros)");
 static_assert(Q_TILE_BYTES % 1024 == 0 && K_TILE_BYTES % 1024 == 0 && V_TILE_BYTES % 1024 == 0,

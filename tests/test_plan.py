@@ -468,3 +468,14 @@ def test_wide_heads_rank_resident_warps_on_mma_sync(arch):
         best = next(c.plan for c in candidates(Spec(head_dim=256, causal=causal), device)
                     if c.plan and c.plan.path == "mma_sync")
         assert best.ctas_per_sm * best.warps == 8, (best.block_m, best.block_n, best.warps, best.ctas_per_sm)
+
+
+def test_wide_heads_take_80_key_tiles_on_hopper_except_over_a_cache():
+    """d > 128 cannot hold 128-key wgmma tiles; 80 (FlashAttention-3's d256 tile) ran 1.03-1.11x 64 on the H200.
+    A KV cache keeps 64 so that its pages hold whole tiles; d128 keeps 128."""
+    device = preset("sm_90")
+    assert make_plan(Spec(head_dim=256, causal=True), device).block_n == 80
+    assert make_plan(Spec(head_dim=192), device).block_n == 80
+    assert make_plan(Spec(head_dim=128), device).block_n == 128
+    cache = Spec(head_dim=256, layout="kvcache", page_size=64)
+    assert make_plan(cache, device).block_n == 64

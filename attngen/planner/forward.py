@@ -335,7 +335,11 @@ def candidate_grid(spec: Spec, device: Device):
                 for stages in (2, 3):
                     yield 16 * warps * m_tiles, block_n, warps, stages, "mma_sync"
     if device.cc == 90:
-        for block_n in (64, 128):      # 128: measured fastest at d64 and d128 (176 lost at d64, 2026-11-22)
+        # 128: measured fastest at d64 and d128 (176 lost at d64, 2026-11-22). 80: where 128 does not fit
+        # (d > 128), FlashAttention-3's d256 tile; on the H200 128x80 ran 1.03-1.11x 128x64 at d256. A KV
+        # cache keeps 64: its pages of 64 or 256 rows would cut an 80-key tile into 16-row copies.
+        widths = (64, 128) if variant_of(spec).kvcache else (64, 80, 128)
+        for block_n in widths:
             for stages in (2, 3):
                 yield 64 * WGMMA_COMPUTE_GROUPS, block_n, 4 * (1 + WGMMA_COMPUTE_GROUPS), stages, "wgmma"
 

@@ -210,7 +210,7 @@ def format_table(rows, tiles_list=("",)) -> str:
     labels = ["attngen" + (f"[{t}]" if t else "") for t in tiles_list]
     nan = float("nan")
     head = f"{'dtype':>5} {'d':>4} {'causal':>6} {'seqlen':>6} {'flash':>7} {'cudnn':>7} {'flex':>7} " + " ".join(
-        f"{lab[-18:]:>18} {'/flash':>6} {'/cudnn':>6}" for lab in labels)
+        f"{(t or 'attngen')[:18]:>18} {'/flash':>6} {'/cudnn':>6}" for t in tiles_list)
     lines = ["TFLOP/s (median of CUDA-event timings)", head]
     for r in rows:
         fl, cu = r.get("sdpa_flash"), r.get("sdpa_cudnn")
