@@ -267,7 +267,7 @@ def explain_backward(spec: Spec, device: Device) -> str:
     how = ("two passes, no atomics (deterministic)" if spec.deterministic else
            "one pass, dQ added with fp32 atomics (deterministic: true gives a separate dQ pass)")
     lines = [f"backward on {device.arch}: {how}; ranked by matmul work (chunks recompute the scores), then "
-             f"tile area, then CTAs per SM"]
+             f"warps resident per SM (up to {RESIDENT_WARPS_ENOUGH}), then stages, then tile area, then CTAs per SM"]
     if device.cc == 90:
         lines.append("  sm_90: the wgmma dK/dV pass first where it applies (build keeps it only if ptxas reports no "
                      "spills), head dims padded to 64; keys as rows (d 64/128: dQ by bulk reductions) or as columns "

@@ -4,7 +4,8 @@ The model (ARCHITECTURE.md): FlashAttention's bound Bc = ceil(M / 4d), Br = min(
 point; the real kernel keeps a Q tile of block_m rows and `stages` K/V tiles of block_n rows in shared
 memory, each warp owns 16 * m_tiles rows of the Q tile and holds its fp32 O accumulator and S tile in
 registers. Every candidate is checked against the device's opt-in shared memory and 255 registers per
-thread; the survivors are ranked by predicted time.
+thread; the survivors are ranked by predicted time, near-ties by (wgmma) longer key tiles, then more warps
+resident per SM.
 """
 
 from __future__ import annotations
@@ -402,6 +403,8 @@ def explain(spec: Spec, device: Device) -> str:
         f"(128 B/clk x {device.clock_ghz:g} GHz x {device.sm_count} SMs)) / wave efficiency, for batch="
         f"{REFERENCE_PROBLEM['batch']} seqlen={REFERENCE_PROBLEM['seqlen_q']} heads="
         f"{spec.num_heads or REFERENCE_PROBLEM['heads']}",
+        "rank   by time (0.1 us); near-ties: longer key tiles (wgmma), more warps resident per SM, fewer "
+        "registers, less smem",
         "io     " + ("16 B global accesses (cp.async) per 8 columns; rows 16-byte aligned"
                      if variant_of(spec).global_vector > 1 else
                      "head dims off the multiples of 8: element loads and stores up to the real head dim (rows "
