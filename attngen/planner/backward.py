@@ -240,13 +240,15 @@ def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, 
         p = item[1]
         if p is None:
             return (math.inf,)
-        # least recomputation, enough resident warps to hide the step's latencies (up to 8: d256's dK/dV
+        # dQ: overlapped loads, least recomputation, the biggest tile (operand reuse), more CTAs per SM.
+        # dK/dV: least recomputation, then enough resident warps to hide the step's latencies (up to 8: d256's
         # pass on the H200 ran 32x64 on 4 warps at 0.79x and 32x32 on 2 at 0.50x the speed of 32x128 on 8
-        # with a ring one stage shorter), overlapped loads, then dK/dV's measured best warp count, the
-        # biggest tile (operand reuse), more CTAs per SM
-        preferred = 0 if kind == "dq" or p.warps == (DKDV_WARPS_FUSED if p.fused_dq else DKDV_WARPS) else 1
+        # with a ring one stage shorter), overlapped loads, its measured best warp count, the biggest tile.
         if p.path == "wgmma":     # the tensor cores' own path first
             return (-math.inf,)
+        if kind == "dq":
+            return (-p.stages, p.matmul_factor, -(p.block_m * p.block_n), -p.ctas_per_sm)
+        preferred = 0 if p.warps == (DKDV_WARPS_FUSED if p.fused_dq else DKDV_WARPS) else 1
         resident_warps = min(RESIDENT_WARPS_ENOUGH, p.ctas_per_sm * p.warps)
         return (p.matmul_factor, -resident_warps, -p.stages, preferred, -(p.block_m * p.block_n), -p.ctas_per_sm)
     return sorted(out, key=rank)
@@ -266,8 +268,10 @@ def make_backward_plan(spec: Spec, device: Device) -> BackwardPlan:
 def explain_backward(spec: Spec, device: Device) -> str:
     how = ("two passes, no atomics (deterministic)" if spec.deterministic else
            "one pass, dQ added with fp32 atomics (deterministic: true gives a separate dQ pass)")
-    lines = [f"backward on {device.arch}: {how}; ranked by matmul work (chunks recompute the scores), then "
-             f"warps resident per SM (up to {RESIDENT_WARPS_ENOUGH}), then stages, then tile area, then CTAs per SM"]
+    lines = [f"backward on {device.arch}: {how}; dK/dV ranked by matmul work (chunks recompute the scores), "
+             f"then warps resident per SM (up to {RESIDENT_WARPS_ENOUGH}), stages, the measured warp count "
+             f"({DKDV_WARPS_FUSED} with dQ, {DKDV_WARPS} without), tile area, CTAs per SM; dQ by stages, matmul "
+             f"work, tile area, CTAs per SM"]
     if device.cc == 90:
         lines.append("  sm_90: the wgmma dK/dV pass first where it applies (build keeps it only if ptxas reports no "
                      "spills), head dims padded to 64; keys as rows (d 64/128: dQ by bulk reductions) or as columns "
