@@ -48,7 +48,7 @@ def forward_key(plan) -> list:
 
 
 def backward_key(bwd) -> list:
-    return [bwd.block_m, bwd.block_n, bwd.warps, bwd.chunk, bwd.stages, bwd.path]
+    return [bwd.block_m, bwd.block_n, bwd.warps, bwd.chunk, bwd.stages, bwd.path, bwd.warp_keys]
 
 
 def tuned_first(ranked: list, winner, key) -> list:

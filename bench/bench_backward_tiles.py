@@ -2,7 +2,7 @@
 ranking can be checked against measurement (the autotuner's job later).
 
     PYTHONPATH=. python3 bench/bench_backward_tiles.py [--dims 64,128] [--seqlen 8192] [--top 6] [--deterministic]
-        [--path mma_sync] [--tiles 32x64x4c128s3,32x128x8c128s2]
+        [--path mma_sync] [--tiles 32x64x4c128s3,32x128x8c128s2k16]
 
 bf16, batch x seqlen = 16384, hidden 2048, causal and not; prints the whole backward's time with one pass
 swapped for each candidate (the other pass at rank 0).
@@ -41,15 +41,15 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--deterministic", action="store_true", help="the two-pass backward (default: dQ with atomics)")
     ap.add_argument("--path", choices=("mma_sync", "wgmma"), help="only this path's candidates (default: both)")
-    ap.add_argument("--tiles", default="", help="only these candidates, BMxBNxWARPScCHUNKsSTAGES, comma-separated")
+    ap.add_argument("--tiles", default="", help="only these candidates, BMxBNxWARPScCHUNKsSTAGES[kKEYS_PER_WARP], comma-separated")
     args = ap.parse_args(argv)
     wanted = {t for t in args.tiles.split(",") if t}
 
     def chosen(p) -> bool:
         label = f"{p.block_m}x{p.block_n}x{p.warps}c{p.chunk}s{p.stages}"
-        return (args.path in (None, p.path)) and (not wanted or label in wanted)
+        return (args.path in (None, p.path)) and (not wanted or label in wanted or f"{label}k{p.warp_keys}" in wanted)
     dev = device_mod.live_device(torch.cuda.current_device())
-    print(f"{'d':>4} {'causal':>6} {'pass':>5} {'tile':>9} {'warps':>5} {'chunk':>5} {'stages':>6} {'regs':>5} {'spill':>5} "
+    print(f"{'d':>4} {'causal':>6} {'pass':>5} {'tile':>9} {'warps':>5} {'keys':>4} {'chunk':>5} {'stages':>6} {'regs':>5} {'spill':>5} "
           f"{'ms':>8}  rank")
     for d in (int(x) for x in args.dims.split(",")):
         heads, seqlen = 2048 // d, args.seqlen
@@ -73,7 +73,7 @@ def main(argv=None):
                     r = binaries[f"backward_{kind}"].resources
                     ms = time_ms(lambda *a: kernels(*a), [(q, k, v, out, lse, dout)], warmup=3, reps=15)
                     print(f"{d:>4} {str(causal):>6} {kind:>5} {cand.block_m:>4}x{cand.block_n:<4} {cand.warps:>5} "
-                          f"{cand.chunk:>5} {cand.stages:>6} {r.registers:>5} {str(r.spill_bytes):>5} {ms:>8.3f}  {rank}",
+                          f"{cand.warp_keys:>4} {cand.chunk:>5} {cand.stages:>6} {r.registers:>5} {str(r.spill_bytes):>5} {ms:>8.3f}  {rank}",
                           flush=True)
     print(f"# {torch.cuda.get_device_name()}: whole-backward ms with one pass swapped (the other at rank 0)")
 

@@ -102,6 +102,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned add
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 { %0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
+__device__ __forceinline__ void ldmatrix_x2_trans(unsigned (&r)[2], unsigned addr) {   // lanes 0-15's addresses
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 { %0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
 
 // d += a * b for one 16x8x16 tile: a row-major 16x16, b column-major 16x8, fp32 accumulators.
 __device__ __forceinline__ void mma_16x8x16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
@@ -319,6 +322,42 @@ __device__ __forceinline__ void gemm_frag_b(float (&c)[MT][N / 8][4], const unsi
                 mma_16x8x16(c[mi][2 * dn], a[mi][kk], b[0], b[1]);
                 mma_16x8x16(c[mi][2 * dn + 1], a[mi][kk], b[2], b[3]);
             }
+        }
+    }
+}
+
+// C[MT*16 x N] += A[MT*16 x K] * B[K rows of b_smem][N], both from shared memory. A is row-major (rows a_row0..,
+// plain ldmatrix) or, A_STORED_TRANSPOSED, stored as A^T[K][rows] (its columns a_row0.., ldmatrix.trans); B is
+// row-major [k][n] (ldmatrix.trans). N is a multiple of 8: an odd last n-tile takes an x2 load.
+template <int MT, int N, int K, int A_STRIDE, int B_STRIDE, bool A_STORED_TRANSPOSED>
+__device__ __forceinline__ void gemm_ab(float (&c)[MT][N / 8][4], unsigned a_smem, int a_row0, unsigned b_smem, int lane) {
+    const unsigned a_base = A_STORED_TRANSPOSED
+        ? a_smem + ((lane % 8 + (lane / 16) * 8) * A_STRIDE + a_row0 + (lane / 8 % 2) * 8) * 2
+        : a_smem + ((a_row0 + lane % 16) * A_STRIDE + (lane / 16) * 8) * 2;
+    const unsigned b_base = b_smem + ((lane % 8 + (lane / 8 % 2) * 8) * B_STRIDE + (lane / 16) * 8) * 2;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        unsigned a[MT][4];
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+            if constexpr (A_STORED_TRANSPOSED) ldmatrix_x4_trans(a[mi], a_base + (kk * 16 * A_STRIDE + mi * 16) * 2);
+            else ldmatrix_x4(a[mi], a_base + (mi * 16 * A_STRIDE + kk * 16) * 2);
+        }
+#pragma unroll
+        for (int dn = 0; dn < N / 16; ++dn) {
+            unsigned b[4];
+            ldmatrix_x4_trans(b, b_base + (kk * 16 * B_STRIDE + dn * 16) * 2);
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) {
+                mma_16x8x16(c[mi][2 * dn], a[mi], b[0], b[1]);
+                mma_16x8x16(c[mi][2 * dn + 1], a[mi], b[2], b[3]);
+            }
+        }
+        if constexpr (N % 16 != 0) {
+            unsigned b[2];
+            ldmatrix_x2_trans(b, b_base + (kk * 16 * B_STRIDE + N / 16 * 16) * 2);
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) mma_16x8x16(c[mi][N / 8 - 1], a[mi], b[0], b[1]);
         }
     }
 }

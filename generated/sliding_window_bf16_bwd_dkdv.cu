@@ -20,20 +20,25 @@
 //   head_dim_padded:     128
 //   head_dim_v_padded:   128
 //   smem_row_pad:        8
-//   smem_bytes:          87808
-//   regs_estimate:       250
+//   smem_bytes:          98048
+//   regs_estimate:       208
 //   ctas_per_sm:         2
 //   matmul_factor:       2
 //   fused_dq:            False
 //   vector_atomics:      True
 //   path:                mma_sync
 //   keys_as_columns:     False
+//   warp_keys:           32
 //   threads:             128
 // FlashAttention-2 backward, dK/dV: a CTA holds BLOCK_N keys and values of one (batch, kv head) and CHUNK
 // columns of dK and dV; the query tiles of every query head of its GQA group stream through a STAGES-deep
 // cp.async ring with their dO, LSE and delta. It recomputes P^T = exp(scale * K Q^T - lse) and
 // accumulates dV += P^T dO and dK += dS^T Q with dS^T = P^T * (V dO^T - delta), on the tensor cores. The
 // group's heads are summed in registers: dK and dV need no atomics.
+// Warps take FlashAttention-2's layouts where registers allow: 32 keys each (two m16 tiles, so that every B
+// fragment read from shared memory feeds two mma) and, of the two warps sharing those keys, one half of the
+// step's queries for S^T and dP^T, one half of the chunk's columns for dV and dK; P^T and dS^T cross between
+// them in shared memory. Otherwise (the plan's warp_keys 16) a warp has 16 keys and all their queries and columns.
 
 // ---- compile-time shape of this backward kernel ----------------------------------------------------
 typedef unsigned short elem_t;          // raw bf16 bits; arithmetic happens in fp32
@@ -103,6 +108,9 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 { %0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(unsigned (&r)[2], unsigned addr) {   // lanes 0-15's addresses
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 { %0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
 }
 
 // d += a * b for one 16x8x16 tile: a row-major 16x16, b column-major 16x8, fp32 accumulators.
@@ -281,6 +289,42 @@ __device__ __forceinline__ void gemm_frag_b(float (&c)[MT][N / 8][4], const unsi
     }
 }
 
+// C[MT*16 x N] += A[MT*16 x K] * B[K rows of b_smem][N], both from shared memory. A is row-major (rows a_row0..,
+// plain ldmatrix) or, A_STORED_TRANSPOSED, stored as A^T[K][rows] (its columns a_row0.., ldmatrix.trans); B is
+// row-major [k][n] (ldmatrix.trans). N is a multiple of 8: an odd last n-tile takes an x2 load.
+template <int MT, int N, int K, int A_STRIDE, int B_STRIDE, bool A_STORED_TRANSPOSED>
+__device__ __forceinline__ void gemm_ab(float (&c)[MT][N / 8][4], unsigned a_smem, int a_row0, unsigned b_smem, int lane) {
+    const unsigned a_base = A_STORED_TRANSPOSED
+        ? a_smem + ((lane % 8 + (lane / 16) * 8) * A_STRIDE + a_row0 + (lane / 8 % 2) * 8) * 2
+        : a_smem + ((a_row0 + lane % 16) * A_STRIDE + (lane / 16) * 8) * 2;
+    const unsigned b_base = b_smem + ((lane % 8 + (lane / 8 % 2) * 8) * B_STRIDE + (lane / 16) * 8) * 2;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        unsigned a[MT][4];
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+            if constexpr (A_STORED_TRANSPOSED) ldmatrix_x4_trans(a[mi], a_base + (kk * 16 * A_STRIDE + mi * 16) * 2);
+            else ldmatrix_x4(a[mi], a_base + (mi * 16 * A_STRIDE + kk * 16) * 2);
+        }
+#pragma unroll
+        for (int dn = 0; dn < N / 16; ++dn) {
+            unsigned b[4];
+            ldmatrix_x4_trans(b, b_base + (kk * 16 * B_STRIDE + dn * 16) * 2);
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) {
+                mma_16x8x16(c[mi][2 * dn], a[mi], b[0], b[1]);
+                mma_16x8x16(c[mi][2 * dn + 1], a[mi], b[2], b[3]);
+            }
+        }
+        if constexpr (N % 16 != 0) {
+            unsigned b[2];
+            ldmatrix_x2_trans(b, b_base + (kk * 16 * B_STRIDE + N / 16 * 16) * 2);
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) mma_16x8x16(c[mi][N / 8 - 1], a[mi], b[0], b[1]);
+        }
+    }
+}
+
 // ---- fp32 accumulators -> packed A-operand fragments ----------------------------------------------
 // The accumulator layout of n-tiles 2kk and 2kk+1 is exactly the A-fragment layout of k-step kk.
 template <int MT, int N>
@@ -301,55 +345,78 @@ __device__ __forceinline__ void to_a_fragments(unsigned (&a)[MT][N / 16][4], con
 // The two bf16 halves of a register as floats.
 __device__ __forceinline__ float unpack_lo(unsigned x) { return __uint_as_float(x << 16); }
 __device__ __forceinline__ float unpack_hi(unsigned x) { return __uint_as_float(x & 0xffff0000u); }
-// A warp's 16-row accumulator tile C[16 x N]: element e of n-tile nt sits at row lane/4 (+8 for e >= 2),
-// column nt*8 + 2*(lane%4) + (e&1).
+// A warp's accumulator tiles C[MT*16 x N]: element e of n-tile nt of m-tile mi sits at row mi*16 + lane/4 (+8
+// for e >= 2), column nt*8 + 2*(lane%4) + (e&1).
 
-// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2(nt, e)
-// is element (nt, e)'s, +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
+// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2(mi, nt, e)
+// is element (mi, nt, e)'s, +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
 // (A callable: a kernel may read the statistics from shared memory where they are used.)
-template <int N, typename LseLog2>
-__device__ __forceinline__ void probabilities(float (&s)[1][N / 8][4], float scale_log2, LseLog2 lse_log2) {
+template <int N, int MT, typename LseLog2>
+__device__ __forceinline__ void probabilities(float (&s)[MT][N / 8][4], float scale_log2, LseLog2 lse_log2) {
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt)
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][nt][e] = fast_exp2(s[0][nt][e] * scale_log2 - lse_log2(nt, e));
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mi][nt][e] = fast_exp2(s[mi][nt][e] * scale_log2 - lse_log2(mi, nt, e));
 }
 
-// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta(nt, e) =
+// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta(mi, nt, e) =
 // rowsum(dO * O) of the element's query; grad_factor = d(modified score) / d(scaled score), 1 without a softcap).
-template <int N, typename Delta>
-__device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const float (&p)[1][N / 8][4], Delta delta,
-                                                const float (&grad_factor)[N / 8][4]) {
+template <int N, int MT, typename Delta>
+__device__ __forceinline__ void score_gradients(float (&dp)[MT][N / 8][4], const float (&p)[MT][N / 8][4], Delta delta,
+                                                const float (&grad_factor)[MT][N / 8][4]) {
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt)
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta(nt, e)) * grad_factor[nt][e];
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                dp[mi][nt][e] = p[mi][nt][e] * (dp[mi][nt][e] - delta(mi, nt, e)) * grad_factor[mi][nt][e];
 }
 
-// Writes a warp's 16 x N fp32 accumulator (N = CHUNK unless given), times `factor`, as bf16 rows of
+// Writes a warp's MT*16 x N fp32 accumulator (N = CHUNK unless given), times `factor`, as bf16 rows of
 // dst (row stride row_stride elements), rows < rows_left and columns < cols_left only: a 4-byte store per pair
 // of columns, or (GLOBAL_VECTOR 1: rows 2-byte aligned, cols_left maybe odd) a 2-byte store per column.
-template <int N = CHUNK>
-__device__ __forceinline__ void store_rows(const float (&acc)[1][N / 8][4], float factor, elem_t* dst,
+template <int N = CHUNK, int MT>
+__device__ __forceinline__ void store_rows(const float (&acc)[MT][N / 8][4], float factor, elem_t* dst,
                                            long long row_stride, int rows_left, int cols_left, int lane) {
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
-        const int col = nt * 8 + (lane % 4) * 2;
+    for (int mi = 0; mi < MT; ++mi) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = lane / 4 + r * 8;
-            if (row < rows_left && col < cols_left) {
-                const unsigned pair = pack2(acc[0][nt][2 * r] * factor, acc[0][nt][2 * r + 1] * factor);
-                elem_t* const to = dst + row * row_stride + col;
-                if constexpr (GLOBAL_VECTOR == 8) {
-                    *reinterpret_cast<unsigned*>(to) = pair;
-                } else {
-                    to[0] = (elem_t)pair;
-                    if (col + 1 < cols_left) to[1] = (elem_t)(pair >> 16);
+        for (int nt = 0; nt < N / 8; ++nt) {
+            const int col = nt * 8 + (lane % 4) * 2;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = mi * 16 + lane / 4 + r * 8;
+                if (row < rows_left && col < cols_left) {
+                    const unsigned pair = pack2(acc[mi][nt][2 * r] * factor, acc[mi][nt][2 * r + 1] * factor);
+                    elem_t* const to = dst + row * row_stride + col;
+                    if constexpr (GLOBAL_VECTOR == 8) {
+                        *reinterpret_cast<unsigned*>(to) = pair;
+                    } else {
+                        to[0] = (elem_t)pair;
+                        if (col + 1 < cols_left) to[1] = (elem_t)(pair >> 16);
+                    }
                 }
             }
         }
     }
+}
+
+// A warp's packed MT*16 x N fragments (rows row0.., the accumulator layout) to a row-major tile in shared memory.
+template <int N, int STRIDE, int MT>
+__device__ __forceinline__ void store_fragments(unsigned smem, int row0, const unsigned (&a)[MT][N / 16][4], int lane) {
+    const unsigned base = smem + ((row0 + lane / 4) * STRIDE + (lane % 4) * 2) * 2;
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int kk = 0; kk < N / 16; ++kk)
+#pragma unroll
+            for (int half = 0; half < 4; ++half) {   // (row, +8 rows, +8 columns, both), as to_a_fragments packs them
+                const unsigned addr = base + ((mi * 16 + (half % 2) * 8) * STRIDE + kk * 16 + (half / 2) * 8) * 2;
+                asm volatile("st.shared.b32 [%0], %1;\n" :: "r"(addr), "r"(a[mi][kk][half]));
+            }
 }
 
 // ---- run-time values the mask predicates and score modifiers read -------------------------------
@@ -470,31 +537,49 @@ __device__ int list_key_tiles(int* tile_list, int* warp_counts, const ModContext
 // TRANSPOSED tiles (the dK/dV pass) have keys as rows and queries as columns. The result is the score
 // the softmax saw (natural units when modified, raw q.k otherwise), -inf where hidden; grad_factor is
 // d(score) / d(scale * q.k), the chain's derivative (1 without modifiers).
-template <int N, bool TRANSPOSED>
-__device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float (&grad_factor)[N / 8][4],
+template <int N, bool TRANSPOSED, int MT>
+__device__ __forceinline__ void recompute_scores(float (&s)[MT][N / 8][4], float (&grad_factor)[MT][N / 8][4],
                                                  const ModContext& ctx, int h, int row0, int col0, int causal_offset,
                                                  MaskMode mode, int lane) {
-    // Rows g and g + 8 find their spans whatever the mode: a branch around the search's reads would be a
-    // divergent path in the dP^T wgmma's flight, which ptxas answers by serialising the wgmma (C7519).
-    RowPredicate along[2];
+    // Rows g and g + 8 of each m-tile find their spans whatever the mode: a branch around the search's reads
+    // would be a divergent path in the dP^T wgmma's flight, which ptxas answers by serialising the wgmma (C7519).
+    RowPredicate along[MT][2];
 #pragma unroll
-    for (int half = 0; half < 2; ++half) along[half] = row_predicate<TRANSPOSED>(ctx, h, row0 + lane / 4 + half * 8);
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
+        for (int half = 0; half < 2; ++half)
+            along[mi][half] = row_predicate<TRANSPOSED>(ctx, h, row0 + mi * 16 + lane / 4 + half * 8);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = row0 + lane / 4 + (e >= 2 ? 8 : 0), col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-            const int q_idx = TRANSPOSED ? col : row, kv_idx = TRANSPOSED ? row : col;
-            float score = s[0][nt][e];
-            grad_factor[nt][e] = 1.f;
-            if (mode != MASK_NONE) {
-                if (element_hidden<true, TRANSPOSED>(ctx, h, q_idx, kv_idx, causal_offset, mode == MASK_PREDICATE,
-                                                   along[e >= 2 ? 1 : 0])) score = NEG_INF;
+    for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = row0 + mi * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+                const int col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+                const int q_idx = TRANSPOSED ? col : row, kv_idx = TRANSPOSED ? row : col;
+                float score = s[mi][nt][e];
+                grad_factor[mi][nt][e] = 1.f;
+                if (mode != MASK_NONE) {
+                    if (element_hidden<true, TRANSPOSED>(ctx, h, q_idx, kv_idx, causal_offset, mode == MASK_PREDICATE,
+                                                       along[mi][e >= 2 ? 1 : 0])) score = NEG_INF;
+                }
+                s[mi][nt][e] = score;
             }
-            s[0][nt][e] = score;
         }
     }
 }
+
+constexpr int WARP_KEYS = 32;                             // keys per warp: two m16 tiles
+constexpr int KEY_TILES = WARP_KEYS / 16;
+constexpr int HALVES = WARPS * WARP_KEYS / BLOCK_N;       // warps sharing a warp's keys
+constexpr int WARP_QUERIES = BLOCK_M / HALVES;            // S^T and dP^T columns per warp
+constexpr int WARP_COLS = CHUNK / HALVES;                 // dK and dV columns per warp
+static_assert(HALVES == WARP_KEYS / 16 && WARP_QUERIES % 16 == 0 && WARP_COLS % 8 == 0,
+              "16 keys a warp, or 32 and half the queries or columns");
+constexpr int SCORES_STRIDE = BLOCK_M + ROW_PAD;          // P^T and dS^T in shared memory: [BLOCK_N keys][SCORES_STRIDE]
+constexpr int SCORES_TILE_BYTES = BLOCK_N * SCORES_STRIDE * 2;
+constexpr int SCORES_TILES = 2;   // P^T and dS^T
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
@@ -514,9 +599,11 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
     float* const lse_smem = reinterpret_cast<float*>(smem_raw + K_TILE_BYTES + V_TILE_BYTES
                                                      + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES));   // STAGES x [BLOCK_M]
     float* const delta_smem = lse_smem + STAGES * BLOCK_M;
+    const unsigned pt_smem = smem_addr(delta_smem + STAGES * BLOCK_M);  // P^T: [BLOCK_N][SCORES_STRIDE]
+    const unsigned ds_smem = pt_smem + SCORES_TILE_BYTES;                // dS^T, the same shape
     constexpr int N_CHUNKS = (D > DV ? D : DV) / CHUNK;
-    static_assert(K_TILE_BYTES + V_TILE_BYTES + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES + 2 * BLOCK_M * 4)
-                  == 87808, "the plan's shared memory is this layout (LSE and delta: 8 bytes a row)");
+    static_assert(K_TILE_BYTES + V_TILE_BYTES + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES + 2 * BLOCK_M * 4) + SCORES_TILES * SCORES_TILE_BYTES
+                  == 98048, "the plan's shared memory is this layout (LSE and delta: 8 bytes a row)");
 
     const int n_block = blockIdx.x;
     const int column = blockIdx.y, batch = blockIdx.z;                  // column: the grid's head (and chunk)
@@ -527,8 +614,10 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
     [[maybe_unused]] auto stats_base = [&](int h) { return ((long long)batch * heads_q + h) * seqlen_q; };
 
     const int kv_head = column / N_CHUNKS, chunk = column % N_CHUNKS;
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const int warp_row0 = warp * 16, n_start = n_block * BLOCK_N;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, n_start = n_block * BLOCK_N;
+    // This warp's keys, and its half of the step's queries (scores) and of the chunk's columns (gradients).
+    const int warp_key0 = warp / HALVES * WARP_KEYS, warp_query0 = warp % HALVES * WARP_QUERIES;
+    const int warp_col0 = chunk * CHUNK + warp % HALVES * WARP_COLS;
 
     int head = kv_head * group_size;                                     // the step's query head (ModContext)
     // What the mask predicates and score modifiers read (ModContext); the ALiBi slope is this head's.
@@ -540,7 +629,7 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
     ctx.num_heads = heads_q;
 
     unsigned char* const step_list_smem = smem_raw + K_TILE_BYTES + V_TILE_BYTES + STAGES * (Q_TILE_BYTES + DO_TILE_BYTES)
-                                          + 2 * STAGES * BLOCK_M * 4;   // after the tiles
+                                          + 2 * STAGES * BLOCK_M * 4 + SCORES_TILES * SCORES_TILE_BYTES;   // after the tiles
     // Steps run over (query head of the group, query tile) pairs that see these keys; step_of(j) says which,
     // and how its scores are masked.
     struct Step { int head, m_start; MaskMode mode; };
@@ -603,63 +692,79 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) load_q_tile(s);
 
-    float acc_dk[1][CHUNK / 8][4], acc_dv[1][CHUNK / 8][4];
+    float acc_dk[KEY_TILES][WARP_COLS / 8][4], acc_dv[KEY_TILES][WARP_COLS / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < CHUNK / 8; ++nt)
+    for (int mi = 0; mi < KEY_TILES; ++mi)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dk[0][nt][e] = acc_dv[0][nt][e] = 0.f;
+        for (int nt = 0; nt < WARP_COLS / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_dk[mi][nt][e] = acc_dv[mi][nt][e] = 0.f;
     const bool has_dk = chunk * CHUNK < D, has_dv = chunk * CHUNK < DV;
 
     for (int j = 0; j < n_steps; ++j) {
+        // One barrier says both that Q_j has landed and that every warp is done with step j - 1 (its slot,
+        // P^T, dS^T); the slot is refilled after it. A single stage has to refill before it waits.
+        if constexpr (STAGES == 1) {
+            __syncthreads();
+            load_q_tile(j);
+        }
+        cp_async_wait<STAGES == 1 ? 1 : 2 * STAGES - 3>();               // K, V, Q_j and its LSE, delta
         __syncthreads();
-        load_q_tile(j + STAGES - 1);
+        if constexpr (STAGES > 1) load_q_tile(j + STAGES - 1);
         const int slot = j % STAGES;
         const Step step = step_of(j);
         const int m_start = step.m_start;
         head = step.head;
-        cp_async_wait<2 * STAGES - 1>();                                 // K, V, Q_j and its LSE, delta
-        __syncthreads();
-        // S^T: rows are this warp's keys, columns the tile's queries.
-        float p[1][BLOCK_M / 8][4];
-        gemm_abt<1, BLOCK_M, D, K_STRIDE, Q_STRIDE>(p, k_smem, warp_row0, q_smem + slot * Q_TILE_BYTES, lane);
-        float lse_cols[BLOCK_M / 8][4], delta_cols[BLOCK_M / 8][4];
+        const unsigned q_tile = q_smem + slot * Q_TILE_BYTES, do_tile = do_smem + slot * DO_TILE_BYTES;
+        // S^T: rows are this warp's keys, columns its half of the step's queries.
+        float p[KEY_TILES][WARP_QUERIES / 8][4];
+        gemm_abt<KEY_TILES, WARP_QUERIES, D, K_STRIDE, Q_STRIDE>(p, k_smem, warp_key0, q_tile + warp_query0 * Q_STRIDE * 2, lane);
+        // The thread's columns' LSE (base 2; +inf, so P = 0, where a query sees nothing or is past the end).
+        const int col0 = warp_query0 + (lane % 4) * 2;
+        float lse_cols[WARP_QUERIES / 8][2];
 #pragma unroll
-        for (int nt = 0; nt < BLOCK_M / 8; ++nt)
+        for (int nt = 0; nt < WARP_QUERIES / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {   // LSE in base 2; +inf (P = 0) where a query sees nothing or is past the end
-                const int col = nt * 8 + (lane % 4) * 2 + (e & 1);
+            for (int c = 0; c < 2; ++c) {
+                const int col = col0 + nt * 8 + c;
                 const float l = lse_smem[slot * BLOCK_M + col];
-                lse_cols[nt][e] = col < seqlen_q - m_start && l != NEG_INF ? l * LOG2E : POS_INF;
-                delta_cols[nt][e] = delta_smem[slot * BLOCK_M + col];
+                lse_cols[nt][c] = col < seqlen_q - m_start && l != NEG_INF ? l * LOG2E : POS_INF;
             }
-        float grad_factor[BLOCK_M / 8][4];
-        recompute_scores<BLOCK_M, true>(p, grad_factor, ctx, head, n_start + warp_row0, m_start, causal_offset,
-                                        step.mode, lane);
-        probabilities<BLOCK_M>(p, scale_log2, [&](int nt, int e) { return lse_cols[nt][e]; });
-        unsigned frag[1][BLOCK_M / 16][4];
-        to_a_fragments<1, BLOCK_M>(frag, p);
+        float grad_factor[KEY_TILES][WARP_QUERIES / 8][4];
+        recompute_scores<WARP_QUERIES, true>(p, grad_factor, ctx, head, n_start + warp_key0, m_start + warp_query0,
+                                             causal_offset, step.mode, lane);
+        probabilities<WARP_QUERIES>(p, scale_log2, [&](int, int nt, int e) { return lse_cols[nt][e & 1]; });
+        unsigned frag[KEY_TILES][WARP_QUERIES / 16][4];
+        to_a_fragments<KEY_TILES, WARP_QUERIES>(frag, p);
+        store_fragments<WARP_QUERIES, SCORES_STRIDE>(pt_smem + warp_query0 * 2, warp_key0, frag, lane);
 
         cp_async_wait<2 * STAGES - 2>();                                 // dO_j
-        __syncthreads();
-        const unsigned do_tile = do_smem + slot * DO_TILE_BYTES;
-        if (has_dv) gemm_frag_b<1, CHUNK, BLOCK_M, DO_STRIDE>(acc_dv, frag, do_tile + chunk * CHUNK * 2, lane);
+        __syncthreads();                                                 // and P^T: every warp's part
+        // dV += P^T dO: this warp's keys, its half of the chunk's columns.
+        if (has_dv) gemm_ab<KEY_TILES, WARP_COLS, BLOCK_M, SCORES_STRIDE, DO_STRIDE, false>(acc_dv, pt_smem, warp_key0, do_tile + warp_col0 * 2, lane);
         if (has_dk) {
-            float ds[1][BLOCK_M / 8][4];
-            gemm_abt<1, BLOCK_M, DV, V_STRIDE, DO_STRIDE>(ds, v_smem, warp_row0, do_tile, lane);
-            score_gradients<BLOCK_M>(ds, p, [&](int nt, int e) { return delta_cols[nt][e]; }, grad_factor);
-            to_a_fragments<1, BLOCK_M>(frag, ds);
-            gemm_frag_b<1, CHUNK, BLOCK_M, Q_STRIDE>(acc_dk, frag, q_smem + slot * Q_TILE_BYTES + chunk * CHUNK * 2, lane);
+            float ds[KEY_TILES][WARP_QUERIES / 8][4];
+            gemm_abt<KEY_TILES, WARP_QUERIES, DV, V_STRIDE, DO_STRIDE>(ds, v_smem, warp_key0, do_tile + warp_query0 * DO_STRIDE * 2, lane);
+            const float* const delta_cols = delta_smem + slot * BLOCK_M + col0;   // read where used: fewer live registers
+            score_gradients<WARP_QUERIES>(ds, p, [&](int, int nt, int e) { return delta_cols[nt * 8 + (e & 1)]; }, grad_factor);
+            to_a_fragments<KEY_TILES, WARP_QUERIES>(frag, ds);
+            store_fragments<WARP_QUERIES, SCORES_STRIDE>(ds_smem + warp_query0 * 2, warp_key0, frag, lane);
+        }
+        __syncthreads();                                                 // dS^T: every warp's part
+        if (has_dk) {
+            // dK += dS^T Q, as dV
+            gemm_ab<KEY_TILES, WARP_COLS, BLOCK_M, SCORES_STRIDE, Q_STRIDE, false>(acc_dk, ds_smem, warp_key0, q_tile + warp_col0 * 2, lane);
         }
     }
     cp_async_wait<0>();
 
-    const int rows_left = seqlen_k - n_start - warp_row0;
+    const int rows_left = seqlen_k - n_start - warp_key0;
     if (has_dk) {   // dK = scale * dS^T Q (dS is the gradient of the scaled scores)
-        store_rows(acc_dk, scale, dk + tensor_batch * dk_stride_b + kv_head * dk_stride_h + (key0 + warp_row0) * dk_stride_s
-                   + chunk * CHUNK, dk_stride_s, rows_left, HEAD_DIM - chunk * CHUNK, lane);
+        store_rows<WARP_COLS>(acc_dk, scale, dk + tensor_batch * dk_stride_b + kv_head * dk_stride_h + (key0 + warp_key0) * dk_stride_s
+                              + warp_col0, dk_stride_s, rows_left, HEAD_DIM - warp_col0, lane);
     }
     if (has_dv) {
-        store_rows(acc_dv, 1.f, dv + tensor_batch * dv_stride_b + kv_head * dv_stride_h + (key0 + warp_row0) * dv_stride_s
-                   + chunk * CHUNK, dv_stride_s, rows_left, HEAD_DIM_V - chunk * CHUNK, lane);
+        store_rows<WARP_COLS>(acc_dv, 1.f, dv + tensor_batch * dv_stride_b + kv_head * dv_stride_h + (key0 + warp_key0) * dv_stride_s
+                              + warp_col0, dv_stride_s, rows_left, HEAD_DIM_V - warp_col0, lane);
     }
 }

@@ -28,6 +28,7 @@
 //   vector_atomics:      True
 //   path:                mma_sync
 //   keys_as_columns:     False
+//   warp_keys:           16
 //   threads:             256
 // FlashAttention-2 backward, first launch: delta = rowsum(dO * O) per query row; second launch: dQ.
 // A dQ CTA owns BLOCK_M query rows of one (batch, head) and CHUNK columns of dQ; K/V tiles stream
@@ -102,6 +103,9 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 { %0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(unsigned (&r)[2], unsigned addr) {   // lanes 0-15's addresses
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 { %0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
 }
 
 // d += a * b for one 16x8x16 tile: a row-major 16x16, b column-major 16x8, fp32 accumulators.
@@ -280,6 +284,42 @@ __device__ __forceinline__ void gemm_frag_b(float (&c)[MT][N / 8][4], const unsi
     }
 }
 
+// C[MT*16 x N] += A[MT*16 x K] * B[K rows of b_smem][N], both from shared memory. A is row-major (rows a_row0..,
+// plain ldmatrix) or, A_STORED_TRANSPOSED, stored as A^T[K][rows] (its columns a_row0.., ldmatrix.trans); B is
+// row-major [k][n] (ldmatrix.trans). N is a multiple of 8: an odd last n-tile takes an x2 load.
+template <int MT, int N, int K, int A_STRIDE, int B_STRIDE, bool A_STORED_TRANSPOSED>
+__device__ __forceinline__ void gemm_ab(float (&c)[MT][N / 8][4], unsigned a_smem, int a_row0, unsigned b_smem, int lane) {
+    const unsigned a_base = A_STORED_TRANSPOSED
+        ? a_smem + ((lane % 8 + (lane / 16) * 8) * A_STRIDE + a_row0 + (lane / 8 % 2) * 8) * 2
+        : a_smem + ((a_row0 + lane % 16) * A_STRIDE + (lane / 16) * 8) * 2;
+    const unsigned b_base = b_smem + ((lane % 8 + (lane / 8 % 2) * 8) * B_STRIDE + (lane / 16) * 8) * 2;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        unsigned a[MT][4];
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+            if constexpr (A_STORED_TRANSPOSED) ldmatrix_x4_trans(a[mi], a_base + (kk * 16 * A_STRIDE + mi * 16) * 2);
+            else ldmatrix_x4(a[mi], a_base + (mi * 16 * A_STRIDE + kk * 16) * 2);
+        }
+#pragma unroll
+        for (int dn = 0; dn < N / 16; ++dn) {
+            unsigned b[4];
+            ldmatrix_x4_trans(b, b_base + (kk * 16 * B_STRIDE + dn * 16) * 2);
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) {
+                mma_16x8x16(c[mi][2 * dn], a[mi], b[0], b[1]);
+                mma_16x8x16(c[mi][2 * dn + 1], a[mi], b[2], b[3]);
+            }
+        }
+        if constexpr (N % 16 != 0) {
+            unsigned b[2];
+            ldmatrix_x2_trans(b, b_base + (kk * 16 * B_STRIDE + N / 16 * 16) * 2);
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) mma_16x8x16(c[mi][N / 8 - 1], a[mi], b[0], b[1]);
+        }
+    }
+}
+
 // ---- fp32 accumulators -> packed A-operand fragments ----------------------------------------------
 // The accumulator layout of n-tiles 2kk and 2kk+1 is exactly the A-fragment layout of k-step kk.
 template <int MT, int N>
@@ -300,55 +340,78 @@ __device__ __forceinline__ void to_a_fragments(unsigned (&a)[MT][N / 16][4], con
 // The two bf16 halves of a register as floats.
 __device__ __forceinline__ float unpack_lo(unsigned x) { return __uint_as_float(x << 16); }
 __device__ __forceinline__ float unpack_hi(unsigned x) { return __uint_as_float(x & 0xffff0000u); }
-// A warp's 16-row accumulator tile C[16 x N]: element e of n-tile nt sits at row lane/4 (+8 for e >= 2),
-// column nt*8 + 2*(lane%4) + (e&1).
+// A warp's accumulator tiles C[MT*16 x N]: element e of n-tile nt of m-tile mi sits at row mi*16 + lane/4 (+8
+// for e >= 2), column nt*8 + 2*(lane%4) + (e&1).
 
-// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2(nt, e)
-// is element (nt, e)'s, +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
+// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2(mi, nt, e)
+// is element (mi, nt, e)'s, +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
 // (A callable: a kernel may read the statistics from shared memory where they are used.)
-template <int N, typename LseLog2>
-__device__ __forceinline__ void probabilities(float (&s)[1][N / 8][4], float scale_log2, LseLog2 lse_log2) {
+template <int N, int MT, typename LseLog2>
+__device__ __forceinline__ void probabilities(float (&s)[MT][N / 8][4], float scale_log2, LseLog2 lse_log2) {
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt)
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][nt][e] = fast_exp2(s[0][nt][e] * scale_log2 - lse_log2(nt, e));
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mi][nt][e] = fast_exp2(s[mi][nt][e] * scale_log2 - lse_log2(mi, nt, e));
 }
 
-// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta(nt, e) =
+// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta(mi, nt, e) =
 // rowsum(dO * O) of the element's query; grad_factor = d(modified score) / d(scaled score), 1 without a softcap).
-template <int N, typename Delta>
-__device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const float (&p)[1][N / 8][4], Delta delta,
-                                                const float (&grad_factor)[N / 8][4]) {
+template <int N, int MT, typename Delta>
+__device__ __forceinline__ void score_gradients(float (&dp)[MT][N / 8][4], const float (&p)[MT][N / 8][4], Delta delta,
+                                                const float (&grad_factor)[MT][N / 8][4]) {
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt)
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta(nt, e)) * grad_factor[nt][e];
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                dp[mi][nt][e] = p[mi][nt][e] * (dp[mi][nt][e] - delta(mi, nt, e)) * grad_factor[mi][nt][e];
 }
 
-// Writes a warp's 16 x N fp32 accumulator (N = CHUNK unless given), times `factor`, as bf16 rows of
+// Writes a warp's MT*16 x N fp32 accumulator (N = CHUNK unless given), times `factor`, as bf16 rows of
 // dst (row stride row_stride elements), rows < rows_left and columns < cols_left only: a 4-byte store per pair
 // of columns, or (GLOBAL_VECTOR 1: rows 2-byte aligned, cols_left maybe odd) a 2-byte store per column.
-template <int N = CHUNK>
-__device__ __forceinline__ void store_rows(const float (&acc)[1][N / 8][4], float factor, elem_t* dst,
+template <int N = CHUNK, int MT>
+__device__ __forceinline__ void store_rows(const float (&acc)[MT][N / 8][4], float factor, elem_t* dst,
                                            long long row_stride, int rows_left, int cols_left, int lane) {
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
-        const int col = nt * 8 + (lane % 4) * 2;
+    for (int mi = 0; mi < MT; ++mi) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = lane / 4 + r * 8;
-            if (row < rows_left && col < cols_left) {
-                const unsigned pair = pack2(acc[0][nt][2 * r] * factor, acc[0][nt][2 * r + 1] * factor);
-                elem_t* const to = dst + row * row_stride + col;
-                if constexpr (GLOBAL_VECTOR == 8) {
-                    *reinterpret_cast<unsigned*>(to) = pair;
-                } else {
-                    to[0] = (elem_t)pair;
-                    if (col + 1 < cols_left) to[1] = (elem_t)(pair >> 16);
+        for (int nt = 0; nt < N / 8; ++nt) {
+            const int col = nt * 8 + (lane % 4) * 2;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = mi * 16 + lane / 4 + r * 8;
+                if (row < rows_left && col < cols_left) {
+                    const unsigned pair = pack2(acc[mi][nt][2 * r] * factor, acc[mi][nt][2 * r + 1] * factor);
+                    elem_t* const to = dst + row * row_stride + col;
+                    if constexpr (GLOBAL_VECTOR == 8) {
+                        *reinterpret_cast<unsigned*>(to) = pair;
+                    } else {
+                        to[0] = (elem_t)pair;
+                        if (col + 1 < cols_left) to[1] = (elem_t)(pair >> 16);
+                    }
                 }
             }
         }
     }
+}
+
+// A warp's packed MT*16 x N fragments (rows row0.., the accumulator layout) to a row-major tile in shared memory.
+template <int N, int STRIDE, int MT>
+__device__ __forceinline__ void store_fragments(unsigned smem, int row0, const unsigned (&a)[MT][N / 16][4], int lane) {
+    const unsigned base = smem + ((row0 + lane / 4) * STRIDE + (lane % 4) * 2) * 2;
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int kk = 0; kk < N / 16; ++kk)
+#pragma unroll
+            for (int half = 0; half < 4; ++half) {   // (row, +8 rows, +8 columns, both), as to_a_fragments packs them
+                const unsigned addr = base + ((mi * 16 + (half % 2) * 8) * STRIDE + kk * 16 + (half / 2) * 8) * 2;
+                asm volatile("st.shared.b32 [%0], %1;\n" :: "r"(addr), "r"(a[mi][kk][half]));
+            }
 }
 
 // ---- run-time values the mask predicates and score modifiers read -------------------------------
@@ -469,28 +532,35 @@ __device__ int list_key_tiles(int* tile_list, int* warp_counts, const ModContext
 // TRANSPOSED tiles (the dK/dV pass) have keys as rows and queries as columns. The result is the score
 // the softmax saw (natural units when modified, raw q.k otherwise), -inf where hidden; grad_factor is
 // d(score) / d(scale * q.k), the chain's derivative (1 without modifiers).
-template <int N, bool TRANSPOSED>
-__device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float (&grad_factor)[N / 8][4],
+template <int N, bool TRANSPOSED, int MT>
+__device__ __forceinline__ void recompute_scores(float (&s)[MT][N / 8][4], float (&grad_factor)[MT][N / 8][4],
                                                  const ModContext& ctx, int h, int row0, int col0, int causal_offset,
                                                  MaskMode mode, int lane) {
-    // Rows g and g + 8 find their spans whatever the mode: a branch around the search's reads would be a
-    // divergent path in the dP^T wgmma's flight, which ptxas answers by serialising the wgmma (C7519).
-    RowPredicate along[2];
+    // Rows g and g + 8 of each m-tile find their spans whatever the mode: a branch around the search's reads
+    // would be a divergent path in the dP^T wgmma's flight, which ptxas answers by serialising the wgmma (C7519).
+    RowPredicate along[MT][2];
 #pragma unroll
-    for (int half = 0; half < 2; ++half) along[half] = row_predicate<TRANSPOSED>(ctx, h, row0 + lane / 4 + half * 8);
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
+        for (int half = 0; half < 2; ++half)
+            along[mi][half] = row_predicate<TRANSPOSED>(ctx, h, row0 + mi * 16 + lane / 4 + half * 8);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = row0 + lane / 4 + (e >= 2 ? 8 : 0), col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-            const int q_idx = TRANSPOSED ? col : row, kv_idx = TRANSPOSED ? row : col;
-            float score = s[0][nt][e];
-            grad_factor[nt][e] = 1.f;
-            if (mode != MASK_NONE) {
-                if (element_hidden<true, TRANSPOSED>(ctx, h, q_idx, kv_idx, causal_offset, mode == MASK_PREDICATE,
-                                                   along[e >= 2 ? 1 : 0])) score = NEG_INF;
+    for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = row0 + mi * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+                const int col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+                const int q_idx = TRANSPOSED ? col : row, kv_idx = TRANSPOSED ? row : col;
+                float score = s[mi][nt][e];
+                grad_factor[mi][nt][e] = 1.f;
+                if (mode != MASK_NONE) {
+                    if (element_hidden<true, TRANSPOSED>(ctx, h, q_idx, kv_idx, causal_offset, mode == MASK_PREDICATE,
+                                                       along[mi][e >= 2 ? 1 : 0])) score = NEG_INF;
+                }
+                s[mi][nt][e] = score;
             }
-            s[0][nt][e] = score;
         }
     }
 }
@@ -641,17 +711,17 @@ sliding_window_bf16_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restric
         const int slot = j % STAGES;
         cp_async_wait<2 * STAGES - 1>();                                 // Q, dO and K_j have landed
         __syncthreads();
-        float p[1][BLOCK_N / 8][4], grad_factor[BLOCK_N / 8][4];
+        float p[1][BLOCK_N / 8][4], grad_factor[1][BLOCK_N / 8][4];
         gemm_abt<1, BLOCK_N, D, Q_STRIDE, K_STRIDE>(p, q_smem, warp_row0, k_smem + slot * K_TILE_BYTES, lane);
         recompute_scores<BLOCK_N, false>(p, grad_factor, ctx, head, m_start + warp_row0, kv_tile_of(j) * BLOCK_N,
                                          causal_offset, mask_mode(j), lane);
-        probabilities<BLOCK_N>(p, scale_log2, [&](int nt, int e) { return lse_log2[nt][e]; });
+        probabilities<BLOCK_N>(p, scale_log2, [&](int, int nt, int e) { return lse_log2[nt][e]; });
 
         cp_async_wait<2 * STAGES - 2>();                                 // V_j has landed
         __syncthreads();
         float ds[1][BLOCK_N / 8][4];
         gemm_abt<1, BLOCK_N, DV, DO_STRIDE, V_STRIDE>(ds, do_smem, warp_row0, v_smem + slot * V_TILE_BYTES, lane);
-        score_gradients<BLOCK_N>(ds, p, [&](int nt, int e) { return delta_rows[nt][e]; }, grad_factor);
+        score_gradients<BLOCK_N>(ds, p, [&](int, int nt, int e) { return delta_rows[nt][e]; }, grad_factor);
         unsigned ds_frag[1][BLOCK_N / 16][4];
         to_a_fragments<1, BLOCK_N>(ds_frag, ds);
         gemm_frag_b<1, CHUNK, BLOCK_N, K_STRIDE>(acc_dq, ds_frag, k_smem + slot * K_TILE_BYTES + chunk * CHUNK * 2, lane);

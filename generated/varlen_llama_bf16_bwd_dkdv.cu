@@ -30,6 +30,7 @@
 //   vector_atomics:      True
 //   path:                wgmma
 //   keys_as_columns:     False
+//   warp_keys:           16
 //   threads:             384
 // FlashAttention-3-style backward for Hopper (sm_90a), dK/dV with dQ: a CTA holds BLOCK_N keys and values
 // of one (batch, kv head). Warpgroup 0 is the producer: one thread brings K and V in once and then a
@@ -111,6 +112,9 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 { %0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(unsigned (&r)[2], unsigned addr) {   // lanes 0-15's addresses
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 { %0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
 }
 
 // d += a * b for one 16x8x16 tile: a row-major 16x16, b column-major 16x8, fp32 accumulators.
@@ -297,55 +301,78 @@ __device__ __forceinline__ void wgmma_dq(float (&d)[8][4], unsigned long long de
 // The two bf16 halves of a register as floats.
 __device__ __forceinline__ float unpack_lo(unsigned x) { return __uint_as_float(x << 16); }
 __device__ __forceinline__ float unpack_hi(unsigned x) { return __uint_as_float(x & 0xffff0000u); }
-// A warp's 16-row accumulator tile C[16 x N]: element e of n-tile nt sits at row lane/4 (+8 for e >= 2),
-// column nt*8 + 2*(lane%4) + (e&1).
+// A warp's accumulator tiles C[MT*16 x N]: element e of n-tile nt of m-tile mi sits at row mi*16 + lane/4 (+8
+// for e >= 2), column nt*8 + 2*(lane%4) + (e&1).
 
-// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2(nt, e)
-// is element (nt, e)'s, +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
+// P from the raw scores and the saved row statistic: exp2(s * scale_log2 - lse * log2 e). lse_log2(mi, nt, e)
+// is element (mi, nt, e)'s, +inf for rows that see no key (and rows past the end), which makes their P exactly 0.
 // (A callable: a kernel may read the statistics from shared memory where they are used.)
-template <int N, typename LseLog2>
-__device__ __forceinline__ void probabilities(float (&s)[1][N / 8][4], float scale_log2, LseLog2 lse_log2) {
+template <int N, int MT, typename LseLog2>
+__device__ __forceinline__ void probabilities(float (&s)[MT][N / 8][4], float scale_log2, LseLog2 lse_log2) {
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt)
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][nt][e] = fast_exp2(s[0][nt][e] * scale_log2 - lse_log2(nt, e));
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mi][nt][e] = fast_exp2(s[mi][nt][e] * scale_log2 - lse_log2(mi, nt, e));
 }
 
-// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta(nt, e) =
+// dS = P * (dP - delta) * grad_factor: the gradient of the scaled scores q.k * scale (delta(mi, nt, e) =
 // rowsum(dO * O) of the element's query; grad_factor = d(modified score) / d(scaled score), 1 without a softcap).
-template <int N, typename Delta>
-__device__ __forceinline__ void score_gradients(float (&dp)[1][N / 8][4], const float (&p)[1][N / 8][4], Delta delta,
-                                                const float (&grad_factor)[N / 8][4]) {
+template <int N, int MT, typename Delta>
+__device__ __forceinline__ void score_gradients(float (&dp)[MT][N / 8][4], const float (&p)[MT][N / 8][4], Delta delta,
+                                                const float (&grad_factor)[MT][N / 8][4]) {
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt)
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[0][nt][e] = p[0][nt][e] * (dp[0][nt][e] - delta(nt, e)) * grad_factor[nt][e];
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                dp[mi][nt][e] = p[mi][nt][e] * (dp[mi][nt][e] - delta(mi, nt, e)) * grad_factor[mi][nt][e];
 }
 
-// Writes a warp's 16 x N fp32 accumulator (N = CHUNK unless given), times `factor`, as bf16 rows of
+// Writes a warp's MT*16 x N fp32 accumulator (N = CHUNK unless given), times `factor`, as bf16 rows of
 // dst (row stride row_stride elements), rows < rows_left and columns < cols_left only: a 4-byte store per pair
 // of columns, or (GLOBAL_VECTOR 1: rows 2-byte aligned, cols_left maybe odd) a 2-byte store per column.
-template <int N = CHUNK>
-__device__ __forceinline__ void store_rows(const float (&acc)[1][N / 8][4], float factor, elem_t* dst,
+template <int N = CHUNK, int MT>
+__device__ __forceinline__ void store_rows(const float (&acc)[MT][N / 8][4], float factor, elem_t* dst,
                                            long long row_stride, int rows_left, int cols_left, int lane) {
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
-        const int col = nt * 8 + (lane % 4) * 2;
+    for (int mi = 0; mi < MT; ++mi) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = lane / 4 + r * 8;
-            if (row < rows_left && col < cols_left) {
-                const unsigned pair = pack2(acc[0][nt][2 * r] * factor, acc[0][nt][2 * r + 1] * factor);
-                elem_t* const to = dst + row * row_stride + col;
-                if constexpr (GLOBAL_VECTOR == 8) {
-                    *reinterpret_cast<unsigned*>(to) = pair;
-                } else {
-                    to[0] = (elem_t)pair;
-                    if (col + 1 < cols_left) to[1] = (elem_t)(pair >> 16);
+        for (int nt = 0; nt < N / 8; ++nt) {
+            const int col = nt * 8 + (lane % 4) * 2;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = mi * 16 + lane / 4 + r * 8;
+                if (row < rows_left && col < cols_left) {
+                    const unsigned pair = pack2(acc[mi][nt][2 * r] * factor, acc[mi][nt][2 * r + 1] * factor);
+                    elem_t* const to = dst + row * row_stride + col;
+                    if constexpr (GLOBAL_VECTOR == 8) {
+                        *reinterpret_cast<unsigned*>(to) = pair;
+                    } else {
+                        to[0] = (elem_t)pair;
+                        if (col + 1 < cols_left) to[1] = (elem_t)(pair >> 16);
+                    }
                 }
             }
         }
     }
+}
+
+// A warp's packed MT*16 x N fragments (rows row0.., the accumulator layout) to a row-major tile in shared memory.
+template <int N, int STRIDE, int MT>
+__device__ __forceinline__ void store_fragments(unsigned smem, int row0, const unsigned (&a)[MT][N / 16][4], int lane) {
+    const unsigned base = smem + ((row0 + lane / 4) * STRIDE + (lane % 4) * 2) * 2;
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int kk = 0; kk < N / 16; ++kk)
+#pragma unroll
+            for (int half = 0; half < 4; ++half) {   // (row, +8 rows, +8 columns, both), as to_a_fragments packs them
+                const unsigned addr = base + ((mi * 16 + (half % 2) * 8) * STRIDE + kk * 16 + (half / 2) * 8) * 2;
+                asm volatile("st.shared.b32 [%0], %1;\n" :: "r"(addr), "r"(a[mi][kk][half]));
+            }
 }
 
 // ---- fp32 accumulators -> packed A-operand fragments ----------------------------------------------
@@ -414,28 +441,35 @@ __device__ __forceinline__ bool element_hidden(const ModContext& ctx, int h, int
 // TRANSPOSED tiles (the dK/dV pass) have keys as rows and queries as columns. The result is the score
 // the softmax saw (natural units when modified, raw q.k otherwise), -inf where hidden; grad_factor is
 // d(score) / d(scale * q.k), the chain's derivative (1 without modifiers).
-template <int N, bool TRANSPOSED>
-__device__ __forceinline__ void recompute_scores(float (&s)[1][N / 8][4], float (&grad_factor)[N / 8][4],
+template <int N, bool TRANSPOSED, int MT>
+__device__ __forceinline__ void recompute_scores(float (&s)[MT][N / 8][4], float (&grad_factor)[MT][N / 8][4],
                                                  const ModContext& ctx, int h, int row0, int col0, int causal_offset,
                                                  MaskMode mode, int lane) {
-    // Rows g and g + 8 find their spans whatever the mode: a branch around the search's reads would be a
-    // divergent path in the dP^T wgmma's flight, which ptxas answers by serialising the wgmma (C7519).
-    RowPredicate along[2];
+    // Rows g and g + 8 of each m-tile find their spans whatever the mode: a branch around the search's reads
+    // would be a divergent path in the dP^T wgmma's flight, which ptxas answers by serialising the wgmma (C7519).
+    RowPredicate along[MT][2];
 #pragma unroll
-    for (int half = 0; half < 2; ++half) along[half] = row_predicate<TRANSPOSED>(ctx, h, row0 + lane / 4 + half * 8);
+    for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
+        for (int half = 0; half < 2; ++half)
+            along[mi][half] = row_predicate<TRANSPOSED>(ctx, h, row0 + mi * 16 + lane / 4 + half * 8);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = row0 + lane / 4 + (e >= 2 ? 8 : 0), col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-            const int q_idx = TRANSPOSED ? col : row, kv_idx = TRANSPOSED ? row : col;
-            float score = s[0][nt][e];
-            grad_factor[nt][e] = 1.f;
-            if (mode != MASK_NONE) {
-                if (element_hidden<true, TRANSPOSED>(ctx, h, q_idx, kv_idx, causal_offset, mode == MASK_PREDICATE,
-                                                   along[e >= 2 ? 1 : 0])) score = NEG_INF;
+    for (int mi = 0; mi < MT; ++mi) {
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = row0 + mi * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+                const int col = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+                const int q_idx = TRANSPOSED ? col : row, kv_idx = TRANSPOSED ? row : col;
+                float score = s[mi][nt][e];
+                grad_factor[mi][nt][e] = 1.f;
+                if (mode != MASK_NONE) {
+                    if (element_hidden<true, TRANSPOSED>(ctx, h, q_idx, kv_idx, causal_offset, mode == MASK_PREDICATE,
+                                                       along[mi][e >= 2 ? 1 : 0])) score = NEG_INF;
+                }
+                s[mi][nt][e] = score;
             }
-            s[0][nt][e] = score;
         }
     }
 }
@@ -813,9 +847,9 @@ varlen_llama_bf16_bwd_dkdv(const __grid_constant__ TensorMap q_map, const __grid
         fence_accumulators<BLOCK_M>(p[0]);
         // The columns' (LSE in base 2, delta), read from shared memory where used (fewer live registers).
         const float2* const column_stats = stats_smem + slot * BLOCK_M + (lane % 4) * 2;
-        auto column_lse = [&](int nt, int e) { return column_stats[nt * 8 + (e & 1)].x; };   // +inf past the end
-        auto column_delta = [&](int nt, int e) { return column_stats[nt * 8 + (e & 1)].y; };
-        float grad_factor[BLOCK_M / 8][4];
+        auto column_lse = [&](int, int nt, int e) { return column_stats[nt * 8 + (e & 1)].x; };   // +inf past the end
+        auto column_delta = [&](int, int nt, int e) { return column_stats[nt * 8 + (e & 1)].y; };
+        float grad_factor[1][BLOCK_M / 8][4];
         recompute_scores<BLOCK_M, true>(p, grad_factor, ctx, head, n_start + warp_key0, m_start, causal_offset,
                                         step.mode, lane);
         probabilities<BLOCK_M>(p, scale_log2, column_lse);

@@ -283,11 +283,13 @@ def test_score_mod_grad_spec_field():
     assert "user_score_mod_grad" not in render(spec, attngen.plan(spec, "sm_90"))      # the forward needs no derivative
 
 
-@pytest.mark.parametrize("arch,tile,stages", [("sm_90", (32, 128, 8), 2), ("sm_80", (32, 64, 4), 2)])
-def test_dkdv_ranks_resident_warps_before_ring_depth(arch, tile, stages):
+@pytest.mark.parametrize("arch,tile,stages,d128", [("sm_90", (32, 128, 8), 2, (64, 128, 8, 3)),
+                                                   ("sm_80", (32, 64, 4), 2, (32, 128, 8, 3))])
+def test_dkdv_ranks_resident_warps_before_ring_depth(arch, tile, stages, d128):
     """d256's mma.sync dK/dV pass on the H200: 32x128 on 8 warps with 2 stages ran 1.12-1.26x 32x64 on 4 with
     3, and 32x32 on 2 warps ran at half the speed (BENCHMARKS.md, issue 17 round 6). sm_80's 163 KB holds 4
-    warps' tile at 2 stages, no longer the 2-warp tile at 3; d64 and d128 keep their measured tiles."""
+    warps' tile at 2 stages, no longer the 2-warp tile at 3. d128 takes 64-query steps where 3 stages of them
+    fit (the H200: 1.2x the 32-query steps, round 7); sm_80 keeps 32 with 3 stages."""
     from attngen.planner.backward import pass_candidates
 
     def best(d):
@@ -296,4 +298,24 @@ def test_dkdv_ranks_resident_warps_before_ring_depth(arch, tile, stages):
     p = best(256)
     assert ((p.block_m, p.block_n, p.warps), p.stages) == (tile, stages)
     assert [(best(d).block_m, best(d).block_n, best(d).warps, best(d).stages) for d in (64, 128)] == \
-        [(64, 128, 8, 3), (32, 128, 8, 3)]
+        [(64, 128, 8, 3), d128]
+
+
+@pytest.mark.parametrize("modifiers,warp_keys,block_m", [({}, 32, 64), (dict(softcap=5.0, alibi=True), 16, 32)])
+def test_dkdv_takes_16_key_warps_where_32_spill(modifiers, warp_keys, block_m):
+    """sm_90's mma.sync dK/dV pass at d128: FlashAttention-2's 32-key warp layout with 64-query steps, and where
+    softcap + ALiBi make its 32-key candidates spill (176 B, then 20 B), the 16-key one the build reaches next."""
+    from attngen.api import plan_and_compile_backward
+    from attngen.planner.backward import pass_candidates
+
+    spec = attngen.Spec(head_dim=128, **modifiers)
+    plan, sources, _ = plan_and_compile_backward(spec, preset("sm_90"), lambda source, kind, target: (
+        nvrtc_compile(source, f"{spec.name}_{kind}", target, kernel_name(spec, kind)), None), path="mma_sync")
+    assert (plan.dkdv.warp_keys, plan.dkdv.block_m, plan.dkdv.block_n) == (warp_keys, block_m, 128)
+    assert f"constexpr int WARP_KEYS = {warp_keys};" in sources["backward_dkdv"]
+    # a 16-key candidate follows each 32-key one of the same tile, with one score tile less in shared memory
+    ranked = [p for _, p, _ in pass_candidates("dkdv", spec, preset("sm_90")) if p and p.path == "mma_sync"]
+    pairs = [(a, b) for a, b in zip(ranked, ranked[1:]) if (a.block_m, a.block_n, a.warps, a.chunk, a.stages)
+             == (b.block_m, b.block_n, b.warps, b.chunk, b.stages)]
+    assert pairs and all((a.warp_keys, b.warp_keys) == (32, 16) for a, b in pairs)
+    assert all(a.smem_bytes - b.smem_bytes == a.block_n * (a.block_m + 8) * 2 for a, b in pairs)

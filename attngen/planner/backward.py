@@ -1,8 +1,9 @@
 """Backward plan: tiles for the two backward kernels, from the same budget model as the forward.
 
-- dkdv pass: a CTA holds BLOCK_N keys (16 per warp) and their values, streams the query tiles (BLOCK_M
-  rows) of its GQA group with dO, and accumulates CHUNK columns of dK and of dV. By default it also adds
-  dQ += dS K for its keys to an fp32 buffer with atomics (fused_dq: dS^T goes through shared memory).
+- dkdv pass: a CTA holds BLOCK_N keys (32 per pair of warps) and their values, streams the query tiles
+  (BLOCK_M rows) of its GQA group with dO, and accumulates CHUNK columns of dK and of dV (a warp: its 32 keys,
+  half of the columns; the scores: its 32 keys, half of the queries; P^T and dS^T through shared memory). By
+  default it also adds dQ += dS K for its keys to an fp32 buffer with atomics (fused_dq).
 - dq pass (spec `deterministic: true` only): a CTA holds BLOCK_M query rows (16 per warp) and their dO,
   streams K/V tiles of BLOCK_N keys, and accumulates CHUNK columns of dQ; no atomics anywhere.
 
@@ -34,7 +35,16 @@ from ..spec import Spec
 from ..variant import variant_of
 
 REG_OVERHEAD_BACKWARD = 64     # addresses, counters, ldmatrix fragments in flight (as the forward's)
-DKDV_REGS_PER_CHUNK_COL, DKDV_REGS_PER_QUERY, DKDV_REG_OVERHEAD = 1.25, 1.7, 36
+# dK/dV registers per thread, (per gradient column of the chunk, per query of the step, overhead), by keys per
+# warp. 32 (FlashAttention-2's pairs of warps): fitted to ptxas on sm_90 where it decides (d128 64x128 chunk
+# 128: 253 measured, no spill; smaller tiles take up to 35 more, as ptxas spends what the 255 cap leaves).
+# 16 (a warp has every query and column of its keys): fitted on sm_80/sm_90, d64-256, within 6 registers.
+# Score modifiers are not counted: where they push a tile into spills, the build takes the next candidate.
+DKDV_REGS = {32: (1.0, 1.4, 36), 16: (1.25, 1.7, 36)}
+DKDV_WARP_KEYS = (32, 16)       # keys per warp, preferred first (32: each B fragment feeds two mma)
+# Head dims off the multiples of 8 load and store element by element (GLOBAL_VECTOR 1): more addresses live
+# (d97's 64x128 chunk-112 tile took 255 registers and 8 bytes of spill where the estimate gave 237).
+DKDV_UNALIGNED_REGS = 20
 # The dK/dV pass's measured best CTA size on sm_90 (bench_backward_tiles.py, BENCHMARKS.md): 4 warps (64
 # keys) when it computes dK/dV only, 8 warps (128 keys) when it also adds dQ (half the atomics per FLOP).
 DKDV_WARPS, DKDV_WARPS_FUSED = 4, 8
@@ -126,7 +136,7 @@ def _wgmma_dkdv_pass(spec: Spec, device: Device, stages: int) -> tuple[BackwardP
                         chunk=max(d, dim_v), n_chunks=1, head_dim_padded=d, head_dim_v_padded=dim_v, smem_row_pad=0,
                         smem_bytes=smem, regs_estimate=shape.registers, ctas_per_sm=1, matmul_factor=factor,
                         fused_dq=True, vector_atomics=True, path="wgmma",
-                        keys_as_columns=shape.keys_as_columns), ""
+                        keys_as_columns=shape.keys_as_columns, warp_keys=block_n // (4 * WGMMA_COMPUTE_GROUPS)), ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +160,7 @@ class BackwardPass(WarpLaunch):
     vector_atomics: bool      # sm_90+: red.global.add.v2.f32 (two columns per instruction)
     path: str = "mma_sync"    # "mma_sync" | "wgmma" (dK/dV on sm_90a)
     keys_as_columns: bool = False   # wgmma: keys are the wgmma N and the accumulators dK^T, dV^T (wide heads)
+    warp_keys: int = 16       # dkdv: keys per warp (mma_sync 32: two warps split their queries and columns)
 
 
 @dataclass(frozen=True)
@@ -178,7 +189,8 @@ def _chunks(d: int, dim_v: int, kind: str) -> list[int]:
     return [c for c in range(min(max(widths), 128), 15, -16) if all(w % c == 0 for w in widths)]
 
 
-def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stages) -> tuple[BackwardPass | None, str]:
+def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stages,
+          warp_keys: int = 16) -> tuple[BackwardPass | None, str]:
     variant = variant_of(spec)
     if variant.schedule == "runtime" or variant.block_table:
         rows, cols = spec.mask_block_size          # a tile must lie inside one block of the layout / table
@@ -193,13 +205,15 @@ def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stag
         regs = chunk // 2 + block_n + block_n // 4 + REG_OVERHEAD_BACKWARD
         matmul = n_chunks * (d + dim_v) + d            # S and dP per chunk, dQ once, per (row, key)
     else:
-        smem = block_n * (row(d) + row(dim_v)) + stages * block_m * (row(d) + row(dim_v) + 8)
-        if not spec.deterministic:
-            smem += block_n * row(block_m)          # dS^T, read back by the warps that add dQ
+        # K and V, the ring of Q and dO with 8 bytes of row statistics; P^T and dS^T where two warps share keys
+        # (they exchange their halves of the queries), else dS^T for the warps that add dQ
+        scores_tiles = 2 if warp_keys == 32 else 0 if spec.deterministic else 1
+        smem = (block_n * (row(d) + row(dim_v)) + stages * block_m * (row(d) + row(dim_v) + 8)
+                + scores_tiles * block_n * row(block_m))
         n_chunks = max(d, dim_v) // chunk
-        # acc dK and dV (chunk/2 each), S^T and dP^T, one packed fragment, the columns' LSE and delta;
-        # fitted to ptxas on sm_80/sm_90 (d64-256, block_m 32/64, chunk 64/128: within 6 registers)
-        regs = int(DKDV_REGS_PER_CHUNK_COL * chunk + DKDV_REGS_PER_QUERY * block_m) + DKDV_REG_OVERHEAD
+        # acc dK and dV (chunk/2 each), S^T and dP^T, a packed fragment, the columns' LSE (see the constants)
+        per_col, per_query, overhead = DKDV_REGS[warp_keys]
+        regs = int(per_col * chunk + per_query * block_m) + overhead + (DKDV_UNALIGNED_REGS if variant.global_vector == 1 else 0)
         matmul = n_chunks * (d + dim_v) + d + dim_v       # S^T and dP^T per chunk, dK and dV once
         if not spec.deterministic:
             matmul += d                             # dQ once (each chunk adds its columns)
@@ -215,26 +229,28 @@ def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stag
                         chunk=chunk, n_chunks=n_chunks, head_dim_padded=d, head_dim_v_padded=dim_v,
                         smem_row_pad=SMEM_ROW_PAD, smem_bytes=smem, regs_estimate=regs, ctas_per_sm=ctas,
                         matmul_factor=factor, fused_dq=kind == "dkdv" and not spec.deterministic,
-                        vector_atomics=device.cc >= 90), ""
+                        vector_atomics=device.cc >= 90, warp_keys=warp_keys), ""
 
 
 def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, BackwardPass | None, str]]:
-    """((block_m, block_n, warps, chunk, stages, path), pass or None, why rejected) for every configuration, best
-    first. Two warps and a single stage (no overlap of loads and math) exist for small shared memories."""
+    """((block_m, block_n, warps, chunk, stages, path, warp_keys), pass or None, why rejected) for every
+    configuration, best first. Two warps and a single stage (no overlap of loads and math) exist for small shared
+    memories."""
     d, dim_v = round_up(spec.head_dim, 16), round_up(spec.head_dim_v, 16)
     out = []
     if kind == "dkdv" and device.cc == 90:
         p, why = _wgmma_dkdv_pass(spec, device, WGMMA_BWD_STAGES)
         shape = wgmma_dkdv_shape(round_up(spec.head_dim, WGMMA_BWD_PAD), round_up(spec.head_dim_v, WGMMA_BWD_PAD))
         out.append(((shape.block_m, shape.block_n, 4 * (1 + WGMMA_COMPUTE_GROUPS), max(d, dim_v), WGMMA_BWD_STAGES,
-                     "wgmma"), p, why))
+                     "wgmma", shape.block_n // (4 * WGMMA_COMPUTE_GROUPS)), p, why))
     for warps in (2, 4, 8):
         for other in (32, 64, 128) if kind == "dq" else (32, 64):
             for chunk in _chunks(d, dim_v, kind):
                 for stages in (3, 2, 1):
-                    block_m, block_n = (16 * warps, other) if kind == "dq" else (other, 16 * warps)
-                    p, why = _pass(kind, spec, device, block_m, block_n, warps, chunk, stages)
-                    out.append(((block_m, block_n, warps, chunk, stages, "mma_sync"), p, why))
+                    for warp_keys in (16,) if kind == "dq" else DKDV_WARP_KEYS:
+                        block_m, block_n = (16 * warps, other) if kind == "dq" else (other, 16 * warps)
+                        p, why = _pass(kind, spec, device, block_m, block_n, warps, chunk, stages, warp_keys)
+                        out.append(((block_m, block_n, warps, chunk, stages, "mma_sync", warp_keys), p, why))
 
     def rank(item):
         p = item[1]
@@ -250,7 +266,8 @@ def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, 
             return (-p.stages, p.matmul_factor, -(p.block_m * p.block_n), -p.ctas_per_sm)
         preferred = 0 if p.warps == (DKDV_WARPS_FUSED if p.fused_dq else DKDV_WARPS) else 1
         resident_warps = min(RESIDENT_WARPS_ENOUGH, p.ctas_per_sm * p.warps)
-        return (p.matmul_factor, -resident_warps, -p.stages, preferred, -(p.block_m * p.block_n), -p.ctas_per_sm)
+        return (p.matmul_factor, -resident_warps, -p.stages, preferred, -(p.block_m * p.block_n), -p.warp_keys,
+                -p.ctas_per_sm)
     return sorted(out, key=rank)
 
 
@@ -280,12 +297,13 @@ def explain_backward(spec: Spec, device: Device) -> str:
                      "block_n*block_m*2) + mbarriers")
     for kind in pass_kinds(spec):
         lines.append(f"  {kind}: {'block_m (CTA) x block_n (step)' if kind == 'dq' else 'block_m (step) x block_n (CTA)'}")
-        lines.append(f"    {'':2}{'tile':>9} {'path':>8} {'warps':>5} {'chunk':>5} {'stages':>6} {'smem B':>7} {'regs':>5} "
-                     f"{'CTAs':>4} {'matmul':>6}  note")
+        per_warp = "rows" if kind == "dq" else "keys"          # a warp's query rows (dq) or keys (dkdv)
+        lines.append(f"    {'':2}{'tile':>9} {'path':>8} {'warps':>5} {per_warp:>4} {'chunk':>5} {'stages':>6} {'smem B':>7} "
+                     f"{'regs':>5} {'CTAs':>4} {'matmul':>6}  note")
         ranked = pass_candidates(kind, spec, device)
-        for i, ((bm, bn, warps, chunk, stages, path), p, why) in enumerate(ranked):
+        for i, ((bm, bn, warps, chunk, stages, path, warp_keys), p, why) in enumerate(ranked):
             mark = "->" if i == 0 and p else "  "
-            head = f"    {mark}{bm:>4}x{bn:<4} {path:>8} {warps:>5} {chunk:>5} {stages:>6}"
+            head = f"    {mark}{bm:>4}x{bn:<4} {path:>8} {warps:>5} {warp_keys:>4} {chunk:>5} {stages:>6}"
             if p:
                 lines.append(f"{head} {p.smem_bytes:>7} {p.regs_estimate:>5} {p.ctas_per_sm:>4} {p.matmul_factor:>6.2f}")
             else:
