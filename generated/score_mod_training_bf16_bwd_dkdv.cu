@@ -568,12 +568,12 @@ __device__ __forceinline__ void atomic_add_rows(float* dst, const float (&acc)[M
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt)
+        for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float* const p = dst + (mi * 16 + lane / 4 + r * 8) * D + nt * 8 + (lane % 4) * 2;
-            asm volatile("red.global.add.v2.f32 [%0], { %1, %2 };\n" :: "l"(p), "f"(acc[mi][nt][2 * r]), "f"(acc[mi][nt][2 * r + 1]) : "memory");
-        }
+            for (int r = 0; r < 2; ++r) {
+                float* const p = dst + (mi * 16 + lane / 4 + r * 8) * D + nt * 8 + (lane % 4) * 2;
+                asm volatile("red.global.add.v2.f32 [%0], { %1, %2 };\n" :: "l"(p), "f"(acc[mi][nt][2 * r]), "f"(acc[mi][nt][2 * r + 1]) : "memory");
+            }
 }
 
 // dQ[rows of the step][this chunk's columns] += dS K over the CTA's keys.
