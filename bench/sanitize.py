@@ -339,7 +339,7 @@ def _dense_backward(ctx, path, cases, deterministic=False):
 def bwd_mma_sync(ctx):
     """Backward, mma.sync dK/dV pass with dQ added by fp32 atomics: delta kernel, dK/dV(+dQ) kernel, dQ
     conversion kernel. d64 bf16 causal 77x203, d128 fp16 full 203x77, d96 fp16 causal 203x77, d256 bf16
-    causal 203x77 (128 keys on 8 warps, two 128-column chunks, a 2-deep ring)."""
+    causal 203x77 (64 keys on 8 warps, four sharing each 32, one 256-column chunk, a 2-deep ring)."""
     _dense_backward(ctx, "mma_sync", ((64, "bf16", True, SQ, SK), (128, "fp16", False, SK, SQ),
                                       (96, "fp16", True, SK, SQ), (256, "bf16", True, SK, SQ)))
 

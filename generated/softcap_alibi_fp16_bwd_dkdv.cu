@@ -533,11 +533,11 @@ __device__ __forceinline__ void recompute_scores(float (&s)[MT][N / 8][4], float
 
 constexpr int WARP_KEYS = 16;                             // keys per warp
 constexpr int KEY_TILES = WARP_KEYS / 16;
-constexpr int HALVES = WARPS * WARP_KEYS / BLOCK_N;       // warps sharing a warp's keys
-constexpr int WARP_QUERIES = BLOCK_M / HALVES;            // S^T and dP^T columns per warp
-constexpr int WARP_COLS = CHUNK / HALVES;                 // dK and dV columns per warp
-static_assert(HALVES == WARP_KEYS / 16 && WARP_QUERIES % 16 == 0 && WARP_COLS % 8 == 0,
-              "16 keys a warp, or 32 and half the queries or columns");
+constexpr int KEY_SHARERS = WARPS * WARP_KEYS / BLOCK_N;       // warps sharing a warp's keys
+constexpr int WARP_QUERIES = BLOCK_M / KEY_SHARERS;            // S^T and dP^T columns per warp
+constexpr int WARP_COLS = CHUNK / KEY_SHARERS;                 // dK and dV columns per warp
+static_assert((WARP_KEYS == 16 ? KEY_SHARERS == 1 : KEY_SHARERS == 2 || KEY_SHARERS == 4) && WARP_QUERIES % 16 == 0 && WARP_COLS % 8 == 0,
+              "16 keys a warp, or 32 and a half or a quarter of the queries and columns");
 constexpr int SCORES_STRIDE = BLOCK_M + ROW_PAD;          // P^T and dS^T in shared memory: [BLOCK_N keys][SCORES_STRIDE]
 constexpr int SCORES_TILE_BYTES = BLOCK_N * SCORES_STRIDE * 2;
 constexpr int SCORES_TILES = 1;   // dS^T, for dQ
@@ -677,8 +677,8 @@ softcap_alibi_fp16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restri
     const int kv_head = column / N_CHUNKS, chunk = column % N_CHUNKS;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, n_start = n_block * BLOCK_N;
     // This warp's keys, and its half of the step's queries (scores) and of the chunk's columns (gradients).
-    const int warp_key0 = warp / HALVES * WARP_KEYS, warp_query0 = warp % HALVES * WARP_QUERIES;
-    const int warp_col0 = chunk * CHUNK + warp % HALVES * WARP_COLS;
+    const int warp_key0 = warp / KEY_SHARERS * WARP_KEYS, warp_query0 = warp % KEY_SHARERS * WARP_QUERIES;
+    const int warp_col0 = chunk * CHUNK + warp % KEY_SHARERS * WARP_COLS;
 
     int head = kv_head * group_size;                                     // the step's query head (ModContext)
     // What the mask predicates and score modifiers read (ModContext); the ALiBi slope is this head's.

@@ -72,7 +72,9 @@ def test_backward_plan_fits_every_head_dim(d, arch, deterministic):
     wgmma = arch == "sm_90" and not deterministic and d % 32 == 0      # padded to 64-column chunks
     assert plan.dkdv.path == ("wgmma" if wgmma else "mma_sync") and plan.dkdv.target == arch + ("a" if wgmma else "")
     wgmma_keys = 128 if d <= 128 else 64                                # keys as rows, or as columns
-    assert plan.dkdv.block_n == (wgmma_keys if wgmma else 16 * plan.dkdv.warps) and plan.dkdv.fused_dq == (not deterministic)
+    sharers = plan.dkdv.warps * plan.dkdv.warp_keys // plan.dkdv.block_n    # warps sharing a warp's keys
+    assert wgmma or sharers == {16: 1, 32: 2}[plan.dkdv.warp_keys] or (plan.dkdv.warp_keys, sharers) == (32, 4)
+    assert plan.dkdv.fused_dq == (not deterministic) and (not wgmma or plan.dkdv.block_n == wgmma_keys)
     assert plan.dkdv.vector_atomics == (arch == "sm_90")
     if deterministic:
         assert plan.dq.block_m == 16 * plan.dq.warps
@@ -283,13 +285,14 @@ def test_score_mod_grad_spec_field():
     assert "user_score_mod_grad" not in render(spec, attngen.plan(spec, "sm_90"))      # the forward needs no derivative
 
 
-@pytest.mark.parametrize("arch,tile,stages,d128", [("sm_90", (32, 128, 8), 2, (64, 128, 8, 3)),
-                                                   ("sm_80", (32, 64, 4), 2, (32, 128, 8, 3))])
+@pytest.mark.parametrize("arch,tile,stages,d128", [("sm_90", (64, 64, 8), 2, (64, 128, 8, 3)),
+                                                   ("sm_80", (64, 64, 8), 1, (32, 128, 8, 3))])
 def test_dkdv_ranks_resident_warps_before_ring_depth(arch, tile, stages, d128):
-    """d256's mma.sync dK/dV pass on the H200: 32x128 on 8 warps with 2 stages ran 1.12-1.26x 32x64 on 4 with
-    3, and 32x32 on 2 warps ran at half the speed (BENCHMARKS.md, issue 17 round 6). sm_80's 163 KB holds 4
-    warps' tile at 2 stages, no longer the 2-warp tile at 3. d128 takes 64-query steps where 3 stages of them
-    fit (the H200: 1.2x the 32-query steps, round 7); sm_80 keeps 32 with 3 stages."""
+    """d256's mma.sync dK/dV pass: four warps share 32 keys, so the whole head is one chunk (one pass over the
+    scores). On the H200 64x64 on 8 warps ran 1.21x (causal 1.28x) the pairs' 32x128 with two chunks of 128,
+    and with one stage still 1.16x; 4 warps' 64x32 ran 0.68x the 8 warps' (BENCHMARKS.md, issue 17 round 8).
+    So sm_80's 163 KB takes the 8-warp tile with one stage over a 4-warp one with two. d128 takes 64-query
+    steps where 3 stages of them fit (the H200: 1.2x the 32-query steps, round 7); sm_80 keeps 32."""
     from attngen.planner.backward import pass_candidates
 
     def best(d):

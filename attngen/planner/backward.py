@@ -1,9 +1,10 @@
 """Backward plan: tiles for the two backward kernels, from the same budget model as the forward.
 
-- dkdv pass: a CTA holds BLOCK_N keys (32 per pair of warps) and their values, streams the query tiles
-  (BLOCK_M rows) of its GQA group with dO, and accumulates CHUNK columns of dK and of dV (a warp: its 32 keys,
-  half of the columns; the scores: its 32 keys, half of the queries; P^T and dS^T through shared memory). By
-  default it also adds dQ += dS K for its keys to an fp32 buffer with atomics (fused_dq).
+- dkdv pass: a CTA holds BLOCK_N keys (32 per pair of warps, or per four at d256) and their values, streams
+  the query tiles (BLOCK_M rows) of its GQA group with dO, and accumulates CHUNK columns of dK and of dV (a
+  warp: its 32 keys, its half or quarter of the columns; the scores: its 32 keys, its share of the queries;
+  P^T and dS^T through shared memory). By default it also adds dQ += dS K for its keys to an fp32 buffer with
+  atomics (fused_dq).
 - dq pass (spec `deterministic: true` only): a CTA holds BLOCK_M query rows (16 per warp) and their dO,
   streams K/V tiles of BLOCK_N keys, and accumulates CHUNK columns of dQ; no atomics anywhere.
 
@@ -35,13 +36,19 @@ from ..spec import Spec
 from ..variant import variant_of
 
 REG_OVERHEAD_BACKWARD = 64     # addresses, counters, ldmatrix fragments in flight (as the forward's)
-# dK/dV registers per thread, (per gradient column of the chunk, per query of the step, overhead), by keys per
-# warp. 32 (FlashAttention-2's pairs of warps): fitted to ptxas on sm_90 where it decides (d128 64x128 chunk
-# 128: 253 measured, no spill; smaller tiles take up to 35 more, as ptxas spends what the 255 cap leaves).
-# 16 (a warp has every query and column of its keys): fitted on sm_80/sm_90, d64-256, within 6 registers.
+# dK/dV warp layouts, (keys per warp, warps sharing them), preferred first: 32 keys make each B fragment feed
+# two mma; the warps sharing them split the step's queries (S^T, dP^T) and the chunk's columns (dK, dV). Four
+# sharing keep chunks wider than 128 (d256's whole head: one pass over the scores) within the registers, 64
+# columns of dK and dV a warp: d256 on the H200 ran 1.21x (causal 1.28x) the pairs' two chunks of 128.
+DKDV_LAYOUTS = ((32, 2), (32, 4), (16, 1))
+# Registers per thread by layout, (per gradient column of the chunk, per query of the step, overhead).
+# (32, 2), FlashAttention-2's pairs: fitted to ptxas on sm_90 where it decides (d128 64x128 chunk 128: 253
+# measured, no spill; smaller tiles take up to 35 more, as ptxas spends what the 255 cap leaves).
+# (32, 4): half the pair's columns and queries a warp, more addresses; fitted at d256 64x64 chunk 256 (254 on
+# sm_90, 252 on sm_80); d192 and d128 take up to 25 more. (16, 1), a warp has every query and column of its
+# keys: fitted on sm_80/sm_90, d64-256, within 6 registers.
 # Score modifiers are not counted: where they push a tile into spills, the build takes the next candidate.
-DKDV_REGS = {32: (1.0, 1.4, 36), 16: (1.25, 1.7, 36)}
-DKDV_WARP_KEYS = (32, 16)       # keys per warp, preferred first (32: each B fragment feeds two mma)
+DKDV_REGS = {(32, 2): (1.0, 1.4, 36), (32, 4): (0.5, 0.7, 82), (16, 1): (1.25, 1.7, 36)}
 # Head dims off the multiples of 8 load and store element by element (GLOBAL_VECTOR 1): more addresses live
 # (d97's 64x128 chunk-112 tile took 255 registers and 8 bytes of spill where the estimate gave 237).
 DKDV_UNALIGNED_REGS = 20
@@ -183,14 +190,15 @@ def pass_kinds(spec: Spec) -> tuple[str, ...]:
     return ("dq", "dkdv") if spec.deterministic else ("dkdv",)
 
 
-def _chunks(d: int, dim_v: int, kind: str) -> list[int]:
-    """Chunk widths (multiples of 16, at most 128) that divide every gradient's columns, widest first."""
+def _chunks(d: int, dim_v: int, kind: str, widest: int = 128, narrower_than: int = 0) -> list[int]:
+    """Chunk widths (multiples of 16, at most `widest`, wider than `narrower_than`) that divide every gradient's
+    columns, widest first."""
     widths = (d,) if kind == "dq" else (d, dim_v)
-    return [c for c in range(min(max(widths), 128), 15, -16) if all(w % c == 0 for w in widths)]
+    return [c for c in range(min(max(widths), widest), narrower_than, -16) if all(w % c == 0 for w in widths)]
 
 
 def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stages,
-          warp_keys: int = 16) -> tuple[BackwardPass | None, str]:
+          warp_keys: int = 16, sharers: int = 1) -> tuple[BackwardPass | None, str]:
     variant = variant_of(spec)
     if variant.schedule == "runtime" or variant.block_table:
         rows, cols = spec.mask_block_size          # a tile must lie inside one block of the layout / table
@@ -206,13 +214,15 @@ def _pass(kind, spec: Spec, device: Device, block_m, block_n, warps, chunk, stag
         matmul = n_chunks * (d + dim_v) + d            # S and dP per chunk, dQ once, per (row, key)
     else:
         # K and V, the ring of Q and dO with 8 bytes of row statistics; P^T and dS^T where two warps share keys
-        # (they exchange their halves of the queries), else dS^T for the warps that add dQ
+        # (they exchange their shares of the queries), else dS^T for the warps that add dQ
+        if block_m % (16 * sharers) or chunk % (8 * sharers):
+            return None, f"{sharers} warps sharing keys cannot split {block_m} queries and {chunk} columns"
         scores_tiles = 2 if warp_keys == 32 else 0 if spec.deterministic else 1
         smem = (block_n * (row(d) + row(dim_v)) + stages * block_m * (row(d) + row(dim_v) + 8)
                 + scores_tiles * block_n * row(block_m))
         n_chunks = max(d, dim_v) // chunk
         # acc dK and dV (chunk/2 each), S^T and dP^T, a packed fragment, the columns' LSE (see the constants)
-        per_col, per_query, overhead = DKDV_REGS[warp_keys]
+        per_col, per_query, overhead = DKDV_REGS[warp_keys, sharers]
         regs = int(per_col * chunk + per_query * block_m) + overhead + (DKDV_UNALIGNED_REGS if variant.global_vector == 1 else 0)
         matmul = n_chunks * (d + dim_v) + d + dim_v       # S^T and dP^T per chunk, dK and dV once
         if not spec.deterministic:
@@ -245,11 +255,16 @@ def pass_candidates(kind: str, spec: Spec, device: Device) -> list[tuple[tuple, 
                      "wgmma", shape.block_n // (4 * WGMMA_COMPUTE_GROUPS)), p, why))
     for warps in (2, 4, 8):
         for other in (32, 64, 128) if kind == "dq" else (32, 64):
-            for chunk in _chunks(d, dim_v, kind):
-                for stages in (3, 2, 1):
-                    for warp_keys in (16,) if kind == "dq" else DKDV_WARP_KEYS:
-                        block_m, block_n = (16 * warps, other) if kind == "dq" else (other, 16 * warps)
-                        p, why = _pass(kind, spec, device, block_m, block_n, warps, chunk, stages, warp_keys)
+            for warp_keys, sharers in ((16, 1),) if kind == "dq" else DKDV_LAYOUTS:
+                if warps % sharers:
+                    continue
+                # four warps a key tile only for the chunks a pair cannot hold: at d128 the H200 ran its 64x64
+                # tile 1.15x slower than the 16-key 32x128 (BENCHMARKS.md, issue 17 round 8)
+                widths = dict(widest=256, narrower_than=128) if sharers == 4 else {}
+                for chunk in _chunks(d, dim_v, kind, **widths):
+                    for stages in (3, 2, 1):
+                        block_m, block_n = (16 * warps, other) if kind == "dq" else (other, warp_keys * warps // sharers)
+                        p, why = _pass(kind, spec, device, block_m, block_n, warps, chunk, stages, warp_keys, sharers)
                         out.append(((block_m, block_n, warps, chunk, stages, "mma_sync", warp_keys), p, why))
 
     def rank(item):
@@ -297,6 +312,10 @@ def explain_backward(spec: Spec, device: Device) -> str:
                      "block_n*block_m*2) + mbarriers")
     for kind in pass_kinds(spec):
         lines.append(f"  {kind}: {'block_m (CTA) x block_n (step)' if kind == 'dq' else 'block_m (step) x block_n (CTA)'}")
+        if kind == "dkdv":
+            lines.append("    a warp's 32 keys shared by 2 warps (by 4 for chunks over 128: block_n = 8*warps), "
+                         "or 16 keys alone; mma_sync regs ~ per_col*chunk + per_query*block_m + overhead, per "
+                         "layout: " + ", ".join(f"{k}/{n}: {c}, {q}, {o}" for (k, n), (c, q, o) in DKDV_REGS.items()))
         per_warp = "rows" if kind == "dq" else "keys"          # a warp's query rows (dq) or keys (dkdv)
         lines.append(f"    {'':2}{'tile':>9} {'path':>8} {'warps':>5} {per_warp:>4} {'chunk':>5} {'stages':>6} {'smem B':>7} "
                      f"{'regs':>5} {'CTAs':>4} {'matmul':>6}  note")
