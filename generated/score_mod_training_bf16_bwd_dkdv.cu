@@ -715,9 +715,13 @@ score_mod_training_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __r
     const int m_first = CAUSAL ? min(n_m_tiles, max(0, (n_start - causal_offset) / BLOCK_M)) : 0;
     const int tiles_per_head = n_m_tiles - m_first;
     const int n_steps = group_size * tiles_per_head;
+    // Query tiles starting before this row mask their bounds: every tile of the last key tile, else those
+    // crossing the causal diagonal. One comparison with a constant of the CTA: as `keys_tail || diagonal`
+    // per step, the H200's causal wgmma pass ran 1.2x slower (BENCHMARKS.md, issue 17 round 8).
+    const int masked_below = keys_tail ? 0x7fffffff : CAUSAL ? n_start + BLOCK_N - 1 - causal_offset : -0x7fffffff;
     auto step_of = [&](int j) {
         const int m_start = (m_first + j % max(tiles_per_head, 1)) * BLOCK_M;
-        const MaskMode mode = keys_tail || (CAUSAL && m_start + causal_offset < n_start + BLOCK_N - 1) ? MASK_BOUNDS : MASK_NONE;
+        const MaskMode mode = m_start < masked_below ? MASK_BOUNDS : MASK_NONE;
         return Step{kv_head * group_size + j / max(tiles_per_head, 1), m_start, mode};
     };
 

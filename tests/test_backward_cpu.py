@@ -322,3 +322,17 @@ def test_dkdv_takes_16_key_warps_where_32_spill(modifiers, warp_keys, block_m):
              == (b.block_m, b.block_n, b.warps, b.chunk, b.stages)]
     assert pairs and all((a.warp_keys, b.warp_keys) == (32, 16) for a, b in pairs)
     assert all(a.smem_bytes - b.smem_bytes == a.block_n * (a.block_m + 8) * 2 for a, b in pairs)
+
+
+@pytest.mark.parametrize("path", ["wgmma", "mma_sync"])
+def test_dense_steps_mask_by_one_comparison(path):
+    """A dense dK/dV step masks its bounds when its query tile starts below one constant of the CTA (every
+    tile of the last key tile, else those crossing the causal diagonal). Written per step as `keys_tail ||
+    diagonal`, the H200's causal wgmma pass ran 1.2x slower (BENCHMARKS.md, issue 17 round 8)."""
+    from attngen.planner.backward import pass_candidates
+
+    spec = attngen.Spec(head_dim=64, causal=True, backward=True)
+    plan = next(p for _, p, _ in pass_candidates("dkdv", spec, preset("sm_90")) if p and p.path == path)
+    source = render(spec, plan, "backward_dkdv")
+    assert "const MaskMode mode = m_start < masked_below ? MASK_BOUNDS : MASK_NONE;" in source
+    assert "keys_tail ? 0x7fffffff : CAUSAL ? n_start + BLOCK_N - 1 - causal_offset : -0x7fffffff" in source
