@@ -615,7 +615,7 @@ sliding_window_bf16_bwd_dkdv(const elem_t* __restrict__ q, const elem_t* __restr
 
     const int kv_head = column / N_CHUNKS, chunk = column % N_CHUNKS;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, n_start = n_block * BLOCK_N;
-    // This warp's keys, and its half of the step's queries (scores) and of the chunk's columns (gradients).
+    // This warp's keys, and its share of the step's queries (scores) and of the chunk's columns (gradients).
     const int warp_key0 = warp / KEY_SHARERS * WARP_KEYS, warp_query0 = warp % KEY_SHARERS * WARP_QUERIES;
     const int warp_col0 = chunk * CHUNK + warp % KEY_SHARERS * WARP_COLS;
 

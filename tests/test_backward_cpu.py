@@ -9,7 +9,7 @@ import pytest
 import attngen
 from attngen.codegen.compile import nvrtc_compile
 from attngen.planner.device import preset
-from attngen.planner.backward import explain_backward, make_backward_plan
+from attngen.planner.backward import DKDV_LAYOUTS, explain_backward, make_backward_plan
 from attngen.tools.reference import attention_reference, attention_reference_backward
 from attngen.codegen.render import kernel_name, render
 
@@ -73,7 +73,7 @@ def test_backward_plan_fits_every_head_dim(d, arch, deterministic):
     assert plan.dkdv.path == ("wgmma" if wgmma else "mma_sync") and plan.dkdv.target == arch + ("a" if wgmma else "")
     wgmma_keys = 128 if d <= 128 else 64                                # keys as rows, or as columns
     sharers = plan.dkdv.warps * plan.dkdv.warp_keys // plan.dkdv.block_n    # warps sharing a warp's keys
-    assert wgmma or sharers == {16: 1, 32: 2}[plan.dkdv.warp_keys] or (plan.dkdv.warp_keys, sharers) == (32, 4)
+    assert wgmma or (plan.dkdv.warp_keys, sharers) in DKDV_LAYOUTS
     assert plan.dkdv.fused_dq == (not deterministic) and (not wgmma or plan.dkdv.block_n == wgmma_keys)
     assert plan.dkdv.vector_atomics == (arch == "sm_90")
     if deterministic:
